@@ -1,0 +1,47 @@
+# Two entry points for a newcomer: `make demo` and `make test`. Both install what they need first
+# (Debian packages, then a virtualenv with the project) and are safe to run again.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP_DEB  = $(VENV)/.debian-packages.stamp
+STAMP_PY   = $(VENV)/.installed.stamp
+PYTEST_ARGS ?=
+
+.PHONY: all deps venv demo test lint typecheck unit bench clean
+
+all: test
+
+$(STAMP_DEB): deps/debian-packages.txt scripts/ensure-debian-packages.sh
+	scripts/ensure-debian-packages.sh
+	@mkdir -p $(VENV) && touch $@
+
+$(STAMP_PY): pyproject.toml $(STAMP_DEB)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev,verifier,host]'
+	@touch $@
+
+deps: $(STAMP_DEB)
+venv: $(STAMP_PY)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+test: venv lint typecheck
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: venv
+	$(BIN)/python -m pytest tests/unit tests/vectors $(PYTEST_ARGS)
+
+demo: venv
+	$(BIN)/python scripts/demo.py
+
+bench: venv
+	$(BIN)/python bench/replay.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,1 @@
+"""vtpm-guest: the in-guest agent (Python standard library only)."""

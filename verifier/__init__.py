@@ -1,0 +1,1 @@
+"""vtpm-verify: the tenant's verifier and the fleet registrar."""

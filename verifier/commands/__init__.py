@@ -1,0 +1,1 @@
+"""Subcommands of ``vtpm-verify``; each module exposes ``register(subparsers)``."""
