@@ -1,17 +1,24 @@
 """``vtpm-host``: the host agent's admin CLI.
 
-The host-TPM, bridge, memory and lifecycle commands are added by their issues; today the CLI
-answers ``--help`` and ``--version`` so packaging and scripts can rely on the entry point.
+Commands are grouped by concern (``tpm``, ``memory``, ``vm``, ``image`` …); each lives in its own
+module and registers itself below.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
+from evidence.errors import VtpmError
+
 __all__ = ["build_parser", "main"]
+
+# Each module registers its subcommand(s) with ``register(subparsers)``; a command's handler is
+# ``args.func(args) -> int``. Errors derived from VtpmError print one line and exit 2.
+_COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _version() -> str:
@@ -30,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"vtpm-host {_version()}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 
@@ -40,7 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    try:
+        return int(args.func(args))
+    except VtpmError as err:
+        print(f"vtpm-host: error [{err.id}]: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
