@@ -36,6 +36,7 @@ from typing import Literal
 
 from cryptography.hazmat.primitives import hashes
 
+from evidence._algorithms import HASH_ALGS
 from evidence._eventlog_payloads import (
     DevicePath,
     EfiGptEvent,
@@ -102,11 +103,11 @@ _HEADER_AGILE = "TCG_PCR_EVENT2"
 
 
 # --- hash algorithms ----------------------------------------------------------------------
-# TPM_ALG_ID → (bank name, digest size) (TPM 2.0 Part 2 §6.3, TCG Algorithm Registry). Kept
-# private until evidence/_algorithms.py exists to merge into.
+# Names and digest sizes come from the shared table in evidence/_algorithms.py.
 
 
 def _sm3(data: bytes) -> bytes:
+    # Not every OpenSSL build gives hashlib SM3; cryptography always has it.
     h = hashes.Hash(hashes.SM3())
     h.update(data)
     return h.finalize()
@@ -119,36 +120,18 @@ def _hashlib(name: str) -> Callable[[bytes], bytes]:
     return digest
 
 
-_ALGORITHMS: Mapping[int, tuple[str, int]] = MappingProxyType(
-    {
-        0x0004: ("sha1", 20),
-        0x000B: ("sha256", 32),
-        0x000C: ("sha384", 48),
-        0x000D: ("sha512", 64),
-        0x0012: ("sm3_256", 32),
-        0x0027: ("sha3_256", 32),
-        0x0028: ("sha3_384", 48),
-        0x0029: ("sha3_512", 64),
-    }
-)
 _HASH_FUNCTIONS: Mapping[str, Callable[[bytes], bytes]] = MappingProxyType(
     {
-        "sha1": _hashlib("sha1"),
-        "sha256": _hashlib("sha256"),
-        "sha384": _hashlib("sha384"),
-        "sha512": _hashlib("sha512"),
-        "sm3_256": _sm3,
-        "sha3_256": _hashlib("sha3_256"),
-        "sha3_384": _hashlib("sha3_384"),
-        "sha3_512": _hashlib("sha3_512"),
+        alg.name: _sm3 if alg.name == "sm3_256" else _hashlib(alg.hashlib_name)
+        for alg in HASH_ALGS.values()
     }
 )
-_DIGEST_SIZES = {name: size for name, size in _ALGORITHMS.values()}
+_DIGEST_SIZES = {alg.name: alg.digest_size for alg in HASH_ALGS.values()}
 
 
 def _alg_name(alg_id: int) -> str:
-    known = _ALGORITHMS.get(alg_id)
-    return known[0] if known else f"alg_0x{alg_id:04x}"
+    known = HASH_ALGS.get(alg_id)
+    return known.name if known else f"alg_0x{alg_id:04x}"
 
 
 # --- quirks ---------------------------------------------------------------------------------
