@@ -49,7 +49,7 @@ QUOTE_NONCE = "ab" + "cd" * 15  # starts with a letter: YAML would read leading-
 SIGN_MESSAGE = b"vtpm-trust: a canonical vPCR message signed with TPM2_Sign\n"
 CERT_USER = b"CN=tenant-a,O=vtpm-trust vectors"
 CERT_NONCE = bytes(range(32))
-PCR10_EXTEND = {"sha256": "aa" * 32, "sha1": "bb" * 20}
+PCR_EXTEND = {"sha256": "aa" * 32, "sha1": "bb" * 20}
 PERSISTENT_PRIMARY = 0x81000A01
 # PolicyCommandCode(TPM2_Duplicate), see ../shared/docs/platform-notes.md §3.
 DUP_POLICY = bytes.fromhex("bef56b8c1cc84e11edd717528d2cd99356bd2bbf8f015209c3f84aeeaba8e8a2")
@@ -61,9 +61,9 @@ KEYS: dict[str, str] = {  # name -> tpm2_create options (no spaces inside an arg
     "ecc_sign": f"-G ecc256:null:null -a {SIGN_ATTRS}",
     "rsa_dup": "-G rsa2048:null:null -a sensitivedataorigin|userwithauth|sign -L dup.policy",
 }
-QUOTES: dict[str, tuple[str, str]] = {  # name -> (signing key, PCR selection)
-    "quote_ecc": ("ecc_ak", "sha256:0,1,2,10+sha1:10"),
-    "quote_rsa": ("rsa_ak", "sha256:10,16+sha1:0,10"),
+QUOTES: dict[str, tuple[str, str]] = {  # name -> (signing key, PCR selection; {pcr} is extended)
+    "quote_ecc": ("ecc_ak", "sha256:0,1,2,{pcr}+sha1:{pcr}"),
+    "quote_rsa": ("rsa_ak", "sha256:{pcr},23+sha1:0,{pcr}"),
 }
 CERTIFIES: dict[str, tuple[str, str]] = {  # name -> (certified key, signing key)
     "certify_ecc": ("rsa_dup", "ecc_ak"),
@@ -86,6 +86,15 @@ def _run(tpm: Swtpm, cwd: Path, command: str) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"{command} failed ({proc.returncode}):\n{proc.stderr}")
     return proc.stdout
+
+
+def _evict(tpm: Swtpm) -> None:
+    subprocess.run(
+        ["tpm2_evictcontrol", "-C", "o", "-c", f"{PERSISTENT_PRIMARY:#x}"],
+        env=tpm.tools_env(),
+        capture_output=True,
+        check=False,
+    )
 
 
 def _yaml(text: str) -> Any:
@@ -168,12 +177,13 @@ def _pytss_attest_view(attest: bytes) -> dict[str, Any]:
     return view
 
 
-def capture(tpm: Swtpm, out: Path) -> dict[str, Any]:
+def capture(tpm: Swtpm, out: Path, *, pcr: int = 10) -> dict[str, Any]:
     """Make every vector with ``tpm`` and write it into ``out``; return the expected fields.
 
     Args:
-        tpm: a running swtpm (fresh state, all four PCR banks active).
-        out: the directory for the binary files and ``expected.json`` (created if missing).
+        tpm: a running swtpm with sha1 and sha256 PCR banks active.
+        out: the directory for the binary files (the caller writes ``expected.json``).
+        pcr: the PCR extended before quoting (the sim tier uses resettable PCR 16).
     """
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="capture-tpm2-") as tmp:
@@ -204,9 +214,10 @@ def capture(tpm: Swtpm, out: Path) -> dict[str, Any]:
                 "tpm2_readpublic": _yaml(text),
             }
 
-        extend = ",".join(f"{bank}={value}" for bank, value in PCR10_EXTEND.items())
-        _run(tpm, work, f"tpm2_pcrextend 10:{extend}")
-        for name, (key, selection) in QUOTES.items():
+        extend = ",".join(f"{bank}={value}" for bank, value in PCR_EXTEND.items())
+        _run(tpm, work, f"tpm2_pcrextend {pcr}:{extend}")
+        for name, (key, selection_template) in QUOTES.items():
+            selection = selection_template.format(pcr=pcr)
             text = _run(
                 tpm,
                 work,
@@ -239,6 +250,7 @@ def capture(tpm: Swtpm, out: Path) -> dict[str, Any]:
             expected["certifies"][name]["tpm2_pytss"] = _pytss_attest_view(
                 (work / f"{name}.attest").read_bytes()
             )
+        _evict(tpm)  # left over by an interrupted run, if any
         _run(tpm, work, f"tpm2_evictcontrol -C o -c primary.ctx {PERSISTENT_PRIMARY:#x}")
         try:
             qualifying = hashlib.sha256(CERT_USER + CERT_NONCE).digest()
@@ -246,7 +258,7 @@ def capture(tpm: Swtpm, out: Path) -> dict[str, Any]:
                 tpm, work, "rsa_ak", "ecc_ak", qualifying, "certify_qd_ecc"
             )
         finally:
-            _run(tpm, work, f"tpm2_evictcontrol -C o -c {PERSISTENT_PRIMARY:#x}")
+            _evict(tpm)
         entry = _certify_entry(work, out, "certify_qd_ecc", "rsa_ak", "ecc_ak")
         entry |= {"qualifying_data": qualifying.hex(), "tpm2_pytss": view}
         expected["certifies"]["certify_qd_ecc"] = entry
