@@ -1,0 +1,227 @@
+"""Parallel page hashing with bounded memory.
+
+Work is cut into tasks of at most :data:`CHUNK_PAGES` pages (1 MiB) and run on a thread pool
+with one thread per core: ``hashlib`` releases the GIL while it hashes a buffer of 2 KiB or more,
+so the SHA-256 of different pages runs on different cores while the Python loop of one thread
+waits for the GIL. A task of a file extent ``pread``s its own bytes in the worker (the read also
+runs without the GIL). At most ``2 × workers`` tasks are in flight, and their results are applied
+**in submission order** (so for a migration stream the last record of a page still wins), which
+bounds memory to a few MiB whatever the guest size; the only state that grows with the guest is
+the leaf array, 32 bytes per 4 KiB page (1/128 of the guest).
+
+A page of zeroes is recognised before hashing (a memcmp, about 25 times cheaper than SHA-256)
+and gets :data:`~host_agent.memory.merkle.ZERO_LEAF`, which is what hashing it would give.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from evidence.errors import ParseError
+from host_agent.errors import MemorySourceError
+from host_agent.memory.merkle import (
+    DIGEST_SIZE,
+    PAGE_SIZE,
+    ZERO_LEAF,
+    ZERO_PAGE,
+    Extent,
+    LeafBuilder,
+    LeafSet,
+)
+from host_agent.memory.migstream import (
+    PageRun,
+    RamBlocks,
+    StreamEvent,
+    TpmEmulatorState,
+)
+
+__all__ = [
+    "CHUNK_PAGES",
+    "Extent",
+    "Progress",
+    "default_workers",
+    "hash_extents",
+    "hash_page_buffer",
+    "hash_stream_events",
+]
+
+CHUNK_PAGES = 256
+_ZERO_CHUNK = bytes(CHUNK_PAGES * PAGE_SIZE)
+
+Progress = Callable[[int, int], None]
+"""``progress(done_pages, total_pages)``; called from the caller's thread."""
+
+
+def default_workers() -> int:
+    """One worker per core this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def hash_page_buffer(buf: bytes | memoryview, pages: int) -> bytes:
+    """Leaves of ``pages`` consecutive pages held in ``buf`` (concatenated 32-byte digests)."""
+    if len(buf) == len(_ZERO_CHUNK) and buf == _ZERO_CHUNK:
+        return ZERO_LEAF * pages
+    view = memoryview(buf)
+    sha = hashlib.sha256
+    zero = ZERO_PAGE
+    out: list[bytes] = []
+    append = out.append
+    for off in range(0, pages * PAGE_SIZE, PAGE_SIZE):
+        page = view[off : off + PAGE_SIZE]
+        if view[off] == 0 and view[off + PAGE_SIZE - 1] == 0 and page.tobytes() == zero:
+            append(ZERO_LEAF)
+        else:
+            append(sha(page).digest())
+    return b"".join(out)
+
+
+def _hash_run(pages: Sequence[memoryview | None]) -> bytes:
+    sha = hashlib.sha256
+    zero = ZERO_PAGE
+    out: list[bytes] = []
+    append = out.append
+    for page in pages:
+        if page is None or (page[0] == 0 and page[-1] == 0 and page.tobytes() == zero):
+            append(ZERO_LEAF)
+        else:
+            append(sha(page).digest())
+    return b"".join(out)
+
+
+class _Window:
+    """Futures applied in submission order, at most ``limit`` in flight."""
+
+    def __init__(
+        self,
+        pool: ThreadPoolExecutor,
+        builder_ref: list[LeafBuilder | None],
+        limit: int,
+        progress: Progress | None,
+        total: list[int],
+    ) -> None:
+        self._pool = pool
+        self._q: deque[tuple[str, int, Future[bytes]]] = deque()
+        self._limit = limit
+        self._builder = builder_ref
+        self._progress = progress
+        self._total = total
+        self.done = 0
+
+    def submit(self, block: str, first: int, fn: Callable[..., bytes], *args: object) -> None:
+        while len(self._q) >= self._limit:
+            self._apply_one()
+        self._q.append((block, first, self._pool.submit(fn, *args)))
+
+    def _apply_one(self) -> None:
+        block, first, fut = self._q.popleft()
+        digests = fut.result()
+        builder = self._builder[0]
+        assert builder is not None
+        builder.set_run(block, first, digests)
+        self.done += len(digests) // DIGEST_SIZE
+        if self._progress is not None:
+            self._progress(self.done, self._total[0])
+
+    def drain(self) -> None:
+        while self._q:
+            self._apply_one()
+
+
+def _read_and_hash(fd: int, offset: int, pages: int, source: str) -> bytes:
+    want = pages * PAGE_SIZE
+    try:
+        buf = os.pread(fd, want, offset)
+    except OSError as err:
+        raise MemorySourceError(source, f"read of {want} bytes at {offset} failed: {err}") from err
+    if len(buf) != want:
+        raise MemorySourceError(
+            source, f"short read at {offset}: expected {want} bytes, got {len(buf)}"
+        )
+    return hash_page_buffer(buf, pages)
+
+
+def hash_extents(
+    fd: int,
+    layout: Sequence[tuple[str, int]],
+    extents: Iterable[Extent],
+    *,
+    source: str = "file",
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> LeafSet:
+    """Hash file extents (raw file, memfd, ELF segments) into the leaves of ``layout``.
+
+    Pages no extent covers keep the zero leaf.
+
+    Raises:
+        MemorySourceError: a read fails or comes back short.
+    """
+    builder = LeafBuilder(layout)
+    n = workers or default_workers()
+    total = [sum(p for _, p in layout)]
+    with ThreadPoolExecutor(n, thread_name_prefix="memhash") as pool:
+        win = _Window(pool, [builder], 2 * n, progress, total)
+        for ext in extents:
+            if ext.file_offset is None:
+                win.drain()
+                builder.set_run(ext.block, ext.first_page, ZERO_LEAF * ext.pages)
+                win.done += ext.pages
+                continue
+            for k in range(0, ext.pages, CHUNK_PAGES):
+                cnt = min(CHUNK_PAGES, ext.pages - k)
+                off = ext.file_offset + k * PAGE_SIZE
+                win.submit(ext.block, ext.first_page + k, _read_and_hash, fd, off, cnt, source)
+        win.drain()
+    if progress is not None:
+        progress(total[0], total[0])
+    return builder.finish()
+
+
+def hash_stream_events(
+    events: Iterable[StreamEvent],
+    *,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> tuple[LeafSet, TpmEmulatorState | None]:
+    """Hash the pages of a decoded migration stream (last record of a page wins).
+
+    Returns the leaves of every RAM block the stream announced, and the vTPM state blobs if the
+    stream carried them.
+    """
+    builder_ref: list[LeafBuilder | None] = [None]
+    tpm: TpmEmulatorState | None = None
+    n = workers or default_workers()
+    total = [0]
+    first_layout: list[tuple[str, int]] = []
+    with ThreadPoolExecutor(n, thread_name_prefix="memhash") as pool:
+        win = _Window(pool, builder_ref, 2 * n, progress, total)
+        for ev in events:
+            if isinstance(ev, PageRun):
+                win.submit(ev.block, ev.first, _hash_run, ev.pages)
+            elif isinstance(ev, RamBlocks):
+                win.drain()
+                layout = [(b.name, b.pages) for b in ev.blocks]
+                if builder_ref[0] is None:
+                    builder_ref[0] = LeafBuilder(layout)
+                    first_layout = layout
+                    total[0] = sum(p for _, p in layout)
+                elif layout != first_layout:
+                    raise ParseError(
+                        "ram block list", ev.offset, "the blocks of the first list", str(layout)
+                    )
+            elif isinstance(ev, TpmEmulatorState):
+                tpm = ev
+        win.drain()
+    builder = builder_ref[0]
+    if builder is None:
+        builder = LeafBuilder([])
+    if progress is not None:
+        progress(total[0], total[0])
+    return builder.finish(), tpm

@@ -1,0 +1,154 @@
+"""Merkle tree over pages: tree shape against a spec implementation, diffs, proofs, leaf files."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evidence.errors import ParseError
+from host_agent.errors import LeafFileError, MemoryLayoutMismatch, MemoryMismatch
+from host_agent.memory.merkle import (
+    EMPTY_BLOCK_ROOT,
+    FANOUT,
+    PAGE_SIZE,
+    ZERO_LEAF,
+    BlockLeaves,
+    LeafBuilder,
+    LeafSet,
+    block_root,
+    diff,
+    diff_blocks,
+    encode_leaf_file,
+    leaf_hash,
+    parse_leaf_file,
+    verify_inclusion,
+)
+
+
+def _page(i: int) -> bytes:
+    return hashlib.sha256(b"page%d" % i).digest() * (PAGE_SIZE // 32)
+
+
+def _spec_root(leaves: list[bytes]) -> bytes:
+    """The tree as the module docstring defines it, written recursively and independently."""
+    if not leaves:
+        return hashlib.sha256(b"\x01").digest()
+    if len(leaves) == 1:
+        return leaves[0]
+    groups = [leaves[i : i + FANOUT] for i in range(0, len(leaves), FANOUT)]
+    return _spec_root([hashlib.sha256(b"\x01" + b"".join(g)).digest() for g in groups])
+
+
+def _set(**blocks: list[bytes]) -> LeafSet:
+    return LeafSet.of(
+        BlockLeaves(n.replace("_", "."), b"".join(leaf_hash(p) for p in pages))
+        for n, pages in blocks.items()
+    )
+
+
+def test_zero_leaf_is_the_hash_of_a_zero_page() -> None:
+    assert ZERO_LEAF == hashlib.sha256(bytes(PAGE_SIZE)).digest()
+    assert ZERO_LEAF.hex() == "ad7facb2586fc6e966c004d7d1d16b024f5805ff7cb47c7a85dabd8b48892ca7"
+    assert block_root(b"") == EMPTY_BLOCK_ROOT
+
+
+@pytest.mark.parametrize("n", [1, 2, 63, 64, 65, 127, 4096, 4097, 64 * 64 + 3])
+def test_block_root_matches_the_spec(n: int) -> None:
+    leaves = [hashlib.sha256(b"%d" % i).digest() for i in range(n)]
+    assert block_root(b"".join(leaves)) == _spec_root(leaves)
+
+
+def test_root_binds_names_sizes_and_not_order() -> None:
+    a = _set(pc_ram=[_page(1), _page(2)], pc_bios=[_page(3)])
+    b = LeafSet.of(reversed(a.blocks))
+    assert a.root() == b.root()
+    renamed = a.rename({"pc.ram": "mem"})
+    assert renamed.root() != a.root()
+    # Moving a leaf from one block to the other keeps the leaf sequence but changes the root.
+    moved = _set(pc_ram=[_page(1)], pc_bios=[_page(2), _page(3)])
+    assert moved.root() != a.root()
+
+
+def test_unsorted_or_duplicate_blocks_are_refused() -> None:
+    x = BlockLeaves("b", ZERO_LEAF)
+    with pytest.raises(ValueError):
+        LeafSet((x, BlockLeaves("a", ZERO_LEAF)))
+    with pytest.raises(ValueError):
+        LeafSet((x, x))
+
+
+def test_diff_names_page_ranges_across_blocks() -> None:
+    pages = [_page(i) for i in range(200)]
+    a = _set(a=pages, b=pages[:10])
+    changed = list(pages)
+    for i in (0, 5, 6, 7, 199):
+        changed[i] = _page(1000 + i)
+    b = _set(a=changed, b=pages[:9] + [bytes(PAGE_SIZE)])
+    assert diff(a, a) == []
+    assert diff(a, b) == [(0, 0), (5, 7), (199, 199), (209, 209)]
+    assert diff_blocks(a, b) == {"a": [(0, 0), (5, 7), (199, 199)], "b": [(9, 9)]}
+    assert a.locate(209) == ("b", 9)
+    with pytest.raises(MemoryLayoutMismatch):
+        diff(a, _set(a=pages))
+
+
+@pytest.mark.parametrize("n", [1, 2, 64, 65, 300])
+def test_inclusion_proofs_verify_and_catch_tampering(n: int) -> None:
+    pages = [_page(i) for i in range(n)]
+    ls = _set(pc_ram=pages, pc_rom=[_page(9999)])
+    root = ls.root()
+    for i in sorted({0, n // 2, n - 1}):
+        proof = ls.prove("pc.ram", i)
+        verify_inclusion(root, proof, pages[i])
+        with pytest.raises(MemoryMismatch):
+            verify_inclusion(root, proof, _page(-1))
+        if n > 1:
+            with pytest.raises(MemoryMismatch):
+                verify_inclusion(root, proof, pages[(i + 1) % n])
+
+
+def test_builder_defaults_to_zero_and_last_write_wins() -> None:
+    b = LeafBuilder([("pc.ram", 4)])
+    b.set_run("pc.ram", 1, leaf_hash(_page(1)) + leaf_hash(_page(2)))
+    b.set_run("pc.ram", 2, leaf_hash(_page(3)))
+    got = b.finish().block("pc.ram")
+    assert got.leaves == ZERO_LEAF + leaf_hash(_page(1)) + leaf_hash(_page(3)) + ZERO_LEAF
+    assert got.zero_pages() == 2
+    with pytest.raises(IndexError):
+        b.set_run("pc.ram", 4, ZERO_LEAF)
+
+
+def test_leaf_file_round_trip() -> None:
+    ls = _set(pc_ram=[_page(i) for i in range(70)], pc_bios=[bytes(PAGE_SIZE)])
+    data = encode_leaf_file(ls)
+    assert data[:8] == b"VTPMLEAF"
+    back = parse_leaf_file(data)
+    assert back == ls
+    assert back.root() == ls.root()
+
+
+def test_leaf_file_every_byte_flip_is_refused() -> None:
+    data = encode_leaf_file(_set(a=[_page(1), _page(2)], b=[_page(3)]))
+    for i in range(len(data)):
+        bad = bytearray(data)
+        bad[i] ^= 0x01
+        with pytest.raises(ParseError):
+            parse_leaf_file(bytes(bad))
+    for cut in range(len(data)):
+        with pytest.raises(ParseError):
+            parse_leaf_file(data[:cut])
+    with pytest.raises(LeafFileError):
+        parse_leaf_file(data + b"\x00")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_leaf_file_garbage_raises_only_parse_errors(blob: bytes) -> None:
+    for data in (blob, b"VTPMLEAF\x00\x01\x00\x00\x00\x00\x10\x00" + blob):
+        try:
+            parse_leaf_file(data)
+        except ParseError:
+            pass
