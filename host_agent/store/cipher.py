@@ -1,0 +1,286 @@
+"""Record encryption, associated data and the authenticated store head: pure, no I/O.
+
+Everything the store writes besides the TPM-sealed data key passes through here. Nothing in this
+module touches a database, a TPM, a clock or a random source: nonces come in as arguments.
+
+Keys. The 256-bit data key is never used directly. HKDF-SHA256 (salt = the store id) derives
+two keys from it, one per purpose:
+
+- the *record key* (AES-256-GCM) encrypts and authenticates each record payload;
+- the *head key* (HMAC-SHA256) authenticates the store head (generation, manifest digest).
+
+Associated data of a record (``record_aad``): the format name ``vtpm-trust/store/1``, the store
+id, the record type and the record id, each length-prefixed. A ciphertext therefore opens only
+under its own id and type in its own store: moved to another id, swapped with another record,
+retyped or copied into another store, it fails authentication.
+
+Manifest. AES-GCM cannot tell the current version of a record from an older genuine version of
+the same record. The head therefore carries the SHA-256 ``manifest_digest`` over the sorted list of
+``(type, id, row_digest)`` of every record, ``row_digest`` being the SHA-256 of the stored row
+(nonce and ciphertext). The head MAC covers the generation and that digest, so a row put back from
+an older copy, a deleted row and an inserted row are all detected.
+
+Plaintext layout: one kind byte (``b`` raw bytes, ``j`` canonical JSON) followed by the payload.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from host_agent.store.errors import StoreIntegrityError
+
+__all__ = [
+    "DATA_KEY_BYTES",
+    "FORMAT",
+    "NONCE_BYTES",
+    "STORE_ID_BYTES",
+    "TAG_BYTES",
+    "HeadFields",
+    "PayloadKind",
+    "StoreCipher",
+    "canonical_json",
+    "decode_payload",
+    "encode_payload",
+    "manifest_digest",
+    "record_aad",
+    "row_digest",
+]
+
+FORMAT = "vtpm-trust/store/1"
+DATA_KEY_BYTES = 32
+NONCE_BYTES = 12
+TAG_BYTES = 16
+STORE_ID_BYTES = 16
+
+
+class PayloadKind(enum.Enum):
+    """What a record's payload is; the first plaintext byte, authenticated with the rest."""
+
+    BYTES = b"b"
+    JSON = b"j"
+
+
+def _lp(data: bytes) -> bytes:
+    """Length-prefixed field: 4-byte big-endian length, then the bytes."""
+    return struct.pack(">I", len(data)) + data
+
+
+def record_aad(store_id: bytes, record_type: str, record_id: str) -> bytes:
+    """Associated data binding a record ciphertext to its store, type and id."""
+    return b"".join(
+        (
+            _lp(FORMAT.encode()),
+            _lp(b"record"),
+            _lp(store_id),
+            _lp(record_type.encode()),
+            _lp(record_id.encode()),
+        )
+    )
+
+
+def row_digest(record_type: str, record_id: str, nonce: bytes, ciphertext: bytes) -> bytes:
+    """SHA-256 of a stored row, as the manifest lists it."""
+    return hashlib.sha256(
+        b"".join((_lp(record_type.encode()), _lp(record_id.encode()), _lp(nonce), _lp(ciphertext)))
+    ).digest()
+
+
+def manifest_digest(entries: Mapping[tuple[str, str], bytes]) -> bytes:
+    """SHA-256 over every ``(type, id) → row_digest`` entry, in sorted order.
+
+    Args:
+        entries: the row digest of every record in the store, keyed by ``(type, id)``.
+    """
+    h = hashlib.sha256(_lp(FORMAT.encode()) + _lp(b"manifest"))
+    for (record_type, record_id), digest in sorted(entries.items()):
+        h.update(_lp(record_type.encode()) + _lp(record_id.encode()) + _lp(digest))
+    return h.digest()
+
+
+def canonical_json(value: Mapping[str, Any]) -> bytes:
+    """Canonical JSON: sorted keys, no whitespace, UTF-8, no NaN or infinities.
+
+    Raises:
+        TypeError: a key is not a string or a value is not JSON-serialisable.
+        ValueError: a float is NaN or infinite.
+    """
+    if not isinstance(value, Mapping):
+        raise TypeError(f"a JSON payload must be a mapping, got {type(value).__name__}")
+    if any(not isinstance(k, str) for k in value):
+        raise TypeError("JSON payload keys must be strings")
+    text = json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+    return text.encode("utf-8")
+
+
+def encode_payload(payload: bytes | Mapping[str, Any]) -> bytes:
+    """The plaintext of a record: kind byte, then raw bytes or canonical JSON.
+
+    Raises:
+        TypeError: the payload is neither bytes nor a mapping (or not JSON-serialisable).
+    """
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return PayloadKind.BYTES.value + bytes(payload)
+    if isinstance(payload, Mapping):
+        return PayloadKind.JSON.value + canonical_json(payload)
+    raise TypeError(f"payload must be bytes or a mapping, got {type(payload).__name__}")
+
+
+def decode_payload(plaintext: bytes, record_type: str, record_id: str) -> tuple[PayloadKind, bytes]:
+    """Split an authenticated plaintext into its kind and payload bytes.
+
+    Raises:
+        StoreIntegrityError: the kind byte is unknown, or a JSON payload is not a JSON object.
+    """
+    kind_byte, body = plaintext[:1], plaintext[1:]
+    try:
+        kind = PayloadKind(kind_byte)
+    except ValueError:
+        raise StoreIntegrityError(
+            f"unknown payload kind {kind_byte!r}", record_type, record_id
+        ) from None
+    if kind is PayloadKind.JSON:
+        try:
+            value = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise StoreIntegrityError(
+                f"JSON payload does not parse: {err}", record_type, record_id
+            ) from None
+        if not isinstance(value, dict):
+            raise StoreIntegrityError("JSON payload is not an object", record_type, record_id)
+    return kind, body
+
+
+@dataclass(frozen=True)
+class HeadFields:
+    """The authenticated fields of the store head.
+
+    Attributes:
+        store_id: random identity of this store, bound into every record's associated data.
+        counter_index: NV index of the TPM rollback counter this store is tied to.
+        generation: bumped by every committed change; compared with the counter at open.
+        manifest_digest: :func:`manifest_digest` of the records at this generation.
+        sealed_key: the TPM-sealed data key blob (its digest is authenticated).
+    """
+
+    store_id: bytes
+    counter_index: int
+    generation: int
+    manifest_digest: bytes
+    sealed_key: bytes
+
+    def encode(self) -> bytes:
+        """Canonical bytes the head MAC is computed over."""
+        return b"".join(
+            (
+                _lp(FORMAT.encode()),
+                _lp(b"head"),
+                _lp(self.store_id),
+                struct.pack(">QQ", self.counter_index, self.generation),
+                _lp(self.manifest_digest),
+                _lp(hashlib.sha256(self.sealed_key).digest()),
+            )
+        )
+
+
+class StoreCipher:
+    """AES-GCM record sealing and head authentication under one store's data key.
+
+    Args:
+        data_key: the 32-byte data key (unsealed from the TPM, held only in this process).
+        store_id: the store's 16-byte identity.
+
+    Raises:
+        ValueError: a key or id of the wrong length (misuse of the API).
+    """
+
+    def __init__(self, data_key: bytes, store_id: bytes) -> None:
+        if len(data_key) != DATA_KEY_BYTES:
+            raise ValueError(f"data key must be {DATA_KEY_BYTES} bytes, got {len(data_key)}")
+        if len(store_id) != STORE_ID_BYTES:
+            raise ValueError(f"store id must be {STORE_ID_BYTES} bytes, got {len(store_id)}")
+        self.store_id = bytes(store_id)
+        self._aead = AESGCM(self._derive(data_key, b"records"))
+        self._head_key = self._derive(data_key, b"head")
+
+    def _derive(self, data_key: bytes, purpose: bytes) -> bytes:
+        hkdf = HKDF(
+            algorithm=hashes.SHA256(),
+            length=32,
+            salt=self.store_id,
+            info=FORMAT.encode() + b" " + purpose,
+        )
+        return hkdf.derive(bytes(data_key))
+
+    def encrypt(self, record_type: str, record_id: str, plaintext: bytes, nonce: bytes) -> bytes:
+        """AES-GCM ciphertext (with its 16-byte tag) of a record plaintext.
+
+        Args:
+            nonce: 12 fresh random bytes; never reuse one under the same store.
+
+        Raises:
+            ValueError: the nonce is not 12 bytes.
+        """
+        if len(nonce) != NONCE_BYTES:
+            raise ValueError(f"nonce must be {NONCE_BYTES} bytes, got {len(nonce)}")
+        aad = record_aad(self.store_id, record_type, record_id)
+        return self._aead.encrypt(bytes(nonce), bytes(plaintext), aad)
+
+    def decrypt(self, record_type: str, record_id: str, nonce: bytes, ciphertext: bytes) -> bytes:
+        """Authenticate and decrypt a stored record under its own type and id.
+
+        Raises:
+            StoreIntegrityError: a nonce of the wrong length, a ciphertext shorter than its tag,
+                or an authentication failure (tampered, truncated, moved, swapped or retyped).
+        """
+        if len(nonce) != NONCE_BYTES:
+            raise StoreIntegrityError(
+                f"nonce is {len(nonce)} bytes, expected {NONCE_BYTES}", record_type, record_id
+            )
+        if len(ciphertext) < TAG_BYTES:
+            raise StoreIntegrityError(
+                f"ciphertext is {len(ciphertext)} bytes, shorter than its {TAG_BYTES}-byte tag "
+                "(truncated)",
+                record_type,
+                record_id,
+            )
+        aad = record_aad(self.store_id, record_type, record_id)
+        try:
+            return self._aead.decrypt(bytes(nonce), bytes(ciphertext), aad)
+        except InvalidTag:
+            raise StoreIntegrityError(
+                "authentication failed: the ciphertext was tampered with or truncated, or "
+                "belongs to another record id, record type or store (moved or swapped)",
+                record_type,
+                record_id,
+            ) from None
+
+    def head_mac(self, head: HeadFields) -> bytes:
+        """HMAC-SHA256 over the head's canonical encoding."""
+        return hmac.new(self._head_key, head.encode(), hashlib.sha256).digest()
+
+    def verify_head(self, head: HeadFields, mac: bytes) -> None:
+        """Check the head MAC in constant time.
+
+        Raises:
+            StoreIntegrityError: the head (generation, manifest, counter index, sealed key or
+                store id) was altered, or was written under another data key.
+        """
+        if not hmac.compare_digest(self.head_mac(head), bytes(mac)):
+            raise StoreIntegrityError(
+                "store head authentication failed: its generation, manifest, counter index or "
+                "sealed key was altered, or it belongs to another store"
+            )
