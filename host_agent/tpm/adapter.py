@@ -1,0 +1,1163 @@
+"""``PytssHostTpm``: the one real adapter of the :class:`~host_agent.tpm.port.HostTpm` port.
+
+Theory of operation
+-------------------
+* **One thread.** An ESAPI context is not thread-safe and its calls block, so the adapter owns a
+  single-thread executor; the ESAPI context is created, used and closed on that thread only. Public
+  methods submit a closure and wait, so the API is synchronous and safe to call from any thread.
+* **Load, use, flush.** swtpm holds 3 transient objects and there is no resource manager, so
+  every operation loads the keys it needs, uses them and flushes them in ``finally``. Only the SRK
+  is persistent. Loading a child references its parent, which occupies a slot during the command:
+  at most two of our objects are loaded at once whenever a third (the SRK) can be referenced.
+  At open, transient objects and sessions left behind by a crashed client are flushed.
+* **Wrapped once.** ``TSS2_Exception`` is caught right at the ESAPI call (:meth:`_x`) and raised
+  as :class:`TpmCommandError` naming the TPM command; nothing above sees a tpm2-pytss type.
+
+vAIK design (ARCHITECTURE.md §2)
+--------------------------------
+A vAIK is a restricted ECDSA P-256 signing key that is *not* fixedTPM/fixedParent, created under
+the SRK and kept only wrapped. Its ``authPolicy`` is ``PolicyOR{A, B}`` with
+
+* ``A = PolicyAuthorize(Name(fleet key), policyRef)``: signing (or any USER-role use) needs a policy
+  the fleet key approved. The approved policy is ``PolicyPCR(sha256:0-8 = approved host state) +
+  PolicyCommandCode(TPM2_Sign)``: one fleet approval per approved host platform state, valid on
+  every host in that state, so the key keeps working after migrating to another approved host.
+  To sign, the adapter LoadExternal's the fleet public key, gets a TPMT_TK_VERIFIED ticket with
+  ``TPM2_VerifySignature(aHash)`` (``aHash = SHA-256(approvedPolicy ‖ policyRef)``), flushes it,
+  runs PolicyPCR (current values) + PolicyCommandCode(Sign), PolicyAuthorize(ticket), PolicyOR.
+* ``B = PolicyCommandCode(TPM2_Duplicate)``: the DUP role; the agent duplicates a vAIK only to a
+  certified ExgKey (a restricted decrypt, fixedTPM+fixedParent key; checked here).
+
+The ADMIN role (the object of ``TPM2_Certify``, i.e. CertvAIK) uses the empty authValue
+(``adminWithPolicy`` clear): certifying a key reveals nothing and needs no policy.
+
+A duplicate uses an inner wrapper (AES-128-CFB, TPM-generated key) and the outer seed to the
+ExgKey; the imported key keeps its public area (same Name) and is stored wrapped under the ExgKey
+(its :class:`WrappedKey` names that parent), so the migrated vAIK signs with the same public key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from tpm2_pytss import ESAPI, TSS2_Exception
+from tpm2_pytss.constants import (
+    ESYS_TR,
+    TPM2_ALG,
+    TPM2_CAP,
+    TPM2_HC,
+    TPM2_NT,
+    TPM2_PT_NV,
+    TPM2_SE,
+    TPMA_NV,
+    TPMA_OBJECT,
+)
+from tpm2_pytss.types import (
+    TPM2_HANDLE,
+    TPM2B_DATA,
+    TPM2B_DIGEST,
+    TPM2B_ENCRYPTED_SECRET,
+    TPM2B_ID_OBJECT,
+    TPM2B_NV_PUBLIC,
+    TPM2B_PRIVATE,
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TPM2B_SENSITIVE_DATA,
+    TPML_DIGEST,
+    TPMS_NV_PUBLIC,
+    TPMS_SENSITIVE_CREATE,
+    TPMT_PUBLIC,
+    TPMT_SIG_SCHEME,
+    TPMT_SIGNATURE,
+    TPMT_SYM_DEF,
+    TPMT_SYM_DEF_OBJECT,
+    TPMT_TK_HASHCHECK,
+    TPMT_TK_VERIFIED,
+    TPMU_SYM_KEY_BITS,
+    TPMU_SYM_MODE,
+)
+from tpm2_pytss.utils import NoSuchIndex, create_ek_template
+
+from evidence import tpm2_policy as pure
+from evidence.tpm2_policy import PolicyApproval
+
+from . import keys, policies
+from .errors import (
+    KeyBlobError,
+    PlatformStateNotApproved,
+    PolicyNotApproved,
+    TpmCommandError,
+    TpmError,
+    TpmObjectMemoryFull,
+)
+from .port import (
+    AUTHKEY_PCRS,
+    VAIK_POLICY_REF,
+    Certification,
+    DuplicationBlob,
+    HostKeyReport,
+    KeyPolicy,
+    KeyRef,
+    WrappedKey,
+)
+
+__all__ = ["EK_CERT_INDICES", "HOST_KEYS_FILE", "HostKeysMissing", "PytssHostTpm"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: TCG EK Credential Profile NV indices of EK certificates (low range L-1/L-2, high range H-1..H-7).
+EK_CERT_INDICES: tuple[int, ...] = (
+    0x01C00002,
+    0x01C0000A,
+    0x01C00012,
+    0x01C00014,
+    0x01C00016,
+    0x01C00018,
+    0x01C0001A,
+    0x01C0001C,
+    0x01C0001E,
+)
+_EK_TEMPLATES: dict[int, str] = {
+    0x01C00002: "EK-RSA2048",
+    0x01C0000A: "EK-ECC256",
+    0x01C00012: "EK-HIGH-RSA2048",
+    0x01C00014: "EK-HIGH-ECC256",
+    0x01C00016: "EK-HIGH-ECC384",
+    0x01C00018: "EK-HIGH-ECC521",
+    0x01C0001C: "EK-HIGH-RSA3072",
+    0x01C0001E: "EK-HIGH-RSA4096",
+}
+_RSA_EK_INDICES = (0x01C00002, 0x01C00012, 0x01C0001C, 0x01C0001E)
+_ECC_EK_INDICES = (0x01C0000A, 0x01C00014, 0x01C00016, 0x01C00018)
+_HASH_NAMES = {0x000B: "sha256", 0x000C: "sha384", 0x000D: "sha512"}
+
+
+def _ek_policy_a(alg: str) -> bytes:
+    """PolicyA of the EK Credential Profile: PolicySecret(TPM_RH_ENDORSEMENT) in ``alg``."""
+    size = hashlib.new(alg).digest_size
+    first = hashlib.new(alg, bytes(size) + bytes.fromhex("00000151") + bytes.fromhex("4000000b"))
+    return hashlib.new(alg, first.digest()).digest()
+
+
+_EK_POLICY_A = {alg: _ek_policy_a(alg) for alg in ("sha256", "sha384", "sha512")}
+# PolicyC = PolicyAuthorizeNV(0x01C07F01) (EK Credential Profile 2.5, Table B.6); a unit test
+# checks H(0 ‖ TPM_CC_PolicyOR ‖ A ‖ C) against each high-range template's authPolicy.
+_EK_POLICY_C = {
+    "sha256": bytes.fromhex("3767e2edd43ff45a3a7e1eaefcef78643dca964632e7aad82c673a30d8633fde"),
+    "sha384": bytes.fromhex(
+        "d6032ce61f2fb3c240eb3cf6a33237ef2b6a16f4293c22b455e261cffd217ad5"
+        "b4947c2d73e63005eed2dc2b3593d165"
+    ),
+    "sha512": bytes.fromhex(
+        "589ee1e146544716e8deafe6db247b01b81e9f9c7dd16b814aa159138749105f"
+        "ba5388dd1dea702f35240c184933121e2c61b8f50d3ef91393a49a38c3f73fc8"
+    ),
+}
+_NV_OWNER_FIRST, _NV_OWNER_LAST = 0x01800000, 0x01BFFFFF
+_TPM_GENERATED_VALUE = b"\xffTCG"
+_MAX_HASH_BUFFER = 1024
+_MAX_SEAL = 128
+HOST_KEYS_FILE = "host_keys.json"
+_RC_OBJECT_MEMORY = 0x902
+
+
+class HostKeysMissing(TpmError):
+    """AIK/AuthKey do not exist yet: run ``vtpm-host init``."""
+
+    id = "tpm.host_keys_missing"
+
+
+def _rc_text(err: TSS2_Exception) -> str:
+    return str(err)
+
+
+def _sym_aes128cfb() -> TPMT_SYM_DEF_OBJECT:
+    return TPMT_SYM_DEF_OBJECT(
+        algorithm=TPM2_ALG.AES,
+        keyBits=TPMU_SYM_KEY_BITS(aes=128),
+        mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
+    )
+
+
+def _der_len(data: bytes) -> int:
+    """Length of the DER SEQUENCE at the start of ``data`` (NV areas may be padded)."""
+    if len(data) < 2 or data[0] != 0x30:
+        return len(data)
+    first = data[1]
+    if first < 0x80:
+        return min(len(data), 2 + first)
+    n = first & 0x7F
+    if n == 0 or n > 4 or len(data) < 2 + n:
+        return len(data)
+    return min(len(data), 2 + n + int.from_bytes(data[2 : 2 + n], "big"))
+
+
+def _public_from_bytes(data: bytes) -> TPM2B_PUBLIC:
+    try:
+        area, used = TPMT_PUBLIC.unmarshal(data)
+    except Exception as err:  # pytss raises assorted errors for garbage
+        raise KeyBlobError(f"TPMT_PUBLIC does not unmarshal: {err}") from err
+    if used != len(data):
+        raise KeyBlobError(f"TPMT_PUBLIC: {len(data) - used} trailing bytes")
+    return TPM2B_PUBLIC(publicArea=area)
+
+
+def _private_from_bytes(data: bytes) -> TPM2B_PRIVATE:
+    try:
+        priv, used = TPM2B_PRIVATE.unmarshal(data)
+    except Exception as err:
+        raise KeyBlobError(f"TPM2B_PRIVATE does not unmarshal: {err}") from err
+    if used != len(data):
+        raise KeyBlobError(f"TPM2B_PRIVATE: {len(data) - used} trailing bytes")
+    return priv
+
+
+class PytssHostTpm:
+    """Host TPM over tpm2-pytss ESAPI (see the module docstring).
+
+    Args:
+        tcti: the TCTI string (``"device:/dev/tpmrm0"``, ``"swtpm:path=…"``).
+        key_dir: where the host keys' wrapped blobs live (``host_keys.json``).
+        root: ``"hardware"`` or ``"software"`` (reported by ``tpm info``).
+        on_close: called after the ESAPI context is closed (the software root stops its swtpm).
+    """
+
+    def __init__(
+        self,
+        tcti: str,
+        key_dir: Path,
+        *,
+        root: Literal["hardware", "software"] = "hardware",
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self._tcti = tcti
+        self._key_dir = Path(key_dir)
+        self._root: Literal["hardware", "software"] = root
+        self._on_close = on_close
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="host-tpm")
+        self._esys: ESAPI | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._ek_cache: dict[str, bytes] = {}
+        try:
+            self._call(self._open)
+        except BaseException:
+            self._executor.shutdown(wait=True)
+            raise
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def root(self) -> Literal["hardware", "software"]:
+        return self._root
+
+    @property
+    def tcti(self) -> str:
+        return self._tcti
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        with self._lock:
+            if self._closed:
+                raise ValueError("the host TPM is closed")
+            future = self._executor.submit(fn)
+        return future.result()
+
+    def _x(self, command: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one ESAPI call; wrap a TSS2_Exception once, naming the TPM command."""
+        try:
+            return fn(*args, **kwargs)
+        except TSS2_Exception as err:
+            cls = TpmObjectMemoryFull if (err.rc & 0xFFF) == _RC_OBJECT_MEMORY else TpmCommandError
+            raise cls(int(err.rc), command, _rc_text(err)) from err
+
+    @property
+    def _e(self) -> ESAPI:
+        assert self._esys is not None
+        return self._esys
+
+    def _open(self) -> None:
+        try:
+            self._esys = ESAPI(self._tcti)
+        except TSS2_Exception as err:
+            raise TpmCommandError(
+                int(err.rc), f"connect to TPM via {self._tcti}", str(err)
+            ) from err
+        self._flush_leftovers()
+
+    def _handles(self, first: int) -> list[int]:
+        out: list[int] = []
+        more = True
+        prop = first
+        while more:
+            more, data = self._x(
+                "TPM2_GetCapability", self._e.get_capability, TPM2_CAP.HANDLES, prop, 64
+            )
+            hs = [int(h) for h in data.data.handles]
+            out.extend(h for h in hs if (h >> 24) == (first >> 24))
+            if not hs:
+                break
+            prop = hs[-1] + 1
+        return out
+
+    def _flush_leftovers(self) -> None:
+        """Flush transient objects and sessions a crashed client left in the TPM."""
+        leftovers = self._handles(int(TPM2_HC.TRANSIENT_FIRST))
+        leftovers += self._handles(int(TPM2_HC.LOADED_SESSION_FIRST))
+        for h in leftovers:
+            tr = self._x("ESYS_TR_FromTPMPublic", self._e.tr_from_tpmpublic, TPM2_HANDLE(h))
+            self._x("TPM2_FlushContext", self._e.flush_context, tr)
+        if leftovers:
+            log.warning(
+                "flushed %d leftover TPM handle(s) at open: %s",
+                len(leftovers),
+                ", ".join(f"0x{h:08x}" for h in leftovers),
+            )
+
+    def close(self) -> None:
+        """Close the ESAPI context on its thread, stop the worker, then run ``on_close``."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+
+            def _close() -> None:
+                if self._esys is not None:
+                    self._esys.close()
+                    self._esys = None
+
+            self._executor.submit(_close).result()
+        self._executor.shutdown(wait=True)
+        if self._on_close is not None:
+            self._on_close()
+
+    def __enter__(self) -> PytssHostTpm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _loaded(self, handle: ESYS_TR) -> Iterator[ESYS_TR]:
+        try:
+            yield handle
+        finally:
+            with suppress(TSS2_Exception):
+                self._e.flush_context(handle)
+
+    @contextmanager
+    def _session(self, *, trial: bool = False) -> Iterator[ESYS_TR]:
+        s = self._x("TPM2_StartAuthSession", policies.start_session, self._e, trial=trial)
+        try:
+            yield s
+        finally:
+            with suppress(TSS2_Exception):
+                self._e.flush_context(s)
+
+    # ------------------------------------------------------------------ SRK and loading
+
+    def _srk(self) -> ESYS_TR:
+        """ESYS_TR of the persistent SRK, creating and persisting it if missing."""
+        if keys.SRK_HANDLE in self._handles(int(TPM2_HC.PERSISTENT_FIRST)):
+            return self._x(
+                "ESYS_TR_FromTPMPublic", self._e.tr_from_tpmpublic, TPM2_HANDLE(keys.SRK_HANDLE)
+            )
+        h = self._x(
+            "TPM2_CreatePrimary",
+            self._e.create_primary,
+            TPM2B_SENSITIVE_CREATE(),
+            keys.srk_template(),
+            ESYS_TR.OWNER,
+        )[0]
+        with self._loaded(h):
+            persistent = self._x(
+                "TPM2_EvictControl", self._e.evict_control, ESYS_TR.OWNER, h, keys.SRK_HANDLE
+            )
+        log.info("created the SRK at persistent handle 0x%08x", keys.SRK_HANDLE)
+        return persistent
+
+    def _srk_exists(self) -> bool:
+        return keys.SRK_HANDLE in self._handles(int(TPM2_HC.PERSISTENT_FIRST))
+
+    def _check_pcr_policy(self, key: str, policy: KeyPolicy, session: ESYS_TR) -> None:
+        """After a real PCR policy ran: compare the session digest with the approved one."""
+        expected_session = self._pure_pcr_policy(policy)
+        got = bytes(self._x("TPM2_PolicyGetDigest", self._e.policy_get_digest, session))
+        if got != expected_session:
+            current = self._read_pcrs(policy.pcrs)
+            got_digest = pure.pcr_composite_digest([current[i] for i in sorted(policy.pcrs)])
+            raise PlatformStateNotApproved(
+                key, policy.pcr_digest or b"", got_digest, tuple(sorted(policy.pcrs))
+            )
+
+    @staticmethod
+    def _pure_pcr_policy(policy: KeyPolicy) -> bytes:
+        d = pure.empty_digest()
+        if policy.pcrs:
+            assert policy.pcr_digest is not None
+            d = pure.policy_pcr(d, policy.pcrs, policy.pcr_digest)
+        if policy.locality is not None:
+            d = pure.policy_locality(d, policy.locality)
+        return d
+
+    @contextmanager
+    def _user_auth(self, key: WrappedKey | None) -> Iterator[ESYS_TR]:
+        """A session authorizing the USER role of a PCR-bound key (AuthKey, ExgKey), or PASSWORD."""
+        if key is None or not key.policy.pcrs:
+            yield ESYS_TR.PASSWORD
+            return
+        with self._session() as s:
+            self._x(
+                "TPM2_PolicyPCR", policies.apply_pcr_policy, self._e, s, key.policy, trial=False
+            )
+            self._check_pcr_policy(_KEY_LABEL[key.kind], key.policy, s)
+            yield s
+
+    def _load(self, key: WrappedKey) -> ESYS_TR:
+        """Load ``key`` (and its parent chain, flushed again); the caller flushes the result."""
+        pub = _public_from_bytes(key.public)
+        priv = _private_from_bytes(key.private)
+        if key.parent is None:
+            return self._x("TPM2_Load", self._e.load, self._srk(), priv, pub)
+        parent = self._load(key.parent)
+        with self._loaded(parent), self._user_auth(key.parent) as auth:
+            return self._x("TPM2_Load", self._e.load, parent, priv, pub, session1=auth)
+
+    def _create(self, template: TPM2B_PUBLIC, data: bytes | None = None) -> tuple[bytes, bytes]:
+        sens = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=TPM2B_SENSITIVE_DATA(data or b"")))
+        priv, pub = self._x("TPM2_Create", self._e.create, self._srk(), sens, template)[:2]
+        return pub.publicArea.marshal(), priv.marshal()
+
+    # ------------------------------------------------------------------ PCRs
+
+    def _read_pcrs(self, pcrs: Sequence[int]) -> dict[int, bytes]:
+        out: dict[int, bytes] = {}
+        wanted = sorted(set(pcrs))
+        for start in range(0, len(wanted), 8):
+            chunk = wanted[start : start + 8]
+            _, sel, digests = self._x(
+                "TPM2_PCR_Read", self._e.pcr_read, policies.pcr_selection(chunk)
+            )
+            got = [
+                i
+                for s in sel
+                for i in range(s.sizeofSelect * 8)
+                if s.pcrSelect[i // 8] & (1 << (i % 8))
+            ]
+            for i, d in zip(got, digests, strict=True):
+                out[i] = bytes(d)
+        missing = [i for i in wanted if i not in out]
+        if missing:
+            raise TpmError(f"the TPM has no sha256 value for PCR(s) {missing}")
+        return out
+
+    def pcr_values(self, pcrs: Sequence[int] = AUTHKEY_PCRS) -> dict[int, bytes]:
+        """Current sha256 PCR values."""
+        return self._call(lambda: self._read_pcrs(pcrs))
+
+    def _current_pcr_policy(self, *, locality: bool) -> KeyPolicy:
+        values = self._read_pcrs(AUTHKEY_PCRS)
+        digest = pure.pcr_composite_digest([values[i] for i in AUTHKEY_PCRS])
+        return KeyPolicy(pcrs=AUTHKEY_PCRS, pcr_digest=digest, locality=0 if locality else None)
+
+    def _trial_pcr_policy(self, policy: KeyPolicy) -> bytes:
+        with self._session(trial=True) as s:
+            self._x("TPM2_PolicyPCR", policies.apply_pcr_policy, self._e, s, policy, trial=True)
+            return bytes(self._x("TPM2_PolicyGetDigest", self._e.policy_get_digest, s))
+
+    # ------------------------------------------------------------------ sealing
+
+    def seal(self, data: bytes, *, pcrs: Sequence[int] | None = None) -> bytes:
+        if not isinstance(data, bytes):
+            raise TypeError("seal() takes bytes")
+        if not 0 < len(data) <= _MAX_SEAL:
+            raise ValueError(f"seal() takes 1..{_MAX_SEAL} bytes, got {len(data)}")
+
+        def run() -> bytes:
+            policy = KeyPolicy()
+            auth_policy = b""
+            if pcrs:
+                values = self._read_pcrs(pcrs)
+                digest = pure.pcr_composite_digest([values[i] for i in sorted(set(pcrs))])
+                policy = KeyPolicy(pcrs=tuple(sorted(set(pcrs))), pcr_digest=digest)
+                auth_policy = self._trial_pcr_policy(policy)
+            pub, priv = self._create(keys.sealed_template(auth_policy or None), data)
+            return json.dumps(
+                {
+                    "format": "vtpm-trust/sealed/1",
+                    "public": pub.hex(),
+                    "private": priv.hex(),
+                    "policy": policy.to_json(),
+                }
+            ).encode()
+
+        return self._call(run)
+
+    def unseal(self, blob: bytes) -> bytes:
+        try:
+            obj = json.loads(blob)
+            if not isinstance(obj, dict) or obj.get("format") != "vtpm-trust/sealed/1":
+                raise KeyBlobError("sealed blob: format is not vtpm-trust/sealed/1")
+            pub = _public_from_bytes(bytes.fromhex(obj["public"]))
+            priv = _private_from_bytes(bytes.fromhex(obj["private"]))
+            policy = KeyPolicy.from_json(obj["policy"])
+        except (KeyError, TypeError, ValueError, UnicodeDecodeError) as err:
+            raise KeyBlobError(f"sealed blob: {err}") from err
+
+        def run() -> bytes:
+            h = self._x("TPM2_Load", self._e.load, self._srk(), priv, pub)
+            with self._loaded(h):
+                if not policy.pcrs:
+                    return bytes(self._x("TPM2_Unseal", self._e.unseal, h))
+                with self._session() as s:
+                    self._x(
+                        "TPM2_PolicyPCR", policies.apply_pcr_policy, self._e, s, policy, trial=False
+                    )
+                    self._check_pcr_policy("sealed data", policy, s)
+                    return bytes(self._x("TPM2_Unseal", self._e.unseal, h, session1=s))
+
+        return self._call(run)
+
+    # ------------------------------------------------------------------ NV counters
+
+    @staticmethod
+    def _check_index(index: int) -> None:
+        if not _NV_OWNER_FIRST <= index <= _NV_OWNER_LAST:
+            raise ValueError(
+                f"NV counter index must be in the owner range 0x{_NV_OWNER_FIRST:08x}.."
+                f"0x{_NV_OWNER_LAST:08x}, got 0x{index:08x}"
+            )
+
+    def _nv_tr(self, index: int) -> ESYS_TR:
+        return self._x("ESYS_TR_FromTPMPublic", self._e.tr_from_tpmpublic, TPM2_HANDLE(index))
+
+    def _counter_value(self, index: int) -> int:
+        tr = self._nv_tr(index)
+        data = self._x("TPM2_NV_Read", self._e.nv_read, tr, 8, 0, ESYS_TR.OWNER)
+        return int.from_bytes(bytes(data), "big")
+
+    def counter_define(self, index: int) -> int:
+        """Define (if missing) and initialize an NV counter; returns its current value."""
+        self._check_index(index)
+
+        def run() -> int:
+            if index not in self._handles(int(TPM2_HC.NV_INDEX_FIRST)):
+                attrs = (
+                    TPMA_NV.OWNERWRITE
+                    | TPMA_NV.OWNERREAD
+                    | TPMA_NV.NO_DA
+                    | (TPM2_NT.COUNTER << TPMA_NV.TPM2_NT_SHIFT)
+                )
+                public = TPM2B_NV_PUBLIC(
+                    nvPublic=TPMS_NV_PUBLIC(
+                        nvIndex=index, nameAlg=TPM2_ALG.SHA256, attributes=attrs, dataSize=8
+                    )
+                )
+                tr = self._x("TPM2_NV_DefineSpace", self._e.nv_define_space, None, public)
+                self._x("TPM2_NV_Increment", self._e.nv_increment, tr, ESYS_TR.OWNER)
+                log.info("defined NV counter 0x%08x", index)
+            else:
+                pub, _ = self._x("TPM2_NV_ReadPublic", self._e.nv_read_public, self._nv_tr(index))
+                nt = (int(pub.nvPublic.attributes) >> 4) & 0xF
+                if nt != int(TPM2_NT.COUNTER):
+                    raise TpmError(f"NV index 0x{index:08x} exists and is not a counter")
+                if not int(pub.nvPublic.attributes) & int(TPMA_NV.WRITTEN):
+                    self._x(
+                        "TPM2_NV_Increment", self._e.nv_increment, self._nv_tr(index), ESYS_TR.OWNER
+                    )
+            return self._counter_value(index)
+
+        return self._call(run)
+
+    def counter_read(self, index: int) -> int:
+        self._check_index(index)
+        return self._call(lambda: self._counter_value(index))
+
+    def counter_increment(self, index: int) -> int:
+        self._check_index(index)
+
+        def run() -> int:
+            self._x("TPM2_NV_Increment", self._e.nv_increment, self._nv_tr(index), ESYS_TR.OWNER)
+            return self._counter_value(index)
+
+        return self._call(run)
+
+    # ------------------------------------------------------------------ EK
+
+    def _nv_max(self) -> int:
+        _, data = self._x(
+            "TPM2_GetCapability",
+            self._e.get_capability,
+            TPM2_CAP.TPM_PROPERTIES,
+            TPM2_PT_NV.BUFFER_MAX,
+            1,
+        )
+        for p in data.data.tpmProperties:
+            if int(p.property) == int(TPM2_PT_NV.BUFFER_MAX):
+                return min(int(p.value), 1024)
+        return 512
+
+    def _nv_read_all(self, index: int) -> bytes:
+        if index not in self._handles(int(TPM2_HC.NV_INDEX_FIRST)):
+            raise NoSuchIndex(index)
+        tr = self._nv_tr(index)
+        pub, _ = self._x("TPM2_NV_ReadPublic", self._e.nv_read_public, tr)
+        size = int(pub.nvPublic.dataSize)
+        chunk = self._nv_max()
+        out = bytearray()
+        while len(out) < size:
+            n = min(chunk, size - len(out))
+            out += bytes(self._x("TPM2_NV_Read", self._e.nv_read, tr, n, len(out), tr))
+        return bytes(out)
+
+    def _ek_certs(self) -> list[tuple[int, bytes]]:
+        present = set(self._handles(int(TPM2_HC.NV_INDEX_FIRST)))
+        out = []
+        for index in EK_CERT_INDICES:
+            if index in present:
+                data = self._nv_read_all(index)
+                out.append((index, data[: _der_len(data)]))
+        return out
+
+    def ek_certificates(self) -> list[tuple[int, bytes]]:
+        return self._call(self._ek_certs)
+
+    def _ek_template(self, kind: str) -> TPM2B_PUBLIC:
+        if kind not in ("rsa", "ecc"):
+            raise ValueError(f"ek kind must be 'rsa' or 'ecc', got {kind!r}")
+        present = set(self._handles(int(TPM2_HC.NV_INDEX_FIRST)))
+        indices = _RSA_EK_INDICES if kind == "rsa" else _ECC_EK_INDICES
+        name = next(
+            (_EK_TEMPLATES[i] for i in indices if i in present),
+            "EK-RSA2048" if kind == "rsa" else "EK-ECC256",
+        )
+        _, template = create_ek_template(name, self._nv_read_all)
+        return template
+
+    def _create_ek(self, kind: str) -> ESYS_TR:
+        template = self._ek_template(kind)
+        return self._x(
+            "TPM2_CreatePrimary",
+            self._e.create_primary,
+            TPM2B_SENSITIVE_CREATE(),
+            template,
+            ESYS_TR.ENDORSEMENT,
+        )[0]
+
+    def ek_public(self, kind: Literal["rsa", "ecc"] = "rsa") -> bytes:
+        def run() -> bytes:
+            if kind not in self._ek_cache:
+                h = self._create_ek(kind)
+                with self._loaded(h):
+                    pub = self._x("TPM2_ReadPublic", self._e.read_public, h)[0]
+                self._ek_cache[kind] = pub.publicArea.marshal()
+            return self._ek_cache[kind]
+
+        return self._call(run)
+
+    @contextmanager
+    def _ek_session(self, ek: ESYS_TR) -> Iterator[ESYS_TR]:
+        """A policy session satisfying the EK's authPolicy (TCG EK Credential Profile §B.6).
+
+        Low-range EKs: PolicySecret(TPM_RH_ENDORSEMENT) in SHA-256. High-range EKs (nameAlg of
+        the template): PolicySecret(TPM_RH_ENDORSEMENT), then PolicyOR{PolicyA, PolicyC}.
+        """
+        pub = self._x("TPM2_ReadPublic", self._e.read_public, ek)[0].publicArea
+        alg = int(pub.nameAlg)
+        name = _HASH_NAMES.get(alg)
+        if name is None:
+            raise TpmError(f"EK nameAlg 0x{alg:04x} is not supported")
+        s = self._x(
+            "TPM2_StartAuthSession",
+            self._e.start_auth_session,
+            ESYS_TR.NONE,
+            ESYS_TR.NONE,
+            TPM2_SE.POLICY,
+            TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
+            TPM2_ALG(alg),
+        )
+        try:
+            self._x("TPM2_PolicySecret", self._e.policy_secret, ESYS_TR.ENDORSEMENT, s)
+            if bytes(pub.authPolicy) != _EK_POLICY_A["sha256"]:
+                branches = TPML_DIGEST(
+                    [TPM2B_DIGEST(_EK_POLICY_A[name]), TPM2B_DIGEST(_EK_POLICY_C[name])]
+                )
+                self._x("TPM2_PolicyOR", self._e.policy_or, s, branches)
+            yield s
+        finally:
+            with suppress(TSS2_Exception):
+                self._e.flush_context(s)
+
+    def activate_credential(
+        self,
+        credential_blob: bytes,
+        encrypted_secret: bytes,
+        ek_kind: Literal["rsa", "ecc"] = "rsa",
+    ) -> bytes:
+        try:
+            blob, n1 = TPM2B_ID_OBJECT.unmarshal(credential_blob)
+            secret, n2 = TPM2B_ENCRYPTED_SECRET.unmarshal(encrypted_secret)
+        except Exception as err:
+            raise KeyBlobError(f"credential: does not unmarshal ({err})") from err
+        if n1 != len(credential_blob) or n2 != len(encrypted_secret):
+            raise KeyBlobError("credential: trailing bytes after TPM2B_ID_OBJECT/ENCRYPTED_SECRET")
+
+        def run() -> bytes:
+            aik = self._host_key("aik")
+            aik_h = self._load(aik)
+            with self._loaded(aik_h):
+                ek = self._create_ek(ek_kind)
+                with self._loaded(ek), self._ek_session(ek) as s:
+                    cert_info = self._x(
+                        "TPM2_ActivateCredential",
+                        self._e.activate_credential,
+                        aik_h,
+                        ek,
+                        blob,
+                        secret,
+                        session1=ESYS_TR.PASSWORD,
+                        session2=s,
+                    )
+            return bytes(cert_info)
+
+        return self._call(run)
+
+    # ------------------------------------------------------------------ host keys
+
+    @property
+    def _keys_path(self) -> Path:
+        return self._key_dir / HOST_KEYS_FILE
+
+    def _read_host_keys(self) -> dict[str, WrappedKey]:
+        try:
+            raw = self._keys_path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as err:
+            raise TpmError(f"cannot read {self._keys_path}: {err}") from err
+        try:
+            obj = json.loads(raw)
+        except ValueError as err:
+            raise KeyBlobError(f"{self._keys_path}: not JSON ({err})") from err
+        if not isinstance(obj, dict):
+            raise KeyBlobError(f"{self._keys_path}: expected an object")
+        return {k: WrappedKey.from_bytes(json.dumps(v).encode()) for k, v in obj.items()}
+
+    def _write_host_keys(self, host_keys: Mapping[str, WrappedKey]) -> None:
+        obj = {k: json.loads(v.to_bytes()) for k, v in host_keys.items()}
+        self._key_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._keys_path.with_suffix(".tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(obj, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._keys_path)
+        except OSError as err:
+            raise TpmError(f"cannot write {self._keys_path}: {err}") from err
+
+    def _host_key(self, kind: str) -> WrappedKey:
+        key = self._read_host_keys().get(kind)
+        if key is None:
+            raise HostKeysMissing(
+                f"no {_KEY_LABEL[kind]} in {self._keys_path}: run `vtpm-host init` first"
+            )
+        return key
+
+    def _probe_locality(self) -> bool:
+        """Does PolicyLocality(0) hold on this TPM path? (a throwaway sealed object tells)."""
+        d = pure.policy_locality(pure.empty_digest(), 0)
+        pub, priv = self._create(keys.sealed_template(d), b"probe")
+        h = self._x(
+            "TPM2_Load",
+            self._e.load,
+            self._srk(),
+            _private_from_bytes(priv),
+            _public_from_bytes(pub),
+        )
+        with self._loaded(h), self._session() as s:
+            self._x(
+                "TPM2_PolicyLocality",
+                policies.apply_pcr_policy,
+                self._e,
+                s,
+                KeyPolicy(locality=0),
+                trial=False,
+            )
+            try:
+                self._e.unseal(h, session1=s)
+            except TSS2_Exception as err:
+                log.warning(
+                    "PolicyLocality(0) does not hold on %s (%s): AuthKey without it",
+                    self._tcti,
+                    err,
+                )
+                return False
+        return True
+
+    def ensure_host_keys(self) -> HostKeyReport:
+        """Create whatever of SRK, AIK, AuthKey is missing; idempotent."""
+
+        def run() -> HostKeyReport:
+            created: list[str] = []
+            if not self._srk_exists():
+                self._srk()
+                created.append("srk")
+            host_keys = self._read_host_keys()
+            if "aik" not in host_keys:
+                pub, priv = self._create(keys.aik_template())
+                host_keys["aik"] = WrappedKey("aik", pub, priv)
+                created.append("aik")
+                self._write_host_keys(host_keys)
+            if "authkey" not in host_keys:
+                policy = self._current_pcr_policy(locality=self._probe_locality())
+                auth_policy = self._trial_pcr_policy(policy)
+                pub, priv = self._create(keys.authkey_template(auth_policy))
+                host_keys["authkey"] = WrappedKey("authkey", pub, priv, policy)
+                created.append("authkey")
+                self._write_host_keys(host_keys)
+            authkey = host_keys["authkey"]
+            return HostKeyReport(
+                created=tuple(created),
+                aik_name=host_keys["aik"].name,
+                authkey_name=authkey.name,
+                authkey_policy=self._pure_pcr_policy(authkey.policy),
+                authkey_locality=authkey.policy.locality is not None,
+            )
+
+        return self._call(run)
+
+    def host_key_public(self, key: Literal["aik", "authkey"]) -> bytes:
+        return self._call(lambda: self._host_key(key).public)
+
+    def aik_public(self) -> bytes:
+        return self.host_key_public("aik")
+
+    def aik_name(self) -> bytes:
+        return self._call(lambda: self._host_key("aik").name)
+
+    def authkey_policy(self) -> bytes:
+        return self._call(lambda: self._pure_pcr_policy(self._host_key("authkey").policy))
+
+    # ------------------------------------------------------------------ per-VM keys
+
+    def create_vaik(self, fleet_key: bytes, policy_ref: bytes = VAIK_POLICY_REF) -> WrappedKey:
+        """Create a vAIK under the SRK whose signing needs the fleet key's approval."""
+        fleet = _load_fleet_key(fleet_key)
+        if len(policy_ref) > pure.DIGEST_SIZE:
+            raise ValueError(f"policy_ref is at most {pure.DIGEST_SIZE} bytes")
+        name = pure.fleet_key_name(fleet)
+
+        def run() -> WrappedKey:
+            a, b = self._x(
+                "TPM2_PolicyAuthorize", policies.vaik_branches, self._e, name, policy_ref
+            )
+            policy = pure.policy_or(pure.empty_digest(), [a, b])
+            pub, priv = self._create(keys.vaik_template(policy))
+            return WrappedKey(
+                "vaik",
+                pub,
+                priv,
+                KeyPolicy(fleet_key=pure.fleet_key_public(fleet), policy_ref=policy_ref),
+            )
+
+        return self._call(run)
+
+    def create_exgkey(self) -> WrappedKey:
+        """Create an ExgKey (import parent for migration), bound to PCR0-8 like AuthKey."""
+
+        def run() -> WrappedKey:
+            authkey = self._read_host_keys().get("authkey")
+            locality = authkey is not None and authkey.policy.locality is not None
+            policy = self._current_pcr_policy(locality=locality)
+            pub, priv = self._create(keys.exgkey_template(self._trial_pcr_policy(policy)))
+            return WrappedKey("exgkey", pub, priv, policy)
+
+        return self._call(run)
+
+    def _resolve(self, ref: KeyRef) -> WrappedKey:
+        if isinstance(ref, WrappedKey):
+            return ref
+        if ref in ("aik", "authkey"):
+            return self._host_key(ref)
+        raise ValueError(f"key must be 'aik', 'authkey' or a WrappedKey, got {ref!r}")
+
+    def certify(self, obj: KeyRef, signer: KeyRef, qualifying_data: bytes) -> Certification:
+        """TPM2_Certify(objectHandle=obj, signHandle=signer, qualifyingData)."""
+        if not isinstance(qualifying_data, bytes) or len(qualifying_data) > 64:
+            raise ValueError("qualifying_data must be bytes of at most 64")
+
+        def run() -> Certification:
+            o, s = self._resolve(obj), self._resolve(signer)
+            if s.kind not in ("aik", "authkey"):
+                raise ValueError(f"certify: the signer must be the AIK or AuthKey, not {s.kind}")
+            sh = self._load(s)
+            with self._loaded(sh):
+                oh = self._load(o)
+                with self._loaded(oh), self._user_auth(s) as auth:
+                    attest, sig = self._x(
+                        "TPM2_Certify",
+                        self._e.certify,
+                        oh,
+                        sh,
+                        TPM2B_DATA(qualifying_data),
+                        TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
+                        session1=ESYS_TR.PASSWORD,
+                        session2=auth,
+                    )
+            return Certification(bytes(attest), sig.marshal())
+
+        return self._call(run)
+
+    def approved_sign_policy(self, pcr_values: Mapping[int, bytes] | None = None) -> bytes:
+        """The policy digest a fleet approval for vAIK signing covers.
+
+        ``PolicyPCR(sha256:0-8 = pcr_values) + PolicyCommandCode(TPM2_Sign)``, by a trial session;
+        ``pcr_values`` defaults to this host's current values.
+        """
+
+        def run() -> bytes:
+            values = pcr_values if pcr_values is not None else self._read_pcrs(AUTHKEY_PCRS)
+            digest = pure.pcr_composite_digest([values[i] for i in AUTHKEY_PCRS])
+            return self._x(
+                "TPM2_PolicyPCR", policies.approved_sign_policy, self._e, AUTHKEY_PCRS, digest
+            )
+
+        return self._call(run)
+
+    def _hash(self, message: bytes) -> tuple[TPM2B_DIGEST, TPMT_TK_HASHCHECK]:
+        if len(message) <= _MAX_HASH_BUFFER:
+            return self._x("TPM2_Hash", self._e.hash, message, TPM2_ALG.SHA256, ESYS_TR.OWNER)
+        seq = self._x("TPM2_HashSequenceStart", self._e.hash_sequence_start, b"", TPM2_ALG.SHA256)
+        try:
+            rest = message
+            while len(rest) > _MAX_HASH_BUFFER:
+                self._x(
+                    "TPM2_SequenceUpdate", self._e.sequence_update, seq, rest[:_MAX_HASH_BUFFER]
+                )
+                rest = rest[_MAX_HASH_BUFFER:]
+            result = self._x(
+                "TPM2_SequenceComplete", self._e.sequence_complete, seq, rest, ESYS_TR.OWNER
+            )
+            seq = None
+            return result
+        finally:
+            if seq is not None:
+                with suppress(TSS2_Exception):
+                    self._e.flush_context(seq)
+
+    def sign(self, key: WrappedKey, message: bytes, approval: PolicyApproval) -> bytes:
+        """TPM2_Hash (ticket) + TPM2_Sign by a vAIK, authorized by a fleet approval.
+
+        Raises:
+            ValueError: the message starts with TPM_GENERATED_VALUE (it could pose as a quote),
+                or ``key`` is not a vAIK.
+            PolicyNotApproved: the approval is for another policyRef or does not verify.
+            PlatformStateNotApproved: this host's PCR0-8 are not the approved state.
+        """
+        if not isinstance(message, bytes):
+            raise TypeError("sign() takes bytes")
+        if message[:4] == _TPM_GENERATED_VALUE:
+            raise ValueError(
+                "refusing to sign a message starting with TPM_GENERATED_VALUE (0xff544347): "
+                "a restricted key must never sign what could pass for a TPM-generated structure"
+            )
+        if key.kind != "vaik" or key.policy.fleet_key_name is None:
+            raise ValueError(f"sign() needs a vAIK, got a {key.kind}")
+        if approval.policy_ref != key.policy.policy_ref:
+            raise PolicyNotApproved(
+                f"approval is for policyRef {approval.policy_ref.hex()}, this vAIK needs "
+                f"{key.policy.policy_ref.hex()}"
+            )
+        policy = key.policy
+        assert policy.fleet_key_name is not None
+        fleet_name = policy.fleet_key_name
+
+        def run() -> bytes:
+            ticket = self._approval_ticket(approval, policy)
+            digest, hash_ticket = self._hash(message)
+            branches = policies.vaik_branches(self._e, fleet_name, policy.policy_ref)
+            h = self._load(key)
+            with self._loaded(h), self._session() as s:
+                reached = self._x(
+                    "TPM2_PolicyAuthorize",
+                    policies.apply_vaik_sign,
+                    self._e,
+                    s,
+                    AUTHKEY_PCRS,
+                    branches,
+                    approval.approved_policy,
+                    approval.policy_ref,
+                    fleet_name,
+                    ticket,
+                )
+                if reached != approval.approved_policy:
+                    current = self._read_pcrs(AUTHKEY_PCRS)
+                    raise PlatformStateNotApproved(
+                        "vAIK",
+                        approval.approved_policy,
+                        pure.pcr_composite_digest([current[i] for i in AUTHKEY_PCRS]),
+                        AUTHKEY_PCRS,
+                    )
+                sig = self._x(
+                    "TPM2_Sign",
+                    self._e.sign,
+                    h,
+                    digest,
+                    TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
+                    hash_ticket,
+                    session1=s,
+                )
+            return sig.marshal()
+
+        return self._call(run)
+
+    def _approval_ticket(self, approval: PolicyApproval, policy: KeyPolicy) -> TPMT_TK_VERIFIED:
+        """LoadExternal the vAIK's fleet key, VerifySignature(aHash) → ticket, flush the key."""
+        assert policy.fleet_key is not None
+        h = self._x(
+            "TPM2_LoadExternal",
+            self._e.load_external,
+            _public_from_bytes(policy.fleet_key),
+            None,
+            ESYS_TR.OWNER,
+        )
+        with self._loaded(h):
+            try:
+                r, s = decode_dss_signature(approval.signature)
+            except ValueError as err:
+                raise PolicyNotApproved(f"the approval signature is not DER ECDSA: {err}") from err
+            if r.bit_length() > 256 or s.bit_length() > 256:
+                raise PolicyNotApproved("the approval signature is not a P-256 signature")
+            sig, _ = TPMT_SIGNATURE.unmarshal(
+                bytes.fromhex("0018000b0020")
+                + r.to_bytes(32, "big")
+                + bytes.fromhex("0020")
+                + s.to_bytes(32, "big")
+            )
+            a_hash = pure.approval_digest(approval.approved_policy, approval.policy_ref)
+            try:
+                return self._e.verify_signature(h, a_hash, sig)
+            except TSS2_Exception as err:
+                raise PolicyNotApproved(
+                    "the fleet approval does not verify under the vAIK's fleet key "
+                    f"(approved policy {approval.approved_policy.hex()}): {err}"
+                ) from err
+
+    # ------------------------------------------------------------------ migration
+
+    def duplicate(self, key: WrappedKey, new_parent_public: bytes) -> DuplicationBlob:
+        """TPM2_Duplicate a vAIK towards an ExgKey public area (inner + outer wrapper).
+
+        Raises:
+            ValueError: ``key`` is not a vAIK, or the new parent is not a restricted decrypt,
+                fixedTPM + fixedParent key (a certified ExgKey).
+        """
+        if key.kind != "vaik" or key.policy.fleet_key_name is None:
+            raise ValueError(f"duplicate() moves vAIKs only, got a {key.kind}")
+        target = _public_from_bytes(new_parent_public)
+        attrs = int(target.publicArea.objectAttributes)
+        need = int(
+            TPMA_OBJECT.RESTRICTED
+            | TPMA_OBJECT.DECRYPT
+            | TPMA_OBJECT.FIXEDTPM
+            | TPMA_OBJECT.FIXEDPARENT
+        )
+        if attrs & need != need or attrs & int(TPMA_OBJECT.SIGN_ENCRYPT):
+            raise ValueError(
+                "the new parent must be a restricted decrypt key with fixedTPM and fixedParent "
+                f"(an ExgKey); its attributes are 0x{attrs:08x}"
+            )
+        fleet_name = key.policy.fleet_key_name
+
+        def run() -> DuplicationBlob:
+            branches = policies.vaik_branches(self._e, fleet_name, key.policy.policy_ref)
+            h = self._load(key)
+            with self._loaded(h):
+                parent = self._x(
+                    "TPM2_LoadExternal", self._e.load_external, target, None, ESYS_TR.OWNER
+                )
+                with self._loaded(parent), self._session() as s:
+                    self._x(
+                        "TPM2_PolicyCommandCode",
+                        policies.apply_vaik_branch_duplicate,
+                        self._e,
+                        s,
+                        branches,
+                    )
+                    enc_key, dup, seed = self._x(
+                        "TPM2_Duplicate",
+                        self._e.duplicate,
+                        h,
+                        parent,
+                        TPM2B_DATA(),
+                        _sym_aes128cfb(),
+                        session1=s,
+                    )
+            return DuplicationBlob(
+                public=key.public,
+                duplicate=dup.marshal(),
+                encrypted_seed=seed.marshal(),
+                encryption_key=bytes(enc_key),
+                policy=key.policy,
+            )
+
+        return self._call(run)
+
+    def import_key(self, blob: DuplicationBlob, parent: WrappedKey) -> WrappedKey:
+        """TPM2_Import a duplicated vAIK under ``parent`` (this host's ExgKey)."""
+        if parent.kind != "exgkey":
+            raise ValueError(f"import_key() imports under an ExgKey, got a {parent.kind}")
+        pub = _public_from_bytes(blob.public)
+        try:
+            dup, n1 = TPM2B_PRIVATE.unmarshal(blob.duplicate)
+            seed, n2 = TPM2B_ENCRYPTED_SECRET.unmarshal(blob.encrypted_seed)
+        except Exception as err:
+            raise KeyBlobError(f"duplication blob does not unmarshal: {err}") from err
+        if n1 != len(blob.duplicate) or n2 != len(blob.encrypted_seed):
+            raise KeyBlobError("duplication blob: trailing bytes")
+
+        def run() -> WrappedKey:
+            ph = self._load(parent)
+            with self._loaded(ph), self._user_auth(parent) as auth:
+                priv = self._x(
+                    "TPM2_Import",
+                    self._e.import_,
+                    ph,
+                    TPM2B_DATA(blob.encryption_key),
+                    pub,
+                    dup,
+                    seed,
+                    _sym_aes128cfb(),
+                    session1=auth,
+                )
+            return WrappedKey("vaik", blob.public, priv.marshal(), blob.policy, parent)
+
+        return self._call(run)
+
+
+_KEY_LABEL = {"aik": "AIK", "authkey": "AuthKey", "vaik": "vAIK", "exgkey": "ExgKey"}
+
+
+def _load_fleet_key(fleet_key: bytes) -> ec.EllipticCurvePublicKey:
+    if not isinstance(fleet_key, bytes):
+        raise TypeError("fleet_key must be DER SubjectPublicKeyInfo bytes")
+    try:
+        key = serialization.load_der_public_key(fleet_key)
+    except ValueError as err:
+        raise ValueError(f"fleet_key is not a DER SubjectPublicKeyInfo: {err}") from err
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ValueError("the fleet key must be ECC NIST P-256")
+    return key

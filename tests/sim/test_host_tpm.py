@@ -1,0 +1,231 @@
+"""Host TPM port on a real swtpm: sealing, NV counters, EK, AIK, activation, host keys."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC, TPMT_PUBLIC
+from tpm2_pytss.utils import make_credential
+
+from evidence import tpm2
+from host_agent.tpm import KeyBlobError, PlatformStateNotApproved, TpmCommandError
+from host_agent.tpm.adapter import HostKeysMissing, PytssHostTpm
+from tests.helpers.swtpm import Swtpm, start_swtpm
+
+COUNTER = 0x01800100
+
+
+@pytest.fixture(scope="module")
+def ek_swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
+    """A swtpm provisioned like the software root (RSA + ECC EKs with swtpm-localca certs)."""
+    tpm = start_swtpm(tmp_path_factory.mktemp("ek-swtpm"), provision_ek=True)
+    yield tpm
+    tpm.stop()
+
+
+@pytest.fixture(scope="module")
+def host_tpm(ek_swtpm: Swtpm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PytssHostTpm]:
+    tpm = PytssHostTpm(ek_swtpm.tcti, tmp_path_factory.mktemp("keys"), root="software")
+    tpm.ensure_host_keys()
+    yield tpm
+    tpm.close()
+
+
+def _credential(tpm: PytssHostTpm, kind: str, secret: bytes, name: bytes) -> tuple[bytes, bytes]:
+    ek = TPM2B_PUBLIC(publicArea=TPMT_PUBLIC.unmarshal(tpm.ek_public(kind))[0])  # type: ignore[arg-type]
+    blob, seed = make_credential(ek, secret, TPM2B_NAME(name))
+    return blob.marshal(), seed.marshal()
+
+
+# ---------------------------------------------------------------- sealing
+
+
+def test_seal_unseal_round_trip(host_tpm: PytssHostTpm) -> None:
+    key = bytes(range(32))
+    blob = host_tpm.seal(key)
+    assert key not in blob
+    assert host_tpm.unseal(blob) == key
+
+
+def test_seal_bound_to_pcrs_refuses_after_they_change(
+    swtpm_factory: Callable[..., Swtpm], tmp_path: Path
+) -> None:
+    sw = swtpm_factory("pcr-seal")
+    with PytssHostTpm(sw.tcti, tmp_path) as tpm:
+        blob = tpm.seal(b"data key", pcrs=[0, 7])
+        assert tpm.unseal(blob) == b"data key"
+        _extend(sw, 7)
+        with pytest.raises(PlatformStateNotApproved) as err:
+            tpm.unseal(blob)
+        assert err.value.pcrs == (0, 7)
+        assert "not at their approved values" in str(err.value)
+
+
+def test_unseal_refuses_malformed_and_foreign_blobs(
+    host_tpm: PytssHostTpm, swtpm_factory: Callable[..., Swtpm], tmp_path: Path
+) -> None:
+    with pytest.raises(KeyBlobError):
+        host_tpm.unseal(b"not a blob")
+    other = swtpm_factory("other")
+    with PytssHostTpm(other.tcti, tmp_path) as tpm:
+        foreign = tpm.seal(b"elsewhere")
+    with pytest.raises(TpmCommandError) as err:
+        host_tpm.unseal(foreign)
+    assert err.value.command == "TPM2_Load"
+
+
+def test_seal_size_limits(host_tpm: PytssHostTpm) -> None:
+    with pytest.raises(ValueError):
+        host_tpm.seal(b"")
+    with pytest.raises(ValueError):
+        host_tpm.seal(bytes(129))
+
+
+# ---------------------------------------------------------------- NV counter
+
+
+def test_counter_define_read_increment(host_tpm: PytssHostTpm) -> None:
+    first = host_tpm.counter_define(COUNTER)
+    assert host_tpm.counter_define(COUNTER) == first  # idempotent
+    assert host_tpm.counter_read(COUNTER) == first
+    assert host_tpm.counter_increment(COUNTER) == first + 1
+    assert host_tpm.counter_read(COUNTER) == first + 1
+
+
+def test_counter_index_must_be_owner_range(host_tpm: PytssHostTpm) -> None:
+    with pytest.raises(ValueError, match="owner range"):
+        host_tpm.counter_define(0x01C00002)
+
+
+# ---------------------------------------------------------------- EK
+
+
+def test_ek_certificates_read_in_chunks_and_parse(host_tpm: PytssHostTpm) -> None:
+    certs = dict(host_tpm.ek_certificates())
+    assert set(certs) == {0x01C00002, 0x01C00016}  # RSA 2048 (L-1), ECC P-384 (H-3)
+    for der in certs.values():
+        cert = x509.load_der_x509_certificate(der)
+        assert "swtpm-localca" in cert.issuer.rfc4514_string()
+    assert len(certs[0x01C00002]) > 1000  # more than one 1024-byte NV chunk is not needed here
+
+
+@pytest.mark.parametrize(("kind", "index"), [("rsa", 0x01C00002), ("ecc", 0x01C00016)])
+def test_ek_public_matches_ek_certificate(host_tpm: PytssHostTpm, kind: str, index: int) -> None:
+    certs = dict(host_tpm.ek_certificates())
+    cert_key = x509.load_der_x509_certificate(certs[index]).public_key()
+    ek = tpm2.TpmtPublic.unmarshal(host_tpm.ek_public(kind))  # type: ignore[arg-type]
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    assert tpm2.public_key(ek).public_bytes(*spki) == cert_key.public_bytes(*spki)
+
+
+# ---------------------------------------------------------------- AIK, activation
+
+
+def test_aik_public_and_name(host_tpm: PytssHostTpm) -> None:
+    pub = tpm2.TpmtPublic.unmarshal(host_tpm.aik_public())
+    assert tpm2.object_name(pub) == host_tpm.aik_name()
+    flags = tpm2.TpmaObject
+    need = flags.FIXEDTPM | flags.FIXEDPARENT | flags.RESTRICTED | flags.SIGN_ENCRYPT
+    assert pub.object_attributes & need == need
+
+
+@pytest.mark.parametrize("kind", ["rsa", "ecc"])
+def test_activate_credential(host_tpm: PytssHostTpm, kind: str) -> None:
+    blob, seed = _credential(host_tpm, kind, b"fleet credential", host_tpm.aik_name())
+    assert host_tpm.activate_credential(blob, seed, kind) == b"fleet credential"  # type: ignore[arg-type]
+
+
+def test_activate_credential_for_another_key_fails(host_tpm: PytssHostTpm) -> None:
+    other_name = b"\x00\x0b" + bytes(32)
+    blob, seed = _credential(host_tpm, "rsa", b"fleet credential", other_name)
+    with pytest.raises(TpmCommandError) as err:
+        host_tpm.activate_credential(blob, seed)
+    assert err.value.command == "TPM2_ActivateCredential"
+
+
+# ---------------------------------------------------------------- host keys, plumbing
+
+
+def test_host_keys_idempotent(ek_swtpm: Swtpm, tmp_path: Path) -> None:
+    with PytssHostTpm(ek_swtpm.tcti, tmp_path) as tpm:
+        first = tpm.ensure_host_keys()
+        second = tpm.ensure_host_keys()
+    assert {"aik", "authkey"} <= set(first.created)
+    assert second.created == ()
+    assert (second.aik_name, second.authkey_name) == (first.aik_name, first.authkey_name)
+    with PytssHostTpm(ek_swtpm.tcti, tmp_path) as tpm:  # a new process sees the same keys
+        assert tpm.aik_name() == first.aik_name
+
+
+def test_aik_before_init_says_run_init(ek_swtpm: Swtpm, tmp_path: Path) -> None:
+    with PytssHostTpm(ek_swtpm.tcti, tmp_path) as tpm, pytest.raises(HostKeysMissing) as err:
+        tpm.aik_public()
+    assert "vtpm-host init" in str(err.value)
+
+
+def test_calls_from_many_threads_are_serialized(host_tpm: PytssHostTpm) -> None:
+    errors: list[BaseException] = []
+    names: list[bytes] = []
+
+    def work() -> None:
+        try:
+            for _ in range(5):
+                names.append(host_tpm.aik_name())
+                assert host_tpm.unseal(host_tpm.seal(b"x")) == b"x"
+        except BaseException as err:  # collected and re-raised below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(set(names)) == 1
+
+
+def test_leftover_transient_handle_from_a_crash_is_flushed_at_open(
+    swtpm_factory: Callable[..., Swtpm], tmp_path: Path
+) -> None:
+    from tpm2_pytss import ESAPI
+    from tpm2_pytss.constants import TPM2_CAP, TPM2_HC
+
+    sw = swtpm_factory("crash")
+    crashed = ESAPI(sw.tcti)
+    crashed.create_primary(None, "ecc256")
+    crashed.create_primary(None, "ecc256")
+    crashed.close()  # a process dying without flushing: the objects stay (no resource manager)
+
+    def transient() -> list[int]:
+        esys = ESAPI(sw.tcti)
+        try:
+            _, data = esys.get_capability(TPM2_CAP.HANDLES, TPM2_HC.TRANSIENT_FIRST, 16)
+            return list(data.data.handles)
+        finally:
+            esys.close()
+
+    assert len(transient()) == 2
+    with PytssHostTpm(sw.tcti, tmp_path) as tpm:
+        tpm.ensure_host_keys()  # needs free slots
+    assert transient() == []
+
+
+def _extend(sw: Swtpm, *pcrs: int) -> None:
+    from tpm2_pytss import ESAPI
+    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
+    from tpm2_pytss.types import TPML_DIGEST_VALUES, TPMT_HA, TPMU_HA
+
+    esys = ESAPI(sw.tcti)
+    try:
+        for pcr in pcrs:
+            digests = TPML_DIGEST_VALUES(
+                [TPMT_HA(hashAlg=TPM2_ALG.SHA256, digest=TPMU_HA(sha256=b"\x42" * 32))]
+            )
+            esys.pcr_extend(ESYS_TR.PCR0 + pcr, digests)
+    finally:
+        esys.close()
