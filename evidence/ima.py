@@ -1,0 +1,803 @@
+"""Linux IMA runtime measurement lists: parse, encode, replay PCR 10.
+
+Theory of operation (protocols.md §6.2; sources: torvalds/linux ``security/integrity/ima/``
+``ima_fs.c`` (``ima_measurements_show``, ``ima_ascii_measurements_show``), ``ima_template.c``
+(built-in templates), ``ima_template_lib.c`` (field formats), ``ima_crypto.c``
+(``ima_calc_field_array_hash_tfm``), ``ima_queue.c`` and ``ima_api.c`` (PCR extension,
+``ima_add_violation``); keylime ``keylime/ima/ast.py`` for the verifier rules):
+
+* An entry is ``pcr, template hash, template name, template data``; the template data is a list of
+  fields whose layout the template names. Supported templates (``TEMPLATES``): ``ima`` = ``d|n``,
+  ``ima-ng`` = ``d-ng|n-ng``, ``ima-sig`` = ``d-ng|n-ng|sig``, ``ima-buf`` = ``d-ng|n-ng|buf``.
+* Field data as the kernel holds it: ``d`` is a raw 20-byte digest, ``d-ng`` is
+  ``b"<algo>:\\0" + digest``, ``n``/``n-ng`` is the name plus a terminating NUL (spaces already
+  replaced by ``_``), ``sig``/``buf`` are raw bytes, possibly empty.
+* The template hash (what :attr:`ImaEntry.hash_input` returns) is ``H(for each field:
+  u32le(len) + data)``; for ``ima`` there is no length prefix and ``n`` is zero-padded to 256 bytes.
+* The default files log the SHA-1 template hash. Linux >= 5.8 extends each PCR bank with
+  ``H_bank(hash input)`` (rule ``"5.8"``); older kernels extended every bank with the SHA-1 template
+  hash zero-padded to the bank size (rule ``"pre-5.8"``).
+* A violation is logged with an all-zero template hash; the PCR was extended with ``0xFF`` bytes of
+  the bank size, and the template hash check is skipped for it.
+
+Decisions:
+
+* Templates we do not decode (``ima-ngv2``, ``ima-sigv2``, ``ima-modsig``, ``evm-sig`` and unknown
+  names) are kept as entries with ``supported=False`` and no fields, so ``ima show`` can list them;
+  any replay of a list holding one raises :class:`~evidence.errors.UnsupportedError` naming the
+  entry. A list with such an entry never yields a PCR value.
+* A truncated final entry sets ``truncated_tail`` and is dropped; replay covers the complete
+  entries only. "Truncated" means the input ends inside an entry whose length fields read so far are
+  within the kernel's limits and agree with each other; a length past those limits or inconsistent
+  with the data present is a :class:`~evidence.errors.ParseError`. In ASCII, a last line without
+  its newline is the truncated entry.
+* Only the default ``ascii_runtime_measurements`` / ``binary_runtime_measurements`` files (SHA-1
+  template hash) are handled; the per-bank ``_<algo>`` files of Linux >= 6.10 are not.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import hashlib
+import hmac
+import re
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from evidence._algorithms import HASH_ALG_IDS, HASH_ALGS
+from evidence._reader import Reader
+from evidence.errors import (
+    HashAlgorithmNotAllowed,
+    ParseError,
+    ReplayError,
+    TruncatedError,
+    UnsupportedError,
+)
+
+__all__ = [
+    "BANKS",
+    "IMA_PCR",
+    "TEMPLATES",
+    "ImaEntry",
+    "ImaReplay",
+    "KernelRule",
+    "RawImaList",
+    "VerifiedImaEntry",
+    "VerifiedImaList",
+    "encode_ascii",
+    "encode_binary",
+    "parse_ima_list",
+    "replay_ima",
+    "replay_ima_pcr10",
+]
+
+IMA_PCR = 10
+"""The PCR IMA extends by default (``CONFIG_IMA_MEASURE_PCR_IDX``)."""
+
+TEMPLATES: Mapping[str, tuple[str, ...]] = {
+    "ima": ("d", "n"),
+    "ima-ng": ("d-ng", "n-ng"),
+    "ima-sig": ("d-ng", "n-ng", "sig"),
+    "ima-buf": ("d-ng", "n-ng", "buf"),
+}
+"""Templates we decode, with their field lists (``ima_template.c`` ``builtin_templates``)."""
+
+# PCR banks IMA replay computes, with sizes and hashlib names from the shared algorithm table.
+_BANK_ALGS = {
+    name: HASH_ALGS[HASH_ALG_IDS[name]] for name in ("sha1", "sha256", "sha384", "sha512")
+}
+_BANK_HASH: Mapping[str, Callable[[bytes], hashlib._Hash]] = {
+    name: functools.partial(hashlib.new, alg.hashlib_name) for name, alg in _BANK_ALGS.items()
+}
+_BANK_SIZE: Mapping[str, int] = {name: alg.digest_size for name, alg in _BANK_ALGS.items()}
+BANKS: tuple[str, ...] = tuple(_BANK_SIZE)
+"""PCR banks :func:`replay_ima_pcr10` can compute."""
+
+# Digest sizes of the kernel's hash_algo_name[] (crypto/hash_info.c), to check d-ng shape.
+_FILE_DIGEST_SIZE: Mapping[str, int] = {
+    "md4": 16, "md5": 16, "sha1": 20, "rmd160": 20, "rmd256": 32, "rmd320": 40, "sha256": 32,
+    "sha384": 48, "sha512": 64, "sha224": 28, "rmd128": 16, "wp256": 32, "wp384": 48, "wp512": 64,
+    "tgr128": 16, "tgr160": 20, "tgr192": 24, "sm3": 32, "streebog256": 32, "streebog512": 64,
+    "sha3-256": 32, "sha3-384": 48, "sha3-512": 64,
+}  # fmt: skip
+
+_TEMPLATE_HASH_SIZE = 20  # SHA-1 in the default files
+_ZERO_HASH = bytes(_TEMPLATE_HASH_SIZE)
+_IMA_NAME_PAD = 256  # IMA_EVENT_NAME_LEN_MAX + 1
+_MAX_PCR = 23  # PC Client TPMs have PCRs 0-23
+_MAX_TEMPLATE_NAME = 15  # IMA_TEMPLATE_NAME_LEN_MAX
+_MAX_TEMPLATE_DATA = 16 * 1024 * 1024  # far above anything the kernel writes (a few KiB)
+_U32 = struct.Struct("<I")
+_ALGO_RE = re.compile(rb"[a-z0-9][a-z0-9-]{0,31}")
+_TEMPLATE_NAME_RE = re.compile(rb"[!-~]{1,15}")  # printable, no space
+_HEX_RE = re.compile(rb"(?:[0-9a-fA-F]{2})*")
+
+
+class KernelRule(enum.StrEnum):
+    """How the kernel extended PCR 10 (``ima_queue.c`` ``ima_pcr_extend``)."""
+
+    PRE_5_8 = "pre-5.8"
+    """Every bank extended with the SHA-1 template hash, zero-padded to the bank size."""
+    V5_8 = "5.8"
+    """Each bank extended with ``H_bank(template data)`` (Linux >= 5.8)."""
+
+
+def _field_problem(template: str, fields: tuple[bytes, ...], violation: bool) -> str | None:
+    """Why ``fields`` cannot be the field data of ``template`` (None when they can)."""
+    layout = TEMPLATES[template]
+    if len(fields) != len(layout):
+        return f"{len(layout)} fields for template {template}, got {len(fields)}"
+    for fid, data in zip(layout, fields, strict=True):
+        if fid == "d":
+            if len(data) != _TEMPLATE_HASH_SIZE:
+                return f"a 20-byte d field, got {len(data)} bytes"
+        elif fid == "d-ng":
+            sep = data.find(b":\0")
+            if sep < 0 or not _ALGO_RE.fullmatch(data[:sep]):
+                return 'a d-ng field "<algo>:\\0<digest>"'
+            digest = data[sep + 2 :]
+            algo = data[:sep].decode("ascii")
+            if violation:
+                if any(digest) or len(digest) > 64:
+                    return "an all-zero d-ng digest in a violation entry"
+            elif algo in _FILE_DIGEST_SIZE and len(digest) != _FILE_DIGEST_SIZE[algo]:
+                return f"a {_FILE_DIGEST_SIZE[algo]}-byte {algo} digest, got {len(digest)} bytes"
+        elif fid in ("n", "n-ng"):
+            if not data.endswith(b"\0") or b"\0" in data[:-1]:
+                return f"a NUL-terminated {fid} name without inner NUL"
+            if b"\n" in data:
+                return f"a {fid} name without a newline"
+            if fid == "n" and len(data) > _IMA_NAME_PAD:
+                return f"an n name of at most {_IMA_NAME_PAD - 1} bytes, got {len(data) - 1}"
+    return None
+
+
+@dataclass(frozen=True)
+class ImaEntry:
+    """One measurement list entry, as logged (untrusted until :func:`replay_ima`).
+
+    Attributes:
+        pcr: the PCR the entry claims to extend.
+        template_hash: the logged SHA-1 template hash (all zero for a violation).
+        template_name: the template, e.g. ``"ima-ng"``.
+        fields: the template's field data as the kernel holds it (empty if not ``supported``).
+        location: byte offset of the entry (binary list) or 1-based line number (ASCII list).
+    """
+
+    pcr: int
+    template_hash: bytes
+    template_name: str
+    fields: tuple[bytes, ...] = ()
+    location: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.pcr <= _MAX_PCR:
+            raise ValueError(f"pcr must be 0..{_MAX_PCR}, got {self.pcr}")
+        if len(self.template_hash) != _TEMPLATE_HASH_SIZE:
+            raise ValueError(f"template_hash must be 20 bytes, got {len(self.template_hash)}")
+        if not _TEMPLATE_NAME_RE.fullmatch(self.template_name.encode("ascii", "replace")):
+            raise ValueError(f"bad template name {self.template_name!r}")
+        if self.supported:
+            problem = _field_problem(self.template_name, self.fields, self.is_violation)
+            if problem is not None:
+                raise ValueError(f"template data: expected {problem}")
+        elif self.fields:
+            raise ValueError(f"fields given for unsupported template {self.template_name}")
+
+    @property
+    def supported(self) -> bool:
+        """Whether the template is one of ``TEMPLATES`` (decoded and replayable)."""
+        return self.template_name in TEMPLATES
+
+    @property
+    def is_violation(self) -> bool:
+        """A ToMToU/open-writers violation: logged with an all-zero template hash."""
+        return self.template_hash == _ZERO_HASH
+
+    @property
+    def digest_algo(self) -> str:
+        """The file (or buffer) digest algorithm: ``"sha1"`` for template ``ima``."""
+        self._require_supported()
+        if self.template_name == "ima":
+            return "sha1"
+        return self.fields[0][: self.fields[0].index(b":\0")].decode("ascii")
+
+    @property
+    def digest(self) -> bytes:
+        """The file (or buffer) digest."""
+        self._require_supported()
+        if self.template_name == "ima":
+            return self.fields[0]
+        return self.fields[0][self.fields[0].index(b":\0") + 2 :]
+
+    @property
+    def name(self) -> bytes:
+        """The file path or event name (without the NUL)."""
+        self._require_supported()
+        return self.fields[1][:-1]
+
+    @property
+    def extra(self) -> bytes:
+        """The third field (``sig`` of ima-sig, ``buf`` of ima-buf), else empty."""
+        self._require_supported()
+        return self.fields[2] if len(self.fields) > 2 else b""
+
+    @property
+    def hash_input(self) -> bytes:
+        """The bytes the template hash covers (``ima_calc_field_array_hash_tfm``)."""
+        self._require_supported()
+        if self.template_name == "ima":
+            return self.fields[0] + self.fields[1].ljust(_IMA_NAME_PAD, b"\0")
+        return b"".join(_U32.pack(len(f)) + f for f in self.fields)
+
+    def template_hash_ok(self) -> bool:
+        """Whether the logged template hash matches the template data (True for violations)."""
+        if self.is_violation:
+            return True
+        return hmac.compare_digest(hashlib.sha1(self.hash_input).digest(), self.template_hash)
+
+    def _require_supported(self) -> None:
+        if not self.supported:
+            raise ValueError(f"template {self.template_name} is not decoded")
+
+
+@dataclass(frozen=True)
+class RawImaList:
+    """A parsed, unverified measurement list.
+
+    Attributes:
+        format: ``"ascii"`` or ``"binary"``.
+        entries: the complete entries, in list order.
+        truncated_tail: the input ended inside one more entry, which was dropped.
+        truncated_at: offset (binary) or line number (ASCII) of that entry, else None.
+    """
+
+    format: Literal["ascii", "binary"]
+    entries: tuple[ImaEntry, ...]
+    truncated_tail: bool = False
+    truncated_at: int | None = None
+
+    @property
+    def unit(self) -> str:
+        """``"offset"`` or ``"line"``: what :attr:`ImaEntry.location` counts."""
+        return "line" if self.format == "ascii" else "offset"
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+
+
+def parse_ima_list(data: bytes, format: Literal["auto", "ascii", "binary"] = "auto") -> RawImaList:
+    """Parse an IMA runtime measurement list.
+
+    Args:
+        data: the contents of ``binary_runtime_measurements`` or ``ascii_runtime_measurements``.
+        format: ``"auto"`` tells them apart by the first byte (ASCII lines start with a digit or
+            the space of ``%2d``; a binary list starts with a little-endian PCR index below 24).
+
+    Returns:
+        The entries, not verified: only :func:`replay_ima` says they are what the TPM measured.
+
+    Raises:
+        ParseError: malformed input, naming the byte offset (binary) or the line (ASCII).
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"parse_ima_list needs bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if format == "auto":
+        format = "ascii" if data[:1] and data[:1] in b" 0123456789" else "binary"
+    if format == "ascii":
+        return _parse_ascii(data)
+    if format == "binary":
+        return _parse_binary(data)
+    raise ValueError(f"format must be 'auto', 'ascii' or 'binary', got {format!r}")
+
+
+def _parse_binary(data: bytes) -> RawImaList:
+    r = Reader(data)
+    entries: list[ImaEntry] = []
+    while not r.at_end():
+        start = r.offset
+        try:
+            entries.append(_parse_binary_entry(r, start))
+        except TruncatedError:
+            return RawImaList("binary", tuple(entries), truncated_tail=True, truncated_at=start)
+    return RawImaList("binary", tuple(entries))
+
+
+def _parse_binary_entry(r: Reader, start: int) -> ImaEntry:
+    """One entry (``ima_measurements_show``). TruncatedError only when the input runs out."""
+    at = r.offset
+    pcr = r.u32le("IMA entry pcr")
+    if pcr > _MAX_PCR:
+        raise ParseError("IMA entry pcr", at, f"a PCR index 0..{_MAX_PCR}", str(pcr))
+    template_hash = r.take(_TEMPLATE_HASH_SIZE, "IMA entry template hash")
+    at = r.offset
+    name_len = r.u32le("IMA entry template name length")
+    if not 1 <= name_len <= _MAX_TEMPLATE_NAME:
+        raise ParseError(
+            "IMA entry template name length", at, f"1..{_MAX_TEMPLATE_NAME}", str(name_len)
+        )
+    at = r.offset
+    raw_name = r.take(name_len, "IMA entry template name")
+    if not _TEMPLATE_NAME_RE.fullmatch(raw_name):
+        raise ParseError("IMA entry template name", at, "printable ASCII", repr(raw_name))
+    template = raw_name.decode("ascii")
+    violation = template_hash == _ZERO_HASH
+    if template == "ima":
+        d = r.take(_TEMPLATE_HASH_SIZE, "IMA 'ima' entry d field")
+        at = r.offset
+        n_len = r.u32le("IMA 'ima' entry name length")
+        if n_len >= _IMA_NAME_PAD:
+            raise ParseError("IMA 'ima' entry name length", at, "at most 255", str(n_len))
+        at = r.offset
+        fields: tuple[bytes, ...] = (d, r.take(n_len, "IMA 'ima' entry name") + b"\0")
+    else:
+        at = r.offset
+        td_len = r.u32le("IMA entry template data length")
+        if td_len > _MAX_TEMPLATE_DATA:
+            raise ParseError(
+                "IMA entry template data length", at, f"at most {_MAX_TEMPLATE_DATA}", str(td_len)
+            )
+        at = r.offset
+        if td_len > r.remaining:
+            if template in TEMPLATES:
+                _check_partial_fields(r.rest(), td_len, template, at)
+            raise TruncatedError("IMA entry template data", at, f"{td_len} bytes")
+        td = r.take(td_len, "IMA entry template data")
+        if template not in TEMPLATES:
+            return ImaEntry(pcr, template_hash, template, (), start)
+        fields = _split_fields(td, template, at)
+    problem = _field_problem(template, fields, violation)
+    if problem is not None:
+        raise ParseError(f"IMA {template} entry template data", at, problem)
+    return ImaEntry(pcr, template_hash, template, fields, start)
+
+
+def _split_fields(td: bytes, template: str, at: int) -> tuple[bytes, ...]:
+    """Split template data into its ``u32le len + data`` fields; they must fill it exactly."""
+    out: list[bytes] = []
+    pos = 0
+    for fid in TEMPLATES[template]:
+        if len(td) - pos < 4:
+            raise ParseError(f"IMA {template} field {fid} length", at + pos, "4 bytes in the data")
+        (flen,) = _U32.unpack_from(td, pos)
+        if flen > len(td) - pos - 4:
+            raise ParseError(
+                f"IMA {template} field {fid}",
+                at + pos,
+                f"at most {len(td) - pos - 4} bytes (template data length)",
+                str(flen),
+            )
+        out.append(td[pos + 4 : pos + 4 + flen])
+        pos += 4 + flen
+    if pos != len(td):
+        raise ParseError(
+            f"IMA {template} template data", at + pos, "end of template data", f"{len(td) - pos}"
+        )
+    return tuple(out)
+
+
+def _check_partial_fields(present: bytes, td_len: int, template: str, at: int) -> None:
+    """Template data cut by the end of input: the field lengths present must fit ``td_len``."""
+    pos = 0
+    for fid in TEMPLATES[template]:
+        if len(present) - pos < 4:
+            return
+        (flen,) = _U32.unpack_from(present, pos)
+        if pos + 4 + flen > td_len:
+            raise ParseError(
+                f"IMA {template} field {fid}",
+                at + pos,
+                f"at most {td_len - pos - 4} bytes (template data length)",
+                str(flen),
+            )
+        pos += 4 + flen
+    if pos != td_len:
+        raise ParseError(
+            "IMA entry template data length",
+            at - 4,
+            f"{pos} (the sum of its fields)",
+            f"{td_len}, past the end of the input",
+        )
+
+
+def _parse_ascii(data: bytes) -> RawImaList:
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the data ends with a newline
+    entries = [_parse_ascii_line(line, no + 1) for no, line in enumerate(lines)]
+    if tail:
+        _check_ascii_prefix(tail, len(lines) + 1)
+        return RawImaList("ascii", tuple(entries), truncated_tail=True, truncated_at=len(lines) + 1)
+    return RawImaList("ascii", tuple(entries))
+
+
+def _unhex(token: bytes, what: str, line: int) -> bytes:
+    if not _HEX_RE.fullmatch(token):
+        raise ParseError(what, line, "hex digits", repr(token[:80]), unit="line")
+    return bytes.fromhex(token.decode("ascii"))
+
+
+def _ascii_head(tokens: list[bytes], line: int) -> tuple[int, bytes, str]:
+    if not tokens[0].isdigit() or len(tokens[0]) > 2 or int(tokens[0]) > _MAX_PCR:
+        raise ParseError("IMA line pcr", line, f"0..{_MAX_PCR}", repr(tokens[0][:80]), unit="line")
+    if len(tokens[1]) != 2 * _TEMPLATE_HASH_SIZE:
+        raise ParseError(
+            "IMA line template hash", line, "40 hex digits", repr(tokens[1][:80]), unit="line"
+        )
+    template_hash = _unhex(tokens[1], "IMA line template hash", line)
+    if not _TEMPLATE_NAME_RE.fullmatch(tokens[2]):
+        raise ParseError(
+            "IMA line template name", line, "a name", repr(tokens[2][:80]), unit="line"
+        )
+    return int(tokens[0]), template_hash, tokens[2].decode("ascii")
+
+
+def _split_line(line: bytes, no: int) -> list[bytes]:
+    if line.startswith(b" "):  # "%2d" pads PCRs below 10
+        line = line[1:]
+    tokens = line.split(b" ")
+    if len(tokens) < 3:
+        raise ParseError(
+            "IMA line",
+            no,
+            "'<pcr> <template hash> <template> <fields>'",
+            repr(line[:80]),
+            unit="line",
+        )
+    return tokens
+
+
+def _parse_ascii_line(line: bytes, no: int) -> ImaEntry:
+    """One line of ``ima_ascii_measurements_show``: each field follows one space."""
+    tokens = _split_line(line, no)
+    pcr, template_hash, template = _ascii_head(tokens, no)
+    if template not in TEMPLATES:
+        return ImaEntry(pcr, template_hash, template, (), no)
+    layout = TEMPLATES[template]
+    texts = tokens[3:]
+    if len(texts) != len(layout):
+        raise ParseError(
+            f"IMA {template} line", no, f"{len(layout)} fields", str(len(texts)), unit="line"
+        )
+    fields = tuple(_ascii_field(fid, text, no) for fid, text in zip(layout, texts, strict=True))
+    problem = _field_problem(template, fields, template_hash == _ZERO_HASH)
+    if problem is not None:
+        raise ParseError(f"IMA {template} line", no, problem, unit="line")
+    return ImaEntry(pcr, template_hash, template, fields, no)
+
+
+def _ascii_field(fid: str, text: bytes, no: int) -> bytes:
+    """Rebuild the kernel's field data from its text (``ima_show_template_data_ascii``)."""
+    if fid == "d":
+        return _unhex(text, "IMA line d field", no)
+    if fid == "d-ng":
+        algo, sep, hexdigest = text.partition(b":")
+        if not sep or not _ALGO_RE.fullmatch(algo):
+            raise ParseError(
+                "IMA line d-ng field", no, "'<algo>:<hex>'", repr(text[:80]), unit="line"
+            )
+        return algo + b":\0" + _unhex(hexdigest, "IMA line d-ng digest", no)
+    if fid in ("n", "n-ng"):
+        if not text:
+            raise ParseError(f"IMA line {fid} field", no, "a name", "nothing", unit="line")
+        return text + b"\0"
+    return _unhex(text, f"IMA line {fid} field", no)  # sig, buf
+
+
+def _check_ascii_prefix(tail: bytes, no: int) -> None:
+    """A last line without its newline must be the start of a plausible line."""
+    tokens = (tail[1:] if tail.startswith(b" ") else tail).split(b" ")
+    complete = tokens[:-1]
+    if complete and not (complete[0].isdigit() and int(complete[0]) <= _MAX_PCR):
+        raise ParseError("IMA line pcr", no, f"0..{_MAX_PCR}", repr(complete[0][:80]), unit="line")
+    if len(complete) > 1 and len(complete[1]) != 2 * _TEMPLATE_HASH_SIZE:
+        raise ParseError("IMA line template hash", no, "40 hex digits", unit="line")
+    if len(complete) > 1:
+        _unhex(complete[1], "IMA line template hash", no)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding
+
+
+def encode_binary(entries: Iterable[ImaEntry]) -> bytes:
+    """Marshal entries as ``binary_runtime_measurements`` (inverse of :func:`parse_ima_list`).
+
+    Raises:
+        ValueError: an entry of an unsupported template (its field data is not known).
+    """
+    out = bytearray()
+    for e in entries:
+        _require_encodable(e)
+        name = e.template_name.encode("ascii")
+        out += _U32.pack(e.pcr) + e.template_hash + _U32.pack(len(name)) + name
+        if e.template_name == "ima":
+            out += e.fields[0] + _U32.pack(len(e.fields[1]) - 1) + e.fields[1][:-1]
+        else:
+            td = b"".join(_U32.pack(len(f)) + f for f in e.fields)
+            out += _U32.pack(len(td)) + td
+    return bytes(out)
+
+
+def encode_ascii(entries: Iterable[ImaEntry]) -> bytes:
+    """Marshal entries as ``ascii_runtime_measurements`` (inverse of :func:`parse_ima_list`).
+
+    Raises:
+        ValueError: an entry of an unsupported template, or a name the text form cannot carry.
+    """
+    out = bytearray()
+    for e in entries:
+        _require_encodable(e)
+        out += b"%2d %s %s" % (e.pcr, e.template_hash.hex().encode(), e.template_name.encode())
+        for fid, data in zip(TEMPLATES[e.template_name], e.fields, strict=True):
+            out += b" "
+            if fid in ("n", "n-ng"):
+                if b" " in data:
+                    raise ValueError(f"a name with a space cannot be written as text: {data!r}")
+                out += data[:-1]
+            elif fid == "d-ng":
+                sep = data.index(b":\0")
+                out += data[: sep + 1] + data[sep + 2 :].hex().encode()
+            else:
+                out += data.hex().encode()
+        out += b"\n"
+    return bytes(out)
+
+
+def _require_encodable(e: ImaEntry) -> None:
+    if not e.supported:
+        raise ValueError(f"cannot encode an entry of unsupported template {e.template_name}")
+
+
+# --------------------------------------------------------------------------------------------
+# Replay
+
+
+@dataclass(frozen=True)
+class ImaReplay:
+    """PCR 10 as the complete entries of a list would have left it (not compared with anything).
+
+    Attributes:
+        pcr10: bank name → value.
+        rule: the kernel rule used.
+        entries: complete entries in the list (all PCRs).
+        replayed: entries extended into PCR 10.
+        violations: violation entries (all-zero template hash).
+        template_hash_mismatches: entries whose logged template hash differs from the one
+            recomputed from their data.
+        mismatched: indices of those entries.
+        truncated_tail: the list ended inside one more entry, which was not replayed.
+    """
+
+    pcr10: Mapping[str, bytes]
+    rule: KernelRule
+    entries: int
+    replayed: int
+    violations: int
+    template_hash_mismatches: int
+    mismatched: tuple[int, ...] = field(default=())
+    truncated_tail: bool = False
+
+
+def _check_banks(banks: Iterable[str]) -> tuple[str, ...]:
+    out = tuple(banks)
+    for bank in out:
+        if bank not in _BANK_SIZE:
+            raise ValueError(f"unknown PCR bank {bank!r}; known: {', '.join(BANKS)}")
+    if not out:
+        raise ValueError("no PCR bank to replay")
+    return out
+
+
+def replay_ima_pcr10(
+    raw: RawImaList,
+    rule: KernelRule | str = KernelRule.V5_8,
+    banks: Iterable[str] = ("sha1", "sha256"),
+    *,
+    kernel_hashless_banks: Iterable[str] = (),
+) -> ImaReplay:
+    """Replay PCR 10 from the complete entries of ``raw``.
+
+    Each bank starts at zero. Per entry with ``pcr == 10``: a violation extends ``0xFF`` × bank
+    size; otherwise rule ``"5.8"`` extends ``H_bank(hash input)`` and rule ``"pre-5.8"`` the SHA-1
+    template hash zero-padded to the bank size. The extended digests are recomputed from the
+    template data, never taken from the logged template hash; a logged hash that differs is
+    counted in ``template_hash_mismatches``.
+
+    Args:
+        raw: a parsed list.
+        rule: ``"5.8"`` (Linux >= 5.8, the default) or ``"pre-5.8"``.
+        banks: the banks to compute (any of ``BANKS``).
+        kernel_hashless_banks: banks whose hash the kernel could not compute when IMA started
+            (e.g. sha384/sha512 when ``CONFIG_CRYPTO_SHA512=m`` and the module was not loaded, as
+            in Debian's 6.1 kernel): under rule ``"5.8"`` the kernel extends them with the padded
+            SHA-1 template hash (``ima_calc_field_array_hash`` falls back when a bank has no
+            tfm); violations still extend ``0xFF`` × bank size.
+
+    Returns:
+        The values and the counts.
+
+    Raises:
+        UnsupportedError: the list holds an entry of a template we do not decode.
+    """
+    rule = KernelRule(rule)
+    bank_list = _check_banks(banks)
+    hashless = (
+        frozenset(_check_banks(kernel_hashless_banks)) if kernel_hashless_banks else frozenset()
+    )
+    pcrs = {bank: bytes(_BANK_SIZE[bank]) for bank in bank_list}
+    ff = {bank: b"\xff" * _BANK_SIZE[bank] for bank in bank_list}
+    violations = replayed = 0
+    mismatched: list[int] = []
+    for index, e in enumerate(raw.entries):
+        if not e.supported:
+            raise UnsupportedError(
+                f"IMA entry {index} template",
+                e.location,
+                f"one of {', '.join(TEMPLATES)} (others are not replayed, not guessed)",
+                e.template_name,
+                unit=raw.unit,
+            )
+        hash_input = e.hash_input
+        sha1 = hashlib.sha1(hash_input).digest()
+        if e.is_violation:
+            violations += 1
+        elif sha1 != e.template_hash:
+            mismatched.append(index)
+        if e.pcr != IMA_PCR:
+            continue
+        replayed += 1
+        for bank in bank_list:
+            if e.is_violation:
+                digest = ff[bank]
+            elif rule is KernelRule.V5_8 and bank not in hashless:
+                digest = sha1 if bank == "sha1" else _BANK_HASH[bank](hash_input).digest()
+            else:
+                digest = sha1.ljust(_BANK_SIZE[bank], b"\0")
+            pcrs[bank] = _BANK_HASH[bank](pcrs[bank] + digest).digest()
+    return ImaReplay(
+        pcr10=pcrs,
+        rule=rule,
+        entries=len(raw.entries),
+        replayed=replayed,
+        violations=violations,
+        template_hash_mismatches=len(mismatched),
+        mismatched=tuple(mismatched),
+        truncated_tail=raw.truncated_tail,
+    )
+
+
+@dataclass(frozen=True)
+class VerifiedImaEntry:
+    """An entry whose data the replay of PCR 10 covers.
+
+    ``untrusted_template_name`` is not covered: the template name is not hashed, and ima-sig and
+    ima-buf have the same layout, so whether ``extra`` is a signature or a buffer is only a claim.
+    """
+
+    index: int
+    template_hash: bytes
+    is_violation: bool
+    digest_algo: str
+    digest: bytes
+    name: bytes
+    extra: bytes
+    untrusted_template_name: str
+
+
+@dataclass(frozen=True)
+class VerifiedImaList:
+    """A measurement list whose PCR 10 entries replay to the expected PCR 10 values.
+
+    Attributes:
+        entries: the PCR 10 entries, in order.
+        pcr10: the bank values that were checked.
+        rule: the kernel rule they replayed under.
+        violations: violation entries among ``entries``.
+        truncated_tail: the list ended inside one more entry, which is not covered.
+        untrusted_other_pcr_entries: entries logged for other PCRs (not covered).
+    """
+
+    entries: tuple[VerifiedImaEntry, ...]
+    pcr10: Mapping[str, bytes]
+    rule: KernelRule
+    violations: int
+    truncated_tail: bool
+    untrusted_other_pcr_entries: int
+
+
+def replay_ima(
+    raw: RawImaList,
+    expected_pcr10: Mapping[str, bytes],
+    rule: KernelRule | str = KernelRule.V5_8,
+    *,
+    allow_sha1: bool = False,
+) -> VerifiedImaList:
+    """Verify a measurement list against PCR 10 values the caller already trusts (a quote).
+
+    Checks, in order:
+
+    1. every entry's template is one we decode (else UnsupportedError);
+    2. for each bank in ``expected_pcr10``, the replay (:func:`replay_ima_pcr10`) equals the
+       expected value, compared in constant time (else ReplayError naming each bank);
+    3. every non-violation entry's logged template hash equals the one recomputed from its data
+       (else ReplayError naming the first entry);
+    4. the check does not rest on SHA-1 alone: a SHA-256-or-stronger bank was checked and the rule
+       is ``"5.8"`` (under ``"pre-5.8"`` every bank only carries SHA-1 template hashes); otherwise
+       HashAlgorithmNotAllowed, raised only when ``allow_sha1=True`` would have accepted the list.
+
+    Args:
+        raw: a parsed list.
+        expected_pcr10: bank name → PCR 10 value the caller trusts.
+        rule: the kernel rule, ``"5.8"`` or ``"pre-5.8"``.
+        allow_sha1: accept a list whose binding to the TPM rests on SHA-1 only.
+
+    Returns:
+        The verified entries.
+
+    Raises:
+        UnsupportedError: an entry of a template we do not decode.
+        ReplayError: a bank differs, or a logged template hash is wrong (``invalid_pcrs == (10,)``).
+        HashAlgorithmNotAllowed: see check 4.
+    """
+    rule = KernelRule(rule)
+    if not expected_pcr10:
+        raise ValueError("expected_pcr10 names no bank")
+    banks = _check_banks(expected_pcr10)
+    for bank, value in expected_pcr10.items():
+        if len(value) != _BANK_SIZE[bank]:
+            raise ValueError(f"expected {bank} PCR 10 must be {_BANK_SIZE[bank]} bytes")
+    result = replay_ima_pcr10(raw, rule, banks)
+    bad = [
+        f"{bank}: expected {expected_pcr10[bank].hex()}, replay gives {result.pcr10[bank].hex()}"
+        for bank in banks
+        if not hmac.compare_digest(result.pcr10[bank], expected_pcr10[bank])
+    ]
+    if bad:
+        raise ReplayError(
+            f"IMA list does not replay to PCR {IMA_PCR} (kernel rule {rule}, "
+            f"{result.replayed} entries{', truncated tail dropped' if raw.truncated_tail else ''}; "
+            f"the other rule may match): " + "; ".join(bad),
+            invalid_pcrs=(IMA_PCR,),
+        )
+    if result.mismatched:
+        first = raw.entries[result.mismatched[0]]
+        raise ReplayError(
+            f"{result.template_hash_mismatches} IMA entries have a wrong template hash; first: "
+            f"entry {result.mismatched[0]} at {raw.unit} {first.location}: logged "
+            f"{first.template_hash.hex()}, data hashes to "
+            f"{hashlib.sha1(first.hash_input).hexdigest()}",
+            invalid_pcrs=(IMA_PCR,),
+        )
+    strong = any(bank != "sha1" for bank in banks)
+    if not allow_sha1 and (rule is KernelRule.PRE_5_8 or not strong):
+        raise HashAlgorithmNotAllowed(
+            "the IMA list replays, but its binding to the TPM rests on SHA-1 only "
+            f"(kernel rule {rule}, banks {', '.join(banks)}); pass allow_sha1=True to accept it"
+        )
+    verified = tuple(
+        VerifiedImaEntry(
+            index=i,
+            template_hash=e.template_hash,
+            is_violation=e.is_violation,
+            digest_algo=e.digest_algo,
+            digest=e.digest,
+            name=e.name,
+            extra=e.extra,
+            untrusted_template_name=e.template_name,
+        )
+        for i, e in enumerate(raw.entries)
+        if e.pcr == IMA_PCR
+    )
+    return VerifiedImaList(
+        entries=verified,
+        pcr10=dict(result.pcr10),
+        rule=rule,
+        violations=sum(1 for v in verified if v.is_violation),
+        truncated_tail=raw.truncated_tail,
+        untrusted_other_pcr_entries=len(raw.entries) - len(verified),
+    )
