@@ -34,7 +34,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from evidence.errors import ParseError, UnsupportedError
+from evidence.errors import ParseError, TruncatedError, UnsupportedError
 from host_agent.memory._stream import ChunkCursor, ReadableStream
 
 __all__ = [
@@ -361,6 +361,7 @@ def iter_migration_stream(
             yield DeviceStateStart(idstr, at)
             if device_state:
                 tail = cur.read_rest(_MAX_DEVICE_STATE, "device state")
+                _check_complete(tail, at)
                 tpm = find_tpm_emulator_state(tail, base=at)
                 if tpm is not None:
                     yield tpm
@@ -382,6 +383,24 @@ def iter_migration_stream(
                 raise ParseError("ram record", ev.offset, "MEM_SIZE before pages", "a page")
             yield ev
         _footer(cur, section_id)
+
+
+def _check_complete(tail: bytes, base: int) -> None:
+    """The stream must end with EOF (0x00), optionally followed by the VMDESCRIPTION record
+    (``0x06, be32 len, JSON``) that QEMU appends by default: a copy cut short is refused.
+    (Without VMDESCRIPTION a cut landing right after a 0x00 byte cannot be told apart.)"""
+    end = base + len(tail)
+    pos = tail.rfind(b"\x00\x06")
+    while pos >= 0:
+        if pos + 6 <= len(tail):
+            (n,) = struct.unpack_from(">I", tail, pos + 2)
+            if pos + 6 + n == len(tail) and tail[pos + 6 : pos + 7] == b"{":
+                return
+        pos = tail.rfind(b"\x00\x06", 0, pos)
+    if not tail.endswith(b"\x00"):
+        raise TruncatedError(
+            "migration stream end", end, "EOF (0x00) and an optional VMDESCRIPTION", "end of input"
+        )
 
 
 _TPM_HDR = b"\x0ctpm-emulator"
