@@ -324,7 +324,7 @@ def _parse_binary_entry(r: Reader, start: int) -> ImaEntry:
     at = r.offset
     raw_name = r.take(name_len, "IMA entry template name")
     if not _TEMPLATE_NAME_RE.fullmatch(raw_name):
-        raise ParseError("IMA entry template name", at, "printable ASCII", repr(raw_name))
+        raise ParseError("IMA entry template name", at, "printable ASCII", _quote(raw_name))
     template = raw_name.decode("ascii")
     violation = template_hash == _ZERO_HASH
     if template == "ima":
@@ -415,23 +415,29 @@ def _parse_ascii(data: bytes) -> RawImaList:
     return RawImaList("ascii", tuple(entries))
 
 
+def _quote(b: bytes) -> str:
+    return repr(b[:80].decode("ascii", "backslashreplace"))
+
+
 def _unhex(token: bytes, what: str, line: int) -> bytes:
     if not _HEX_RE.fullmatch(token):
-        raise ParseError(what, line, "hex digits", repr(token[:80]), unit="line")
+        raise ParseError(what, line, "hex digits", _quote(token[:80]), unit="line")
     return bytes.fromhex(token.decode("ascii"))
 
 
 def _ascii_head(tokens: list[bytes], line: int) -> tuple[int, bytes, str]:
     if not tokens[0].isdigit() or len(tokens[0]) > 2 or int(tokens[0]) > _MAX_PCR:
-        raise ParseError("IMA line pcr", line, f"0..{_MAX_PCR}", repr(tokens[0][:80]), unit="line")
+        raise ParseError(
+            "IMA line pcr", line, f"0..{_MAX_PCR}", _quote(tokens[0][:80]), unit="line"
+        )
     if len(tokens[1]) != 2 * _TEMPLATE_HASH_SIZE:
         raise ParseError(
-            "IMA line template hash", line, "40 hex digits", repr(tokens[1][:80]), unit="line"
+            "IMA line template hash", line, "40 hex digits", _quote(tokens[1][:80]), unit="line"
         )
     template_hash = _unhex(tokens[1], "IMA line template hash", line)
     if not _TEMPLATE_NAME_RE.fullmatch(tokens[2]):
         raise ParseError(
-            "IMA line template name", line, "a name", repr(tokens[2][:80]), unit="line"
+            "IMA line template name", line, "a name", _quote(tokens[2][:80]), unit="line"
         )
     return int(tokens[0]), template_hash, tokens[2].decode("ascii")
 
@@ -445,7 +451,7 @@ def _split_line(line: bytes, no: int) -> list[bytes]:
             "IMA line",
             no,
             "'<pcr> <template hash> <template> <fields>'",
-            repr(line[:80]),
+            _quote(line[:80]),
             unit="line",
         )
     return tokens
@@ -478,7 +484,7 @@ def _ascii_field(fid: str, text: bytes, no: int) -> bytes:
         algo, sep, hexdigest = text.partition(b":")
         if not sep or not _ALGO_RE.fullmatch(algo):
             raise ParseError(
-                "IMA line d-ng field", no, "'<algo>:<hex>'", repr(text[:80]), unit="line"
+                "IMA line d-ng field", no, "'<algo>:<hex>'", _quote(text[:80]), unit="line"
             )
         return algo + b":\0" + _unhex(hexdigest, "IMA line d-ng digest", no)
     if fid in ("n", "n-ng"):
@@ -493,7 +499,9 @@ def _check_ascii_prefix(tail: bytes, no: int) -> None:
     tokens = (tail[1:] if tail.startswith(b" ") else tail).split(b" ")
     complete = tokens[:-1]
     if complete and not (complete[0].isdigit() and int(complete[0]) <= _MAX_PCR):
-        raise ParseError("IMA line pcr", no, f"0..{_MAX_PCR}", repr(complete[0][:80]), unit="line")
+        raise ParseError(
+            "IMA line pcr", no, f"0..{_MAX_PCR}", _quote(complete[0][:80]), unit="line"
+        )
     if len(complete) > 1 and len(complete[1]) != 2 * _TEMPLATE_HASH_SIZE:
         raise ParseError("IMA line template hash", no, "40 hex digits", unit="line")
     if len(complete) > 1:
