@@ -1,0 +1,245 @@
+"""Configuration of the host agent: one tree of frozen dataclasses, built once at the edge.
+
+``load_config(path, environ)`` reads an optional TOML file, applies the environment overrides
+declared in :data:`ENV_OVERRIDES` (the only place environment variables are read), fills derived
+defaults and returns an :class:`AgentConfig`. Components receive their slice (``TpmConfig``,
+``StoreConfig``…) in their constructor; nothing reads configuration at import time, and tests
+build the dataclasses directly.
+
+File format (every key optional; unknown keys are errors)::
+
+    state_dir = "/var/lib/vtpm-trust"
+
+    [tpm]
+    tcti = "device:/dev/tpmrm0"    # absent: first tpmrm device (pyudev), else the software root
+    state_dir = "/var/lib/vtpm-trust/tpm"          # default: <state_dir>/tpm
+    allow_software_root = true
+
+    [store]
+    url = "postgresql+psycopg://…"               # default: sqlite:///<state_dir>/store.sqlite
+
+    [registrar]
+    url = "https://registrar.example:8443"       # absent: the embedded registrar
+
+Adding a section: add a frozen dataclass with defaults and a field of that type on
+:class:`AgentConfig`; the loader walks the dataclasses, so it needs no other change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from evidence.errors import VtpmError
+
+__all__ = [
+    "DEFAULT_STATE_DIR",
+    "ENV_OVERRIDES",
+    "AgentConfig",
+    "ConfigError",
+    "RegistrarConfig",
+    "StoreConfig",
+    "TpmConfig",
+    "load_config",
+]
+
+DEFAULT_STATE_DIR = Path("/var/lib/vtpm-trust")
+
+
+class ConfigError(VtpmError):
+    """The configuration file or an override is invalid (unknown key, wrong type, bad TOML)."""
+
+    id: ClassVar[str] = "config.invalid"
+
+
+@dataclass(frozen=True)
+class TpmConfig:
+    """Host TPM.
+
+    Attributes:
+        tcti: TCTI string; wins over discovery when set (``"device:/dev/tpmrm0"``,
+            ``"swtpm:path=/run/swtpm.sock"``).
+        state_dir: host key blobs and, when used, the software root's swtpm state.
+        allow_software_root: with no TPM found, create the embedded development swtpm.
+    """
+
+    tcti: str | None = None
+    state_dir: Path = DEFAULT_STATE_DIR / "tpm"
+    allow_software_root: bool = True
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Trusted store. ``url`` is an SQLAlchemy URL; None means the SQLite file in the state dir."""
+
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class RegistrarConfig:
+    """Fleet registrar. ``url`` None means the embedded (single-host) registrar."""
+
+    url: str | None = None
+
+    @property
+    def embedded(self) -> bool:
+        return self.url is None
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The root of the host agent's configuration."""
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    tpm: TpmConfig = field(default_factory=TpmConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    registrar: RegistrarConfig = field(default_factory=RegistrarConfig)
+
+
+#: Environment variable → dotted config key. The one place the environment is consulted.
+ENV_OVERRIDES: Mapping[str, str] = {
+    "VTPM_STATE_DIR": "state_dir",
+    "VTPM_TPM_TCTI": "tpm.tcti",
+    "VTPM_TPM_STATE_DIR": "tpm.state_dir",
+    "VTPM_STORE_URL": "store.url",
+    "VTPM_REGISTRAR_URL": "registrar.url",
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str, *, from_env: bool) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        if from_env and value == "" and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], where, from_env=from_env)
+        raise ConfigError(f"{where}: unsupported type {tp}")
+    if tp is Path:
+        if isinstance(value, Path):
+            return value
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: expected a path (string), got {value!r}")
+        return Path(value)
+    if tp is bool:
+        if from_env and isinstance(value, str):
+            low = value.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if from_env and isinstance(value, str):
+            try:
+                return int(value, 0)
+            except ValueError:
+                pass
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type[Any], table: Mapping[str, Any], where: str, *, from_env: bool = False) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"allowed here: {', '.join(sorted(fields))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in table.items():
+        key = f"{where}.{name}" if where else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key}: expected a table")
+            kwargs[name] = _build(tp, value, key, from_env=from_env)  # type: ignore[arg-type]
+        else:
+            kwargs[name] = _coerce(value, tp, key, from_env=from_env)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = base
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{p}: expected a table")
+        node = child
+    node[parts[-1]] = value
+
+
+def _hint(dotted: str) -> Any:
+    cls: Any = AgentConfig
+    tp: Any = None
+    for part in dotted.split("."):
+        tp = typing.get_type_hints(cls)[part]
+        cls = tp
+    return tp
+
+
+def load_config(path: Path | None, environ: Mapping[str, str]) -> AgentConfig:
+    """Build the agent's configuration.
+
+    Order of precedence (later wins): defaults, the TOML file at ``path`` (if given), environment
+    overrides (:data:`ENV_OVERRIDES`). Derived defaults: ``tpm.state_dir`` = ``<state_dir>/tpm``.
+
+    Raises:
+        ConfigError: unreadable file, bad TOML, unknown key, wrong type.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err}") from err
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+    for var, key in ENV_OVERRIDES.items():
+        if var in environ:
+            _merge(raw, key, _coerce(environ[var], _hint(key), var, from_env=True))
+    config: AgentConfig = _build(AgentConfig, raw, "")
+    tpm_table = raw.get("tpm", {})
+    if "state_dir" not in tpm_table:
+        config = dataclasses.replace(
+            config, tpm=dataclasses.replace(config.tpm, state_dir=config.state_dir / "tpm")
+        )
+    return config
+
+
+def with_state_dir(config: AgentConfig, state_dir: Path) -> AgentConfig:
+    """``config`` with another agent state directory (the CLI's ``--state-dir``).
+
+    Sub-directories that were derived from the old state dir move with it.
+    """
+    tpm_dir = config.tpm.state_dir
+    if tpm_dir == config.state_dir / "tpm":
+        tpm_dir = state_dir / "tpm"
+    return dataclasses.replace(
+        config, state_dir=state_dir, tpm=dataclasses.replace(config.tpm, state_dir=tpm_dir)
+    )
