@@ -1,0 +1,163 @@
+"""Memory roots agree across sources taken from one real QEMU (TCG, no guest OS needed).
+
+QEMU runs its firmware for a moment on 64 MiB of memfd RAM into which deterministic mixed data
+(random, zero and nearly-zero pages) was loaded, then is paused; from that one paused state we take
+the memfd (``pid:``), a migration stream, an ELF dump, and libvirt save images in every format.
+The save images are **hand-made by this test** (92-byte header + XML + the QEMU stream, as
+libvirt writes them), not written by libvirt.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import lzma
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from host_agent.cli import main
+from host_agent.memory import merkle, saveimage
+from host_agent.memory.sources import HashResult, hash_source
+from tests.helpers.qmp_min import make_ram_image, qemu_with_ram
+
+pytestmark = pytest.mark.vm
+
+LOAD_ADDR = 0x100000
+IMAGE_SIZE = 8 << 20
+
+
+@dataclass
+class Captured:
+    workdir: Path
+    image: bytes
+    memfd: HashResult
+    stream: Path
+    elf: Path
+    save_images: dict[str, Path]
+
+
+def _handmade_save_image(stream: bytes, path: Path, fmt: saveimage.SaveFormat) -> Path:
+    comp = {
+        saveimage.SaveFormat.RAW: lambda b: b,
+        saveimage.SaveFormat.GZIP: gzip.compress,
+        saveimage.SaveFormat.BZIP2: bz2.compress,
+        saveimage.SaveFormat.XZ: lzma.compress,
+    }
+    if fmt is saveimage.SaveFormat.ZSTD:
+        zstandard = pytest.importorskip("zstandard")
+        body = zstandard.ZstdCompressor().compress(stream)
+    else:
+        body = comp[fmt](stream)
+    header = saveimage.encode_save_image_header(
+        "<domain type='qemu'><name>t</name></domain>", format=fmt, padding=4096
+    )
+    path.write_bytes(header + body)
+    return path
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory: pytest.TempPathFactory) -> Captured:
+    w = tmp_path_factory.mktemp("memq")
+    image = make_ram_image(w / "ram.bin", IMAGE_SIZE)
+    with qemu_with_ram(w, w / "ram.bin") as q:
+        q.qmp.execute("cont")  # let SeaBIOS shadow its ROMs into RAM (PAM), then pause
+        time.sleep(1.5)
+        q.qmp.execute("stop")
+        memfd = hash_source(f"pid:{q.pid}")
+        q.qmp.save_stream(w / "stream.bin")
+        q.qmp.dump_elf(w / "dump.elf")
+    stream = (w / "stream.bin").read_bytes()
+    images = {
+        f.name.lower(): _handmade_save_image(stream, w / f"save-{f.name.lower()}.img", f)
+        for f in (
+            saveimage.SaveFormat.RAW,
+            saveimage.SaveFormat.GZIP,
+            saveimage.SaveFormat.BZIP2,
+            saveimage.SaveFormat.XZ,
+            saveimage.SaveFormat.ZSTD,
+        )
+    }
+    return Captured(w, image, memfd, w / "stream.bin", w / "dump.elf", images)
+
+
+def test_roots_agree_across_memfd_stream_elf_and_save_images(captured: Captured) -> None:
+    ram = captured.memfd.leaves
+    assert ram.names == ("pc.ram",) and ram.pages == 64 << 8
+    want = ram.root()
+    stream = hash_source(str(captured.stream))
+    assert "pc.ram" in stream.leaves.names and len(stream.leaves.names) > 1
+    assert stream.leaves.select(["pc.ram"]).root() == want
+    assert stream.tpm_state is None  # no vTPM configured in this QEMU
+    assert hash_source(str(captured.elf)).leaves.root() == want
+    for name, path in captured.save_images.items():
+        got = hash_source(str(path), blocks=["pc.ram"])
+        assert got.kind == "save-image", name
+        assert got.leaves.root() == want, name
+        assert got.leaves == stream.leaves.select(["pc.ram"]), name
+
+
+def test_loaded_data_is_what_the_roots_cover(captured: Captured) -> None:
+    first = LOAD_ADDR // merkle.PAGE_SIZE
+    blk = captured.memfd.leaves.block("pc.ram")
+    for i in range(0, IMAGE_SIZE // merkle.PAGE_SIZE, 97):
+        page = captured.image[i * merkle.PAGE_SIZE : (i + 1) * merkle.PAGE_SIZE]
+        assert blk.leaf(first + i) == merkle.leaf_hash(page)
+
+
+def test_one_flipped_byte_in_a_save_image_names_exactly_that_page(captured: Captured) -> None:
+    data = captured.save_images["raw"].read_bytes()
+    base = captured.memfd.leaves
+    rng = random.Random(5)
+    first = LOAD_ADDR // merkle.PAGE_SIZE
+    tried = 0
+    for i in rng.sample(range(IMAGE_SIZE // merkle.PAGE_SIZE), 40):
+        page = captured.image[i * merkle.PAGE_SIZE : (i + 1) * merkle.PAGE_SIZE]
+        at = data.find(page)
+        if page.count(0) > 64 or at < 0:
+            continue  # only pages sent as PAGE records with unique random content
+        bad = bytearray(data)
+        bad[at + rng.randrange(merkle.PAGE_SIZE)] ^= 1 << rng.randrange(8)
+        path = captured.workdir / "flipped.img"
+        path.write_bytes(bad)
+        got = hash_source(str(path), blocks=["pc.ram"]).leaves
+        assert got.root() != base.root()
+        assert merkle.diff(base, got) == [(first + i, first + i)]
+        tried += 1
+        if tried == 4:
+            break
+    assert tried == 4
+
+
+def test_truncated_real_stream_raises_a_typed_error_with_offset(captured: Captured) -> None:
+    from evidence.errors import TruncatedError
+
+    data = captured.stream.read_bytes()
+    cut = captured.workdir / "cut.bin"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TruncatedError) as err:
+        hash_source(str(cut))
+    assert 0 < err.value.offset <= len(data) // 2
+
+
+def test_cli_hash_and_diff_json(captured: Captured, capsys: pytest.CaptureFixture[str]) -> None:
+    leaves = captured.workdir / "elf.leaves"
+    assert main(["memory", "hash", str(captured.elf), "--json", "--leaves", str(leaves)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["root"] == captured.memfd.leaves.root().hex()
+    assert out["pages"] == 64 << 8 and out["bytes"] == 64 << 20
+    assert 0 < out["zero_pages"] < out["pages"] and out["seconds"] >= 0
+    rc = main(["memory", "diff", str(leaves), str(captured.stream), "--block", "pc.ram", "--json"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "equal": True,
+        "differing_pages": [],
+        "blocks": {},
+    }
+    rc = main(["memory", "diff", str(leaves), str(captured.stream), "--json"])
+    assert rc == 2  # different block sets: a typed error, one line on stderr
+    assert "memory.layout_mismatch" in capsys.readouterr().err
