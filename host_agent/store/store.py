@@ -726,8 +726,14 @@ class TrustedStore:
             self._require(StoreRunState.OPEN)
             tx = StoreTransaction(self)
             yield tx
-            if tx._staged:
-                self._write_generation(tx._staged)
+            # A delete of a record that never existed is no change, so no new generation.
+            changes = {
+                key: item
+                for key, item in tx._staged.items()
+                if item is not None or key in self._manifest
+            }
+            if changes:
+                self._write_generation(changes)
                 self._advance_counter()
 
     def _seal(

@@ -1,0 +1,799 @@
+"""The trusted store on a real swtpm (sealing, NV counter) and real databases.
+
+Every test runs twice: on a SQLite file and on a PostgreSQL database of a server this module
+starts (tests/helpers/postgres.py). Attacks are made the way an attacker with disk access would:
+raw SQL on the rows, a copied SQLite file, a copied PostgreSQL database. Each refusal is checked
+to change nothing: the rows of both tables and the TPM counter are compared before and after.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from host_agent.store import (
+    RecordNotFound,
+    StoreAlreadyInitialised,
+    StoreBackendError,
+    StoreConfig,
+    StoreCounterMismatch,
+    StoreIntegrityError,
+    StoreKeyError,
+    StoreNotInitialised,
+    StoreRolledBack,
+    StoreRunState,
+    StoreStateError,
+    TrustedStore,
+)
+from host_agent.store._schema import StoreTables
+from host_agent.tpm.adapter import PytssHostTpm
+from host_agent.tpm.errors import TpmCommandError
+from tests.helpers import postgres
+from tests.helpers.swtpm import Swtpm, start_swtpm
+
+SECRET = b"PLAINTEXT-vTPM-STATE-" + b"7f3a9c" * 8  # never to be found in database bytes
+TABLES = StoreTables.named("vtpm_store")
+_indices = itertools.count(0x0180_1000)
+_names = itertools.count()
+
+
+# --------------------------------------------------------------------------- TPM
+
+
+@pytest.fixture(scope="module")
+def store_swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
+    """A swtpm of this module's own, so its NV counters do not meet other modules' tests."""
+    tpm = start_swtpm(tmp_path_factory.mktemp("store-swtpm"))
+    yield tpm
+    tpm.stop()
+
+
+@pytest.fixture(scope="module")
+def tpm(store_swtpm: Swtpm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PytssHostTpm]:
+    host_tpm = PytssHostTpm(store_swtpm.tcti, tmp_path_factory.mktemp("host-keys"))
+    yield host_tpm
+    host_tpm.close()
+
+
+class FaultyCounter:
+    """The real counter, with increments that fail on demand (fault injection, not a fake)."""
+
+    def __init__(self, tpm: PytssHostTpm) -> None:
+        self._tpm = tpm
+        self.fail_increments = 0
+        self.read_offset = 0
+
+    def counter_define(self, index: int) -> int:
+        return self._tpm.counter_define(index)
+
+    def counter_read(self, index: int) -> int:
+        return self._tpm.counter_read(index) + self.read_offset
+
+    def counter_increment(self, index: int) -> int:
+        if self.fail_increments:
+            self.fail_increments -= 1
+            raise TpmCommandError(0x922, "counter_increment: TPM2_NV_Increment", "injected")
+        return self._tpm.counter_increment(index)
+
+
+# --------------------------------------------------------------------------- databases
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[postgres.Postgres]:
+    server = postgres.acquire()
+    yield server
+    postgres.release()
+
+
+@dataclass
+class Db:
+    """One store database as an attacker with disk access sees it."""
+
+    url: str
+    snapshot: Callable[[], Any]
+    restore: Callable[[Any], None]
+    raw_bytes: Callable[[], bytes]
+    _engines: list[sa.Engine] = field(default_factory=list)
+
+    def engine(self) -> sa.Engine:
+        if not self._engines:
+            self._engines.append(sa.create_engine(self.url))
+        return self._engines[0]
+
+    def dispose(self) -> None:
+        for engine in self._engines:
+            engine.dispose()
+        self._engines.clear()
+
+    def execute(self, stmt: Any) -> None:
+        with self.engine().begin() as conn:
+            conn.execute(stmt)
+
+    def rows(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """Every row of both tables, as plain tuples, in a stable order."""
+        with self.engine().connect() as conn:
+            head = [tuple(r) for r in conn.execute(sa.select(TABLES.head))]
+            records = sorted(
+                tuple(r)
+                for r in conn.execute(
+                    sa.select(TABLES.records).order_by(
+                        TABLES.records.c.record_type, TABLES.records.c.record_id
+                    )
+                )
+            )
+        return head, records
+
+    def row(self, record_type: str, record_id: str) -> tuple[bytes, bytes]:
+        with self.engine().connect() as conn:
+            r = conn.execute(
+                sa.select(TABLES.records.c.nonce, TABLES.records.c.ciphertext).where(
+                    TABLES.records.c.record_type == record_type,
+                    TABLES.records.c.record_id == record_id,
+                )
+            ).one()
+        return bytes(r.nonce), bytes(r.ciphertext)
+
+    def set_row(
+        self, record_type: str, record_id: str, *, nonce: Any = None, ciphertext: Any = None
+    ) -> None:
+        values = {}
+        if nonce is not None:
+            values["nonce"] = nonce
+        if ciphertext is not None:
+            values["ciphertext"] = ciphertext
+        self.execute(
+            sa.update(TABLES.records)
+            .where(
+                TABLES.records.c.record_type == record_type,
+                TABLES.records.c.record_id == record_id,
+            )
+            .values(**values)
+        )
+
+
+def _sqlite_db(tmp_path: Path) -> Db:
+    path = tmp_path / "store.db"
+    snaps = itertools.count()
+
+    def snapshot() -> Path:
+        copy = tmp_path / f"snapshot-{next(snaps)}.db"
+        shutil.copy2(path, copy)
+        return copy
+
+    def restore(copy: Path) -> None:
+        shutil.copy2(copy, path)
+
+    def raw_bytes() -> bytes:
+        return b"".join(p.read_bytes() for p in sorted(tmp_path.glob("store.db*")))
+
+    return Db(f"sqlite:///{path}", snapshot, restore, raw_bytes)
+
+
+def _postgres_db(server: postgres.Postgres) -> Db:
+    name = f"store_{next(_names)}"
+    server.create_database(name)
+    snaps = itertools.count()
+
+    def snapshot() -> str:
+        copy = f"{name}_snap_{next(snaps)}"
+        server.create_database(copy, template=name)
+        return copy
+
+    def restore(copy: str) -> None:
+        server.drop_database(name)
+        server.create_database(name, template=copy)
+
+    def raw_bytes() -> bytes:
+        server.checkpoint()
+        files = [p for p in server.database_dir(name).rglob("*") if p.is_file()]
+        files += [p for p in (server.data_dir / "pg_wal").glob("0*") if p.is_file()]
+        return b"".join(p.read_bytes() for p in files)
+
+    return Db(server.url(name), snapshot, restore, raw_bytes)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
+    if request.param == "sqlite":
+        handle = _sqlite_db(tmp_path)
+    else:
+        handle = _postgres_db(request.getfixturevalue("pg"))
+    yield handle
+    handle.dispose()
+
+
+@pytest.fixture
+def config(db: Db) -> StoreConfig:
+    """A fresh counter index per test: the module's swtpm keeps every counter it defined."""
+    return StoreConfig(url=db.url, counter_index=next(_indices))
+
+
+@pytest.fixture
+def counter(tpm: PytssHostTpm) -> FaultyCounter:
+    return FaultyCounter(tpm)
+
+
+@pytest.fixture
+def make_store(
+    config: StoreConfig, tpm: PytssHostTpm, counter: FaultyCounter
+) -> Iterator[Callable[..., TrustedStore]]:
+    """``make_store(create=False)`` opens (or creates) the test's store; all closed after."""
+    opened: list[TrustedStore] = []
+
+    def make(*, create: bool = False, cfg: StoreConfig | None = None) -> TrustedStore:
+        method = TrustedStore.create if create else TrustedStore.open
+        store = method(cfg or config, sealer=tpm, counter=counter, random_bytes=secrets.token_bytes)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def store(make_store: Callable[..., TrustedStore]) -> TrustedStore:
+    return make_store(create=True)
+
+
+def _unchanged(db: Db, tpm: PytssHostTpm, config: StoreConfig) -> Callable[[], None]:
+    """Capture the rows and the counter now; the returned check asserts they did not change."""
+    before = (db.rows(), tpm.counter_read(config.counter_index))
+
+    def check() -> None:
+        assert (db.rows(), tpm.counter_read(config.counter_index)) == before
+
+    return check
+
+
+# --------------------------------------------------------------------------- API
+
+
+def test_put_get_list_delete(store: TrustedStore) -> None:
+    store.put("vaik", "vm-1", b"\x00wrapped-key")
+    store.put("binding", "vm-1", {"uuid": "vm-1", "cert_user": "ab" * 8})
+    store.put("seal", "vm-1", SECRET)
+    store.put("journal", "mig-1", {"step": 1})
+    store.put("journal", "mig-0", {"step": 0})
+
+    assert store.get("vaik", "vm-1").payload == b"\x00wrapped-key"
+    assert store.get("binding", "vm-1").json() == {"uuid": "vm-1", "cert_user": "ab" * 8}
+    with pytest.raises(ValueError):
+        store.get("seal", "vm-1").json()
+    assert [r.json() for r in store.list_records("journal")] == [{"step": 0}, {"step": 1}]
+    assert store.record_ids("journal") == ["mig-0", "mig-1"]
+    assert store.list_records("exgkey") == []
+
+    store.put("journal", "mig-1", {"step": 2})
+    assert store.get("journal", "mig-1").json() == {"step": 2}
+    store.delete("journal", "mig-1")
+    assert store.find("journal", "mig-1") is None
+    with pytest.raises(RecordNotFound) as info:
+        store.get("journal", "mig-1")
+    assert info.value.id == "store.record_not_found"
+    with pytest.raises(RecordNotFound):
+        store.delete("journal", "mig-1")
+    generation = store.generation
+    store.delete("journal", "mig-1", missing_ok=True)
+    assert store.generation == generation  # nothing to do, no change
+
+    with pytest.raises(ValueError):
+        store.put("Bad Type", "x", b"")
+    with pytest.raises(ValueError):
+        store.put("vaik", "has space", b"")
+    with pytest.raises(TypeError):
+        store.put("vaik", "x", "text")  # type: ignore[arg-type]
+
+
+def test_every_change_is_one_generation_and_one_counter_step(
+    store: TrustedStore, tpm: PytssHostTpm, config: StoreConfig
+) -> None:
+    start = tpm.counter_read(config.counter_index)
+    assert store.generation == start
+    store.put("vaik", "a", b"1")
+    with store.transaction() as tx:
+        tx.put("vaik", "b", b"2")
+        tx.put("binding", "b", {"x": 1})
+        tx.delete("vaik", "a")
+        assert tx.find("vaik", "a") is None
+        assert tx.get("vaik", "b").payload == b"2"
+    assert store.generation == start + 2
+    assert tpm.counter_read(config.counter_index) == start + 2
+    assert store.find("vaik", "a") is None
+
+
+def test_failed_transaction_writes_nothing(
+    store: TrustedStore, db: Db, tpm: PytssHostTpm, config: StoreConfig
+) -> None:
+    store.put("vaik", "a", b"1")
+    unchanged = _unchanged(db, tpm, config)
+    with pytest.raises(RuntimeError), store.transaction() as tx:
+        tx.put("vaik", "b", b"2")
+        tx.delete("vaik", "a")
+        raise RuntimeError("caller gave up")
+    unchanged()
+    assert store.get("vaik", "a").payload == b"1"
+    assert store.find("vaik", "b") is None
+
+
+def test_reopen_sees_the_same_records(
+    make_store: Callable[..., TrustedStore], tpm: PytssHostTpm, config: StoreConfig
+) -> None:
+    store = make_store(create=True)
+    store.put("seal", "vm-1", SECRET)
+    store.put("binding", "vm-1", {"a": [1, 2, 3]})
+    store.close()
+    with pytest.raises(StoreStateError, match="store is closed"):
+        store.get("seal", "vm-1")
+    again = make_store()
+    assert again.get("seal", "vm-1").payload == SECRET
+    assert again.get("binding", "vm-1").json() == {"a": [1, 2, 3]}
+    assert again.generation == tpm.counter_read(config.counter_index)
+
+
+def test_create_refuses_an_existing_store_or_counter(
+    make_store: Callable[..., TrustedStore], config: StoreConfig, tmp_path: Path
+) -> None:
+    store = make_store(create=True)
+    store.close()
+    with pytest.raises(StoreAlreadyInitialised, match="a store exists already"):
+        make_store(create=True)
+    # Same TPM counter, database gone (another URL): refused unless explicitly allowed.
+    other = StoreConfig(
+        url=f"sqlite:///{tmp_path / 'other.db'}", counter_index=config.counter_index
+    )
+    with pytest.raises(StoreAlreadyInitialised, match=r"counter at NV index .* exists already"):
+        make_store(create=True, cfg=other)
+    allowed = StoreConfig(
+        url=other.url, counter_index=config.counter_index, allow_existing_counter=True
+    )
+    make_store(create=True, cfg=allowed).put("vaik", "x", b"1")
+
+
+def test_open_without_a_store_is_not_initialised(
+    make_store: Callable[..., TrustedStore], db: Db, tmp_path: Path
+) -> None:
+    with pytest.raises(StoreNotInitialised, match="vtpm-host init"):
+        make_store()
+    missing = tmp_path / "nowhere" / "store.db"
+    with pytest.raises(StoreNotInitialised):
+        make_store(cfg=StoreConfig(url=f"sqlite:///{missing}", counter_index=0x01800001))
+    assert not missing.exists()
+
+
+# --------------------------------------------------------------------------- invariant 5
+
+
+def test_inv5_no_plaintext_payload_or_data_key_in_database_bytes(
+    config: StoreConfig, tpm: PytssHostTpm, counter: FaultyCounter, db: Db
+) -> None:
+    drawn: list[bytes] = []
+
+    def recording_random(n: int) -> bytes:
+        value = secrets.token_bytes(n)
+        drawn.append(value)
+        return value
+
+    store = TrustedStore.create(config, sealer=tpm, counter=counter, random_bytes=recording_random)
+    data_key = drawn[0]
+    assert len(data_key) == 32
+    try:
+        store.put("seal", "vm-1", SECRET)
+        store.put("binding", "vm-1", {"state": SECRET.decode()})
+        with store.transaction() as tx:
+            tx.put("seal", "vm-2", SECRET)
+            tx.put("seal", "vm-1", SECRET + b"-v2")
+        store.delete("seal", "vm-2")
+    finally:
+        store.close()
+    # Control: a value written in clear beside the store is found by the same scan.
+    canary = b"CANARY-" + secrets.token_hex(16).encode()
+    canary_table = sa.Table("canary", sa.MetaData(), sa.Column("v", sa.LargeBinary))
+    with db.engine().begin() as conn:
+        canary_table.create(conn)
+        conn.execute(sa.insert(canary_table).values(v=canary))
+    db.dispose()
+    raw = db.raw_bytes()
+    assert canary in raw
+    assert SECRET not in raw
+    assert SECRET[:24] not in raw
+    assert data_key not in raw
+
+
+# --------------------------------------------------------------------------- record attacks
+
+
+def test_tampered_record_is_refused_and_nothing_changes(
+    store: TrustedStore,
+    make_store: Callable[..., TrustedStore],
+    db: Db,
+    tpm: PytssHostTpm,
+    config: StoreConfig,
+) -> None:
+    store.put("vaik", "vm-1", b"key-1")
+    store.put("vaik", "vm-2", b"key-2")
+    _, ct = db.row("vaik", "vm-1")
+    db.set_row("vaik", "vm-1", ciphertext=ct[:5] + bytes([ct[5] ^ 1]) + ct[6:])
+    unchanged = _unchanged(db, tpm, config)
+
+    with pytest.raises(StoreIntegrityError) as info:
+        store.get("vaik", "vm-1")
+    assert (info.value.record_type, info.value.record_id) == ("vaik", "vm-1")
+    assert "authentication failed" in info.value.what
+    assert "nothing was changed" in str(info.value)
+    assert store.get("vaik", "vm-2").payload == b"key-2"
+    with pytest.raises(StoreIntegrityError):
+        store.list_records("vaik")
+    store.close()
+    with pytest.raises(StoreIntegrityError, match="store record vaik/vm-1: authentication failed"):
+        make_store()
+    unchanged()
+
+
+def test_swapped_records_are_refused(
+    store: TrustedStore,
+    make_store: Callable[..., TrustedStore],
+    db: Db,
+    tpm: PytssHostTpm,
+    config: StoreConfig,
+) -> None:
+    store.put("binding", "vm-a", {"owner": "alice"})
+    store.put("binding", "vm-b", {"owner": "mallory"})
+    row_a, row_b = db.row("binding", "vm-a"), db.row("binding", "vm-b")
+    db.set_row("binding", "vm-a", nonce=row_b[0], ciphertext=row_b[1])
+    db.set_row("binding", "vm-b", nonce=row_a[0], ciphertext=row_a[1])
+    unchanged = _unchanged(db, tpm, config)
+    for record_id in ("vm-a", "vm-b"):
+        with pytest.raises(StoreIntegrityError) as info:
+            store.get("binding", record_id)
+        assert info.value.record_id == record_id
+    store.close()
+    with pytest.raises(StoreIntegrityError, match="authentication failed"):
+        make_store()
+    unchanged()
+
+
+def test_moved_or_retyped_record_is_refused(
+    store: TrustedStore, make_store: Callable[..., TrustedStore], db: Db
+) -> None:
+    store.put("vaik", "vm-1", b"key-1")
+    db.execute(
+        sa.update(TABLES.records)
+        .where(TABLES.records.c.record_id == "vm-1")
+        .values(record_type="seal", record_id="vm-9")
+    )
+    with pytest.raises(StoreIntegrityError, match="row is missing"):
+        store.get("vaik", "vm-1")
+    with pytest.raises(StoreIntegrityError, match="authentication failed") as info:
+        store.get("seal", "vm-9")
+    assert (info.value.record_type, info.value.record_id) == ("seal", "vm-9")
+    with pytest.raises(StoreIntegrityError, match="row is missing"):
+        store.list_records("vaik")
+    store.close()
+    with pytest.raises(StoreIntegrityError, match="store record seal/vm-9: authentication failed"):
+        make_store()
+
+
+@pytest.mark.parametrize("keep", [0, 10, 16, -1])
+def test_truncated_record_is_refused(
+    store: TrustedStore, make_store: Callable[..., TrustedStore], db: Db, keep: int
+) -> None:
+    store.put("seal", "vm-1", SECRET)
+    _, ct = db.row("seal", "vm-1")
+    db.set_row("seal", "vm-1", ciphertext=ct[:keep])
+    with pytest.raises(StoreIntegrityError) as info:
+        store.get("seal", "vm-1")
+    assert info.value.record_id == "vm-1"
+    store.close()
+    with pytest.raises(StoreIntegrityError):
+        make_store()
+
+
+def test_older_version_of_one_record_is_refused(
+    store: TrustedStore, make_store: Callable[..., TrustedStore], db: Db
+) -> None:
+    store.put("binding", "vm-1", {"cert_user": "old-tenant"})
+    old = db.row("binding", "vm-1")
+    store.put("binding", "vm-1", {"cert_user": "new-tenant"})
+    db.set_row("binding", "vm-1", nonce=old[0], ciphertext=old[1])
+    with pytest.raises(StoreIntegrityError, match="older copy of this record was put back"):
+        store.get("binding", "vm-1")
+    store.close()
+    with pytest.raises(StoreIntegrityError, match="differs from the authenticated manifest"):
+        make_store()
+
+
+def test_deleted_or_inserted_row_is_refused(
+    store: TrustedStore, make_store: Callable[..., TrustedStore], db: Db
+) -> None:
+    store.put("vaik", "vm-1", b"k1")
+    store.put("vaik", "vm-2", b"k2")
+    victim = db.row("vaik", "vm-2")
+    store.delete("vaik", "vm-2")
+    # Put a genuine, deleted record back: it authenticates but is not in the manifest.
+    db.execute(
+        sa.insert(TABLES.records).values(
+            record_type="vaik", record_id="vm-2", nonce=victim[0], ciphertext=victim[1]
+        )
+    )
+    with pytest.raises(StoreIntegrityError, match="not in the authenticated manifest"):
+        store.get("vaik", "vm-2")
+    with pytest.raises(StoreIntegrityError, match="not in the authenticated manifest"):
+        store.list_records("vaik")
+    with pytest.raises(StoreIntegrityError, match="inserted behind"):
+        store.put("vaik", "vm-2", b"k2'")
+    db.execute(sa.delete(TABLES.records).where(TABLES.records.c.record_id == "vm-1"))
+    with pytest.raises(StoreIntegrityError, match="row is missing"):
+        store.get("vaik", "vm-1")
+    store.close()
+    with pytest.raises(StoreIntegrityError, match="differs from the authenticated manifest"):
+        make_store()
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("generation", 10**6), ("manifest_digest", b"\x00" * 32), ("mac", b"\x01" * 32)],
+)
+def test_forged_head_is_refused(
+    store: TrustedStore,
+    make_store: Callable[..., TrustedStore],
+    db: Db,
+    column: str,
+    value: Any,
+) -> None:
+    store.put("vaik", "vm-1", b"k1")
+    store.close()
+    db.execute(sa.update(TABLES.head).values({column: value}))
+    with pytest.raises(StoreIntegrityError, match="head authentication failed"):
+        make_store()
+
+
+def test_malformed_head_field_is_a_typed_refusal(
+    store: TrustedStore, make_store: Callable[..., TrustedStore], db: Db
+) -> None:
+    store.close()
+    db.execute(sa.update(TABLES.head).values(mac=b"short"))
+    with pytest.raises(StoreIntegrityError, match="mac is 5 bytes, expected 32"):
+        make_store()
+
+
+def test_sealed_key_does_not_open_on_another_tpm(
+    store: TrustedStore,
+    db: Db,
+    config: StoreConfig,
+    swtpm_factory: Callable[..., Swtpm],
+    tmp_path: Path,
+) -> None:
+    store.put("seal", "vm-1", SECRET)
+    store.close()
+    other = PytssHostTpm(swtpm_factory("other-host").tcti, tmp_path / "other-keys")
+    try:
+        other.counter_define(config.counter_index)
+        with pytest.raises(StoreKeyError, match="cannot unseal the store data key"):
+            TrustedStore.open(config, sealer=other, counter=other, random_bytes=secrets.token_bytes)
+    finally:
+        other.close()
+
+
+def test_second_writer_is_detected(
+    store: TrustedStore, make_store: Callable[..., TrustedStore]
+) -> None:
+    store.put("vaik", "a", b"1")
+    second = make_store()
+    store.put("vaik", "b", b"2")
+    with pytest.raises(StoreIntegrityError, match="no longer at generation"):
+        second.put("vaik", "c", b"3")
+    assert second.state is StoreRunState.BROKEN
+    with pytest.raises(StoreStateError, match="reopen"):
+        second.get("vaik", "a")
+    assert store.find("vaik", "c") is None
+
+
+# --------------------------------------------------------------------------- rollback
+
+
+def test_rolled_back_database_is_refused_at_open(
+    make_store: Callable[..., TrustedStore], db: Db, tpm: PytssHostTpm, config: StoreConfig
+) -> None:
+    store = make_store(create=True)
+    store.put("vaik", "vm-1", b"vaik-of-vm-1")
+    old_generation = store.generation
+    store.close()
+    old = db.snapshot()
+
+    store = make_store()
+    store.delete("vaik", "vm-1")  # e.g. vAIK migrated away: must never come back
+    store.put("journal", "mig-1", {"step": "committed"})
+    latest_generation = store.generation
+    store.close()
+    latest = db.snapshot()
+
+    db.dispose()
+    db.restore(old)
+    unchanged = _unchanged(db, tpm, config)
+    with pytest.raises(StoreRolledBack) as info:
+        make_store()
+    assert info.value.expected_generation == latest_generation
+    assert info.value.found_generation == old_generation
+    assert info.value.id == "store.rolled_back"
+    assert "rolled back" in str(info.value) and "refusing to start" in str(info.value)
+    unchanged()
+
+    db.dispose()
+    db.restore(latest)
+    store = make_store()
+    assert store.find("vaik", "vm-1") is None
+
+
+def test_crash_between_commit_and_counter_increment_opens(
+    store: TrustedStore,
+    make_store: Callable[..., TrustedStore],
+    tpm: PytssHostTpm,
+    config: StoreConfig,
+) -> None:
+    store.put("vaik", "vm-1", b"k1")
+    before = tpm.counter_read(config.counter_index)
+    staged = {("vaik", "vm-2"): store._seal("vaik", "vm-2", b"k2")}
+    generation = store._write_generation(staged)  # step 1: committed
+    store.close()  # "crash": step 2 (counter increment) never runs
+    assert tpm.counter_read(config.counter_index) == before == generation - 1
+
+    reopened = make_store()
+    assert reopened.generation == generation
+    assert tpm.counter_read(config.counter_index) == generation  # increment finished at open
+    assert reopened.get("vaik", "vm-2").payload == b"k2"
+    reopened.put("vaik", "vm-3", b"k3")
+    assert tpm.counter_read(config.counter_index) == reopened.generation == generation + 1
+
+
+def test_copy_taken_during_the_crash_window_is_refused_once_newer_changes_exist(
+    store: TrustedStore, make_store: Callable[..., TrustedStore], db: Db
+) -> None:
+    store.put("vaik", "vm-1", b"k1")
+    store._write_generation({("vaik", "vm-2"): store._seal("vaik", "vm-2", b"k2")})
+    store.close()
+    crash_copy = db.snapshot()  # generation = counter + 1
+
+    store = make_store()  # finishes the increment
+    store.delete("vaik", "vm-2")
+    store.close()
+    db.dispose()
+    db.restore(crash_copy)
+    with pytest.raises(StoreRolledBack):
+        make_store()
+
+
+def test_failed_counter_increment_is_retried_before_the_next_change(
+    store: TrustedStore,
+    make_store: Callable[..., TrustedStore],
+    counter: FaultyCounter,
+    tpm: PytssHostTpm,
+    config: StoreConfig,
+) -> None:
+    start = store.generation
+    counter.fail_increments = 1
+    with pytest.raises(StoreBackendError, match="is committed but the rollback counter"):
+        store.put("vaik", "vm-1", b"k1")
+    assert store.get("vaik", "vm-1").payload == b"k1"  # the change itself is durable
+    assert tpm.counter_read(config.counter_index) == start
+    store.put("vaik", "vm-2", b"k2")  # retries the pending increment first
+    assert tpm.counter_read(config.counter_index) == store.generation == start + 2
+    store.close()
+    assert make_store().get("vaik", "vm-1").payload == b"k1"
+
+
+def test_counter_behind_by_more_than_one_change_is_a_mismatch(
+    store: TrustedStore,
+    make_store: Callable[..., TrustedStore],
+    counter: FaultyCounter,
+    db: Db,
+    tpm: PytssHostTpm,
+    config: StoreConfig,
+) -> None:
+    store.put("vaik", "vm-1", b"k1")
+    store.close()
+    counter.read_offset = -2  # as if the counter were another, younger one
+    unchanged = _unchanged(db, tpm, config)
+    with pytest.raises(StoreCounterMismatch, match="more than one change ahead"):
+        make_store()
+    unchanged()
+
+
+def test_counter_index_other_than_the_stores_is_a_mismatch(
+    store: TrustedStore, make_store: Callable[..., TrustedStore], config: StoreConfig
+) -> None:
+    store.close()
+    other = StoreConfig(url=config.url, counter_index=config.counter_index + 0x100)
+    with pytest.raises(StoreCounterMismatch, match="configuration names"):
+        make_store(cfg=other)
+
+
+# --------------------------------------------------------------------------- properties
+
+_blob_mutation = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 10_000), st.integers(1, 255)),
+    st.tuples(st.just("truncate"), st.integers(0, 10_000), st.just(0)),
+    st.tuples(st.just("extend"), st.binary(min_size=1, max_size=16), st.just(0)),
+    st.tuples(st.just("replace"), st.binary(max_size=64), st.just(0)),
+)
+
+
+def _mutate(data: bytes, mutation: tuple[str, Any, int]) -> bytes:
+    op, arg, xor = mutation
+    if op == "flip":
+        i = arg % len(data)
+        return data[:i] + bytes([data[i] ^ xor]) + data[i + 1 :]
+    if op == "truncate":
+        return data[: arg % len(data)]
+    if op == "extend":
+        return bytes(data + arg)
+    return bytes(arg)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    column=st.sampled_from(["nonce", "ciphertext", "both"]),
+    mutation=_blob_mutation,
+    other=_blob_mutation,
+)
+def test_any_mutation_of_a_stored_row_is_a_typed_refusal(
+    store: TrustedStore,
+    db: Db,
+    column: str,
+    mutation: tuple[str, Any, int],
+    other: tuple[str, Any, int],
+) -> None:
+    if not store.record_ids("seal"):
+        store.put("seal", "vm-1", SECRET)
+        store.put("seal", "vm-2", b"neighbour")
+    nonce, ct = db.row("seal", "vm-1")
+    new_nonce = _mutate(nonce, mutation) if column in ("nonce", "both") else nonce
+    new_ct = _mutate(ct, other if column == "both" else mutation) if column != "nonce" else ct
+    if (new_nonce, new_ct) == (nonce, ct):
+        return
+    db.set_row("seal", "vm-1", nonce=new_nonce, ciphertext=new_ct)
+    try:
+        with pytest.raises(StoreIntegrityError) as info:
+            store.get("seal", "vm-1")
+        assert info.value.record_id == "vm-1"
+        with pytest.raises(StoreIntegrityError):
+            store.list_records("seal")
+        assert store.get("seal", "vm-2").payload == b"neighbour"
+        assert store.state is StoreRunState.OPEN
+    finally:
+        db.set_row("seal", "vm-1", nonce=nonce, ciphertext=ct)
+    assert store.get("seal", "vm-1").payload == SECRET
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("value", ["text", 12345, 1.5])
+def test_foreign_value_types_in_blob_columns_are_typed_refusals(
+    store: TrustedStore, make_store: Callable[..., TrustedStore], db: Db, value: Any
+) -> None:
+    """SQLite keeps whatever type is written into a BLOB column (PostgreSQL's bytea refuses)."""
+    store.put("seal", "vm-1", SECRET)
+    with db.engine().begin() as conn:
+        conn.execute(
+            sa.text(f"UPDATE {TABLES.records.name} SET ciphertext = :v WHERE record_id = 'vm-1'"),
+            {"v": value},
+        )
+    with pytest.raises(StoreIntegrityError, match=r"ciphertext is a .*, expected bytes"):
+        store.get("seal", "vm-1")
+    store.close()
+    with pytest.raises(StoreIntegrityError, match="expected bytes"):
+        make_store()
