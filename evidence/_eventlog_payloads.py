@@ -46,6 +46,7 @@ __all__ = [
     "decode_payload",
     "is_spec_id_event03",
     "printable",
+    "quoted",
 ]
 
 
@@ -119,6 +120,11 @@ def printable(text: str, limit: int = _SUMMARY_LIMIT) -> str:
     return out if len(out) <= limit else out[: limit - 1] + "…"
 
 
+def quoted(text: str, limit: int = _SUMMARY_LIMIT) -> str:
+    """``text`` made :func:`printable`, in single quotes, for one-line summaries."""
+    return f"'{printable(text, limit)}'"
+
+
 def _guid(r: Reader, what: str) -> uuid.UUID:
     return uuid.UUID(bytes_le=r.take(16, what))
 
@@ -189,7 +195,7 @@ class NoActionEvent:
     body: bytes
 
     def summary(self) -> str:
-        return f"{printable(self.signature)!r} ({len(self.body)} bytes)"
+        return f"{quoted(self.signature)} ({len(self.body)} bytes)"
 
 
 @dataclass(frozen=True)
@@ -203,7 +209,7 @@ class TextEvent:
     encoding: str
 
     def summary(self) -> str:
-        return repr(printable(self.text))
+        return quoted(self.text)
 
 
 @dataclass(frozen=True)
@@ -227,7 +233,7 @@ class PlatformFirmwareBlob:
     def summary(self) -> str:
         text = f"blob base=0x{self.base:x} length=0x{self.length:x}"
         if self.description is not None:
-            text = f"{printable(self.description)!r} " + text
+            text = f"{quoted(self.description)} " + text
         return text
 
 
@@ -318,7 +324,7 @@ class EfiVariable:
             return f"{head} = " + ",".join(f"Boot{n:04X}" for n in self.boot_order)
         if self.load_option is not None:
             opt = self.load_option
-            return f"{head} = {printable(opt.description, 40)!r} {opt.device_path.summary()}"
+            return f"{head} = {quoted(opt.description, 40)} {opt.device_path.summary()}"
         if self.signatures is not None:
             counts: dict[str, int] = {}
             for sig in self.signatures:
@@ -622,8 +628,10 @@ def _decode_gpt(data: bytes) -> EfiGptEvent:
 
 def _decode_text(data: bytes) -> TextEvent:
     """ASCII/UTF-8, or UTF-16LE when the bytes look like it; a trailing NUL is dropped."""
-    if len(data) >= 2 and len(data) % 2 == 0 and data[1] == 0 and data[0] != 0:
-        return TextEvent(_utf16z(data), "utf-16-le")
+    # sd-boot logs UTF-16 plus one NUL byte (tpm2-tools event-arch-linux.bin, event 24).
+    even = data[:-1] if len(data) % 2 and data.endswith(b"\x00") else data
+    if len(even) >= 2 and len(even) % 2 == 0 and even[1] == 0 and even[0] != 0:
+        return TextEvent(_utf16z(even), "utf-16-le")
     text = data.rstrip(b"\x00")
     try:
         return TextEvent(text.decode("ascii"), "ascii")
