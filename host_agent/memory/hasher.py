@@ -155,15 +155,22 @@ def hash_extents(
     source: str = "file",
     workers: int | None = None,
     progress: Progress | None = None,
+    base: LeafSet | None = None,
 ) -> LeafSet:
     """Hash file extents (raw file, memfd, ELF segments) into the leaves of ``layout``.
 
-    Pages no extent covers keep the zero leaf.
+    Pages no extent covers keep the zero leaf, or with ``base`` (an incremental pass: ``layout``
+    must be ``base.layout``) their leaf in ``base``.
 
     Raises:
         MemorySourceError: a read fails or comes back short.
     """
-    builder = LeafBuilder(layout)
+    if base is not None:
+        if tuple(layout) != base.layout:
+            raise ValueError("an incremental pass keeps the layout of its base")
+        builder = LeafBuilder.from_leaves(base)
+    else:
+        builder = LeafBuilder(layout)
     n = workers or default_workers()
     total = [sum(p for _, p in layout)]
     with ThreadPoolExecutor(n, thread_name_prefix="memhash") as pool:

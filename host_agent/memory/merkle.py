@@ -440,6 +440,13 @@ class LeafBuilder:
                 raise ValueError("pages must be >= 0")
             self._blocks[name] = bytearray(ZERO_LEAF * pages)
 
+    @classmethod
+    def from_leaves(cls, leaves: LeafSet) -> LeafBuilder:
+        """A builder that starts from existing leaves (for an incremental pass)."""
+        b = cls([])
+        b._blocks = {blk.name: bytearray(blk.leaves) for blk in leaves.blocks}
+        return b
+
     def has(self, name: str) -> bool:
         return name in self._blocks
 

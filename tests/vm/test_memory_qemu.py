@@ -161,3 +161,49 @@ def test_cli_hash_and_diff_json(captured: Captured, capsys: pytest.CaptureFixtur
     rc = main(["memory", "diff", str(leaves), str(captured.stream), "--json"])
     assert rc == 2  # different block sets: a typed error, one line on stderr
     assert "memory.layout_mismatch" in capsys.readouterr().err
+
+
+def test_dirty_tracker_falls_back_to_an_announced_full_hash(tmp_path: Path) -> None:
+    """On this machine's kernel soft-dirty is unavailable; the tracker must say so and hash all.
+
+    (Where the kernel has soft-dirty, the fallback is forced through the probe parameter.)
+    """
+    from host_agent.memory.dirty import SoftDirtyTracker, TrackerSupport, probe_soft_dirty
+
+    support = probe_soft_dirty()
+    probe = probe_soft_dirty
+    if support.available:
+
+        def probe() -> TrackerSupport:
+            return TrackerSupport(False, "forced by the test")
+
+    make_ram_image(tmp_path / "ram.bin", 1 << 20, seed=3)
+    said: list[str] = []
+    with qemu_with_ram(tmp_path, tmp_path / "ram.bin") as q:
+        q.qmp.execute("cont")
+        tracker = SoftDirtyTracker(q.pid, probe=probe, announce=said.append)
+        first = tracker.start()
+        assert first.mode == "full" and "unavailable" in said[0]
+        # Write into guest RAM behind the guest's back (through the memfd), then stop.
+        with open(f"/proc/{q.pid}/fd/{_memfd_fd(q.pid)}", "r+b") as f:
+            f.seek(0x800000 + 5)
+            f.write(b"\xff" * 3)
+            f.seek(0x900000)
+            f.write(b"\x01")
+        q.qmp.execute("stop")
+        last = tracker.finish()
+        full = hash_source(f"pid:{q.pid}").leaves
+    assert last.mode == "full" and last.rehashed_pages == last.leaves.pages
+    assert any("full hash at the stop" in s for s in said)
+    assert last.leaves == full
+    changed = merkle.diff(first.leaves, last.leaves)
+    assert (0x800, 0x800) in changed and (0x900, 0x900) in changed
+
+
+def _memfd_fd(pid: int) -> str:
+    import os
+
+    for n in os.listdir(f"/proc/{pid}/fd"):
+        if os.readlink(f"/proc/{pid}/fd/{n}").startswith("/memfd:memory-backend-memfd"):
+            return n
+    raise AssertionError("no memfd")
