@@ -329,6 +329,7 @@ class TrustedStore:
         self._increment_pending = increment_pending
         self._state = StoreRunState.OPEN
         self._lock = threading.RLock()
+        self._in_transaction = False
 
     # ---------------------------------------------------------------- creation and opening
 
@@ -559,7 +560,7 @@ class TrustedStore:
             raise StoreStateError(self._state.value, required.value, detail)
 
     def close(self) -> None:
-        """Release the database connections and forget the key. Safe to call twice."""
+        """Release the database connections; every later call is refused. Safe to call twice."""
         with self._lock:
             if self._state is not StoreRunState.CLOSED:
                 self._state = StoreRunState.CLOSED
@@ -720,12 +721,20 @@ class TrustedStore:
         """Stage several puts and deletes and commit them as one change, or none on error.
 
         The store's lock is held for the whole block, so reads through the transaction see a
-        stable store; keep blocks short.
+        stable store; keep blocks short. Write through ``tx`` only: a store write inside the
+        block (or a nested transaction) is refused with ``ValueError``.
         """
         with self._lock:
             self._require(StoreRunState.OPEN)
+            if self._in_transaction:
+                raise ValueError("a store transaction is already open in this thread; use its tx")
             tx = StoreTransaction(self)
-            yield tx
+            self._in_transaction = True
+            try:
+                yield tx
+            finally:
+                self._in_transaction = False
+                tx._done = True
             # A delete of a record that never existed is no change, so no new generation.
             changes = {
                 key: item
@@ -880,9 +889,15 @@ class StoreTransaction:
     def __init__(self, store: TrustedStore) -> None:
         self._store = store
         self._staged: dict[Key, _Staged | None] = {}
+        self._done = False
+
+    def _require_open(self) -> None:
+        if self._done:
+            raise ValueError("this store transaction has ended")
 
     def put(self, record_type: str, record_id: str, payload: bytes | Mapping[str, Any]) -> None:
         """Stage a create-or-replace. See :meth:`TrustedStore.put`."""
+        self._require_open()
         item = self._store._seal(record_type, record_id, payload)
         self._staged[(record_type, record_id)] = item
 
@@ -892,6 +907,7 @@ class StoreTransaction:
         Raises:
             RecordNotFound: no such record (staged or stored) and ``missing_ok`` is off.
         """
+        self._require_open()
         _check_type(record_type)
         _check_id(record_id)
         key = (record_type, record_id)
@@ -908,6 +924,8 @@ class StoreTransaction:
         return found
 
     def find(self, record_type: str, record_id: str) -> Record | None:
+        """Like :meth:`get`, but ``None`` when the record does not exist (or is staged deleted)."""
+        self._require_open()
         key = (record_type, record_id)
         if key in self._staged:
             item = self._staged[key]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,6 +312,39 @@ def test_every_change_is_one_generation_and_one_counter_step(
     assert store.generation == start + 2
     assert tpm.counter_read(config.counter_index) == start + 2
     assert store.find("vaik", "a") is None
+
+
+def test_transaction_misuse_is_value_error(store: TrustedStore) -> None:
+    with store.transaction() as tx:
+        tx.put("vaik", "a", b"1")
+        with pytest.raises(ValueError, match="already open"):
+            store.put("vaik", "b", b"2")
+    with pytest.raises(ValueError, match="has ended"):
+        tx.put("vaik", "c", b"3")
+    assert store.record_ids("vaik") == ["a"]
+
+
+def test_concurrent_writers_in_one_process_are_serialised(
+    store: TrustedStore, tpm: PytssHostTpm, config: StoreConfig
+) -> None:
+    start = store.generation
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(5):
+                store.put("journal", f"t{n}-{i}", {"n": n, "i": i})
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(store.record_ids("journal")) == 20
+    assert store.generation == start + 20 == tpm.counter_read(config.counter_index)
 
 
 def test_failed_transaction_writes_nothing(
