@@ -20,9 +20,10 @@ Rules this module lives by:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
+from types import MappingProxyType
 from typing import Final, TypeVar
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -176,77 +177,40 @@ class TpmaObject(IntFlag):
 TPM_GENERATED_VALUE: Final = 0xFF544347
 """TPM_GENERATED (Part 2 §6.2): the magic that opens every TPMS_ATTEST the TPM signs."""
 
-TPM2B_MAX_SIZES: Final = {
-    "TPM2B_DIGEST": 64,  # sizeof(TPMU_HA)
-    "TPM2B_DATA": 66,  # sizeof(TPMT_HA)
-    "TPM2B_NAME": 66,  # sizeof(TPMU_NAME)
-    "TPM2B_ECC_PARAMETER": 128,  # MAX_ECC_KEY_BYTES, generously
-    "TPM2B_PUBLIC_KEY_RSA": 512,  # MAX_RSA_KEY_BYTES (RSA-4096)
-    "TPM2B_PUBLIC": 0xFFFF,
-    "TPM2B_ATTEST": 0xFFFF,
-}
-"""Largest ``size`` we accept for each TPM2B (Part 2 §10.4, §11.2.5, §12.2.5, §10.12.9)."""
+TPM2B_MAX_SIZES: Final[Mapping[str, int]] = MappingProxyType(
+    {
+        "TPM2B_DIGEST": 64,  # sizeof(TPMU_HA)
+        "TPM2B_DATA": 66,  # sizeof(TPMT_HA)
+        "TPM2B_NAME": 66,  # sizeof(TPMU_NAME)
+        "TPM2B_ECC_PARAMETER": 128,  # MAX_ECC_KEY_BYTES, generously (P-521 needs 66)
+        "TPM2B_PUBLIC_KEY_RSA": 512,  # MAX_RSA_KEY_BYTES (RSA-4096)
+        "TPM2B_PUBLIC": 0xFFFF,  # bounded by the bytes that remain
+        "TPM2B_ATTEST": 0xFFFF,  # bounded by the bytes that remain
+    }
+)
+"""Largest ``size`` accepted for each TPM2B type (Part 2 buffer bounds of each structure)."""
+
+
+def _algs(names: str) -> frozenset[TpmAlgId]:
+    return frozenset(TpmAlgId[f"TPM_ALG_{name}"] for name in names.split())
+
+
+def _sts(names: str) -> frozenset[TpmSt]:
+    return frozenset(TpmSt[f"TPM_ST_ATTEST_{name}"] for name in names.split())
+
 
 _NULL: Final = TpmAlgId.TPM_ALG_NULL
 _HASH_ALGS: Final = frozenset(HASH_ALGS)
-_SYM_OBJECT_ALGS: Final = frozenset(
-    {TpmAlgId.TPM_ALG_AES, TpmAlgId.TPM_ALG_SM4, TpmAlgId.TPM_ALG_CAMELLIA}
-)
-_SYM_MODES: Final = frozenset(
-    {
-        TpmAlgId.TPM_ALG_CTR,
-        TpmAlgId.TPM_ALG_OFB,
-        TpmAlgId.TPM_ALG_CBC,
-        TpmAlgId.TPM_ALG_CFB,
-        TpmAlgId.TPM_ALG_ECB,
-        _NULL,
-    }
-)
-_RSA_SCHEMES: Final = frozenset(
-    {
-        TpmAlgId.TPM_ALG_RSASSA,
-        TpmAlgId.TPM_ALG_RSAPSS,
-        TpmAlgId.TPM_ALG_RSAES,
-        TpmAlgId.TPM_ALG_OAEP,
-        _NULL,
-    }
-)
-_ECC_SCHEMES: Final = frozenset(
-    {
-        TpmAlgId.TPM_ALG_ECDSA,
-        TpmAlgId.TPM_ALG_ECDAA,
-        TpmAlgId.TPM_ALG_SM2,
-        TpmAlgId.TPM_ALG_ECSCHNORR,
-        TpmAlgId.TPM_ALG_ECDH,
-        TpmAlgId.TPM_ALG_ECMQV,
-        _NULL,
-    }
-)
-_KDF_SCHEMES: Final = frozenset(
-    {
-        TpmAlgId.TPM_ALG_MGF1,
-        TpmAlgId.TPM_ALG_KDF1_SP800_56A,
-        TpmAlgId.TPM_ALG_KDF2,
-        TpmAlgId.TPM_ALG_KDF1_SP800_108,
-        _NULL,
-    }
-)
-_RSA_KEY_BITS: Final = frozenset({1024, 2048, 3072, 4096})
-_SIG_SCHEMES: Final = frozenset(
-    {TpmAlgId.TPM_ALG_RSASSA, TpmAlgId.TPM_ALG_RSAPSS, TpmAlgId.TPM_ALG_ECDSA}
-)
-_RSA_SIG_SCHEMES: Final = frozenset({TpmAlgId.TPM_ALG_RSASSA, TpmAlgId.TPM_ALG_RSAPSS})
-_ATTEST_TYPES: Final = frozenset({TpmSt.TPM_ST_ATTEST_CERTIFY, TpmSt.TPM_ST_ATTEST_QUOTE})
-_OTHER_ATTEST_TYPES: Final = frozenset(
-    {
-        TpmSt.TPM_ST_ATTEST_NV,
-        TpmSt.TPM_ST_ATTEST_COMMAND_AUDIT,
-        TpmSt.TPM_ST_ATTEST_SESSION_AUDIT,
-        TpmSt.TPM_ST_ATTEST_TIME,
-        TpmSt.TPM_ST_ATTEST_CREATION,
-        TpmSt.TPM_ST_ATTEST_NV_DIGEST,
-    }
-)
+_SYM_OBJECT_ALGS: Final = _algs("AES SM4 CAMELLIA")  # TPMI_ALG_SYM_OBJECT
+_SYM_MODES: Final = _algs("CTR OFB CBC CFB ECB NULL")  # TPMI_ALG_SYM_MODE+
+_RSA_SCHEMES: Final = _algs("RSASSA RSAPSS RSAES OAEP NULL")  # TPMI_ALG_RSA_SCHEME+
+_ECC_SCHEMES: Final = _algs("ECDSA ECDAA SM2 ECSCHNORR ECDH ECMQV NULL")  # TPMI_ALG_ECC_SCHEME+
+_KDF_SCHEMES: Final = _algs("MGF1 KDF1_SP800_56A KDF2 KDF1_SP800_108 NULL")  # TPMI_ALG_KDF+
+_SIG_SCHEMES: Final = _algs("RSASSA RSAPSS ECDSA")  # the TPMI_ALG_SIG_SCHEME we verify
+_RSA_SIG_SCHEMES: Final = _algs("RSASSA RSAPSS")
+_RSA_KEY_BITS: Final = frozenset({1024, 2048, 3072, 4096})  # TPMI_RSA_KEY_BITS
+_ATTEST_TYPES: Final = _sts("CERTIFY QUOTE")
+_OTHER_ATTEST_TYPES: Final = _sts("NV COMMAND_AUDIT SESSION_AUDIT TIME CREATION NV_DIGEST")
 _PCR_SELECT_MAX: Final = 32  # PCR_SELECT_MAX: 256 PCRs is far beyond any TPM
 _HASH_COUNT_MAX: Final = 16  # HASH_COUNT: banks in one TPML_PCR_SELECTION
 _EC_CURVES: Final[dict[int, Callable[[], ec.EllipticCurve]]] = {
@@ -355,7 +319,7 @@ def _exact(data: bytes, what: str, read: Callable[[Reader], _T]) -> _T:
 # TPM2B_* wrappers
 
 
-def unmarshal_tpm2b(data: bytes, kind: str = "TPM2B_DIGEST") -> bytes:
+def unmarshal_tpm2b(data: bytes, kind: str) -> bytes:
     """Unwrap one TPM2B structure that must fill ``data`` exactly.
 
     Args:
@@ -374,7 +338,7 @@ def unmarshal_tpm2b(data: bytes, kind: str = "TPM2B_DIGEST") -> bytes:
     return _exact(data, kind, lambda r: _read_tpm2b_bytes(r, kind, kind))
 
 
-def marshal_tpm2b(payload: bytes, kind: str = "TPM2B_DIGEST") -> bytes:
+def marshal_tpm2b(payload: bytes, kind: str) -> bytes:
     """Wrap ``payload`` as the TPM2B ``kind`` (``size`` then bytes).
 
     Raises:
@@ -425,7 +389,7 @@ class TpmtSymDefObject:
 
 @dataclass(frozen=True)
 class TpmtScheme:
-    """TPMT_RSA_SCHEME, TPMT_ECC_SCHEME or TPMT_KDF_SCHEME (Part 2 §11.2, §11.4).
+    """TPMT_RSA_SCHEME, TPMT_ECC_SCHEME or TPMT_KDF_SCHEME (Part 2 §11.2).
 
     ``hash_alg`` is the details' hashAlg (absent for TPM_ALG_NULL and TPM_ALG_RSAES); ``count`` is
     present only for TPM_ALG_ECDAA (TPMS_SCHEME_ECDAA).

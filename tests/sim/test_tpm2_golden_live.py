@@ -25,16 +25,38 @@ from tests.vectors.test_tpm2_vectors import check_certify, check_key, check_quot
 LIVE_PCR = 16
 
 
+def _tpm_state(tpm: Swtpm) -> tuple[str, ...]:
+    """What other tests could notice: loaded and persistent objects, and the live PCR."""
+    outputs = []
+    for args in (
+        ["tpm2_getcap", "handles-transient"],
+        ["tpm2_getcap", "handles-persistent"],
+        ["tpm2_pcrread", f"sha256:{LIVE_PCR}+sha1:{LIVE_PCR}"],
+    ):
+        proc = subprocess.run(args, env=tpm.tools_env(), capture_output=True, text=True, check=True)
+        outputs.append(proc.stdout)
+    return tuple(outputs)
+
+
 @pytest.fixture(scope="module")
 def live(
     swtpm: Swtpm, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Path, dict[str, Any]]]:
     out = tmp_path_factory.mktemp("tpm2-live")
+    before = _tpm_state(swtpm)
     try:
         expected = capture(swtpm, out, pcr=LIVE_PCR)
     finally:
-        subprocess.run(["tpm2_pcrreset", str(LIVE_PCR)], env=swtpm.tools_env(), capture_output=True)
+        subprocess.run(
+            ["tpm2_pcrreset", str(LIVE_PCR)], env=swtpm.tools_env(), capture_output=True, check=True
+        )
+    expected["state_unchanged"] = _tpm_state(swtpm) == before
     yield out, expected
+
+
+def test_live_capture_leaves_the_shared_swtpm_as_it_was(live: tuple[Path, dict[str, Any]]) -> None:
+    _, expected = live
+    assert expected["state_unchanged"]
 
 
 @pytest.mark.parametrize("key", ["primary", *KEYS])

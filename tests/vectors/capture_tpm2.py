@@ -76,13 +76,30 @@ SIGNS: dict[str, tuple[str, str]] = {  # name -> (key, tpm2_sign scheme)
 }
 
 
-def _run(tpm: Swtpm, cwd: Path, command: str) -> str:
-    """Run one tpm2-tools command line, then flush transients (swtpm has no resource manager)."""
-    args = command.split()
+def _transients(tpm: Swtpm) -> set[str]:
     proc = subprocess.run(
-        args, cwd=cwd, env=tpm.tools_env(), capture_output=True, text=True, check=False
+        ["tpm2_getcap", "handles-transient"],
+        env=tpm.tools_env(),
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    subprocess.run(["tpm2_flushcontext", "-t"], env=tpm.tools_env(), capture_output=True)
+    return {line.lstrip("- ").strip() for line in proc.stdout.splitlines() if line.strip()}
+
+
+def _run(tpm: Swtpm, cwd: Path, command: str) -> str:
+    """Run one tpm2-tools command line, then flush the transient objects it left loaded.
+
+    swtpm has no resource manager and holds 3 transient objects; tools like tpm2_createprimary
+    and tpm2_load leave theirs loaded. Only objects this command created are flushed, so objects
+    other tests hold in a shared swtpm survive.
+    """
+    before = _transients(tpm)
+    proc = subprocess.run(
+        command.split(), cwd=cwd, env=tpm.tools_env(), capture_output=True, text=True, check=False
+    )
+    for handle in sorted(_transients(tpm) - before):
+        subprocess.run(["tpm2_flushcontext", handle], env=tpm.tools_env(), capture_output=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{command} failed ({proc.returncode}):\n{proc.stderr}")
     return proc.stdout
