@@ -97,8 +97,8 @@ def _bytes(obj: dict[str, Any], key: str, what: str, limit: int) -> bytes:
         data = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as err:
         raise _fail(f"{what}.{key}", "standard padded base64", str(err)) from err
-    if not data:
-        raise _fail(f"{what}.{key}", "non-empty bytes", "empty")
+    if not 1 <= len(data) <= limit:
+        raise _fail(f"{what}.{key}", f"1 to {limit} bytes", f"{len(data)} bytes")
     return data
 
 
