@@ -1181,16 +1181,24 @@ def _name_hex(public: TpmtPublic) -> str:
 
 
 def verify_attest_signature(
-    attest_bytes: bytes, signature: TpmtSignature, signer: TpmtPublic
+    attest_bytes: bytes,
+    signature: TpmtSignature,
+    signer: TpmtPublic,
+    *,
+    allow_unrestricted_signer: bool = False,
 ) -> None:
     """Verify the TPM's signature over a TPMS_ATTEST (TPM2_Certify, TPM2_Quote).
 
     Checks, in order:
 
-    1. the signer has the ``sign`` attribute (TPMA_OBJECT);
-    2. the signature algorithm fits the key type (ECDSA ↔ ECC, RSASSA/RSAPSS ↔ RSA);
-    3. if the key fixes a scheme, the signature uses exactly that scheme and hash;
-    4. the signature verifies over H_hash(attest_bytes), hash being TPMT_SIGNATURE's.
+    1. the signer is a restricted key (TPMA_OBJECT ``restricted``): only then does the TPM
+       refuse to sign outside data that starts with TPM_GENERATED_VALUE, so only then is a
+       signed TPMS_ATTEST proof that the TPM produced it (TPM2_Sign with a restricted key
+       needs a TPM2_Hash ticket, which the TPM withholds for such data);
+    2. the signer has the ``sign`` attribute;
+    3. the signature algorithm fits the key type (ECDSA ↔ ECC, RSASSA/RSAPSS ↔ RSA);
+    4. if the key fixes a scheme, the signature uses exactly that scheme and hash;
+    5. the signature verifies over H_hash(attest_bytes), hash being TPMT_SIGNATURE's.
 
     The caller must already trust ``signer`` (e.g. through its certificate chain) and parses
     ``attest_bytes`` with :meth:`TpmsAttest.unmarshal` to read what was attested.
@@ -1199,6 +1207,8 @@ def verify_attest_signature(
         attest_bytes: the exact TPMS_ATTEST bytes the TPM returned (not a TPM2B_ATTEST).
         signature: the parsed TPMT_SIGNATURE.
         signer: the public area of the signing key.
+        allow_unrestricted_signer: skip check 1, for keys whose holder could also have signed a
+            forged TPMS_ATTEST with TPM2_Sign.
 
     Raises:
         SignatureError: any check fails; wraps cryptography's InvalidSignature.
@@ -1207,6 +1217,12 @@ def verify_attest_signature(
     """
     if not isinstance(attest_bytes, bytes):
         raise TypeError(f"attest_bytes must be bytes, got {type(attest_bytes).__name__}")
+    if not allow_unrestricted_signer and not signer.object_attributes & TpmaObject.RESTRICTED:
+        raise SignatureError(
+            "TPMS_ATTEST signature: expected a restricted signing key, whose attestations only "
+            f"the TPM can produce; got objectAttributes 0x{signer.object_attributes:08x} without "
+            "restricted (allow_unrestricted_signer=True accepts it)"
+        )
     _verify_digest(attest_bytes, signature, signer, "TPMS_ATTEST signature")
 
 

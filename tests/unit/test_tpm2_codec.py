@@ -522,7 +522,7 @@ EC_KEYS: dict[int, ec.EllipticCurvePrivateKey] = {
 }
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 RSA_KEY_E3 = rsa.generate_private_key(public_exponent=3, key_size=2048)
-SIGN_ATTRS = 0x00040072
+SIGN_ATTRS = 0x00050072  # fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|restricted|sign
 
 
 def ecc_public(
@@ -702,6 +702,18 @@ def test_signer_without_the_sign_attribute() -> None:
     data = QUOTE.marshal()
     with pytest.raises(SignatureError, match="sign attribute"):
         verify_attest_signature(data, ecdsa_sign(key, data, SHA256), signer)
+
+
+def test_attestation_by_an_unrestricted_key_is_refused_by_default() -> None:
+    """Its holder could TPM2_Sign a forged TPMS_ATTEST; only a restricted key proves the TPM."""
+    key = EC_KEYS[TpmEccCurve.TPM_ECC_NIST_P256]
+    signer = ecc_public(key, TpmEccCurve.TPM_ECC_NIST_P256, attributes=0x00040072)
+    data = QUOTE.marshal()
+    signature = ecdsa_sign(key, data, SHA256)
+    with pytest.raises(SignatureError, match="allow_unrestricted_signer"):
+        verify_attest_signature(data, signature, signer)
+    verify_attest_signature(data, signature, signer, allow_unrestricted_signer=True)
+    verify_signature(b"message", ecdsa_sign(key, b"message", SHA256), signer)
 
 
 def test_signature_by_another_key() -> None:
