@@ -1,0 +1,138 @@
+"""``vtpm-host init`` and ``vtpm-host tpm info``.
+
+Both build the configuration once (``--config``, the ``VTPM_*`` environment, ``--state-dir``,
+``--tcti``) and pass its slices down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..config import AgentConfig, load_config, with_state_dir
+from .provision import InitStep, init_host, tpm_info
+
+__all__ = ["INIT_STEPS", "register"]
+
+#: Extra ``init`` steps, ``"module:function"`` (see :data:`host_agent.tpm.provision.InitStep`),
+#: run in order after the host keys exist; registration with the registrar goes here.
+INIT_STEPS: tuple[str, ...] = ()
+
+_DISCOVERY_HELP = (
+    "TPM discovery: --tcti (or tpm.tcti / VTPM_TPM_TCTI) wins; else the first tpmrm device udev "
+    "knows (/dev/tpmrm0); else an embedded swtpm 'software root' is provisioned (swtpm_setup, EK "
+    "certificates from swtpm-localca) and run under <state-dir>/tpm/swtpm: DEVELOPMENT ONLY."
+)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, metavar="FILE", help="agent configuration (TOML)")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="agent state directory (default /var/lib/vtpm-trust, or VTPM_STATE_DIR)",
+    )
+    p.add_argument("--tcti", metavar="TCTI", help="TPM TCTI, e.g. device:/dev/tpmrm0")
+
+
+def _config(args: argparse.Namespace) -> AgentConfig:
+    import dataclasses
+
+    config = load_config(args.config, os.environ)
+    if args.state_dir is not None:
+        config = with_state_dir(config, args.state_dir.resolve())
+    if args.tcti:
+        config = dataclasses.replace(config, tpm=dataclasses.replace(config.tpm, tcti=args.tcti))
+    return config
+
+
+def _steps() -> list[InitStep]:
+    steps: list[InitStep] = []
+    for spec in INIT_STEPS:
+        module, _, func = spec.partition(":")
+        steps.append(getattr(importlib.import_module(module), func))
+    return steps
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    report = init_host(_config(args), steps=_steps())
+    if report.root == "software":
+        print("WARNING: software root (embedded swtpm): for development only", file=sys.stderr)
+    if report.changed:
+        for key in report.keys.created:
+            print(f"created {key}")
+        for msg in report.steps:
+            print(msg)
+    else:
+        print("nothing to do: SRK, AIK and AuthKey exist")
+    print(f"aik_name {report.keys.aik_name.hex()}")
+    print(f"authkey_name {report.keys.authkey_name.hex()}")
+    locality = " + PolicyLocality(0)" if report.keys.authkey_locality else ""
+    print(f"authkey_policy {report.keys.authkey_policy.hex()} (PolicyPCR sha256:0-8{locality})")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    info = tpm_info(_config(args))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    _print_info(info)
+    return 0
+
+
+def _print_info(info: dict[str, Any]) -> None:
+    dev = "  (DEVELOPMENT ONLY)" if info["root"] == "software" else ""
+    print(f"root           {info['root']}{dev}")
+    print(f"tcti           {info['tcti']}")
+    for c in info["ek_certificates"]:
+        print(f"ek certificate {c['nv_index']}  subject {c['subject']}  issuer {c['issuer']}")
+    if info["aik_name"] is None:
+        print("host keys      missing: run `vtpm-host init`")
+    else:
+        print(f"aik_name       {info['aik_name']}")
+        print(f"authkey_name   {info['authkey_name']}")
+        print(f"authkey_policy {info['authkey_policy']}")
+    for i, v in info["pcrs"]["sha256"].items():
+        print(f"pcr sha256:{i:<2}  {v}")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``init`` and ``tpm`` to the ``vtpm-host`` parser."""
+    init = subparsers.add_parser(
+        "init",
+        help="admit this host: find the TPM, create SRK, AIK and AuthKey (idempotent)",
+        description=(
+            "Create whatever is missing: the software root if there is no TPM, the SRK "
+            "(persistent 0x81000001), the AIK (restricted ECC P-256 signing key) and the "
+            "AuthKey (usable only while PCR0-8 hold today's values), then the registration "
+            "steps. A second run changes nothing and says 'nothing to do'. " + _DISCOVERY_HELP
+        ),
+    )
+    _common(init)
+    init.set_defaults(func=_cmd_init)
+
+    tpm = subparsers.add_parser(
+        "tpm",
+        help="inspect the host TPM",
+        description="Inspect the host TPM. " + _DISCOVERY_HELP,
+    )
+    tsub = tpm.add_subparsers(dest="tpm_command", metavar="SUBCOMMAND", required=True)
+    info = tsub.add_parser(
+        "info",
+        help="root, TCTI, EK certificates, host key names, AuthKey policy, PCR0-8",
+        description=(
+            "Print what the host TPM is (hardware or the development software root), its EK "
+            "certificates, the AIK and AuthKey names, AuthKey's policy digest and PCR0-8 of "
+            "the sha256 bank."
+        ),
+    )
+    _common(info)
+    info.add_argument("--json", action="store_true", help="one JSON document")
+    info.set_defaults(func=_cmd_info)

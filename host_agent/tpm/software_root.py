@@ -1,0 +1,245 @@
+"""The embedded *software root*: a swtpm the agent provisions, starts and stops itself.
+
+For development and single-machine trials only: a software TPM's keys live in files on this very
+host, so it proves nothing about the host to anyone. Discovery announces it loudly.
+
+Layout under ``directory`` (the agent's ``<tpm state_dir>/swtpm``)::
+
+    tpm2-00.permall     swtpm state (made by swtpm_setup: RSA-2048 + ECC P-384 EKs with EK
+                        certificates from swtpm-localca, a platform certificate, sha256 bank)
+    swtpm.sock(.ctrl)   server and control unix sockets (TCTI ``swtpm:path=…/swtpm.sock``)
+    swtpm.pid           pid file     swtpm.log    log
+
+swtpm_setup's local CA (/var/lib/swtpm-localca) must stay owned by ``tss``: running swtpm_setup as
+root leaves root-owned files there and later breaks libvirt's own swtpm_setup (platform-notes §3),
+so after provisioning as root the ownership is handed back to ``tss``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from .errors import SoftwareRootError
+
+__all__ = ["LOCALCA_DIR", "RunState", "SoftwareRoot"]
+
+log = logging.getLogger(__name__)
+
+LOCALCA_DIR = Path("/var/lib/swtpm-localca")
+
+
+class RunState(enum.Enum):
+    STOPPED = "stopped"
+    RUNNING = "running"  # started by us
+    ATTACHED = "attached"  # already running (another agent process started it); not ours to stop
+
+
+class SoftwareRoot:
+    """One embedded swtpm.
+
+    Args:
+        directory: state directory (created if missing).
+        start_timeout: seconds to wait for the sockets.
+    """
+
+    def __init__(self, directory: Path, *, start_timeout: float = 10.0) -> None:
+        self.directory = Path(directory)
+        self.start_timeout = start_timeout
+        self.state = RunState.STOPPED
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.directory / "swtpm.sock"
+
+    @property
+    def ctrl_path(self) -> Path:
+        return self.directory / "swtpm.sock.ctrl"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.directory / "swtpm.pid"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "swtpm.log"
+
+    @property
+    def tcti(self) -> str:
+        return f"swtpm:path={self.socket_path}"
+
+    @property
+    def provisioned(self) -> bool:
+        return (self.directory / "tpm2-00.permall").exists()
+
+    def provision(self) -> bool:
+        """Run swtpm_setup once (EK certs by swtpm-localca). Returns True if it ran."""
+        if self.provisioned:
+            return False
+        self._require("swtpm_setup")
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cmd = [
+            "swtpm_setup",
+            "--tpm2",
+            "--tpmstate",
+            str(self.directory),
+            "--create-ek-cert",
+            "--create-platform-cert",
+            "--lock-nvram",
+            "--pcr-banks",
+            "sha256",
+            "--ecc",
+            "--not-overwrite",
+        ]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+        except subprocess.CalledProcessError as err:
+            out = (err.stdout or b"").decode(errors="replace") + (err.stderr or b"").decode(
+                errors="replace"
+            )
+            raise SoftwareRootError(
+                f"swtpm_setup failed with status {err.returncode}: {out.strip()[-800:]}"
+            ) from err
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise SoftwareRootError(f"swtpm_setup could not run: {err}") from err
+        self._restore_localca_owner()
+        log.info("software root provisioned in %s", self.directory)
+        return True
+
+    @staticmethod
+    def _restore_localca_owner() -> None:
+        if os.geteuid() != 0 or not LOCALCA_DIR.is_dir():
+            return
+        try:
+            tss = pwd.getpwnam("tss")
+        except KeyError:
+            return
+        for root, dirs, files in os.walk(LOCALCA_DIR):
+            for n in [root, *(os.path.join(root, d) for d in dirs)] + [
+                os.path.join(root, f) for f in files
+            ]:
+                with contextlib.suppress(OSError):
+                    os.chown(n, tss.pw_uid, 0)
+
+    @staticmethod
+    def _require(binary: str) -> None:
+        if shutil.which(binary) is None:
+            raise SoftwareRootError(
+                f"{binary} is not installed; install swtpm and swtpm-tools, or configure a TPM "
+                "(tpm.tcti) instead of the software root"
+            )
+
+    def _running_pid(self) -> int | None:
+        try:
+            pid = int(self.pid_path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        return pid if b"swtpm" in cmdline and str(self.directory).encode() in cmdline else None
+
+    def start(self) -> None:
+        """Provision if needed and start swtpm (or attach to the one already running here)."""
+        if self.state is not RunState.STOPPED:
+            return
+        self.provision()
+        if self._running_pid() is not None and self.ctrl_path.exists():
+            self.state = RunState.ATTACHED
+            log.info("software root already running (pid file %s): attached", self.pid_path)
+            return
+        self._require("swtpm")
+        for stale in (self.socket_path, self.ctrl_path, self.pid_path):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        cmd = [
+            "swtpm",
+            "socket",
+            "--tpm2",
+            "--tpmstate",
+            f"dir={self.directory},mode=0600",
+            "--server",
+            f"type=unixio,path={self.socket_path},mode=0600",
+            "--ctrl",
+            f"type=unixio,path={self.ctrl_path},mode=0600",
+            "--flags",
+            "not-need-init,startup-clear",
+            "--pid",
+            f"file={self.pid_path}",
+            "--log",
+            f"file={self.log_path},level=1",
+        ]
+        try:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError as err:
+            raise SoftwareRootError(f"swtpm could not start: {err}") from err
+        try:
+            self._wait_ready()
+        except SoftwareRootError:
+            self._kill()
+            raise
+        self.state = RunState.RUNNING
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        assert self._proc is not None
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise SoftwareRootError(
+                    f"swtpm exited with status {self._proc.returncode} at start; "
+                    f"see {self.log_path}"
+                )
+            if self.ctrl_path.exists() and self.socket_path.exists():
+                with (
+                    contextlib.suppress(OSError),
+                    socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s,
+                ):
+                    s.settimeout(0.5)
+                    s.connect(str(self.ctrl_path))
+                    return
+            time.sleep(0.01)
+        raise SoftwareRootError(f"swtpm did not open {self.ctrl_path} in {self.start_timeout} s")
+
+    def _kill(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(5)
+        self._proc = None
+
+    def stop(self) -> None:
+        """Stop the swtpm if this object started it (an attached one keeps running)."""
+        if self.state is RunState.RUNNING:
+            self._kill()
+            for path in (self.socket_path, self.ctrl_path, self.pid_path):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        self.state = RunState.STOPPED
