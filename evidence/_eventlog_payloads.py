@@ -115,7 +115,8 @@ def printable(text: str, limit: int = _SUMMARY_LIMIT) -> str:
     sequences), and a 1 MB "string" must not flood a table.
     """
     out = "".join(
-        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+        for ch in text[: limit + 1]
     )
     return out if len(out) <= limit else out[: limit - 1] + "…"
 
