@@ -17,8 +17,9 @@ Theory of operation (protocols.md §6.2; sources: torvalds/linux ``security/inte
 * The default files log the SHA-1 template hash. Linux >= 5.8 extends each PCR bank with
   ``H_bank(hash input)`` (rule ``"5.8"``); older kernels extended every bank with the SHA-1 template
   hash zero-padded to the bank size (rule ``"pre-5.8"``).
-* A violation is logged with an all-zero template hash; the PCR was extended with ``0xFF`` bytes of
-  the bank size, and the template hash check is skipped for it.
+* A violation is logged with an all-zero template hash; the PCR was extended with ``0xFF`` bytes
+  (bank size since 5.8; before, 20 bytes zero-padded like every digest), and the template hash
+  check is skipped for it.
 
 Decisions:
 
@@ -37,6 +38,7 @@ Decisions:
 
 from __future__ import annotations
 
+import binascii
 import enum
 import functools
 import hashlib
@@ -48,7 +50,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from evidence._algorithms import HASH_ALG_IDS, HASH_ALGS
-from evidence._reader import Reader
 from evidence.errors import (
     HashAlgorithmNotAllowed,
     ParseError,
@@ -90,7 +91,8 @@ _BANK_ALGS = {
     name: HASH_ALGS[HASH_ALG_IDS[name]] for name in ("sha1", "sha256", "sha384", "sha512")
 }
 _BANK_HASH: Mapping[str, Callable[[bytes], hashlib._Hash]] = {
-    name: functools.partial(hashlib.new, alg.hashlib_name) for name, alg in _BANK_ALGS.items()
+    name: getattr(hashlib, alg.hashlib_name, functools.partial(hashlib.new, alg.hashlib_name))
+    for name, alg in _BANK_ALGS.items()
 }
 _BANK_SIZE: Mapping[str, int] = {name: alg.digest_size for name, alg in _BANK_ALGS.items()}
 BANKS: tuple[str, ...] = tuple(_BANK_SIZE)
@@ -113,7 +115,7 @@ _MAX_TEMPLATE_DATA = 16 * 1024 * 1024  # far above anything the kernel writes (a
 _U32 = struct.Struct("<I")
 _ALGO_RE = re.compile(rb"[a-z0-9][a-z0-9-]{0,31}")
 _TEMPLATE_NAME_RE = re.compile(rb"[!-~]{1,15}")  # printable, no space
-_HEX_RE = re.compile(rb"(?:[0-9a-fA-F]{2})*")
+_FILE_DIGEST_SIZE_B = {k.encode(): v for k, v in _FILE_DIGEST_SIZE.items()}
 
 
 class KernelRule(enum.StrEnum):
@@ -130,32 +132,49 @@ def _field_problem(template: str, fields: tuple[bytes, ...], violation: bool) ->
     layout = TEMPLATES[template]
     if len(fields) != len(layout):
         return f"{len(layout)} fields for template {template}, got {len(fields)}"
-    for fid, data in zip(layout, fields, strict=True):
-        if fid == "d":
-            if len(data) != _TEMPLATE_HASH_SIZE:
-                return f"a 20-byte d field, got {len(data)} bytes"
-        elif fid == "d-ng":
-            sep = data.find(b":\0")
-            if sep < 0 or not _ALGO_RE.fullmatch(data[:sep]):
-                return 'a d-ng field "<algo>:\\0<digest>"'
-            digest = data[sep + 2 :]
-            algo = data[:sep].decode("ascii")
-            if violation:
-                if any(digest) or len(digest) > 64:
-                    return "an all-zero d-ng digest in a violation entry"
-            elif algo in _FILE_DIGEST_SIZE and len(digest) != _FILE_DIGEST_SIZE[algo]:
-                return f"a {_FILE_DIGEST_SIZE[algo]}-byte {algo} digest, got {len(digest)} bytes"
-        elif fid in ("n", "n-ng"):
-            if not data.endswith(b"\0") or b"\0" in data[:-1]:
-                return f"a NUL-terminated {fid} name without inner NUL"
-            if b"\n" in data:
-                return f"a {fid} name without a newline"
-            if fid == "n" and len(data) > _IMA_NAME_PAD:
-                return f"an n name of at most {_IMA_NAME_PAD - 1} bytes, got {len(data) - 1}"
+    if template == "ima":
+        if len(fields[0]) != _TEMPLATE_HASH_SIZE:
+            return f"a 20-byte d field, got {len(fields[0])} bytes"
+        return _name_problem("n", fields[1])
+    return _dng_problem(fields[0], violation) or _name_problem("n-ng", fields[1])
+
+
+def _dng_problem(data: bytes, violation: bool) -> str | None:
+    """``b"<algo>:\\0" + digest``: a known algorithm fixes the size, a violation zeroes it."""
+    sep = data.find(b":\0")
+    algo = data[:sep]
+    known = _FILE_DIGEST_SIZE_B.get(algo)
+    if sep < 0 or (known is None and not _ALGO_RE.fullmatch(algo)):
+        return 'a d-ng field "<algo>:\\0<digest>"'
+    digest_len = len(data) - sep - 2
+    if violation:
+        if digest_len > 64 or data.count(0, sep + 2) != digest_len:
+            return "an all-zero d-ng digest in a violation entry"
+    elif known is not None and digest_len != known:
+        return f"a {known}-byte {algo.decode()} digest, got {digest_len} bytes"
     return None
 
 
-@dataclass(frozen=True)
+def _name_problem(fid: str, data: bytes) -> str | None:
+    """A name as the kernel stores it: NUL-terminated, no inner NUL, no newline."""
+    if data[-1:] != b"\0" or data.find(0, 0, len(data) - 1) >= 0:
+        return f"a NUL-terminated {fid} name without inner NUL"
+    if b"\n" in data:
+        return f"a {fid} name without a newline"
+    if fid == "n" and len(data) > _IMA_NAME_PAD:
+        return f"an n name of at most {_IMA_NAME_PAD - 1} bytes, got {len(data) - 1}"
+    return None
+
+
+class _FieldError(ValueError):
+    """Field data that cannot belong to the template; the parser turns it into a ParseError."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+        super().__init__(f"template data: expected {problem}")
+
+
+@dataclass(frozen=True, slots=True)
 class ImaEntry:
     """One measurement list entry, as logged (untrusted until :func:`replay_ima`).
 
@@ -178,12 +197,14 @@ class ImaEntry:
             raise ValueError(f"pcr must be 0..{_MAX_PCR}, got {self.pcr}")
         if len(self.template_hash) != _TEMPLATE_HASH_SIZE:
             raise ValueError(f"template_hash must be 20 bytes, got {len(self.template_hash)}")
-        if not _TEMPLATE_NAME_RE.fullmatch(self.template_name.encode("ascii", "replace")):
+        if self.template_name not in TEMPLATES and not _TEMPLATE_NAME_RE.fullmatch(
+            self.template_name.encode("ascii", "replace")
+        ):
             raise ValueError(f"bad template name {self.template_name!r}")
         if self.supported:
             problem = _field_problem(self.template_name, self.fields, self.is_violation)
             if problem is not None:
-                raise ValueError(f"template data: expected {problem}")
+                raise _FieldError(problem)
         elif self.fields:
             raise ValueError(f"fields given for unsupported template {self.template_name}")
 
@@ -231,7 +252,7 @@ class ImaEntry:
         self._require_supported()
         if self.template_name == "ima":
             return self.fields[0] + self.fields[1].ljust(_IMA_NAME_PAD, b"\0")
-        return b"".join(_U32.pack(len(f)) + f for f in self.fields)
+        return b"".join([_U32.pack(len(f)) + f for f in self.fields])
 
     def template_hash_ok(self) -> bool:
         """Whether the logged template hash matches the template data (True for violations)."""
@@ -297,64 +318,90 @@ def parse_ima_list(data: bytes, format: Literal["auto", "ascii", "binary"] = "au
 
 
 def _parse_binary(data: bytes) -> RawImaList:
-    r = Reader(data)
     entries: list[ImaEntry] = []
-    while not r.at_end():
-        start = r.offset
+    pos = 0
+    while pos < len(data):
+        start = pos
         try:
-            entries.append(_parse_binary_entry(r, start))
+            entry, pos = _parse_binary_entry(data, pos)
         except TruncatedError:
             return RawImaList("binary", tuple(entries), truncated_tail=True, truncated_at=start)
+        entries.append(entry)
     return RawImaList("binary", tuple(entries))
 
 
-def _parse_binary_entry(r: Reader, start: int) -> ImaEntry:
-    """One entry (``ima_measurements_show``). TruncatedError only when the input runs out."""
-    at = r.offset
-    pcr = r.u32le("IMA entry pcr")
+def _need(data: bytes, pos: int, n: int, what: str) -> None:
+    if len(data) - pos < n:
+        raise TruncatedError(what, pos, f"{n} bytes", f"{len(data) - pos} bytes before the end")
+
+
+_KNOWN_NAMES = {name.encode(): name for name in TEMPLATES}
+
+
+def _parse_binary_entry(data: bytes, pos: int) -> tuple[ImaEntry, int]:
+    """One entry of ``ima_measurements_show`` at ``pos``; returns it and the next offset.
+
+    TruncatedError means the input ran out inside the entry (every length so far plausible).
+    """
+    start = pos
+    _need(data, pos, 4, "IMA entry pcr")
+    (pcr,) = _U32.unpack_from(data, pos)
     if pcr > _MAX_PCR:
-        raise ParseError("IMA entry pcr", at, f"a PCR index 0..{_MAX_PCR}", str(pcr))
-    template_hash = r.take(_TEMPLATE_HASH_SIZE, "IMA entry template hash")
-    at = r.offset
-    name_len = r.u32le("IMA entry template name length")
+        raise ParseError("IMA entry pcr", pos, f"a PCR index 0..{_MAX_PCR}", str(pcr))
+    pos += 4
+    _need(data, pos, _TEMPLATE_HASH_SIZE, "IMA entry template hash")
+    template_hash = data[pos : pos + _TEMPLATE_HASH_SIZE]
+    pos += _TEMPLATE_HASH_SIZE
+    _need(data, pos, 4, "IMA entry template name length")
+    (name_len,) = _U32.unpack_from(data, pos)
     if not 1 <= name_len <= _MAX_TEMPLATE_NAME:
         raise ParseError(
-            "IMA entry template name length", at, f"1..{_MAX_TEMPLATE_NAME}", str(name_len)
+            "IMA entry template name length", pos, f"1..{_MAX_TEMPLATE_NAME}", str(name_len)
         )
-    at = r.offset
-    raw_name = r.take(name_len, "IMA entry template name")
-    if not _TEMPLATE_NAME_RE.fullmatch(raw_name):
-        raise ParseError("IMA entry template name", at, "printable ASCII", _quote(raw_name))
-    template = raw_name.decode("ascii")
-    violation = template_hash == _ZERO_HASH
+    pos += 4
+    _need(data, pos, name_len, "IMA entry template name")
+    raw_name = data[pos : pos + name_len]
+    template = _KNOWN_NAMES.get(raw_name)
+    if template is None:
+        if not _TEMPLATE_NAME_RE.fullmatch(raw_name):
+            raise ParseError("IMA entry template name", pos, "printable ASCII", _quote(raw_name))
+        template = raw_name.decode("ascii")
+    pos += name_len
+    at = pos
     if template == "ima":
-        d = r.take(_TEMPLATE_HASH_SIZE, "IMA 'ima' entry d field")
-        at = r.offset
-        n_len = r.u32le("IMA 'ima' entry name length")
+        _need(data, pos, _TEMPLATE_HASH_SIZE, "IMA 'ima' entry d field")
+        d = data[pos : pos + _TEMPLATE_HASH_SIZE]
+        pos += _TEMPLATE_HASH_SIZE
+        _need(data, pos, 4, "IMA 'ima' entry name length")
+        (n_len,) = _U32.unpack_from(data, pos)
         if n_len >= _IMA_NAME_PAD:
-            raise ParseError("IMA 'ima' entry name length", at, "at most 255", str(n_len))
-        at = r.offset
-        fields: tuple[bytes, ...] = (d, r.take(n_len, "IMA 'ima' entry name") + b"\0")
+            raise ParseError("IMA 'ima' entry name length", pos, "at most 255", str(n_len))
+        pos += 4
+        _need(data, pos, n_len, "IMA 'ima' entry name")
+        fields: tuple[bytes, ...] = (d, data[pos : pos + n_len] + b"\0")
+        pos += n_len
     else:
-        at = r.offset
-        td_len = r.u32le("IMA entry template data length")
+        _need(data, pos, 4, "IMA entry template data length")
+        (td_len,) = _U32.unpack_from(data, pos)
         if td_len > _MAX_TEMPLATE_DATA:
             raise ParseError(
-                "IMA entry template data length", at, f"at most {_MAX_TEMPLATE_DATA}", str(td_len)
+                "IMA entry template data length", pos, f"at most {_MAX_TEMPLATE_DATA}", str(td_len)
             )
-        at = r.offset
-        if td_len > r.remaining:
+        pos += 4
+        at = pos
+        if td_len > len(data) - pos:
             if template in TEMPLATES:
-                _check_partial_fields(r.rest(), td_len, template, at)
-            raise TruncatedError("IMA entry template data", at, f"{td_len} bytes")
-        td = r.take(td_len, "IMA entry template data")
+                _check_partial_fields(data[pos:], td_len, template, pos)
+            _need(data, pos, td_len, "IMA entry template data")
+        td = data[pos : pos + td_len]
+        pos += td_len
         if template not in TEMPLATES:
-            return ImaEntry(pcr, template_hash, template, (), start)
+            return ImaEntry(pcr, template_hash, template, (), start), pos
         fields = _split_fields(td, template, at)
-    problem = _field_problem(template, fields, violation)
-    if problem is not None:
-        raise ParseError(f"IMA {template} entry template data", at, problem)
-    return ImaEntry(pcr, template_hash, template, fields, start)
+    try:
+        return ImaEntry(pcr, template_hash, template, fields, start), pos
+    except _FieldError as err:
+        raise ParseError(f"IMA {template} entry template data", at, err.problem) from None
 
 
 def _split_fields(td: bytes, template: str, at: int) -> tuple[bytes, ...]:
@@ -420,9 +467,10 @@ def _quote(b: bytes) -> str:
 
 
 def _unhex(token: bytes, what: str, line: int) -> bytes:
-    if not _HEX_RE.fullmatch(token):
-        raise ParseError(what, line, "hex digits", _quote(token[:80]), unit="line")
-    return bytes.fromhex(token.decode("ascii"))
+    try:
+        return binascii.unhexlify(token)
+    except binascii.Error:
+        raise ParseError(what, line, "hex digits", _quote(token), unit="line") from None
 
 
 def _ascii_head(tokens: list[bytes], line: int) -> tuple[int, bytes, str]:
@@ -435,11 +483,14 @@ def _ascii_head(tokens: list[bytes], line: int) -> tuple[int, bytes, str]:
             "IMA line template hash", line, "40 hex digits", _quote(tokens[1][:80]), unit="line"
         )
     template_hash = _unhex(tokens[1], "IMA line template hash", line)
-    if not _TEMPLATE_NAME_RE.fullmatch(tokens[2]):
-        raise ParseError(
-            "IMA line template name", line, "a name", _quote(tokens[2][:80]), unit="line"
-        )
-    return int(tokens[0]), template_hash, tokens[2].decode("ascii")
+    template = _KNOWN_NAMES.get(tokens[2])
+    if template is None:
+        if not _TEMPLATE_NAME_RE.fullmatch(tokens[2]):
+            raise ParseError(
+                "IMA line template name", line, "a name", _quote(tokens[2][:80]), unit="line"
+            )
+        template = tokens[2].decode("ascii")
+    return int(tokens[0]), template_hash, template
 
 
 def _split_line(line: bytes, no: int) -> list[bytes]:
@@ -470,10 +521,10 @@ def _parse_ascii_line(line: bytes, no: int) -> ImaEntry:
             f"IMA {template} line", no, f"{len(layout)} fields", str(len(texts)), unit="line"
         )
     fields = tuple(_ascii_field(fid, text, no) for fid, text in zip(layout, texts, strict=True))
-    problem = _field_problem(template, fields, template_hash == _ZERO_HASH)
-    if problem is not None:
-        raise ParseError(f"IMA {template} line", no, problem, unit="line")
-    return ImaEntry(pcr, template_hash, template, fields, no)
+    try:
+        return ImaEntry(pcr, template_hash, template, fields, no)
+    except _FieldError as err:
+        raise ParseError(f"IMA {template} line", no, err.problem, unit="line") from None
 
 
 def _ascii_field(fid: str, text: bytes, no: int) -> bytes:
@@ -482,7 +533,7 @@ def _ascii_field(fid: str, text: bytes, no: int) -> bytes:
         return _unhex(text, "IMA line d field", no)
     if fid == "d-ng":
         algo, sep, hexdigest = text.partition(b":")
-        if not sep or not _ALGO_RE.fullmatch(algo):
+        if not sep or (algo not in _FILE_DIGEST_SIZE_B and not _ALGO_RE.fullmatch(algo)):
             raise ParseError(
                 "IMA line d-ng field", no, "'<algo>:<hex>'", _quote(text[:80]), unit="line"
             )
@@ -591,6 +642,9 @@ class ImaReplay:
     truncated_tail: bool = False
 
 
+_OWN_HASH, _SHA1_ITSELF, _SHA1_PADDED = 0, 1, 2
+
+
 def _check_banks(banks: Iterable[str]) -> tuple[str, ...]:
     out = tuple(banks)
     for bank in out:
@@ -610,11 +664,13 @@ def replay_ima_pcr10(
 ) -> ImaReplay:
     """Replay PCR 10 from the complete entries of ``raw``.
 
-    Each bank starts at zero. Per entry with ``pcr == 10``: a violation extends ``0xFF`` × bank
-    size; otherwise rule ``"5.8"`` extends ``H_bank(hash input)`` and rule ``"pre-5.8"`` the SHA-1
-    template hash zero-padded to the bank size. The extended digests are recomputed from the
-    template data, never taken from the logged template hash; a logged hash that differs is
-    counted in ``template_hash_mismatches``.
+    Each bank starts at zero. Per entry with ``pcr == 10``: rule ``"5.8"`` extends
+    ``H_bank(hash input)``, and ``0xFF`` × bank size for a violation (``ima_init_digests``); rule
+    ``"pre-5.8"`` extends the SHA-1 template hash zero-padded to the bank size, and for a
+    violation 20 ``0xFF`` bytes zero-padded the same way (the kernel filled a 20-byte digest and
+    copied it into zeroed per-bank buffers, ``ima_pcr_extend`` before 5.8). The extended
+    digests are recomputed from the template data, never taken from the logged template hash; a
+    logged hash that differs is counted in ``template_hash_mismatches``.
 
     Args:
         raw: a parsed list.
@@ -637,8 +693,24 @@ def replay_ima_pcr10(
     hashless = (
         frozenset(_check_banks(kernel_hashless_banks)) if kernel_hashless_banks else frozenset()
     )
-    pcrs = {bank: bytes(_BANK_SIZE[bank]) for bank in bank_list}
-    ff = {bank: b"\xff" * _BANK_SIZE[bank] for bank in bank_list}
+    # Per bank: (hash, what a normal entry extends, what a violation extends).
+    plan: list[tuple[Callable[[bytes], hashlib._Hash], int, bytes]] = []
+    for bank in bank_list:
+        size = _BANK_SIZE[bank]
+        if bank == "sha1":
+            mode = _SHA1_ITSELF
+        elif rule is KernelRule.V5_8 and bank not in hashless:
+            mode = _OWN_HASH
+        else:
+            mode = _SHA1_PADDED
+        if rule is KernelRule.V5_8:
+            ff = b"\xff" * size
+        else:  # the 20 0xFF bytes of a SHA-1 digest, zero-padded like any other
+            ff = (b"\xff" * _TEMPLATE_HASH_SIZE).ljust(size, b"\0")
+        plan.append((_BANK_HASH[bank], mode, ff))
+    values = [bytes(_BANK_SIZE[bank]) for bank in bank_list]
+    pads = [bytes(_BANK_SIZE[bank] - _TEMPLATE_HASH_SIZE) for bank in bank_list]
+    sha1_hash = _BANK_HASH["sha1"]
     violations = replayed = 0
     mismatched: list[int] = []
     for index, e in enumerate(raw.entries):
@@ -650,23 +722,29 @@ def replay_ima_pcr10(
                 e.template_name,
                 unit=raw.unit,
             )
-        hash_input = e.hash_input
-        sha1 = hashlib.sha1(hash_input).digest()
-        if e.is_violation:
+        if e.template_hash == _ZERO_HASH:
             violations += 1
-        elif sha1 != e.template_hash:
+            if e.pcr == IMA_PCR:
+                replayed += 1
+                for i, (h, _, ff) in enumerate(plan):
+                    values[i] = h(values[i] + ff).digest()
+            continue
+        hash_input = e.hash_input
+        sha1 = sha1_hash(hash_input).digest()
+        if sha1 != e.template_hash:
             mismatched.append(index)
         if e.pcr != IMA_PCR:
             continue
         replayed += 1
-        for bank in bank_list:
-            if e.is_violation:
-                digest = ff[bank]
-            elif rule is KernelRule.V5_8 and bank not in hashless:
-                digest = sha1 if bank == "sha1" else _BANK_HASH[bank](hash_input).digest()
+        for i, (h, mode, _) in enumerate(plan):
+            if mode == _OWN_HASH:
+                digest = h(hash_input).digest()
+            elif mode == _SHA1_ITSELF:
+                digest = sha1
             else:
-                digest = sha1.ljust(_BANK_SIZE[bank], b"\0")
-            pcrs[bank] = _BANK_HASH[bank](pcrs[bank] + digest).digest()
+                digest = sha1 + pads[i]
+            values[i] = h(values[i] + digest).digest()
+    pcrs = dict(zip(bank_list, values, strict=True))
     return ImaReplay(
         pcr10=pcrs,
         rule=rule,

@@ -130,7 +130,7 @@ def expected_pcr10(entries: list[ImaEntry], bank: str, rule: str) -> bytes:
         if e.pcr != 10:
             continue
         if e.is_violation:
-            digest = b"\xff" * size
+            digest = b"\xff" * size if rule == "5.8" else (b"\xff" * 20).ljust(size, b"\0")
         elif rule == "5.8":
             data = (
                 e.fields[0] + e.fields[1].ljust(256, b"\0")
@@ -178,6 +178,12 @@ def test_violation_extends_ff_and_skips_the_template_hash_check() -> None:
     assert result.violations == 1 and result.template_hash_mismatches == 0
     assert result.pcr10["sha1"] == sha1(bytes(20) + b"\xff" * 20)
     assert result.pcr10["sha256"] == sha256(bytes(32) + b"\xff" * 32)
+
+
+def test_pre_5_8_violation_is_20_ff_bytes_zero_padded() -> None:
+    result = replay_ima_pcr10(parse_ima_list(encode_ascii([VIOLATION])), "pre-5.8")
+    assert result.pcr10["sha1"] == sha1(bytes(20) + b"\xff" * 20)
+    assert result.pcr10["sha256"] == sha256(bytes(32) + b"\xff" * 20 + bytes(12))
 
 
 def test_pre_5_19_violation_with_a_20_byte_zero_sha256_digest_parses() -> None:
