@@ -222,14 +222,14 @@ PARSERS: dict[str, Callable[[bytes], object]] = {
 @pytest.mark.parametrize("parser", sorted(PARSERS))
 @FAST
 @given(data=st.binary(max_size=700))
-def test_random_bytes_raise_only_parse_error(parser: str, data: bytes) -> None:
+def test_inv4_random_bytes_raise_only_parse_error(parser: str, data: bytes) -> None:
     _assert_only_parse_error(PARSERS[parser], data)
 
 
 @pytest.mark.parametrize("codec", sorted(CODECS))
 @FAST
 @given(data=st.data())
-def test_mutated_structures_raise_only_parse_error(codec: str, data: st.DataObject) -> None:
+def test_inv4_mutated_structures_raise_only_parse_error(codec: str, data: st.DataObject) -> None:
     strategy, unmarshal, marshal = CODECS[codec]
     encoded = bytearray(marshal(data.draw(strategy)))
     op = data.draw(st.sampled_from(["flip", "truncate", "insert", "byte"]))

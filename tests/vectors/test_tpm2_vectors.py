@@ -352,12 +352,12 @@ def _mutations(draw: st.DrawFn) -> tuple[str, bytes]:
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_mutations())
-def test_mutated_vectors_raise_only_parse_error(case: tuple[str, bytes]) -> None:
+def test_inv4_mutated_vectors_raise_only_parse_error(case: tuple[str, bytes]) -> None:
     _parse_or_parse_error(*case)
 
 
 @pytest.mark.parametrize(("suffix", "data"), GOLDEN, ids=[f"{s}-{len(d)}" for s, d in GOLDEN])
-def test_every_truncation_of_a_vector_is_a_parse_error(suffix: str, data: bytes) -> None:
+def test_inv4_every_truncation_of_a_vector_is_a_parse_error(suffix: str, data: bytes) -> None:
     for end in range(len(data)):
         with pytest.raises(ParseError):
             PARSERS[suffix](data[:end])
