@@ -1,4 +1,4 @@
-"""Golden TPM 2.0 structures from swtpm + tpm2-tools (tests/vectors/tpm2/, see README.md there).
+"""Golden TPM 2.0 structures from swtpm + tpm2-tools (tests/vectors/tpm2/, see README.md here).
 
 Each vector is checked against what the independent tools said about it when it was captured
 (``expected.json``): decode → the tools' fields, encode → the same bytes, Name → what
