@@ -95,11 +95,12 @@ from host_agent.store.cipher import (
     NONCE_BYTES,
     STORE_ID_BYTES,
     HeadFields,
+    Key,
+    Manifest,
     PayloadKind,
     StoreCipher,
     decode_payload,
     encode_payload,
-    manifest_digest,
     row_digest,
 )
 from host_agent.store.errors import (
@@ -132,8 +133,6 @@ _RECORD_TYPE_RE = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
 _RECORD_ID_RE = re.compile(rf"[\x21-\x7e]{{1,{RECORD_ID_MAX}}}")
 _PREFIX_RE = re.compile(r"[a-z][a-z0-9_]{0,39}")
 _MAX_GENERATION = 2**63 - 1
-
-Key = tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -311,7 +310,7 @@ class TrustedStore:
         cipher: StoreCipher,
         head: HeadFields,
         head_mac: bytes,
-        manifest: dict[Key, bytes],
+        manifest: Manifest,
         counter: RollbackCounter,
         random_bytes: RandomBytes,
         increment_pending: bool = False,
@@ -404,7 +403,7 @@ class TrustedStore:
             except VtpmError as err:
                 raise StoreKeyError(f"cannot seal the store data key to the TPM: {err}") from err
             cipher = StoreCipher(data_key, store_id)
-            head = HeadFields(store_id, index, generation, manifest_digest({}), sealed)
+            head = HeadFields(store_id, index, generation, Manifest().digest(), sealed)
             mac = cipher.head_mac(head)
             try:
                 with engine.begin() as conn:
@@ -423,7 +422,7 @@ class TrustedStore:
                 cipher=cipher,
                 head=head,
                 head_mac=mac,
-                manifest={},
+                manifest=Manifest(),
                 counter=counter,
                 random_bytes=random_bytes,
             )
@@ -518,7 +517,7 @@ class TrustedStore:
                 manifest = _scan_records(conn, tables, cipher)
         except SQLAlchemyError as err:
             raise StoreBackendError(f"cannot read the store database: {err}") from err
-        if manifest_digest(manifest) != head.manifest_digest:
+        if manifest.digest() != head.manifest_digest:
             raise StoreIntegrityError(
                 "the record set differs from the authenticated manifest: a record was deleted, "
                 "inserted, or put back from an older copy of the database"
@@ -565,7 +564,7 @@ class TrustedStore:
             if self._state is not StoreRunState.CLOSED:
                 self._state = StoreRunState.CLOSED
                 self._engine.dispose()
-                self._manifest = {}
+                self._manifest = Manifest()
 
     def __enter__(self) -> TrustedStore:
         return self
@@ -668,7 +667,7 @@ class TrustedStore:
         _check_type(record_type)
         with self._lock:
             self._require(StoreRunState.OPEN)
-            return sorted(i for t, i in self._manifest if t == record_type)
+            return self._manifest.ids(record_type)
 
     def _check_row(
         self, key: Key, nonce: object, ciphertext: object, expected: bytes | None
@@ -766,18 +765,16 @@ class TrustedStore:
             if self._increment_pending:
                 self._advance_counter()
             old_head, old_mac = self._head, self._head_mac
-            manifest = dict(self._manifest)
-            for key, item in staged.items():
-                if item is None:
-                    manifest.pop(key, None)
-                else:
-                    manifest[key] = row_digest(*key, item.nonce, item.ciphertext)
+            row_changes = {
+                key: None if item is None else row_digest(*key, item.nonce, item.ciphertext)
+                for key, item in staged.items()
+            }
             if old_head.generation >= _MAX_GENERATION:
                 raise StoreCounterMismatch("the store generation would overflow")
             head = replace(
                 old_head,
                 generation=old_head.generation + 1,
-                manifest_digest=manifest_digest(manifest),
+                manifest_digest=self._manifest.digest(row_changes),
             )
             mac = self._cipher.head_mac(head)
             tables = self._tables
@@ -820,7 +817,8 @@ class TrustedStore:
                         ) from err
             except SQLAlchemyError as err:
                 raise StoreBackendError(f"cannot write to the store database: {err}") from err
-            self._head, self._head_mac, self._manifest = head, mac, manifest
+            self._head, self._head_mac = head, mac
+            self._manifest.apply(row_changes)
             self._increment_pending = True
             return head.generation
 
@@ -981,10 +979,10 @@ def _parse_head(row: Any) -> tuple[HeadFields, bytes]:
     return head, _blob(row.mac, "store head field mac", size=32)
 
 
-def _scan_records(conn: Connection, tables: StoreTables, cipher: StoreCipher) -> dict[Key, bytes]:
+def _scan_records(conn: Connection, tables: StoreTables, cipher: StoreCipher) -> Manifest:
     """Authenticate every record row; return the manifest ``(type, id) → row digest``."""
     records = tables.records
-    manifest: dict[Key, bytes] = {}
+    manifest = Manifest()
     result = conn.execute(
         select(records.c.record_type, records.c.record_id, records.c.nonce, records.c.ciphertext)
     )
@@ -997,5 +995,5 @@ def _scan_records(conn: Connection, tables: StoreTables, cipher: StoreCipher) ->
         nonce = _blob(row.nonce, "nonce", key)
         ciphertext = _blob(row.ciphertext, "ciphertext", key)
         decode_payload(cipher.decrypt(*key, nonce, ciphertext), *key)
-        manifest[key] = row_digest(*key, nonce, ciphertext)
+        manifest.apply({key: row_digest(*key, nonce, ciphertext)})
     return manifest

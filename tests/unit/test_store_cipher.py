@@ -17,6 +17,7 @@ from host_agent.store.cipher import (
     NONCE_BYTES,
     TAG_BYTES,
     HeadFields,
+    Manifest,
     PayloadKind,
     StoreCipher,
     canonical_json,
@@ -182,6 +183,15 @@ def test_manifest_digest_is_order_independent_and_covers_every_entry() -> None:
     )
 
 
+def test_manifest_tracks_ids_by_type() -> None:
+    m = Manifest({("vaik", "b"): b"1" * 32, ("vaik", "a"): b"2" * 32, ("seal", "a"): b"3" * 32})
+    assert m.ids("vaik") == ["a", "b"]
+    assert ("seal", "a") in m and ("seal", "b") not in m
+    m.apply({("vaik", "a"): None, ("seal", "a"): None, ("journal", "j"): b"4" * 32})
+    assert m.ids("vaik") == ["b"] and m.ids("seal") == [] and len(m) == 2
+    assert m.entries() == {("vaik", "b"): b"1" * 32, ("journal", "j"): b"4" * 32}
+
+
 # --------------------------------------------------------------------------- properties
 
 _mutation = st.one_of(
@@ -251,3 +261,26 @@ def test_a_ciphertext_opens_only_under_its_own_type_and_id(
     else:
         with pytest.raises(StoreIntegrityError):
             cipher.decrypt(*dst, NONCE, ct)
+
+
+_keys = st.tuples(st.sampled_from(["vaik", "seal", "binding", "journal"]), _ident)
+_digests = st.binary(min_size=32, max_size=32)
+
+
+@given(
+    start=st.dictionaries(_keys, _digests, max_size=40),
+    changes=st.dictionaries(_keys, st.none() | _digests, max_size=10),
+)
+def test_manifest_digest_with_changes_equals_digest_after_applying_them(
+    start: dict[tuple[str, str], bytes], changes: dict[tuple[str, str], bytes | None]
+) -> None:
+    m = Manifest(start)
+    before = m.digest()
+    predicted = m.digest(changes)
+    assert m.digest() == before  # predicting changes nothing
+    m.apply(changes)
+    assert m.digest() == predicted
+    expected = {k: v for k, v in {**start, **changes}.items() if v is not None}
+    assert m.entries() == expected
+    assert predicted == Manifest(dict(reversed(list(expected.items())))).digest()
+    assert (predicted == before) == (expected == start)
