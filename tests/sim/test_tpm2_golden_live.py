@@ -23,6 +23,8 @@ from tests.vectors.capture_tpm2 import CERTIFIES, KEYS, QUOTES, SIGNS, capture
 from tests.vectors.test_tpm2_vectors import check_certify, check_key, check_quote, check_sign
 
 LIVE_PCR = 16
+# Extends and resets PCR 16 and briefly makes an owner-hierarchy key persistent at 0x81000a01.
+pytestmark = pytest.mark.destructive
 
 
 def _tpm_state(tpm: Swtpm) -> tuple[str, ...]:
