@@ -861,10 +861,9 @@ class PytssHostTpm:
         name = pure.fleet_key_name(fleet)
 
         def run() -> WrappedKey:
-            a, b = self._x(
-                "TPM2_PolicyAuthorize", policies.vaik_branches, self._e, name, policy_ref
+            policy = self._x(
+                "TPM2_PolicyAuthorize/PolicyOR", policies.vaik_policy, self._e, name, policy_ref
             )
-            policy = pure.policy_or(pure.empty_digest(), [a, b])
             pub, priv = self._create(keys.vaik_template(policy))
             return WrappedKey(
                 "vaik",

@@ -36,9 +36,11 @@ __all__ = [
     "apply_pcr_policy",
     "apply_vaik_branch_duplicate",
     "apply_vaik_sign",
+    "approved_sign_policy",
     "pcr_selection",
     "start_session",
     "vaik_branches",
+    "vaik_policy",
 ]
 
 
