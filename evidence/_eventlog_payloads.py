@@ -4,7 +4,7 @@ A payload is untrusted *content*, not structure: a malformed payload never fails
 log. :func:`decode_payload` returns the decoded value or, when the bytes do not fit the structure
 the event type promises, ``None`` and a one-line problem, and the event keeps its raw bytes.
 
-Structures follow the TCG PC Client Platform Firmware Profile Specification (PFP) 1.05 §10 and the
+Structures follow the TCG PC Client Platform Firmware Profile Specification (PFP) 1.05 and the
 UEFI Specification 2.10 (device paths §10.3, EFI_LOAD_OPTION §3.1.3, EFI_SIGNATURE_LIST §32.4.1,
 GPT §5.3). All integers are little-endian.
 """
@@ -51,7 +51,7 @@ __all__ = [
 
 
 class EventType(enum.IntEnum):
-    """TCG event types (PFP 1.05 §10.4.1, Table 9), spelled as in the specification."""
+    """TCG event types (PFP 1.05), spelled as in the specification."""
 
     EV_PREBOOT_CERT = 0x0
     EV_POST_CODE = 0x1
@@ -151,7 +151,7 @@ class SpecIdAlgorithm:
 
 @dataclass(frozen=True)
 class SpecIdEvent:
-    """``TCG_EfiSpecIDEventStruct`` (PFP 1.05 §10.4.5.1), the first record of a crypto-agile log."""
+    """``TCG_EfiSpecIDEventStruct`` (PFP 1.05), the first record of a crypto-agile log."""
 
     platform_class: int
     spec_version_minor: int
@@ -180,7 +180,7 @@ def is_spec_id_event03(data: bytes) -> bool:
 
 @dataclass(frozen=True)
 class StartupLocality:
-    """EV_NO_ACTION ``"StartupLocality\\0"`` + u8 (PFP 1.05 §10.4.5.3): PCR0's initial locality."""
+    """EV_NO_ACTION ``"StartupLocality\\0"`` + u8 (PFP 1.05): PCR0's initial locality."""
 
     locality: int
 
@@ -215,7 +215,7 @@ class TextEvent:
 
 @dataclass(frozen=True)
 class SeparatorEvent:
-    """EV_SEPARATOR: a 4-byte value, 0 for the normal separator (PFP 1.05 §3.3.2.2)."""
+    """EV_SEPARATOR: a 4-byte value, 0 for the normal separator (PFP 1.05)."""
 
     value: int
 
@@ -258,7 +258,7 @@ class DevicePath:
 
 @dataclass(frozen=True)
 class EfiImageLoad:
-    """``UEFI_IMAGE_LOAD_EVENT`` (PFP 1.05 §10.2.3): EV_EFI_BOOT_SERVICES_* and RUNTIME drivers.
+    """``UEFI_IMAGE_LOAD_EVENT`` (PFP 1.05): EV_EFI_BOOT_SERVICES_* and RUNTIME drivers.
 
     ``trailing`` holds bytes after the device path: shim's and some firmware's events carry them
     (go-tpm-tools ``debian-10.bin``, ``rhel8-uefi.bin``); they are kept, not an error.
@@ -299,7 +299,7 @@ class EfiLoadOption:
 
 @dataclass(frozen=True)
 class EfiVariable:
-    """``UEFI_VARIABLE_DATA`` (PFP 1.05 §10.2.4) with a decoded value for well-known variables.
+    """``UEFI_VARIABLE_DATA`` (PFP 1.05) with a decoded value for well-known variables.
 
     ``known`` names a recognised variable (``SecureBoot``, ``PK``, ``KEK``, ``db``, ``dbx``,
     ``BootOrder``, ``Boot####``, shim's ``MokList``…), ``None`` otherwise. ``secure_boot``,
@@ -349,7 +349,7 @@ class GptPartition:
 
 @dataclass(frozen=True)
 class EfiGptEvent:
-    """``UEFI_GPT_DATA`` (PFP 1.05 §10.2.6): the GPT header and the partitions in use."""
+    """``UEFI_GPT_DATA`` (PFP 1.05): the GPT header and the partitions in use."""
 
     disk_guid: uuid.UUID
     header_revision: int
@@ -582,7 +582,7 @@ def _decode_variable(event_type: int, data: bytes) -> EfiVariable:
         if measured_value:
             return replace(var, known=name, signatures=_decode_signature_lists(value))
         # EV_EFI_VARIABLE_AUTHORITY: the one EFI_SIGNATURE_DATA that authorised an image
-        # (PFP 1.05 §3.3.4.8); a DER certificate when it starts with a SEQUENCE.
+        # (PFP 1.05); a DER certificate when it starts with a SEQUENCE.
         if len(value) > 18 and value[16] == 0x30:
             owner = uuid.UUID(bytes_le=value[:16])
             sig = EfiSignature(EFI_CERT_X509_GUID, owner, value[16:])
@@ -726,14 +726,14 @@ def decode_payload(event_type: int, data: bytes) -> tuple[EventPayload | None, s
         ):
             return _decode_blob(event_type, data), None
         if event_type == EventType.EV_POST_CODE:
-            # PFP 1.05 §10.4.1: a firmware blob (16 bytes) or an ASCII description.
+            # PFP 1.05: a firmware blob (16 bytes) or an ASCII description.
             if len(data) == 16:
                 return _decode_blob(event_type, data), None
             return _decode_text(data), None
         if event_type == EventType.EV_EFI_HANDOFF_TABLES:
             return _decode_handoff(data), None
         if event_type == EventType.EV_S_CRTM_VERSION:
-            # PFP 1.05 §10.4.4: a UTF-16 version string, or a GUID when there is no string;
+            # PFP 1.05: a UTF-16 version string, or a GUID when there is no string;
             # TPM 1.2 era BIOSes log a binary version (go-attestation option_rom_eventlog).
             try:
                 return _decode_text(data), None

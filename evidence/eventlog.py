@@ -1,7 +1,7 @@
 """TCG PC Client firmware event logs: parse, replay, verify.
 
 The log is what ``/sys/kernel/security/tpm0/binary_bios_measurements`` exposes, in one of the two
-formats of the TCG PC Client Platform Firmware Profile Specification (PFP) 1.05 §10.2:
+formats of the TCG PC Client Platform Firmware Profile Specification (PFP) 1.05:
 
 * **crypto-agile**: the first record is a SHA1-format ``TCG_PCR_EVENT`` (``EV_NO_ACTION``, PCR 0,
   zero digest) carrying ``TCG_EfiSpecIDEvent`` ("Spec ID Event03"); every later record is a
@@ -281,7 +281,7 @@ class VerifiedEventLog:
 
 
 def _read_spec_id(r: Reader) -> SpecIdEvent:
-    """Read ``TCG_EfiSpecIDEvent`` from ``r`` (PFP 1.05 §10.4.5.1, Table 20)."""
+    """Read ``TCG_EfiSpecIDEvent`` from ``r`` (PFP 1.05)."""
     r.skip(16, "TCG_EfiSpecIDEvent.signature")
     platform_class = r.u32le("TCG_EfiSpecIDEvent.platformClass")
     minor = r.u8("TCG_EfiSpecIDEvent.specVersionMinor")
@@ -425,7 +425,7 @@ def _parse_agile(data: bytes, digest: bytes, size: int, size_at: int, data_at: i
 def parse_tcg2_log(data: bytes) -> RawEventLog:
     """Parse a TCG PC Client firmware event log (either format), checking shape only.
 
-    The format is decided by the first record (PFP 1.05 §10.2.1): an ``EV_NO_ACTION`` record
+    The format is decided by the first record (PFP 1.05): an ``EV_NO_ACTION`` record
     whose data starts with ``"Spec ID Event03\\0"`` makes the log crypto-agile; anything else
     makes the whole log SHA1 format.
 
@@ -508,7 +508,7 @@ def _pcr0_locality(log: RawEventLog) -> int:
     """PCR 0's initial locality: StartupLocality, else 4 for an H-CRTM log, else 0.
 
     StartupLocality: the first ``EV_NO_ACTION`` on PCR 0 whose data is ``"StartupLocality\\0"``
-    + u8 (PFP 1.05 §10.4.5.3). H-CRTM: the first measured PCR 0 event is ``EV_EFI_HCRTM_EVENT``
+    + u8 (PFP 1.05). H-CRTM: the first measured PCR 0 event is ``EV_EFI_HCRTM_EVENT``
     (tpm2-software/tpm2-tss ``test/unit/fapi-eventlog.c`` @ 506c5e6d; TPM 2.0 Part 1 §34.3).
     """
     for event in log.events:
