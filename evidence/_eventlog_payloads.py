@@ -51,7 +51,9 @@ __all__ = [
 
 
 class EventType(enum.IntEnum):
-    """TCG event types (PFP 1.05), spelled as in the specification."""
+    """TCG event types (PFP 1.05, plus the 1.06 additions: ``*2`` types and SPDM), spelled as in
+    the specification. Values the specification does not name stay plain ``int``s in events.
+    """
 
     EV_PREBOOT_CERT = 0x0
     EV_POST_CODE = 0x1
