@@ -25,9 +25,11 @@ Rollback of the whole database — the protocol
 The head holds an authenticated ``generation``; a TPM NV monotonic counter
 (:class:`~host_agent.store.ports.RollbackCounter`) holds the generation the TPM vouches for.
 
-*Creation.* Define the counter (refusing one that exists already unless
-``StoreConfig.allow_existing_counter``), read its value ``c`` (TPM 2.0 starts a new counter at the
-highest value any counter on the TPM had, not at 0), write the head with ``generation = c``.
+*Creation.* Refuse a counter that exists already (unless
+``StoreConfig.allow_existing_counter``): it means this TPM had a store whose database is gone.
+Seal the fresh data key (and check it unseals), then define the counter, read its value ``c``
+(TPM 2.0 starts a new counter at the highest value any counter on the TPM had, not at 0) and write
+the head with ``generation = c``.
 
 *Every change* (put, delete, or a transaction of several) is two steps:
 
@@ -385,6 +387,16 @@ class TrustedStore:
                     "missing. Put that database back, or set allow_existing_counter to start "
                     "an empty store"
                 )
+            # Seal first: it leaves nothing behind if it fails, while a defined counter does.
+            data_key = _random(random_bytes, DATA_KEY_BYTES)
+            store_id = _random(random_bytes, STORE_ID_BYTES)
+            try:
+                sealed = sealer.seal(data_key)
+                unsealed = sealer.unseal(sealed)
+            except VtpmError as err:
+                raise StoreKeyError(f"cannot seal the store data key to the TPM: {err}") from err
+            if unsealed != data_key:
+                raise StoreKeyError("the sealed data key does not unseal to the key sealed")
             if existing is None:
                 try:
                     counter.counter_define(index)
@@ -393,15 +405,6 @@ class TrustedStore:
                         f"cannot define the rollback counter at NV index {index:#010x}: {err}"
                     ) from err
             generation = _read_counter(counter, index)
-
-            data_key = _random(random_bytes, DATA_KEY_BYTES)
-            store_id = _random(random_bytes, STORE_ID_BYTES)
-            try:
-                sealed = sealer.seal(data_key)
-                if sealer.unseal(sealed) != data_key:
-                    raise StoreKeyError("the sealed data key does not unseal to the key sealed")
-            except VtpmError as err:
-                raise StoreKeyError(f"cannot seal the store data key to the TPM: {err}") from err
             cipher = StoreCipher(data_key, store_id)
             head = HeadFields(store_id, index, generation, Manifest().digest(), sealed)
             mac = cipher.head_mac(head)

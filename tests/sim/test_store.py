@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import shutil
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -395,6 +396,44 @@ def test_create_refuses_an_existing_store_or_counter(
     make_store(create=True, cfg=allowed).put("vaik", "x", b"1")
 
 
+class FailingSealer:
+    """The real sealer, whose seal fails (fault injection)."""
+
+    def __init__(self, tpm: PytssHostTpm) -> None:
+        self._tpm = tpm
+
+    def seal(self, data: bytes) -> bytes:
+        raise TpmCommandError(0x902, "seal: TPM2_Create", "injected")
+
+    def unseal(self, blob: bytes) -> bytes:
+        return self._tpm.unseal(blob)
+
+
+def test_create_that_cannot_seal_leaves_no_counter_behind(
+    config: StoreConfig, tpm: PytssHostTpm, counter: FaultyCounter, db: Db
+) -> None:
+    with pytest.raises(StoreKeyError, match="cannot seal the store data key"):
+        TrustedStore.create(
+            config, sealer=FailingSealer(tpm), counter=counter, random_bytes=secrets.token_bytes
+        )
+    with pytest.raises(TpmCommandError):
+        tpm.counter_read(config.counter_index)  # not defined: a retried init is not blocked
+    store = TrustedStore.create(
+        config, sealer=tpm, counter=counter, random_bytes=secrets.token_bytes
+    )
+    store.close()
+
+
+def test_unreachable_database_is_a_backend_error(tpm: PytssHostTpm) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again before the store connects
+    config = StoreConfig(url=f"postgresql://postgres@127.0.0.1:{port}/x", counter_index=0x01800002)
+    with pytest.raises(StoreBackendError, match="cannot read the store database") as info:
+        TrustedStore.open(config, sealer=tpm, counter=tpm, random_bytes=secrets.token_bytes)
+    assert info.value.id == "store.backend"
+
+
 def test_open_without_a_store_is_not_initialised(
     make_store: Callable[..., TrustedStore], db: Db, tmp_path: Path
 ) -> None:
@@ -593,7 +632,7 @@ def test_forged_head_is_refused(
         make_store()
 
 
-def test_malformed_head_field_is_a_typed_refusal(
+def test_inv4_malformed_head_field_is_a_typed_refusal(
     store: TrustedStore, make_store: Callable[..., TrustedStore], db: Db
 ) -> None:
     store.close()
@@ -668,6 +707,36 @@ def test_rolled_back_database_is_refused_at_open(
     db.restore(latest)
     store = make_store()
     assert store.find("vaik", "vm-1") is None
+
+
+def test_tables_rolled_back_under_a_running_store_are_refused(
+    store: TrustedStore, make_store: Callable[..., TrustedStore], db: Db
+) -> None:
+    """The SQL-copy variant: both tables put back at an older generation while the store runs."""
+    store.put("binding", "vm-1", {"cert_user": "old-tenant"})
+    old_head, old_records = db.rows()
+    store.put("binding", "vm-1", {"cert_user": "new-tenant"})
+    store.put("vaik", "vm-1", b"k1")
+    with db.engine().begin() as conn:
+        conn.execute(sa.delete(TABLES.records))
+        conn.execute(sa.delete(TABLES.head))
+        conn.execute(
+            sa.insert(TABLES.head), [dict(zip(TABLES.head.c.keys(), old_head[0], strict=True))]
+        )
+        conn.execute(
+            sa.insert(TABLES.records),
+            [dict(zip(TABLES.records.c.keys(), r, strict=True)) for r in old_records],
+        )
+    with pytest.raises(StoreIntegrityError, match="older copy of this record was put back"):
+        store.get("binding", "vm-1")
+    with pytest.raises(StoreIntegrityError, match="row is missing"):
+        store.get("vaik", "vm-1")
+    with pytest.raises(StoreIntegrityError, match="no longer at generation"):
+        store.put("seal", "vm-1", SECRET)
+    store.close()
+    with pytest.raises(StoreRolledBack) as info:
+        make_store()
+    assert info.value.expected_generation == info.value.found_generation + 2
 
 
 def test_crash_between_commit_and_counter_increment_opens(
@@ -785,7 +854,7 @@ def _mutate(data: bytes, mutation: tuple[str, Any, int]) -> bytes:
     mutation=_blob_mutation,
     other=_blob_mutation,
 )
-def test_any_mutation_of_a_stored_row_is_a_typed_refusal(
+def test_inv4_any_mutation_of_a_stored_row_is_a_typed_refusal(
     store: TrustedStore,
     db: Db,
     column: str,
@@ -816,7 +885,7 @@ def test_any_mutation_of_a_stored_row_is_a_typed_refusal(
 
 @pytest.mark.parametrize("db", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("value", ["text", 12345, 1.5])
-def test_foreign_value_types_in_blob_columns_are_typed_refusals(
+def test_inv4_foreign_value_types_in_blob_columns_are_typed_refusals(
     store: TrustedStore, make_store: Callable[..., TrustedStore], db: Db, value: Any
 ) -> None:
     """SQLite keeps whatever type is written into a BLOB column (PostgreSQL's bytea refuses)."""
