@@ -20,6 +20,9 @@ Theory of operation (protocols.md §6.2; sources: torvalds/linux ``security/inte
 * A violation is logged with an all-zero template hash; the PCR was extended with ``0xFF`` bytes
   (bank size since 5.8; before, 20 bytes zero-padded like every digest), and the template hash
   check is skipped for it.
+* Seen on a real kernel (tests/vectors/ima): a bank whose hash the kernel could not compute when
+  IMA started (Debian 6.1: ``CONFIG_CRYPTO_SHA512=m``, so sha384/sha512) gets the padded SHA-1
+  template hash even under the 5.8 rule; ``replay_ima_pcr10(kernel_hashless_banks=…)`` models it.
 
 Decisions:
 

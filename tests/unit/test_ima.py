@@ -252,6 +252,10 @@ def test_replay_ima_rejects_misuse() -> None:
         replay_ima_pcr10(raw, "4.19")
     with pytest.raises(TypeError):
         parse_ima_list("10 abc")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        parse_ima_list(b"", "json")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        replay_ima_pcr10(raw, banks=())
 
 
 def test_empty_list_replays_to_zero() -> None:
