@@ -8,6 +8,7 @@ PCR 0 of a log with an ``EV_NO_ACTION`` or ``EV_EFI_HCRTM_EVENT`` on PCR 0 is no
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 from pathlib import Path
@@ -34,6 +35,7 @@ LOGS = sorted(
 CHECKED = [p for p in LOGS if p.name not in ORACLE_FAILS]
 
 
+@functools.cache
 def _oracle(path: Path) -> dict[str, dict[int, int]]:
     tool = shutil.which("tpm2_eventlog")
     if tool is None:
