@@ -59,6 +59,7 @@ def _strip(es: tuple[ImaEntry, ...]) -> list[tuple[object, ...]]:
     return [(e.pcr, e.template_hash, e.template_name, e.fields) for e in es]
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # CI load
 @given(LISTS)
 def test_binary_round_trip(es: list[ImaEntry]) -> None:
     data = encode_binary(es)
@@ -67,6 +68,7 @@ def test_binary_round_trip(es: list[ImaEntry]) -> None:
     assert encode_binary(raw.entries) == data
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # CI load
 @given(LISTS)
 def test_ascii_round_trip(es: list[ImaEntry]) -> None:
     data = encode_ascii(es)
@@ -75,6 +77,7 @@ def test_ascii_round_trip(es: list[ImaEntry]) -> None:
     assert encode_ascii(raw.entries) == data
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # CI load
 @given(LISTS)
 def test_ascii_and_binary_replay_alike(es: list[ImaEntry]) -> None:
     a = replay_ima_pcr10(parse_ima_list(encode_ascii(es)), "5.8")
@@ -82,6 +85,7 @@ def test_ascii_and_binary_replay_alike(es: list[ImaEntry]) -> None:
     assert a == b
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # CI load
 @given(st.lists(entries(), min_size=1, max_size=6), st.data())
 def test_truncated_final_entry_binary(es: list[ImaEntry], data: st.DataObject) -> None:
     head = encode_binary(es[:-1])
@@ -94,6 +98,7 @@ def test_truncated_final_entry_binary(es: list[ImaEntry], data: st.DataObject) -
     assert got.pcr10 == expected.pcr10 and got.entries == len(es) - 1
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # CI load
 @given(st.lists(entries(), min_size=1, max_size=6), st.data())
 def test_truncated_final_entry_ascii(es: list[ImaEntry], data: st.DataObject) -> None:
     head = encode_ascii(es[:-1])
@@ -114,12 +119,13 @@ def _parse_only_parse_errors(data: bytes, fmt: str) -> None:
         replay_ima_pcr10(raw)
 
 
-@settings(suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # CI load
 @given(st.binary(max_size=400), st.sampled_from(["auto", "ascii", "binary"]))
 def test_random_bytes_raise_only_parse_errors(data: bytes, fmt: str) -> None:
     _parse_only_parse_errors(data, fmt)
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # CI load
 @given(LISTS, st.sampled_from(["ascii", "binary"]), st.data())
 def test_mutated_lists_raise_only_parse_errors(
     es: list[ImaEntry], fmt: str, data: st.DataObject
