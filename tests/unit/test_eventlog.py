@@ -671,3 +671,20 @@ def test_variable_payloads_never_raise(name: bytes, value: bytes, etype: int) ->
     log = parse_tcg2_log(spec_id_record() + measured(7, payload, etype))
     event = log.events[1]
     assert event.payload is None or isinstance(event.payload, EfiVariable)
+
+
+def test_results_are_immutable() -> None:
+    log, good = _two_pcr_log()
+    verified = replay_eventlog(log, {"sha256": good["sha256"]})
+    with pytest.raises(AttributeError):
+        log.events[1].pcr = 9  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        log.events[1].digests["sha1"] = bytes(20)  # type: ignore[index]
+    with pytest.raises(TypeError):
+        verified.pcrs["sha256"][4] = bytes(32)  # type: ignore[index]
+
+
+def test_public_names_resolve() -> None:
+    import evidence.eventlog as module
+
+    assert all(hasattr(module, name) for name in module.__all__)
