@@ -252,6 +252,7 @@ class PytssHostTpm:
         self._lock = threading.Lock()
         self._closed = False
         self._ek_cache: dict[str, bytes] = {}
+        self._branch_cache: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
         try:
             self._call(self._open)
         except BaseException:
@@ -987,7 +988,7 @@ class PytssHostTpm:
         def run() -> bytes:
             ticket = self._approval_ticket(approval, policy)
             digest, hash_ticket = self._hash(message)
-            branches = policies.vaik_branches(self._e, fleet_name, policy.policy_ref)
+            branches = self._vaik_branches(fleet_name, policy.policy_ref)
             h = self._load(key)
             with self._loaded(h), self._session() as s:
                 reached = self._x(
@@ -1022,6 +1023,15 @@ class PytssHostTpm:
             return sig.marshal()
 
         return self._call(run)
+
+    def _vaik_branches(self, fleet_name: bytes, policy_ref: bytes) -> tuple[bytes, bytes]:
+        """The vAIK PolicyOR branch digests (trial sessions), cached per fleet key and policyRef."""
+        key = (fleet_name, policy_ref)
+        if key not in self._branch_cache:
+            self._branch_cache[key] = self._x(
+                "TPM2_PolicyAuthorize", policies.vaik_branches, self._e, fleet_name, policy_ref
+            )
+        return self._branch_cache[key]
 
     def _approval_ticket(self, approval: PolicyApproval, policy: KeyPolicy) -> TPMT_TK_VERIFIED:
         """LoadExternal the vAIK's fleet key, VerifySignature(aHash) → ticket, flush the key."""
@@ -1082,7 +1092,7 @@ class PytssHostTpm:
         fleet_name = key.policy.fleet_key_name
 
         def run() -> DuplicationBlob:
-            branches = policies.vaik_branches(self._e, fleet_name, key.policy.policy_ref)
+            branches = self._vaik_branches(fleet_name, key.policy.policy_ref)
             h = self._load(key)
             with self._loaded(h):
                 parent = self._x(
