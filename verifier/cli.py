@@ -19,6 +19,7 @@ __all__ = ["build_parser", "main"]
 _COMMAND_MODULES = (
     "verifier.commands.eventlog",
     "verifier.commands.ima",
+    "verifier.commands.registrar",
 )
 
 EXIT_OK = 0
