@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import mmap
 import os
-import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from host_agent.errors import MemorySourceError
@@ -51,7 +50,6 @@ _SOFT_DIRTY_BYTE = 6  # bit 55 = bit 7 of byte 6 of a little-endian pagemap entr
 _PRESENT_BYTE = 7  # bit 63 = bit 7 of byte 7
 _HIGH_BIT = bytes(0x01 if i & 0x80 else 0x00 for i in range(256))
 _NOT_HIGH_BIT = bytes(0x00 if i & 0x80 else 0x01 for i in range(256))
-_RUN = re.compile(b"\x01+")
 
 
 @dataclass(frozen=True)
@@ -115,8 +113,13 @@ def dirty_ranges(pagemap: bytes) -> Iterator[tuple[int, int]]:
     absent = pagemap[_PRESENT_BYTE::8].translate(_NOT_HIGH_BIT)
     n = len(sd)
     either = (int.from_bytes(sd, "big") | int.from_bytes(absent, "big")).to_bytes(n, "big")
-    for m in _RUN.finditer(either):
-        yield m.start(), m.end() - m.start()
+    pos = either.find(1)
+    while pos >= 0:
+        end = either.find(0, pos)
+        if end < 0:
+            end = n
+        yield pos, end - pos
+        pos = either.find(1, end)
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,7 @@ class SoftDirtyTracker:
         if self._announce is not None:
             self._announce(text)
 
-    def _hash(self, extents: Callable[[int], Iterator[Extent]], base: LeafSet | None) -> LeafSet:
+    def _hash(self, extents: Callable[[int], Iterable[Extent]], base: LeafSet | None) -> LeafSet:
         try:
             fd = os.open(self._path, os.O_RDONLY)
         except OSError as err:
@@ -240,9 +243,7 @@ class SoftDirtyTracker:
             raise MemorySourceError(f"pid:{self.pid}", "short pagemap read")
         ranges = list(dirty_ranges(raw))
         block = self.block
-        leaves = self._hash(
-            lambda _fd: (Extent(block, first, n, first * PAGE_SIZE) for first, n in ranges),
-            self._base,
-        )
+        extents = [Extent(block, first, n, first * PAGE_SIZE) for first, n in ranges]
+        leaves = self._hash(lambda _fd: extents, self._base)
         count = sum(n for _, n in ranges)
         return PassResult(leaves, "soft-dirty", "incremental", count, time.perf_counter() - t0)

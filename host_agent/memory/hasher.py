@@ -41,6 +41,7 @@ from host_agent.memory.migstream import (
 
 __all__ = [
     "CHUNK_PAGES",
+    "INLINE_PAGES",
     "Extent",
     "Progress",
     "default_workers",
@@ -50,6 +51,8 @@ __all__ = [
 ]
 
 CHUNK_PAGES = 256
+INLINE_PAGES = 16384
+"""A pass over at most this many pages (64 MiB), given as a sequence, runs in the caller."""
 _ZERO_CHUNK = bytes(CHUNK_PAGES * PAGE_SIZE)
 
 Progress = Callable[[int, int], None]
@@ -82,21 +85,14 @@ def hash_page_buffer(buf: bytes | memoryview, pages: int) -> bytes:
     return b"".join(out)
 
 
-def _hash_run(pages: Sequence[memoryview | None]) -> bytes:
-    sha = hashlib.sha256
-    zero = ZERO_PAGE
-    out: list[bytes] = []
-    append = out.append
-    for page in pages:
-        if page is None or (page[0] == 0 and page[-1] == 0 and page.tobytes() == zero):
-            append(ZERO_LEAF)
-        else:
-            append(sha(page).digest())
-    return b"".join(out)
+_Result = list[tuple[str, int, bytes]]
 
 
 class _Window:
-    """Futures applied in submission order, at most ``limit`` in flight."""
+    """Futures applied in submission order, at most ``limit`` in flight.
+
+    A task returns ``[(block, first_page, digests), …]``.
+    """
 
     def __init__(
         self,
@@ -107,25 +103,25 @@ class _Window:
         total: list[int],
     ) -> None:
         self._pool = pool
-        self._q: deque[tuple[str, int, Future[bytes]]] = deque()
+        self._q: deque[Future[_Result]] = deque()
         self._limit = limit
         self._builder = builder_ref
         self._progress = progress
         self._total = total
         self.done = 0
 
-    def submit(self, block: str, first: int, fn: Callable[..., bytes], *args: object) -> None:
+    def submit(self, fn: Callable[..., _Result], *args: object) -> None:
         while len(self._q) >= self._limit:
             self._apply_one()
-        self._q.append((block, first, self._pool.submit(fn, *args)))
+        self._q.append(self._pool.submit(fn, *args))
 
     def _apply_one(self) -> None:
-        block, first, fut = self._q.popleft()
-        digests = fut.result()
+        results = self._q.popleft().result()
         builder = self._builder[0]
         assert builder is not None
-        builder.set_run(block, first, digests)
-        self.done += len(digests) // DIGEST_SIZE
+        for block, first, digests in results:
+            builder.set_run(block, first, digests)
+            self.done += len(digests) // DIGEST_SIZE
         if self._progress is not None:
             self._progress(self.done, self._total[0])
 
@@ -134,17 +130,36 @@ class _Window:
             self._apply_one()
 
 
-def _read_and_hash(fd: int, offset: int, pages: int, source: str) -> bytes:
-    want = pages * PAGE_SIZE
-    try:
-        buf = os.pread(fd, want, offset)
-    except OSError as err:
-        raise MemorySourceError(source, f"read of {want} bytes at {offset} failed: {err}") from err
-    if len(buf) != want:
-        raise MemorySourceError(
-            source, f"short read at {offset}: expected {want} bytes, got {len(buf)}"
-        )
-    return hash_page_buffer(buf, pages)
+def _read_and_hash(fd: int, batch: list[tuple[str, int, int, int]], source: str) -> _Result:
+    """Read and hash ``(block, first_page, pages, file_offset)`` pieces."""
+    out: _Result = []
+    for block, first, pages, offset in batch:
+        want = pages * PAGE_SIZE
+        try:
+            buf = os.pread(fd, want, offset)
+        except OSError as err:
+            raise MemorySourceError(
+                source, f"read of {want} bytes at {offset} failed: {err}"
+            ) from err
+        if len(buf) != want:
+            raise MemorySourceError(
+                source, f"short read at {offset}: expected {want} bytes, got {len(buf)}"
+            )
+        out.append((block, first, hash_page_buffer(buf, pages)))
+    return out
+
+
+def _hash_run(block: str, first: int, pages: Sequence[memoryview | None]) -> _Result:
+    sha = hashlib.sha256
+    zero = ZERO_PAGE
+    out: list[bytes] = []
+    append = out.append
+    for page in pages:
+        if page is None or (page[0] == 0 and page[-1] == 0 and page.tobytes() == zero):
+            append(ZERO_LEAF)
+        else:
+            append(sha(page).digest())
+    return [(block, first, b"".join(out))]
 
 
 def hash_extents(
@@ -160,7 +175,9 @@ def hash_extents(
     """Hash file extents (raw file, memfd, ELF segments) into the leaves of ``layout``.
 
     Pages no extent covers keep the zero leaf, or with ``base`` (an incremental pass: ``layout``
-    must be ``base.layout``) their leaf in ``base``.
+    must be ``base.layout``) their leaf in ``base``. Small extents are batched into tasks of
+    about :data:`CHUNK_PAGES` pages, so scattered dirty pages cost one task per 1 MiB, not one
+    per page.
 
     Raises:
         MemorySourceError: a read fails or comes back short.
@@ -173,18 +190,36 @@ def hash_extents(
         builder = LeafBuilder(layout)
     n = workers or default_workers()
     total = [sum(p for _, p in layout)]
+    if isinstance(extents, Sequence) and sum(e.pages for e in extents) <= INLINE_PAGES:
+        # A small (incremental) pass: handing scattered pages to threads costs more than it saves.
+        pieces = [(e.block, e.first_page, e.pages, e.file_offset) for e in extents]
+        for blk, first, cnt, off in pieces:
+            if off is None:
+                builder.set_run(blk, first, ZERO_LEAF * cnt)
+        data = [(b, f, c, o) for b, f, c, o in pieces if o is not None]
+        for blk, first, digests in _read_and_hash(fd, data, source):
+            builder.set_run(blk, first, digests)
+        if progress is not None:
+            progress(total[0], total[0])
+        return builder.finish()
     with ThreadPoolExecutor(n, thread_name_prefix="memhash") as pool:
         win = _Window(pool, [builder], 2 * n, progress, total)
+        batch: list[tuple[str, int, int, int]] = []
+        batch_pages = 0
         for ext in extents:
             if ext.file_offset is None:
-                win.drain()
                 builder.set_run(ext.block, ext.first_page, ZERO_LEAF * ext.pages)
                 win.done += ext.pages
                 continue
             for k in range(0, ext.pages, CHUNK_PAGES):
                 cnt = min(CHUNK_PAGES, ext.pages - k)
-                off = ext.file_offset + k * PAGE_SIZE
-                win.submit(ext.block, ext.first_page + k, _read_and_hash, fd, off, cnt, source)
+                batch.append((ext.block, ext.first_page + k, cnt, ext.file_offset + k * PAGE_SIZE))
+                batch_pages += cnt
+                if batch_pages >= CHUNK_PAGES:
+                    win.submit(_read_and_hash, fd, batch, source)
+                    batch, batch_pages = [], 0
+        if batch:
+            win.submit(_read_and_hash, fd, batch, source)
         win.drain()
     if progress is not None:
         progress(total[0], total[0])
@@ -211,7 +246,7 @@ def hash_stream_events(
         win = _Window(pool, builder_ref, 2 * n, progress, total)
         for ev in events:
             if isinstance(ev, PageRun):
-                win.submit(ev.block, ev.first, _hash_run, ev.pages)
+                win.submit(_hash_run, ev.block, ev.first, ev.pages)
             elif isinstance(ev, RamBlocks):
                 win.drain()
                 layout = [(b.name, b.pages) for b in ev.blocks]

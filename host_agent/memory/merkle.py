@@ -118,13 +118,12 @@ def _level_up(level: bytes) -> bytes:
     """Hash consecutive groups of FANOUT nodes of one level into the next level."""
     group = FANOUT * DIGEST_SIZE
     sha = hashlib.sha256
-    out = bytearray()
-    view = memoryview(level)
-    for start in range(0, len(level), group):
-        h = sha(b"\x01")
-        h.update(view[start : start + group])
-        out += h.digest()
-    return bytes(out)
+    return b"".join(
+        [
+            sha(b"\x01" + level[start : start + group]).digest()
+            for start in range(0, len(level), group)
+        ]
+    )
 
 
 def block_root(leaves: bytes) -> bytes:
