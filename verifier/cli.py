@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_stdout() -> None:
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -50,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VtpmError as err:
         print(f"vtpm-verify: error [{err.id}]: {err}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error of ours; keep Python from complaining.
+        _silence_stdout()
+        return EXIT_OK
     except OSError as err:
         print(f"vtpm-verify: error: {err.strerror or err}: {err.filename}", file=sys.stderr)
         return EXIT_ERROR
