@@ -38,10 +38,7 @@ ExgKey; the imported key keeps its public area (same Name) and is stored wrapped
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -75,33 +72,36 @@ from tpm2_pytss.types import (
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
     TPM2B_SENSITIVE_DATA,
-    TPML_DIGEST,
     TPMS_NV_PUBLIC,
     TPMS_SENSITIVE_CREATE,
-    TPMT_PUBLIC,
     TPMT_SIG_SCHEME,
     TPMT_SIGNATURE,
     TPMT_SYM_DEF,
-    TPMT_SYM_DEF_OBJECT,
     TPMT_TK_HASHCHECK,
     TPMT_TK_VERIFIED,
-    TPMU_SYM_KEY_BITS,
-    TPMU_SYM_MODE,
 )
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
 from evidence import tpm2_policy as pure
 from evidence.tpm2_policy import PolicyApproval
 
-from . import keys, policies
+from . import ek, keys, policies
+from ._wire import (
+    SealedBlob,
+    private_from_bytes,
+    public_from_bytes,
+    sym_aes128cfb,
+    unmarshal,
+)
 from .errors import (
-    KeyBlobError,
+    HostKeysMissing,
     PlatformStateNotApproved,
     PolicyNotApproved,
     TpmCommandError,
     TpmError,
     TpmObjectMemoryFull,
 )
+from .keyfile import HostKeyFile
 from .port import (
     AUTHKEY_PCRS,
     VAIK_POLICY_REF,
@@ -113,116 +113,20 @@ from .port import (
     WrappedKey,
 )
 
-__all__ = ["EK_CERT_INDICES", "HOST_KEYS_FILE", "HostKeysMissing", "PytssHostTpm"]
+__all__ = ["HostKeysMissing", "PytssHostTpm"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: TCG EK Credential Profile NV indices of EK certificates (low range L-1/L-2, high range H-1..H-7).
-EK_CERT_INDICES: tuple[int, ...] = (
-    0x01C00002,
-    0x01C0000A,
-    0x01C00012,
-    0x01C00014,
-    0x01C00016,
-    0x01C00018,
-    0x01C0001A,
-    0x01C0001C,
-    0x01C0001E,
-)
-_EK_TEMPLATES: dict[int, str] = {
-    0x01C00002: "EK-RSA2048",
-    0x01C0000A: "EK-ECC256",
-    0x01C00012: "EK-HIGH-RSA2048",
-    0x01C00014: "EK-HIGH-ECC256",
-    0x01C00016: "EK-HIGH-ECC384",
-    0x01C00018: "EK-HIGH-ECC521",
-    0x01C0001C: "EK-HIGH-RSA3072",
-    0x01C0001E: "EK-HIGH-RSA4096",
-}
-_RSA_EK_INDICES = (0x01C00002, 0x01C00012, 0x01C0001C, 0x01C0001E)
-_ECC_EK_INDICES = (0x01C0000A, 0x01C00014, 0x01C00016, 0x01C00018)
-_HASH_NAMES = {0x000B: "sha256", 0x000C: "sha384", 0x000D: "sha512"}
-
-
-def _ek_policy_a(alg: str) -> bytes:
-    """PolicyA of the EK Credential Profile: PolicySecret(TPM_RH_ENDORSEMENT) in ``alg``."""
-    size = hashlib.new(alg).digest_size
-    first = hashlib.new(alg, bytes(size) + bytes.fromhex("00000151") + bytes.fromhex("4000000b"))
-    return hashlib.new(alg, first.digest()).digest()
-
-
-_EK_POLICY_A = {alg: _ek_policy_a(alg) for alg in ("sha256", "sha384", "sha512")}
-# PolicyC = PolicyAuthorizeNV(0x01C07F01) (EK Credential Profile 2.5, Table B.6); a unit test
-# checks H(0 ‖ TPM_CC_PolicyOR ‖ A ‖ C) against each high-range template's authPolicy.
-_EK_POLICY_C = {
-    "sha256": bytes.fromhex("3767e2edd43ff45a3a7e1eaefcef78643dca964632e7aad82c673a30d8633fde"),
-    "sha384": bytes.fromhex(
-        "d6032ce61f2fb3c240eb3cf6a33237ef2b6a16f4293c22b455e261cffd217ad5"
-        "b4947c2d73e63005eed2dc2b3593d165"
-    ),
-    "sha512": bytes.fromhex(
-        "589ee1e146544716e8deafe6db247b01b81e9f9c7dd16b814aa159138749105f"
-        "ba5388dd1dea702f35240c184933121e2c61b8f50d3ef91393a49a38c3f73fc8"
-    ),
-}
 _NV_OWNER_FIRST, _NV_OWNER_LAST = 0x01800000, 0x01BFFFFF
 _TPM_GENERATED_VALUE = b"\xffTCG"
 _MAX_HASH_BUFFER = 1024
 _MAX_SEAL = 128
-HOST_KEYS_FILE = "host_keys.json"
 _RC_OBJECT_MEMORY = 0x902
-
-
-class HostKeysMissing(TpmError):
-    """AIK/AuthKey do not exist yet: run ``vtpm-host init``."""
-
-    id = "tpm.host_keys_missing"
 
 
 def _rc_text(err: TSS2_Exception) -> str:
     return str(err)
-
-
-def _sym_aes128cfb() -> TPMT_SYM_DEF_OBJECT:
-    return TPMT_SYM_DEF_OBJECT(
-        algorithm=TPM2_ALG.AES,
-        keyBits=TPMU_SYM_KEY_BITS(aes=128),
-        mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
-    )
-
-
-def _der_len(data: bytes) -> int:
-    """Length of the DER SEQUENCE at the start of ``data`` (NV areas may be padded)."""
-    if len(data) < 2 or data[0] != 0x30:
-        return len(data)
-    first = data[1]
-    if first < 0x80:
-        return min(len(data), 2 + first)
-    n = first & 0x7F
-    if n == 0 or n > 4 or len(data) < 2 + n:
-        return len(data)
-    return min(len(data), 2 + n + int.from_bytes(data[2 : 2 + n], "big"))
-
-
-def _public_from_bytes(data: bytes) -> TPM2B_PUBLIC:
-    try:
-        area, used = TPMT_PUBLIC.unmarshal(data)
-    except Exception as err:  # pytss raises assorted errors for garbage
-        raise KeyBlobError(f"TPMT_PUBLIC does not unmarshal: {err}") from err
-    if used != len(data):
-        raise KeyBlobError(f"TPMT_PUBLIC: {len(data) - used} trailing bytes")
-    return TPM2B_PUBLIC(publicArea=area)
-
-
-def _private_from_bytes(data: bytes) -> TPM2B_PRIVATE:
-    try:
-        priv, used = TPM2B_PRIVATE.unmarshal(data)
-    except Exception as err:
-        raise KeyBlobError(f"TPM2B_PRIVATE does not unmarshal: {err}") from err
-    if used != len(data):
-        raise KeyBlobError(f"TPM2B_PRIVATE: {len(data) - used} trailing bytes")
-    return priv
 
 
 class PytssHostTpm:
@@ -244,7 +148,7 @@ class PytssHostTpm:
         on_close: Callable[[], None] | None = None,
     ) -> None:
         self._tcti = tcti
-        self._key_dir = Path(key_dir)
+        self._keyfile = HostKeyFile(Path(key_dir))
         self._root: Literal["hardware", "software"] = root
         self._on_close = on_close
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="host-tpm")
@@ -428,8 +332,8 @@ class PytssHostTpm:
 
     def _load(self, key: WrappedKey) -> ESYS_TR:
         """Load ``key`` (and its parent chain, flushed again); the caller flushes the result."""
-        pub = _public_from_bytes(key.public)
-        priv = _private_from_bytes(key.private)
+        pub = public_from_bytes(key.public)
+        priv = private_from_bytes(key.private)
         if key.parent is None:
             return self._x("TPM2_Load", self._e.load, self._srk(), priv, pub)
         parent = self._load(key.parent)
@@ -495,27 +399,14 @@ class PytssHostTpm:
                 policy = KeyPolicy(pcrs=tuple(sorted(set(pcrs))), pcr_digest=digest)
                 auth_policy = self._trial_pcr_policy(policy)
             pub, priv = self._create(keys.sealed_template(auth_policy or None), data)
-            return json.dumps(
-                {
-                    "format": "vtpm-trust/sealed/1",
-                    "public": pub.hex(),
-                    "private": priv.hex(),
-                    "policy": policy.to_json(),
-                }
-            ).encode()
+            return SealedBlob(pub, priv, policy).to_bytes()
 
         return self._call(run)
 
     def unseal(self, blob: bytes) -> bytes:
-        try:
-            obj = json.loads(blob)
-            if not isinstance(obj, dict) or obj.get("format") != "vtpm-trust/sealed/1":
-                raise KeyBlobError("sealed blob: format is not vtpm-trust/sealed/1")
-            pub = _public_from_bytes(bytes.fromhex(obj["public"]))
-            priv = _private_from_bytes(bytes.fromhex(obj["private"]))
-            policy = KeyPolicy.from_json(obj["policy"])
-        except (KeyError, TypeError, ValueError, UnicodeDecodeError) as err:
-            raise KeyBlobError(f"sealed blob: {err}") from err
+        sealed = SealedBlob.from_bytes(blob)
+        pub, priv = public_from_bytes(sealed.public), private_from_bytes(sealed.private)
+        policy = sealed.policy
 
         def run() -> bytes:
             h = self._x("TPM2_Load", self._e.load, self._srk(), priv, pub)
@@ -626,25 +517,18 @@ class PytssHostTpm:
     def _ek_certs(self) -> list[tuple[int, bytes]]:
         present = set(self._handles(int(TPM2_HC.NV_INDEX_FIRST)))
         out = []
-        for index in EK_CERT_INDICES:
+        for index in ek.EK_CERT_INDICES:
             if index in present:
                 data = self._nv_read_all(index)
-                out.append((index, data[: _der_len(data)]))
+                out.append((index, data[: ek.der_length(data)]))
         return out
 
     def ek_certificates(self) -> list[tuple[int, bytes]]:
         return self._call(self._ek_certs)
 
     def _ek_template(self, kind: str) -> TPM2B_PUBLIC:
-        if kind not in ("rsa", "ecc"):
-            raise ValueError(f"ek kind must be 'rsa' or 'ecc', got {kind!r}")
         present = set(self._handles(int(TPM2_HC.NV_INDEX_FIRST)))
-        indices = _RSA_EK_INDICES if kind == "rsa" else _ECC_EK_INDICES
-        name = next(
-            (_EK_TEMPLATES[i] for i in indices if i in present),
-            "EK-RSA2048" if kind == "rsa" else "EK-ECC256",
-        )
-        _, template = create_ek_template(name, self._nv_read_all)
+        _, template = create_ek_template(ek.ek_template_name(kind, present), self._nv_read_all)
         return template
 
     def _create_ek(self, kind: str) -> ESYS_TR:
@@ -669,17 +553,9 @@ class PytssHostTpm:
         return self._call(run)
 
     @contextmanager
-    def _ek_session(self, ek: ESYS_TR) -> Iterator[ESYS_TR]:
-        """A policy session satisfying the EK's authPolicy (TCG EK Credential Profile §B.6).
-
-        Low-range EKs: PolicySecret(TPM_RH_ENDORSEMENT) in SHA-256. High-range EKs (nameAlg of
-        the template): PolicySecret(TPM_RH_ENDORSEMENT), then PolicyOR{PolicyA, PolicyC}.
-        """
-        pub = self._x("TPM2_ReadPublic", self._e.read_public, ek)[0].publicArea
-        alg = int(pub.nameAlg)
-        name = _HASH_NAMES.get(alg)
-        if name is None:
-            raise TpmError(f"EK nameAlg 0x{alg:04x} is not supported")
+    def _ek_session(self, handle: ESYS_TR) -> Iterator[ESYS_TR]:
+        """A policy session (in the EK's nameAlg) satisfying the EK's authPolicy."""
+        pub = self._x("TPM2_ReadPublic", self._e.read_public, handle)[0].publicArea
         s = self._x(
             "TPM2_StartAuthSession",
             self._e.start_auth_session,
@@ -687,15 +563,10 @@ class PytssHostTpm:
             ESYS_TR.NONE,
             TPM2_SE.POLICY,
             TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
-            TPM2_ALG(alg),
+            pub.nameAlg,
         )
         try:
-            self._x("TPM2_PolicySecret", self._e.policy_secret, ESYS_TR.ENDORSEMENT, s)
-            if bytes(pub.authPolicy) != _EK_POLICY_A["sha256"]:
-                branches = TPML_DIGEST(
-                    [TPM2B_DIGEST(_EK_POLICY_A[name]), TPM2B_DIGEST(_EK_POLICY_C[name])]
-                )
-                self._x("TPM2_PolicyOR", self._e.policy_or, s, branches)
+            self._x("TPM2_PolicySecret/PolicyOR", ek.apply_ek_policy, self._e, s, pub)
             yield s
         finally:
             with suppress(TSS2_Exception):
@@ -707,25 +578,22 @@ class PytssHostTpm:
         encrypted_secret: bytes,
         ek_kind: Literal["rsa", "ecc"] = "rsa",
     ) -> bytes:
-        try:
-            blob, n1 = TPM2B_ID_OBJECT.unmarshal(credential_blob)
-            secret, n2 = TPM2B_ENCRYPTED_SECRET.unmarshal(encrypted_secret)
-        except Exception as err:
-            raise KeyBlobError(f"credential: does not unmarshal ({err})") from err
-        if n1 != len(credential_blob) or n2 != len(encrypted_secret):
-            raise KeyBlobError("credential: trailing bytes after TPM2B_ID_OBJECT/ENCRYPTED_SECRET")
+        blob = unmarshal(TPM2B_ID_OBJECT, credential_blob, "credential blob (TPM2B_ID_OBJECT)")
+        secret = unmarshal(
+            TPM2B_ENCRYPTED_SECRET, encrypted_secret, "encrypted secret (TPM2B_ENCRYPTED_SECRET)"
+        )
 
         def run() -> bytes:
             aik = self._host_key("aik")
             aik_h = self._load(aik)
             with self._loaded(aik_h):
-                ek = self._create_ek(ek_kind)
-                with self._loaded(ek), self._ek_session(ek) as s:
+                ek_h = self._create_ek(ek_kind)
+                with self._loaded(ek_h), self._ek_session(ek_h) as s:
                     cert_info = self._x(
                         "TPM2_ActivateCredential",
                         self._e.activate_credential,
                         aik_h,
-                        ek,
+                        ek_h,
                         blob,
                         secret,
                         session1=ESYS_TR.PASSWORD,
@@ -737,43 +605,11 @@ class PytssHostTpm:
 
     # ------------------------------------------------------------------ host keys
 
-    @property
-    def _keys_path(self) -> Path:
-        return self._key_dir / HOST_KEYS_FILE
-
-    def _read_host_keys(self) -> dict[str, WrappedKey]:
-        try:
-            raw = self._keys_path.read_bytes()
-        except FileNotFoundError:
-            return {}
-        except OSError as err:
-            raise TpmError(f"cannot read {self._keys_path}: {err}") from err
-        try:
-            obj = json.loads(raw)
-        except ValueError as err:
-            raise KeyBlobError(f"{self._keys_path}: not JSON ({err})") from err
-        if not isinstance(obj, dict):
-            raise KeyBlobError(f"{self._keys_path}: expected an object")
-        return {k: WrappedKey.from_bytes(json.dumps(v).encode()) for k, v in obj.items()}
-
-    def _write_host_keys(self, host_keys: Mapping[str, WrappedKey]) -> None:
-        obj = {k: json.loads(v.to_bytes()) for k, v in host_keys.items()}
-        self._key_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._keys_path.with_suffix(".tmp")
-        try:
-            with open(tmp, "w") as f:
-                json.dump(obj, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._keys_path)
-        except OSError as err:
-            raise TpmError(f"cannot write {self._keys_path}: {err}") from err
-
     def _host_key(self, kind: str) -> WrappedKey:
-        key = self._read_host_keys().get(kind)
+        key = self._keyfile.read().get(kind)
         if key is None:
             raise HostKeysMissing(
-                f"no {_KEY_LABEL[kind]} in {self._keys_path}: run `vtpm-host init` first"
+                f"no {_KEY_LABEL[kind]} in {self._keyfile.path}: run `vtpm-host init` first"
             )
         return key
 
@@ -785,8 +621,8 @@ class PytssHostTpm:
             "TPM2_Load",
             self._e.load,
             self._srk(),
-            _private_from_bytes(priv),
-            _public_from_bytes(pub),
+            private_from_bytes(priv),
+            public_from_bytes(pub),
         )
         with self._loaded(h), self._session() as s:
             self._x(
@@ -816,19 +652,19 @@ class PytssHostTpm:
             if not self._srk_exists():
                 self._srk()
                 created.append("srk")
-            host_keys = self._read_host_keys()
+            host_keys = self._keyfile.read()
             if "aik" not in host_keys:
                 pub, priv = self._create(keys.aik_template())
                 host_keys["aik"] = WrappedKey("aik", pub, priv)
                 created.append("aik")
-                self._write_host_keys(host_keys)
+                self._keyfile.write(host_keys)
             if "authkey" not in host_keys:
                 policy = self._current_pcr_policy(locality=self._probe_locality())
                 auth_policy = self._trial_pcr_policy(policy)
                 pub, priv = self._create(keys.authkey_template(auth_policy))
                 host_keys["authkey"] = WrappedKey("authkey", pub, priv, policy)
                 created.append("authkey")
-                self._write_host_keys(host_keys)
+                self._keyfile.write(host_keys)
             authkey = host_keys["authkey"]
             return HostKeyReport(
                 created=tuple(created),
@@ -879,7 +715,7 @@ class PytssHostTpm:
         """Create an ExgKey (import parent for migration), bound to PCR0-8 like AuthKey."""
 
         def run() -> WrappedKey:
-            authkey = self._read_host_keys().get("authkey")
+            authkey = self._keyfile.read().get("authkey")
             locality = authkey is not None and authkey.policy.locality is not None
             policy = self._current_pcr_policy(locality=locality)
             pub, priv = self._create(keys.exgkey_template(self._trial_pcr_policy(policy)))
@@ -1039,7 +875,7 @@ class PytssHostTpm:
         h = self._x(
             "TPM2_LoadExternal",
             self._e.load_external,
-            _public_from_bytes(policy.fleet_key),
+            public_from_bytes(policy.fleet_key),
             None,
             ESYS_TR.OWNER,
         )
@@ -1076,7 +912,7 @@ class PytssHostTpm:
         """
         if key.kind != "vaik" or key.policy.fleet_key_name is None:
             raise ValueError(f"duplicate() moves vAIKs only, got a {key.kind}")
-        target = _public_from_bytes(new_parent_public)
+        target = public_from_bytes(new_parent_public)
         attrs = int(target.publicArea.objectAttributes)
         need = int(
             TPMA_OBJECT.RESTRICTED
@@ -1112,7 +948,7 @@ class PytssHostTpm:
                         h,
                         parent,
                         TPM2B_DATA(),
-                        _sym_aes128cfb(),
+                        sym_aes128cfb(),
                         session1=s,
                     )
             return DuplicationBlob(
@@ -1129,14 +965,11 @@ class PytssHostTpm:
         """TPM2_Import a duplicated vAIK under ``parent`` (this host's ExgKey)."""
         if parent.kind != "exgkey":
             raise ValueError(f"import_key() imports under an ExgKey, got a {parent.kind}")
-        pub = _public_from_bytes(blob.public)
-        try:
-            dup, n1 = TPM2B_PRIVATE.unmarshal(blob.duplicate)
-            seed, n2 = TPM2B_ENCRYPTED_SECRET.unmarshal(blob.encrypted_seed)
-        except Exception as err:
-            raise KeyBlobError(f"duplication blob does not unmarshal: {err}") from err
-        if n1 != len(blob.duplicate) or n2 != len(blob.encrypted_seed):
-            raise KeyBlobError("duplication blob: trailing bytes")
+        pub = public_from_bytes(blob.public)
+        dup = unmarshal(TPM2B_PRIVATE, blob.duplicate, "duplicate (TPM2B_PRIVATE)")
+        seed = unmarshal(
+            TPM2B_ENCRYPTED_SECRET, blob.encrypted_seed, "seed (TPM2B_ENCRYPTED_SECRET)"
+        )
 
         def run() -> WrappedKey:
             ph = self._load(parent)
@@ -1149,7 +982,7 @@ class PytssHostTpm:
                     pub,
                     dup,
                     seed,
-                    _sym_aes128cfb(),
+                    sym_aes128cfb(),
                     session1=auth,
                 )
             return WrappedKey("vaik", blob.public, priv.marshal(), blob.policy, parent)

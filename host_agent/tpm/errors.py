@@ -10,6 +10,7 @@
         │                                (AuthKey, ExgKey, a vAIK's approval) is unusable
         ├── PolicyNotApproved            a vAIK approval does not match this key or this state
         ├── KeyBlobError                 a stored wrapped key / sealed blob is malformed
+        ├── HostKeysMissing              AIK/AuthKey not created yet (run `vtpm-host init`)
         ├── TpmNotFound                  discovery found no TPM and the software root is off
         └── SoftwareRootError            the embedded swtpm could not be set up or started
 
@@ -24,6 +25,7 @@ from typing import ClassVar
 from evidence.errors import VtpmError
 
 __all__ = [
+    "HostKeysMissing",
     "KeyBlobError",
     "PlatformStateNotApproved",
     "PolicyNotApproved",
@@ -104,6 +106,12 @@ class KeyBlobError(TpmError):
     """A stored wrapped key or sealed blob is malformed (truncated, wrong magic, trailing bytes)."""
 
     id: ClassVar[str] = "tpm.key_blob"
+
+
+class HostKeysMissing(TpmError):
+    """AIK/AuthKey do not exist yet: run ``vtpm-host init``."""
+
+    id: ClassVar[str] = "tpm.host_keys_missing"
 
 
 class TpmNotFound(TpmError):

@@ -229,3 +229,57 @@ def _extend(sw: Swtpm, *pcrs: int) -> None:
             esys.pcr_extend(ESYS_TR.PCR0 + pcr, digests)
     finally:
         esys.close()
+
+
+# ---------------------------------------------------------------- port types, EK tables (no TPM)
+
+
+def test_adapter_satisfies_the_port(host_tpm: PytssHostTpm) -> None:
+    from host_agent.tpm import HostTpm
+
+    port: HostTpm = host_tpm  # mypy checks the structure; isinstance checks the names
+    assert isinstance(port, HostTpm)
+
+
+def test_ek_policy_tables_match_the_tcg_templates() -> None:
+    import hashlib
+
+    from tpm2_pytss.internal.templates import template_policy
+
+    from host_agent.tpm.ek import EK_POLICY_A, EK_POLICY_C
+
+    assert EK_POLICY_A["sha256"] == template_policy.low
+    for alg in ("sha256", "sha384", "sha512"):
+        size = hashlib.new(alg).digest_size
+        policy_or = hashlib.new(
+            alg, bytes(size) + bytes.fromhex("00000171") + EK_POLICY_A[alg] + EK_POLICY_C[alg]
+        ).digest()
+        assert policy_or == getattr(template_policy, alg)
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        b"",
+        b"{}",
+        b'{"format": "vtpm-trust/wrapped-key/1"}',
+        b'{"format": "vtpm-trust/wrapped-key/1", "kind": "aik", "public": "zz", "private": "",'
+        b' "policy": null, "parent": null}',
+        b"\xff\xfe",
+    ],
+)
+def test_malformed_wrapped_keys_raise_key_blob_error(blob: bytes) -> None:
+    from host_agent.tpm import WrappedKey
+
+    with pytest.raises(KeyBlobError):
+        WrappedKey.from_bytes(blob)
+
+
+def test_wrapped_key_round_trip(host_tpm: PytssHostTpm) -> None:
+    from host_agent.tpm import WrappedKey
+
+    exg = host_tpm.create_exgkey()
+    again = WrappedKey.from_bytes(exg.to_bytes())
+    assert again == exg and again.name == exg.name
+    with pytest.raises(KeyBlobError):
+        host_tpm.unseal(exg.to_bytes())  # a wrapped key is not a sealed blob
