@@ -7,7 +7,7 @@ STAMP_DEB  = $(VENV)/.debian-packages.stamp
 STAMP_PY   = $(VENV)/.installed.stamp
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv demo test lint typecheck unit bench clean
+.PHONY: all deps venv demo test lint typecheck unit bench clean images
 
 all: test
 
@@ -36,6 +36,10 @@ test: venv lint typecheck
 
 unit: venv
 	$(BIN)/python -m pytest tests/unit tests/vectors $(PYTEST_ARGS)
+
+# The vm-tier test guest (vm_images/README.md); tests build it on demand through the same cache.
+images: venv
+	$(BIN)/python -m vm_images.build
 
 demo: venv
 	$(BIN)/python scripts/demo.py
