@@ -115,8 +115,9 @@ def register(subparsers: Any) -> None:
         "serve",
         help="serve the HTTPS API",
         description=(
-            "Serve the registrar's HTTPS API (/v1/ca, /v1/policy-key, /v1/hosts/ID, "
-            "/v1/registrations) with the certificate `init` issued. Stops on SIGINT/SIGTERM."
+            "Serve the registrar's HTTPS API (/v1/ca, /v1/policy-key, /v1/policy-approvals, "
+            "/v1/hosts/ID, /v1/registrations) with the certificate `init` issued. Stops on "
+            "SIGINT/SIGTERM."
         ),
     )
     _state_dir(serve)
@@ -147,7 +148,8 @@ def register(subparsers: Any) -> None:
         help="approve a host platform policy (PolicyAuthorize)",
         description=(
             "Sign, with the fleet policy key, an approval of a host PCR0-8 policy digest; vAIKs "
-            "can sign only on host platform states approved this way."
+            "can sign only on host platform states approved this way. The approval is recorded "
+            "and served to hosts at GET /v1/policy-approvals."
         ),
     )
     _state_dir(approve)

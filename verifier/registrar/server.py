@@ -4,6 +4,7 @@ Routes (bodies in :mod:`verifier.registrar.messages`)::
 
     GET  /v1/ca                                   fleet CA certificate (PEM)
     GET  /v1/policy-key                           fleet policy key: TPMT_PUBLIC, Name, PEM (JSON)
+    GET  /v1/policy-approvals                     the fleet's approvals of host PCR policies
     GET  /v1/hosts/<host_id>                      an admitted host's AIK and mTLS certificates
     POST /v1/registrations                        start admission → credential challenge
     POST /v1/registrations/<challenge_id>/activation   answer it → certificates
@@ -120,6 +121,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(HTTPStatus.OK, service.ca_certificate(), "application/x-pem-file")
             elif method == "GET" and path == "/v1/policy-key":
                 self._json(HTTPStatus.OK, service.policy_key())
+            elif method == "GET" and path == "/v1/policy-approvals":
+                self._json(HTTPStatus.OK, service.policy_approvals())
             elif method == "GET" and (m := _HOST.match(path)):
                 host = service.host(m.group(1))
                 if host is None:

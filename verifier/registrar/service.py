@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from evidence.errors import VtpmError
-from evidence.tpm2_policy import PolicyApproval
+from evidence.tpm2_policy import PolicyApproval, name_of_public
 from verifier.registrar.ca import FleetCa
 from verifier.registrar.credential import make_credential
 from verifier.registrar.ekcert import EkTrustBundle, VerifiedEkCertificate, verify_ek_certificate
@@ -131,8 +131,6 @@ class RegistrarService:
 
     def policy_key(self) -> dict[str, str]:
         """The fleet policy key (``GET /v1/policy-key``): TPMT_PUBLIC, Name and PEM."""
-        from evidence.tpm2_policy import name_of_public
-
         public = self._ca.policy_key_public()
         pem = self._ca.policy_key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -343,5 +341,29 @@ class RegistrarService:
     def approve_platform_policy(
         self, pcr_policy_digest: bytes, policy_ref: bytes
     ) -> PolicyApproval:
-        """Sign a PolicyAuthorize approval with the fleet policy key (an operator action)."""
-        return self._ca.approve_platform_policy(pcr_policy_digest, policy_ref)
+        """Sign and record a PolicyAuthorize approval with the fleet policy key.
+
+        An operator action (``vtpm-verify registrar approve``), never reachable over HTTPS.
+        Approving the same policy twice returns the approval already on record. An approval
+        cannot be revoked by deleting it: hosts that fetched it keep a valid signature.
+        """
+        approval = self._ca.approve_platform_policy(pcr_policy_digest, policy_ref)
+        signature = self._store.add_approval(
+            approval.approved_policy, approval.policy_ref, approval.signature, self._clock()
+        )
+        return PolicyApproval(approval.approved_policy, approval.policy_ref, signature)
+
+    def policy_approvals(self) -> dict[str, object]:
+        """``GET /v1/policy-approvals``: the fleet policy key and every approval on record."""
+        return {
+            "policy_key": self.policy_key(),
+            "approvals": [
+                {
+                    "approved_policy": policy.hex(),
+                    "policy_ref": ref.hex(),
+                    "signature": b64(signature),
+                    "approved_at": at.isoformat(),
+                }
+                for policy, ref, signature, at in self._store.approvals()
+            ],
+        }

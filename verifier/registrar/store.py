@@ -51,6 +51,16 @@ _challenges = sa.Table(
 )
 
 
+_approvals = sa.Table(
+    "registrar_policy_approvals",
+    _metadata,
+    sa.Column("approved_policy", sa.String(64), primary_key=True),
+    sa.Column("policy_ref", sa.String(64), primary_key=True),
+    sa.Column("signature", sa.LargeBinary, nullable=False),
+    sa.Column("approved_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
 def _utc(value: datetime) -> datetime:
     # SQLite drops the timezone; everything we store is UTC.
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
@@ -203,6 +213,37 @@ class RegistrarStore:
                 conn.execute(_hosts.select().where(_hosts.c.host_id == host_id)).mappings().first()
             )
         return None if row is None else self._host(row)
+
+    def add_approval(
+        self, approved_policy: bytes, policy_ref: bytes, signature: bytes, now: datetime
+    ) -> bytes:
+        """Record an approval; an approval already on record is kept. Returns its signature."""
+        key = (approved_policy.hex(), policy_ref.hex())
+        with self._engine.begin() as conn:
+            row = conn.execute(
+                sa.select(_approvals.c.signature).where(
+                    _approvals.c.approved_policy == key[0], _approvals.c.policy_ref == key[1]
+                )
+            ).first()
+            if row is not None:
+                return bytes(row[0])
+            conn.execute(
+                _approvals.insert().values(
+                    approved_policy=key[0],
+                    policy_ref=key[1],
+                    signature=signature,
+                    approved_at=now,
+                )
+            )
+        return signature
+
+    def approvals(self) -> list[tuple[bytes, bytes, bytes, datetime]]:
+        """Every approval on record: (approved_policy, policy_ref, signature, approved_at)."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                _approvals.select().order_by(_approvals.c.approved_at, _approvals.c.policy_ref)
+            ).all()
+        return [(bytes.fromhex(r[0]), bytes.fromhex(r[1]), bytes(r[2]), _utc(r[3])) for r in rows]
 
     def count_challenges(self) -> int:
         with self._engine.connect() as conn:
