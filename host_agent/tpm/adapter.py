@@ -13,6 +13,17 @@ Theory of operation
 * **Wrapped once.** ``TSS2_Exception`` is caught right at the ESAPI call (:meth:`_x`) and raised
   as :class:`TpmCommandError` naming the TPM command; nothing above sees a tpm2-pytss type.
 
+AuthKey and ExgKey policy
+-------------------------
+``PolicyPCR(sha256:0-8 = values at creation) + PolicyLocality(0)``. Whether PolicyLocality(0)
+holds depends on the TPM path (the locality the TCTI sends at): ``ensure_host_keys`` probes it
+with a throwaway sealed object and leaves the term out, with a warning, where it does not.
+Measured: it holds over the swtpm TCTI (TCP and unix socket), so the software root's AuthKey
+includes it (``tests/sim/test_host_tpm_keys.py::test_authkey_policy_includes_locality_zero``).
+In a real session PolicyPCR is given an empty pcrDigest (the TPM uses the current values); the
+session digest is then compared with the approved one, so a changed platform is reported as
+:class:`PlatformStateNotApproved` with both digests, not as an opaque TPM_RC_POLICY_FAIL.
+
 vAIK design (ARCHITECTURE.md §2)
 --------------------------------
 A vAIK is a restricted ECDSA P-256 signing key that is *not* fixedTPM/fixedParent, created under

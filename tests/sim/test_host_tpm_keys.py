@@ -154,22 +154,28 @@ def test_200_vaiks_stored_wrapped_each_sign_in_turn(
 # ---------------------------------------------------------------- PCR binding
 
 
+@pytest.mark.parametrize("pcr", range(9))
 def test_authkey_unusable_after_pcr_change(
-    swtpm_factory: Callable[..., Swtpm], tmp_path: Path
+    pcr: int, swtpm_factory: Callable[..., Swtpm], tmp_path: Path
 ) -> None:
-    sw = swtpm_factory("pcr-change")
+    sw = swtpm_factory(f"pcr-change-{pcr}")
     with PytssHostTpm(sw.tcti, tmp_path) as tpm:
         tpm.ensure_host_keys()
         vaik = tpm.create_vaik(FLEET_DER)
+        exg = tpm.create_exgkey()
         tpm.certify(vaik, "authkey", b"before")  # works on the approved state
-        _extend(sw, 4)
+        _extend(sw, pcr)
         with pytest.raises(PlatformStateNotApproved) as err:
             tpm.certify(vaik, "authkey", b"after")
         assert err.value.key == "AuthKey"
         assert err.value.id == "tpm.platform_state_not_approved"
-        assert "AuthKey is unusable" in str(err.value) and "sha256:0,1,2,3,4,5,6,7,8" in str(
-            err.value
-        )
+        assert "AuthKey is unusable" in str(err.value)
+        assert "sha256:0,1,2,3,4,5,6,7,8" in str(err.value)
+        # ExgKey is bound the same way: nothing can be imported under it any more.
+        blob = tpm.duplicate(vaik, exg.public)
+        with pytest.raises(PlatformStateNotApproved) as err:
+            tpm.import_key(blob, exg)
+        assert err.value.key == "ExgKey"
         tpm.certify("authkey", "aik", b"AIK is not PCR-bound")  # AIK still signs
 
 
