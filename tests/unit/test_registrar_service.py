@@ -12,7 +12,7 @@ import base64
 import dataclasses
 import secrets
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -379,7 +379,3 @@ def test_init_is_idempotent_and_keys_are_private(tmp_path: Path, pki: Pki) -> No
 def test_init_without_an_ek_ca_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RegistrarStateError, match="EK CA"):
         init_state(tmp_path / "r", now=NOW, random_bytes=secrets.token_bytes)
-
-
-def test_now_is_utc() -> None:
-    assert NOW.tzinfo is UTC
