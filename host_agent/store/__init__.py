@@ -25,8 +25,8 @@ from host_agent.store.ports import DataKeySealer, RandomBytes, RollbackCounter
 from host_agent.store.store import (
     DEFAULT_COUNTER_INDEX,
     Record,
-    StoreConfig,
     StoreRunState,
+    StoreSettings,
     StoreTransaction,
     TrustedStore,
 )
@@ -41,7 +41,6 @@ __all__ = [
     "RollbackCounter",
     "StoreAlreadyInitialised",
     "StoreBackendError",
-    "StoreConfig",
     "StoreCounterMismatch",
     "StoreError",
     "StoreFormatError",
@@ -50,6 +49,7 @@ __all__ = [
     "StoreNotInitialised",
     "StoreRolledBack",
     "StoreRunState",
+    "StoreSettings",
     "StoreStateError",
     "StoreTransaction",
     "TrustedStore",

@@ -26,7 +26,7 @@ The head holds an authenticated ``generation``; a TPM NV monotonic counter
 (:class:`~host_agent.store.ports.RollbackCounter`) holds the generation the TPM vouches for.
 
 *Creation.* Refuse a counter that exists already (unless
-``StoreConfig.allow_existing_counter``): it means this TPM had a store whose database is gone.
+``StoreSettings.allow_existing_counter``): it means this TPM had a store whose database is gone.
 Seal the fresh data key (and check it unseals), then define the counter, read its value ``c``
 (TPM 2.0 starts a new counter at the highest value any counter on the TPM had, not at 0) and write
 the head with ``generation = c``.
@@ -90,6 +90,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 
 from evidence.errors import VtpmError
+from host_agent.config import StoreConfig
 from host_agent.store._schema import HEAD_ROW_ID, RECORD_ID_MAX, StoreTables
 from host_agent.store.cipher import (
     DATA_KEY_BYTES,
@@ -122,8 +123,8 @@ from host_agent.store.ports import DataKeySealer, RandomBytes, RollbackCounter
 __all__ = [
     "DEFAULT_COUNTER_INDEX",
     "Record",
-    "StoreConfig",
     "StoreRunState",
+    "StoreSettings",
     "StoreTransaction",
     "TrustedStore",
 ]
@@ -138,8 +139,8 @@ _MAX_GENERATION = 2**63 - 1
 
 
 @dataclass(frozen=True)
-class StoreConfig:
-    """Where the store lives and which TPM counter guards it.
+class StoreSettings:
+    """Where the store lives and which TPM counter guards it (resolved; see :meth:`from_config`).
 
     Attributes:
         url: SQLAlchemy URL: ``sqlite:////var/lib/vtpm-trust/store.db`` (default deployment) or
@@ -162,6 +163,17 @@ class StoreConfig:
             raise ValueError(f"counter_index {self.counter_index:#x} is not an NV index")
         if not _PREFIX_RE.fullmatch(self.table_prefix):
             raise ValueError(f"table_prefix {self.table_prefix!r} must match {_PREFIX_RE.pattern}")
+
+    @classmethod
+    def from_config(cls, config: StoreConfig, state_dir: Path) -> StoreSettings:
+        """Settings from the agent configuration's ``[store]`` slice.
+
+        Args:
+            config: ``AgentConfig.store``; ``url`` None means ``<state_dir>/store.sqlite``.
+            state_dir: the agent's state directory.
+        """
+        url = config.url or f"sqlite:///{Path(state_dir) / 'store.sqlite'}"
+        return cls(url=url)
 
 
 class StoreRunState(enum.Enum):
@@ -308,7 +320,7 @@ class TrustedStore:
         *,
         engine: Engine,
         tables: StoreTables,
-        config: StoreConfig,
+        config: StoreSettings,
         cipher: StoreCipher,
         head: HeadFields,
         head_mac: bytes,
@@ -337,7 +349,7 @@ class TrustedStore:
     @classmethod
     def create(
         cls,
-        config: StoreConfig,
+        config: StoreSettings,
         *,
         sealer: DataKeySealer,
         counter: RollbackCounter,
@@ -436,7 +448,7 @@ class TrustedStore:
     @classmethod
     def open(
         cls,
-        config: StoreConfig,
+        config: StoreSettings,
         *,
         sealer: DataKeySealer,
         counter: RollbackCounter,
@@ -474,7 +486,7 @@ class TrustedStore:
         cls,
         engine: Engine,
         tables: StoreTables,
-        config: StoreConfig,
+        config: StoreSettings,
         sealer: DataKeySealer,
         counter: RollbackCounter,
         random_bytes: RandomBytes,

@@ -27,13 +27,13 @@ from host_agent.store import (
     RecordNotFound,
     StoreAlreadyInitialised,
     StoreBackendError,
-    StoreConfig,
     StoreCounterMismatch,
     StoreIntegrityError,
     StoreKeyError,
     StoreNotInitialised,
     StoreRolledBack,
     StoreRunState,
+    StoreSettings,
     StoreStateError,
     TrustedStore,
 )
@@ -216,9 +216,9 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
 
 
 @pytest.fixture
-def config(db: Db) -> StoreConfig:
+def config(db: Db) -> StoreSettings:
     """A fresh counter index per test: the module's swtpm keeps every counter it defined."""
-    return StoreConfig(url=db.url, counter_index=next(_indices))
+    return StoreSettings(url=db.url, counter_index=next(_indices))
 
 
 @pytest.fixture
@@ -228,12 +228,12 @@ def counter(tpm: PytssHostTpm) -> FaultyCounter:
 
 @pytest.fixture
 def make_store(
-    config: StoreConfig, tpm: PytssHostTpm, counter: FaultyCounter
+    config: StoreSettings, tpm: PytssHostTpm, counter: FaultyCounter
 ) -> Iterator[Callable[..., TrustedStore]]:
     """``make_store(create=False)`` opens (or creates) the test's store; all closed after."""
     opened: list[TrustedStore] = []
 
-    def make(*, create: bool = False, cfg: StoreConfig | None = None) -> TrustedStore:
+    def make(*, create: bool = False, cfg: StoreSettings | None = None) -> TrustedStore:
         method = TrustedStore.create if create else TrustedStore.open
         store = method(cfg or config, sealer=tpm, counter=counter, random_bytes=secrets.token_bytes)
         opened.append(store)
@@ -249,7 +249,7 @@ def store(make_store: Callable[..., TrustedStore]) -> TrustedStore:
     return make_store(create=True)
 
 
-def _unchanged(db: Db, tpm: PytssHostTpm, config: StoreConfig) -> Callable[[], None]:
+def _unchanged(db: Db, tpm: PytssHostTpm, config: StoreSettings) -> Callable[[], None]:
     """Capture the rows and the counter now; the returned check asserts they did not change."""
     before = (db.rows(), tpm.counter_read(config.counter_index))
 
@@ -299,7 +299,7 @@ def test_put_get_list_delete(store: TrustedStore) -> None:
 
 
 def test_every_change_is_one_generation_and_one_counter_step(
-    store: TrustedStore, tpm: PytssHostTpm, config: StoreConfig
+    store: TrustedStore, tpm: PytssHostTpm, config: StoreSettings
 ) -> None:
     start = tpm.counter_read(config.counter_index)
     assert store.generation == start
@@ -326,7 +326,7 @@ def test_transaction_misuse_is_value_error(store: TrustedStore) -> None:
 
 
 def test_concurrent_writers_in_one_process_are_serialised(
-    store: TrustedStore, tpm: PytssHostTpm, config: StoreConfig
+    store: TrustedStore, tpm: PytssHostTpm, config: StoreSettings
 ) -> None:
     start = store.generation
     errors: list[BaseException] = []
@@ -349,7 +349,7 @@ def test_concurrent_writers_in_one_process_are_serialised(
 
 
 def test_failed_transaction_writes_nothing(
-    store: TrustedStore, db: Db, tpm: PytssHostTpm, config: StoreConfig
+    store: TrustedStore, db: Db, tpm: PytssHostTpm, config: StoreSettings
 ) -> None:
     store.put("vaik", "a", b"1")
     unchanged = _unchanged(db, tpm, config)
@@ -363,7 +363,7 @@ def test_failed_transaction_writes_nothing(
 
 
 def test_reopen_sees_the_same_records(
-    make_store: Callable[..., TrustedStore], tpm: PytssHostTpm, config: StoreConfig
+    make_store: Callable[..., TrustedStore], tpm: PytssHostTpm, config: StoreSettings
 ) -> None:
     store = make_store(create=True)
     store.put("seal", "vm-1", SECRET)
@@ -378,19 +378,19 @@ def test_reopen_sees_the_same_records(
 
 
 def test_create_refuses_an_existing_store_or_counter(
-    make_store: Callable[..., TrustedStore], config: StoreConfig, tmp_path: Path
+    make_store: Callable[..., TrustedStore], config: StoreSettings, tmp_path: Path
 ) -> None:
     store = make_store(create=True)
     store.close()
     with pytest.raises(StoreAlreadyInitialised, match="a store exists already"):
         make_store(create=True)
     # Same TPM counter, database gone (another URL): refused unless explicitly allowed.
-    other = StoreConfig(
+    other = StoreSettings(
         url=f"sqlite:///{tmp_path / 'other.db'}", counter_index=config.counter_index
     )
     with pytest.raises(StoreAlreadyInitialised, match=r"counter at NV index .* exists already"):
         make_store(create=True, cfg=other)
-    allowed = StoreConfig(
+    allowed = StoreSettings(
         url=other.url, counter_index=config.counter_index, allow_existing_counter=True
     )
     make_store(create=True, cfg=allowed).put("vaik", "x", b"1")
@@ -410,7 +410,7 @@ class FailingSealer:
 
 
 def test_create_that_cannot_seal_leaves_no_counter_behind(
-    config: StoreConfig, tpm: PytssHostTpm, counter: FaultyCounter, db: Db
+    config: StoreSettings, tpm: PytssHostTpm, counter: FaultyCounter, db: Db
 ) -> None:
     with pytest.raises(StoreKeyError, match="cannot seal the store data key"):
         TrustedStore.create(
@@ -428,7 +428,9 @@ def test_unreachable_database_is_a_backend_error(tpm: PytssHostTpm) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again before the store connects
-    config = StoreConfig(url=f"postgresql://postgres@127.0.0.1:{port}/x", counter_index=0x01800002)
+    config = StoreSettings(
+        url=f"postgresql://postgres@127.0.0.1:{port}/x", counter_index=0x01800002
+    )
     with pytest.raises(StoreBackendError, match="cannot read the store database") as info:
         TrustedStore.open(config, sealer=tpm, counter=tpm, random_bytes=secrets.token_bytes)
     assert info.value.id == "store.backend"
@@ -441,7 +443,7 @@ def test_open_without_a_store_is_not_initialised(
         make_store()
     missing = tmp_path / "nowhere" / "store.db"
     with pytest.raises(StoreNotInitialised):
-        make_store(cfg=StoreConfig(url=f"sqlite:///{missing}", counter_index=0x01800001))
+        make_store(cfg=StoreSettings(url=f"sqlite:///{missing}", counter_index=0x01800001))
     assert not missing.exists()
 
 
@@ -449,7 +451,7 @@ def test_open_without_a_store_is_not_initialised(
 
 
 def test_inv5_no_plaintext_payload_or_data_key_in_database_bytes(
-    config: StoreConfig, tpm: PytssHostTpm, counter: FaultyCounter, db: Db
+    config: StoreSettings, tpm: PytssHostTpm, counter: FaultyCounter, db: Db
 ) -> None:
     drawn: list[bytes] = []
 
@@ -492,7 +494,7 @@ def test_tampered_record_is_refused_and_nothing_changes(
     make_store: Callable[..., TrustedStore],
     db: Db,
     tpm: PytssHostTpm,
-    config: StoreConfig,
+    config: StoreSettings,
 ) -> None:
     store.put("vaik", "vm-1", b"key-1")
     store.put("vaik", "vm-2", b"key-2")
@@ -519,7 +521,7 @@ def test_swapped_records_are_refused(
     make_store: Callable[..., TrustedStore],
     db: Db,
     tpm: PytssHostTpm,
-    config: StoreConfig,
+    config: StoreSettings,
 ) -> None:
     store.put("binding", "vm-a", {"owner": "alice"})
     store.put("binding", "vm-b", {"owner": "mallory"})
@@ -644,7 +646,7 @@ def test_inv4_malformed_head_field_is_a_typed_refusal(
 def test_sealed_key_does_not_open_on_another_tpm(
     store: TrustedStore,
     db: Db,
-    config: StoreConfig,
+    config: StoreSettings,
     swtpm_factory: Callable[..., Swtpm],
     tmp_path: Path,
 ) -> None:
@@ -677,7 +679,7 @@ def test_second_writer_is_detected(
 
 
 def test_rolled_back_database_is_refused_at_open(
-    make_store: Callable[..., TrustedStore], db: Db, tpm: PytssHostTpm, config: StoreConfig
+    make_store: Callable[..., TrustedStore], db: Db, tpm: PytssHostTpm, config: StoreSettings
 ) -> None:
     store = make_store(create=True)
     store.put("vaik", "vm-1", b"vaik-of-vm-1")
@@ -743,7 +745,7 @@ def test_crash_between_commit_and_counter_increment_opens(
     store: TrustedStore,
     make_store: Callable[..., TrustedStore],
     tpm: PytssHostTpm,
-    config: StoreConfig,
+    config: StoreSettings,
 ) -> None:
     store.put("vaik", "vm-1", b"k1")
     before = tpm.counter_read(config.counter_index)
@@ -782,7 +784,7 @@ def test_failed_counter_increment_is_retried_before_the_next_change(
     make_store: Callable[..., TrustedStore],
     counter: FaultyCounter,
     tpm: PytssHostTpm,
-    config: StoreConfig,
+    config: StoreSettings,
 ) -> None:
     start = store.generation
     counter.fail_increments = 1
@@ -802,7 +804,7 @@ def test_counter_behind_by_more_than_one_change_is_a_mismatch(
     counter: FaultyCounter,
     db: Db,
     tpm: PytssHostTpm,
-    config: StoreConfig,
+    config: StoreSettings,
 ) -> None:
     store.put("vaik", "vm-1", b"k1")
     store.close()
@@ -814,10 +816,10 @@ def test_counter_behind_by_more_than_one_change_is_a_mismatch(
 
 
 def test_counter_index_other_than_the_stores_is_a_mismatch(
-    store: TrustedStore, make_store: Callable[..., TrustedStore], config: StoreConfig
+    store: TrustedStore, make_store: Callable[..., TrustedStore], config: StoreSettings
 ) -> None:
     store.close()
-    other = StoreConfig(url=config.url, counter_index=config.counter_index + 0x100)
+    other = StoreSettings(url=config.url, counter_index=config.counter_index + 0x100)
     with pytest.raises(StoreCounterMismatch, match="configuration names"):
         make_store(cfg=other)
 
