@@ -885,6 +885,49 @@ def test_inv4_any_mutation_of_a_stored_row_is_a_typed_refusal(
     assert store.get("seal", "vm-1").payload == SECRET
 
 
+def _move(db: Db, src: tuple[str, str], dst: tuple[str, str]) -> None:
+    db.execute(
+        sa.update(TABLES.records)
+        .where(TABLES.records.c.record_type == src[0], TABLES.records.c.record_id == src[1])
+        .values(record_type=dst[0], record_id=dst[1])
+    )
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    new_type=st.sampled_from(["vaik", "seal", "binding", "journal", "exgkey"]),
+    new_id=st.text(
+        alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=40
+    ),
+)
+def test_inv4_a_row_moved_to_any_other_key_is_a_typed_refusal(
+    store: TrustedStore, db: Db, new_type: str, new_id: str
+) -> None:
+    if not store.record_ids("seal"):
+        store.put("seal", "vm-1", SECRET)
+        store.put("seal", "vm-2", b"neighbour")
+    if (new_type, new_id) in (("seal", "vm-1"), ("seal", "vm-2")):
+        return
+    _move(db, ("seal", "vm-1"), (new_type, new_id))
+    try:
+        with pytest.raises(StoreIntegrityError, match="row is missing"):
+            store.get("seal", "vm-1")
+        with pytest.raises(StoreIntegrityError, match="authentication failed") as info:
+            store.get(new_type, new_id)
+        assert (info.value.record_type, info.value.record_id) == (new_type, new_id)
+        for record_type in {"seal", new_type}:
+            with pytest.raises(StoreIntegrityError):
+                store.list_records(record_type)
+        assert store.state is StoreRunState.OPEN
+    finally:
+        _move(db, (new_type, new_id), ("seal", "vm-1"))
+    assert store.get("seal", "vm-1").payload == SECRET
+
+
 @pytest.mark.parametrize("db", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("value", ["text", 12345, 1.5])
 def test_inv4_foreign_value_types_in_blob_columns_are_typed_refusals(
