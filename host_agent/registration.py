@@ -61,7 +61,10 @@ EK_CERT_KINDS: dict[int, Literal["rsa", "ecc"]] = {
 }
 """NV index of an EK certificate → the kind of EK it certifies."""
 
-_TPM_OBJECT_NAME_OID = x509.ObjectIdentifier("2.25.122233000154448759152583983886733378126")
+# The registrar's AIK certificate extensions (verifier/registrar/ca.py); host_agent cannot import
+# verifier/, so the two OIDs are repeated here until they move to a shared leaf module.
+_TPM_OBJECT_NAME_OID = x509.ObjectIdentifier("2.25.122233000154448759152583983886733378126.1")
+_TPM_PUBLIC_OID = x509.ObjectIdentifier("2.25.122233000154448759152583983886733378126.2")
 
 
 class RegistrarRefused(VtpmError):
@@ -274,16 +277,18 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate, what: str) -> None:
         ) from err
 
 
-def _name_extension(cert: x509.Certificate) -> bytes:
+def _extension(cert: x509.Certificate, oid: x509.ObjectIdentifier, what: str) -> bytes:
     try:
-        raw = cert.extensions.get_extension_for_oid(_TPM_OBJECT_NAME_OID).value
+        raw = cert.extensions.get_extension_for_oid(oid).value
     except x509.ExtensionNotFound as err:
-        raise ChainError("AIK certificate: expected a TPM object Name extension, got none") from err
-    assert isinstance(raw, x509.UnrecognizedExtension)
-    value = raw.value
-    if len(value) < 2 or value[0] != 0x04 or value[1] != len(value) - 2:
-        raise ChainError("AIK certificate: TPM object Name extension is not an OCTET STRING")
-    return value[2:]
+        raise ChainError(f"AIK certificate: expected a {what} extension, got none") from err
+    value = raw.value if isinstance(raw, x509.UnrecognizedExtension) else b""
+    if len(value) >= 2 and value[0] == 0x04:
+        if value[1] < 0x80 and value[1] == len(value) - 2:
+            return value[2:]
+        if value[1] == 0x81 and len(value) >= 3 and value[2] == len(value) - 3:
+            return value[3:]
+    raise ChainError(f"AIK certificate: the {what} extension is not a DER OCTET STRING")
 
 
 def register_host(
@@ -380,11 +385,13 @@ def _check_answer(
     if _spki(aik_cert.public_key()) != _spki(aik_key):
         raise ChainError("AIK certificate: expected it to certify this host's AIK, got another key")
     aik_name = tpm.aik_name()
-    if _name_extension(aik_cert) != aik_name:
+    got_name = _extension(aik_cert, _TPM_OBJECT_NAME_OID, "TPM object Name")
+    if got_name != aik_name:
         raise ChainError(
-            f"AIK certificate: expected TPM Name {aik_name.hex()}, "
-            f"got {_name_extension(aik_cert).hex()}"
+            f"AIK certificate: expected TPM Name {aik_name.hex()}, got {got_name.hex()}"
         )
+    if _extension(aik_cert, _TPM_PUBLIC_OID, "TPMT_PUBLIC") != aik_public:
+        raise ChainError("AIK certificate: expected this AIK's TPMT_PUBLIC in its extension")
     if _spki(tls_cert.public_key()) != _spki(tls_key.public_key()):
         raise ChainError("mTLS certificate: expected it to certify this host's mTLS key")
     return Registration(

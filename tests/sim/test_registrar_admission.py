@@ -8,6 +8,7 @@ test_registrar_support.py where a test needs a host that misbehaves in a precise
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import signal
@@ -27,13 +28,22 @@ from tpm2_pytss import TSS2_Exception
 from tpm2_pytss.constants import ESYS_TR
 from tpm2_pytss.types import TPM2B_PUBLIC
 
-from evidence.tpm2 import TpmtPublic, object_name, public_key
+from evidence.errors import SignatureError
+from evidence.tpm2 import (
+    TpmsAttest,
+    TpmsCertifyInfo,
+    TpmtPublic,
+    TpmtSignature,
+    object_name,
+    public_key,
+    verify_attest_signature,
+)
 from host_agent.registration import HttpsRegistrar, RegistrarRefused, register_host
 from host_agent.tpm.adapter import PytssHostTpm
 from tests.helpers.swtpm import Swtpm
 from tests.sim.test_registrar_support import EsapiHostTpm, aik_template
 from tests.unit.test_registrar_ekcert import make_pki, pem
-from verifier.registrar.ca import aik_name_from_certificate
+from verifier.registrar.ca import aik_name_from_certificate, aik_public_from_certificate
 from verifier.registrar.ekcert import EkTrustBundle, verify_ek_certificate
 from verifier.registrar.errors import ActivationFailed, AikAttributesRejected, EkCertificateRejected
 from verifier.registrar.keys import check_ek_public
@@ -309,3 +319,36 @@ def test_cli_serve_init_and_hosts(host_tpm: PytssHostTpm, tmp_path: Path) -> Non
     [entry] = json.loads(hosts.stdout)["hosts"]
     assert entry["host_id"] == "host-cli"
     assert bytes.fromhex(entry["aik_name"]) == host_tpm.aik_name()
+
+
+def test_certauthkey_verifies_in_evidence_against_the_aik_certificate(
+    host_tpm: PytssHostTpm, service: RegistrarService
+) -> None:
+    """Issue 3 "done when": a CertAuthKey-style TPM2_Certify verifies from the AIK certificate.
+
+    The verifier holds only the fleet CA and the AIK certificate: it checks the chain, reads the
+    AIK's TPMT_PUBLIC from the certificate (and that it certifies the same key), then checks the
+    TPM's signature over TPMS_ATTEST purely in evidence/.
+    """
+    reg = register_host(host_tpm, service, "host-a", ec.generate_private_key(ec.SECP256R1()))
+    nonce = hashlib.sha256(b"cert_user" + secrets.token_bytes(32)).digest()
+    certification = host_tpm.certify("authkey", "aik", nonce)
+
+    ca = x509.load_pem_x509_certificate(service.ca_certificate())
+    aik_cert = x509.load_pem_x509_certificate(reg.aik_certificate)
+    aik_cert.verify_directly_issued_by(ca)
+    aik = TpmtPublic.unmarshal(aik_public_from_certificate(aik_cert))
+    assert aik_cert.public_key() == public_key(aik)
+    assert aik_name_from_certificate(aik_cert) == object_name(aik)
+    verify_attest_signature(
+        certification.attest, TpmtSignature.unmarshal(certification.signature), aik
+    )
+    attest = TpmsAttest.unmarshal(certification.attest)
+    assert attest.extra_data == nonce
+    assert isinstance(attest.attested, TpmsCertifyInfo)
+    authkey = TpmtPublic.unmarshal(host_tpm.host_key_public("authkey"))
+    assert attest.attested.name == object_name(authkey)
+
+    tampered = certification.attest[:-1] + bytes([certification.attest[-1] ^ 1])
+    with pytest.raises(SignatureError):
+        verify_attest_signature(tampered, TpmtSignature.unmarshal(certification.signature), aik)

@@ -299,6 +299,7 @@ class RegistrarService:
             request.host_id,
             aik.key,
             aik.name,
+            request.aik_public,
             now=now,
             lifetime=self._options.aik_lifetime,
             serial=self._serial(),
