@@ -4,14 +4,16 @@ The server runs from Debian's ``/usr/lib/postgresql/<version>/bin`` on a tempora
 listening on a free TCP port on 127.0.0.1 and on a socket in that directory, with ``trust``
 authentication for the ``postgres`` superuser. PostgreSQL refuses to run as root, so when the
 suite runs as root the server runs as the ``postgres`` user (``runuser``); the data directory is
-handed to that user. Several test modules share one server through :func:`acquire` /
-:func:`release` (reference counted); the last release stops it by pid (``pg_ctl stop``).
+handed to that user. Every test module shares one server through :func:`acquire` /
+:func:`release`; it is stopped (``pg_ctl stop``, which signals the postmaster by its pid file)
+when the test process exits, and its directory removed.
 
 Missing binaries fail the run, they do not skip: ``make test`` installs ``postgresql``.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import pwd
@@ -234,23 +236,29 @@ _shared: Postgres | None = None
 _users = 0
 
 
+def _stop_shared() -> None:
+    global _shared
+    with _lock:
+        if _shared is not None:
+            with contextlib.suppress(Exception):
+                _shared.stop()
+            _shared = None
+
+
 def acquire() -> Postgres:
-    """The session's shared server, started on first use."""
+    """The test process's shared server, started on first use and stopped when the process
+    exits (after the pytest session), so every module that needs it shares one start."""
     global _shared, _users
     with _lock:
         if _shared is None:
             _shared = start_postgres()
+            atexit.register(_stop_shared)
         _users += 1
         return _shared
 
 
 def release() -> None:
-    """Drop one user of the shared server; the last one stops it."""
-    global _shared, _users
+    """Drop one user of the shared server (it keeps running for the next module)."""
+    global _users
     with _lock:
-        _users -= 1
-        if _users <= 0 and _shared is not None:
-            with contextlib.suppress(Exception):
-                _shared.stop()
-            _shared = None
-            _users = 0
+        _users = max(_users - 1, 0)
