@@ -161,6 +161,8 @@ def _name(cur: ChunkCursor, what: str) -> str:
     n = cur.u8(what + " length")
     at = cur.offset
     raw = cur.take_bytes(n, what)
+    if not raw or b"\x00" in raw:
+        raise ParseError(what, at, "a non-empty name without NUL", repr(raw))
     try:
         return raw.decode("ascii")
     except UnicodeDecodeError as err:

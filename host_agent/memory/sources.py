@@ -18,12 +18,9 @@ raw file           the whole file is one block; holes of a sparse file are zero 
 
 from __future__ import annotations
 
-import bz2
 import contextlib
 import errno
-import gzip
 import json
-import lzma
 import os
 import re
 import time
@@ -203,11 +200,18 @@ class _Opened:
 def _decompressor(fmt: saveimage.SaveFormat, f: IO[bytes], spec: str) -> Any:
     if fmt is saveimage.SaveFormat.RAW:
         return f
+    # Imported here: minimal Pythons (the test guest's) may lack the compression modules.
     if fmt is saveimage.SaveFormat.GZIP:
+        import gzip
+
         return gzip.GzipFile(fileobj=f, mode="rb")
     if fmt is saveimage.SaveFormat.BZIP2:
+        import bz2
+
         return bz2.BZ2File(f, "rb")
     if fmt is saveimage.SaveFormat.XZ:
+        import lzma
+
         return lzma.LZMAFile(f, "rb")
     if fmt is saveimage.SaveFormat.ZSTD:
         try:

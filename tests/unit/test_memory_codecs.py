@@ -293,3 +293,11 @@ def test_elf_mutations_raise_only_parse_errors(draw: st.DataObject) -> None:
         elfdump.main_ram_extents(core)
     except ParseError:
         pass
+
+
+def test_block_name_with_nul_is_a_parse_error() -> None:
+    """Found by hypothesis: a NUL in a block name reached the leaf builder as a ValueError."""
+    data = bytearray(_sample())
+    data[data.index(b"pc.ram")] = 0
+    with pytest.raises(ParseError, match="without NUL"):
+        hash_stream_events(iter_migration_stream(bytes(data)))

@@ -181,7 +181,7 @@ def test_dirty_tracker_falls_back_to_an_announced_full_hash(tmp_path: Path) -> N
     said: list[str] = []
     with qemu_with_ram(tmp_path, tmp_path / "ram.bin") as q:
         q.qmp.execute("cont")
-        tracker = SoftDirtyTracker(q.pid, probe=probe, announce=said.append)
+        tracker = SoftDirtyTracker.for_qemu(q.pid, probe=probe, announce=said.append)
         first = tracker.start()
         assert first.mode == "full" and "unavailable" in said[0]
         # Write into guest RAM behind the guest's back (through the memfd), then stop.
