@@ -90,11 +90,13 @@ class StoreRolledBack(StoreError):
         self.counter_index = counter_index
         counter = "the TPM rollback counter"
         if counter_index is not None:
-            counter += f" (NV index {counter_index:#010x})"
+            counter += f" at NV index {counter_index:#010x}"
         super().__init__(
-            f"the store database was rolled back: expected generation {expected_generation} "
-            f"(from {counter}), found {found_generation}; an older copy of the database was put "
-            "back, refusing to start. Put back the latest copy of the database"
+            f"the store database was rolled back: {counter} expects generation "
+            f"{expected_generation}, the database is at generation {found_generation}, so an "
+            "older copy of the database was put back; refusing to start. Put back the latest "
+            "copy; starting over means deleting the database and creating the store again with "
+            "allow_existing_counter, which loses every record"
         )
 
 
