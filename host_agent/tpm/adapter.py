@@ -208,9 +208,8 @@ class PytssHostTpm:
         try:
             self._esys = ESAPI(self._tcti)
         except TSS2_Exception as err:
-            raise TpmCommandError(
-                int(err.rc), f"connect to TPM via {self._tcti}", str(err)
-            ) from err
+            hint = f"{err}; check tpm.tcti / --tcti / VTPM_TPM_TCTI, or unset it for discovery"
+            raise TpmCommandError(int(err.rc), f"connect to TPM via {self._tcti}", hint) from err
         self._flush_leftovers()
 
     def _handles(self, first: int) -> list[int]:

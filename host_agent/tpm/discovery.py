@@ -115,7 +115,11 @@ def open_host_tpm(config: TpmConfig, *, udev: UdevContext | None = None) -> Pyts
     location = discover(config, udev=udev)
     if location.tcti is not None:
         if location.root == "software":
-            log.warning("tpm.tcti %s is a simulator: %s", location.tcti, SOFTWARE_ROOT_WARNING)
+            log.warning(
+                "tpm.tcti %s is a TPM SIMULATOR: for DEVELOPMENT ONLY, it proves nothing "
+                "about this host",
+                location.tcti,
+            )
         return PytssHostTpm(location.tcti, config.state_dir, root=location.root)
     log.warning(SOFTWARE_ROOT_WARNING)
     root = SoftwareRoot(config.state_dir / "swtpm")
