@@ -45,6 +45,7 @@ from tests.sim.test_registrar_support import EsapiHostTpm, aik_template
 from tests.unit.test_registrar_ekcert import make_pki, pem
 from verifier.registrar.ca import aik_name_from_certificate, aik_public_from_certificate
 from verifier.registrar.ekcert import EkTrustBundle, verify_ek_certificate
+from verifier.registrar.embedded import EmbeddedRegistrar
 from verifier.registrar.errors import ActivationFailed, AikAttributesRejected, EkCertificateRejected
 from verifier.registrar.keys import check_ek_public
 from verifier.registrar.server import make_server
@@ -143,14 +144,22 @@ def test_registration_over_https_issues_an_aik_certificate(
 
 
 def test_registration_embedded_issues_an_aik_certificate(
-    host_tpm: PytssHostTpm, service: RegistrarService
+    host_tpm: PytssHostTpm, tmp_path: Path
 ) -> None:
-    key = ec.generate_private_key(ec.SECP256R1())
-    reg = register_host(host_tpm, service, "single-host", key)
-    _assert_aik_certificate(
-        reg.aik_certificate, service.ca_certificate(), host_tpm.aik_public(), "single-host"
-    )
-    assert [h.host_id for h in service.hosts()] == ["single-host"]
+    """Single-host setup: the registrar runs in the host agent's process; re-opening is a no-op."""
+    state = tmp_path / "embedded-registrar"
+    with EmbeddedRegistrar(state, ek_ca_pems=swtpm_localca_certificates()) as registrar:
+        key = ec.generate_private_key(ec.SECP256R1())
+        reg = register_host(host_tpm, registrar, "single-host", key)
+        _assert_aik_certificate(
+            reg.aik_certificate, registrar.ca_certificate(), host_tpm.aik_public(), "single-host"
+        )
+        ca = registrar.ca_certificate()
+    before = {p.name: p.read_bytes() for p in state.iterdir() if p.suffix != ".db"}
+    with EmbeddedRegistrar(state) as again:
+        assert again.ca_certificate() == ca
+        assert [h.host_id for h in again.hosts()] == ["single-host"]
+    assert {p.name: p.read_bytes() for p in state.iterdir() if p.suffix != ".db"} == before
 
 
 def test_pinned_fingerprint_mismatch_is_refused(service: RegistrarService, https_url: str) -> None:
@@ -319,6 +328,13 @@ def test_cli_serve_init_and_hosts(host_tpm: PytssHostTpm, tmp_path: Path) -> Non
     [entry] = json.loads(hosts.stdout)["hosts"]
     assert entry["host_id"] == "host-cli"
     assert bytes.fromhex(entry["aik_name"]) == host_tpm.aik_name()
+    removed = subprocess.run(
+        [*cli, "remove", "--state-dir", state, "--host-id", "host-cli", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert removed.returncode == 0 and json.loads(removed.stdout)["removed"] is True
 
 
 def test_certauthkey_verifies_in_evidence_against_the_aik_certificate(

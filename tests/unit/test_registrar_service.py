@@ -379,3 +379,28 @@ def test_init_is_idempotent_and_keys_are_private(tmp_path: Path, pki: Pki) -> No
 def test_init_without_an_ek_ca_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RegistrarStateError, match="EK CA"):
         init_state(tmp_path / "r", now=NOW, random_bytes=secrets.token_bytes)
+
+
+def test_a_new_start_supersedes_the_pending_challenge(
+    registrar: RegistrarService, pki: Pki
+) -> None:
+    host = SoftwareHost(pki)
+    first = registrar.start(_request(host))
+    second = registrar.start(_request(host))
+    with pytest.raises(ChallengeRejected, match="unknown or already answered"):
+        registrar.activate(
+            first["challenge_id"], {"secret": _answer(host, first), "csr": _csr(tls_key())}
+        )
+    registrar.activate(
+        second["challenge_id"], {"secret": _answer(host, second), "csr": _csr(tls_key())}
+    )
+
+
+def test_a_removed_host_can_be_admitted_with_a_new_tpm(
+    registrar: RegistrarService, pki: Pki
+) -> None:
+    register_host(SoftwareHost(pki), registrar, "host-a", tls_key())
+    assert registrar.remove_host("host-a")
+    assert not registrar.remove_host("host-a")
+    register_host(SoftwareHost(pki), registrar, "host-a", tls_key())
+    assert [h.host_id for h in registrar.hosts()] == ["host-a"]

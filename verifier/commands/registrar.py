@@ -6,6 +6,7 @@
     vtpm-verify registrar serve  --state-dir D --listen HOST:PORT [--json]
     vtpm-verify registrar hosts  --state-dir D [--json]
     vtpm-verify registrar ca     --state-dir D [--json]
+    vtpm-verify registrar remove --state-dir D --host-id ID [--json]
     vtpm-verify registrar approve --state-dir D --pcr-policy HEX [--policy-ref TEXT] [--json]
 
 ``serve --json`` prints one line ``{"url": "https://HOST:PORT", "ca_sha256": HEX}`` once it
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import secrets
 import signal
 import sys
@@ -57,7 +59,7 @@ def _state_dir(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``registrar init|serve|hosts|ca|approve`` to ``vtpm-verify``."""
+    """Add ``registrar init|serve|hosts|ca|remove|approve`` to ``vtpm-verify``."""
     reg = subparsers.add_parser(
         "registrar",
         help="fleet registrar: admit hosts, issue AIK and mTLS certificates",
@@ -142,6 +144,18 @@ def register(subparsers: Any) -> None:
     )
     _state_dir(ca)
     ca.set_defaults(func=_ca)
+
+    remove = sub.add_parser(
+        "remove",
+        help="forget an admitted host",
+        description=(
+            "Forget an admitted host, so that it can be admitted again (e.g. with a new TPM). Its "
+            "AIK and mTLS certificates are not revoked: they stay valid until they expire."
+        ),
+    )
+    _state_dir(remove)
+    remove.add_argument("--host-id", required=True, help="the host to forget")
+    remove.set_defaults(func=_remove)
 
     approve = sub.add_parser(
         "approve",
@@ -231,6 +245,7 @@ def _serve(args: argparse.Namespace) -> int:
     if listen is None:
         return _usage(f"--listen: expected HOST:PORT, got {args.listen!r}")
     host, port = listen
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     service, store = open_service(args.state_dir, clock=_now, random_bytes=secrets.token_bytes)
     certfile, keyfile = server_credentials(args.state_dir)
     cert = x509.load_pem_x509_certificate(certfile.read_bytes())
@@ -281,6 +296,19 @@ def _hosts(args: argparse.Namespace) -> int:
         if not hosts:
             print("no hosts admitted")
     return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    service, store = open_service(args.state_dir, clock=_now, random_bytes=secrets.token_bytes)
+    try:
+        removed = service.remove_host(args.host_id)
+    finally:
+        store.close()
+    if args.json:
+        emit_json({"host_id": args.host_id, "removed": removed})
+    else:
+        print(f"{args.host_id}: {'removed' if removed else 'not admitted'}")
+    return 0 if removed else 1
 
 
 def _ca(args: argparse.Namespace) -> int:

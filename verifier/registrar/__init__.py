@@ -11,6 +11,7 @@ Modules, from the pure core outwards:
 - :mod:`~verifier.registrar.service`: the admission protocol; called in-process (embedded mode)
   or by :mod:`~verifier.registrar.server` (HTTPS).
 - :mod:`~verifier.registrar.state`: the state directory (keys, config, bundle) and its init.
+- :mod:`~verifier.registrar.embedded`: the service in the host agent's process (single host).
 - :mod:`~verifier.registrar.errors`: the typed refusals.
 """
 

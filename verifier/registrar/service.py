@@ -147,6 +147,14 @@ class RegistrarService:
     def host(self, host_id: str) -> AdmittedHost | None:
         return self._store.host(host_id)
 
+    def remove_host(self, host_id: str) -> bool:
+        """Forget an admitted host so that it can be admitted again with another TPM.
+
+        Its certificates are not revoked (the fleet CA publishes no CRL yet): they stay valid
+        until they expire.
+        """
+        return self._store.remove(host_id)
+
     # -- admission ------------------------------------------------------------------------
 
     def start(self, body: object) -> dict[str, str]:

@@ -122,7 +122,9 @@ class RegistrarStore:
         self._engine.dispose()
 
     def add_challenge(self, challenge: PendingChallenge) -> None:
+        """Record a challenge; it supersedes any challenge still pending for the same host."""
         with self._engine.begin() as conn:
+            conn.execute(_challenges.delete().where(_challenges.c.host_id == challenge.host_id))
             conn.execute(
                 _challenges.insert().values(
                     challenge_id=challenge.challenge_id,
@@ -176,7 +178,8 @@ class RegistrarStore:
         if by_id is not None and by_id[0] != ek_digest:
             raise HostConflict(
                 f"host {host_id!r}: expected the EK it was admitted with (sha256 {by_id[0]}), "
-                f"got another EK (sha256 {ek_digest}); remove the host first to re-admit it"
+                f"got another EK (sha256 {ek_digest}); to admit it with a new TPM, first run "
+                f"`vtpm-verify registrar remove --host-id {host_id}`"
             )
         if by_ek is not None and by_ek[0] != host_id:
             raise HostConflict(
@@ -201,6 +204,12 @@ class RegistrarStore:
                     admitted_at=host.admitted_at,
                 )
             )
+
+    def remove(self, host_id: str) -> bool:
+        """Forget an admitted host (its certificates stay valid until they expire)."""
+        with self._engine.begin() as conn:
+            result = conn.execute(_hosts.delete().where(_hosts.c.host_id == host_id))
+            return bool(result.rowcount)
 
     def hosts(self) -> list[AdmittedHost]:
         with self._engine.connect() as conn:
