@@ -250,7 +250,12 @@ def hash_source(
     t0 = time.perf_counter()
     notes: list[str] = []
     tpm: TpmEmulatorState | None = None
-    if spec.startswith("pid:"):
+    if spec == "-":
+        import sys
+
+        kind = "stream"
+        leaves, tpm = _hash_qemu_stream(sys.stdin.buffer, spec, notes, workers, progress)
+    elif spec.startswith("pid:"):
         try:
             pid = int(spec[4:])
         except ValueError as err:
@@ -316,24 +321,8 @@ def hash_source(
                     progress=progress,
                 )
             else:
-                base = 0
-                stream: Any = f
                 f.seek(0)
-                if kind == "save-image":
-                    data_len = min(_peek_data_len(f.read(saveimage.HEADER_SIZE)), 65 << 20)
-                    f.seek(0)
-                    hdr = saveimage.parse_save_image_header(
-                        f.read(saveimage.HEADER_SIZE + data_len)
-                    )
-                    base = hdr.stream_offset
-                    f.seek(base)
-                    notes.append(f"libvirt save image, format {hdr.format.name.lower()}")
-                    stream = _decompressor(hdr.format, f, spec)
-                    if hdr.format is not saveimage.SaveFormat.RAW:
-                        base = 0
-                        notes.append("error offsets are in the decompressed stream")
-                events = migstream.iter_migration_stream(stream, base=base)
-                leaves, tpm = hasher.hash_stream_events(events, workers=workers, progress=progress)
+                leaves, tpm = _hash_qemu_stream(f, spec, notes, workers, progress)
                 if block_name is not None:
                     raise MemorySourceError(
                         spec, "--block-name applies to raw, ELF and pid sources"
@@ -343,6 +332,67 @@ def hash_source(
     if blocks:
         leaves = leaves.select(blocks)
     return HashResult(spec, kind, leaves, time.perf_counter() - t0, tuple(notes), tpm)
+
+
+class _Prefixed:
+    """``prefix`` then the rest of ``f``: lets a pipe be sniffed without seeking."""
+
+    def __init__(self, prefix: bytes, f: Any) -> None:
+        self._prefix = prefix
+        self._f = f
+
+    def read(self, n: int = -1) -> bytes:
+        if self._prefix:
+            if n < 0:
+                out, self._prefix = self._prefix + self._f.read(), b""
+                return bytes(out)
+            out, self._prefix = self._prefix[:n], self._prefix[n:]
+            return out
+        return bytes(self._f.read(n))
+
+
+def _read_exact(f: Any, n: int) -> bytes:
+    parts, have = [], 0
+    while have < n:
+        chunk = f.read(n - have)
+        if not chunk:
+            break
+        parts.append(chunk)
+        have += len(chunk)
+    return b"".join(parts)
+
+
+def _hash_qemu_stream(
+    f: Any,
+    spec: str,
+    notes: list[str],
+    workers: int | None,
+    progress: hasher.Progress | None,
+) -> tuple[LeafSet, TpmEmulatorState | None]:
+    """A migration stream or a libvirt save image read sequentially (a file or a pipe, e.g.
+    ``migrate "exec:tee IMAGE | vtpm-host memory hash -"`` to hash while QEMU saves)."""
+    head = _read_exact(f, saveimage.HEADER_SIZE)
+    kind = detect_kind(head)
+    base = 0
+    stream: Any
+    if kind == "save-image":
+        data_len = min(_peek_data_len(head), 65 << 20)
+        head += _read_exact(f, data_len)
+        hdr = saveimage.parse_save_image_header(head)
+        base = hdr.stream_offset
+        notes.append(f"libvirt save image, format {hdr.format.name.lower()}")
+        stream = _decompressor(hdr.format, f, spec)
+        if hdr.format is not saveimage.SaveFormat.RAW:
+            base = 0
+            notes.append("error offsets are in the decompressed stream")
+    elif kind == "stream":
+        stream = _Prefixed(head, f)
+    else:
+        raise MemorySourceError(
+            spec, f"a {kind} source must be a file (only streams and save images can be piped)"
+        )
+    events = migstream.iter_migration_stream(stream, base=base)
+    return hasher.hash_stream_events(events, workers=workers, progress=progress)
 
 
 def _peek_data_len(first: bytes) -> int:

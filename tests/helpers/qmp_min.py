@@ -65,8 +65,12 @@ class Qmp:
 
     def save_stream(self, path: Path, timeout: float = 60.0) -> None:
         """Write a migration stream of the (paused) VM to ``path`` and wait for it."""
+        self.save_stream_command(f"cat > {path}", timeout)
+
+    def save_stream_command(self, command: str, timeout: float = 60.0) -> None:
+        """Send a migration stream to a shell command (``exec:``) and wait for QEMU's side."""
         self.execute("migrate-set-parameters", **{"max-bandwidth": 100 * 1024**3})
-        self.execute("migrate", uri=f"exec:cat > {path}")
+        self.execute("migrate", uri=f"exec:{command}")
         deadline = time.monotonic() + timeout
         while True:
             status = self.execute("query-migrate").get("status")

@@ -14,6 +14,7 @@ import gzip
 import json
 import lzma
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from tests.helpers.qmp_min import make_ram_image, qemu_with_ram
 
 pytestmark = pytest.mark.vm
 
+REPO = Path(__file__).resolve().parents[2]
 LOAD_ADDR = 0x100000
 IMAGE_SIZE = 8 << 20
 
@@ -69,8 +71,17 @@ def captured(tmp_path_factory: pytest.TempPathFactory) -> Captured:
         time.sleep(1.5)
         q.qmp.execute("stop")
         memfd = hash_source(f"pid:{q.pid}")
-        q.qmp.save_stream(w / "stream.bin")
+        # The one migration QEMU allows: hash while QEMU saves, the stream going to the file and
+        # through our hasher (``memory hash -``) at once.
+        piped = w / "piped.json"
+        q.qmp.save_stream_command(
+            f"cd {REPO} && tee {w}/stream.bin | {sys.executable} -m host_agent.cli memory hash - "
+            f"--block pc.ram --json > {piped}.tmp && mv {piped}.tmp {piped}"
+        )
         q.qmp.dump_elf(w / "dump.elf")
+        deadline = time.monotonic() + 60
+        while not piped.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
     stream = (w / "stream.bin").read_bytes()
     images = {
         f.name.lower(): _handmade_save_image(stream, w / f"save-{f.name.lower()}.img", f)
@@ -99,6 +110,13 @@ def test_roots_agree_across_memfd_stream_elf_and_save_images(captured: Captured)
         assert got.kind == "save-image", name
         assert got.leaves.root() == want, name
         assert got.leaves == stream.leaves.select(["pc.ram"]), name
+
+
+def test_hashing_while_qemu_saves_gives_the_same_root(captured: Captured) -> None:
+    piped = json.loads((captured.workdir / "piped.json").read_text())
+    assert piped["root"] == captured.memfd.leaves.root().hex()
+    again = hash_source(str(captured.stream), blocks=["pc.ram"])
+    assert again.leaves.root().hex() == piped["root"]
 
 
 def test_loaded_data_is_what_the_roots_cover(captured: Captured) -> None:
@@ -207,3 +225,40 @@ def _memfd_fd(pid: int) -> str:
         if os.readlink(f"/proc/{pid}/fd/{n}").startswith("/memfd:memory-backend-memfd"):
             return n
     raise AssertionError("no memfd")
+
+
+def test_vtpm_state_blobs_come_out_of_stream_and_save_image(tmp_path: Path) -> None:
+    """With a real swtpm behind QEMU's tpm-emulator, the stream carries its three state blobs."""
+    from tests.helpers.qemu import start_swtpm_unix
+
+    swtpm = start_swtpm_unix(tmp_path / "tpm")
+    make_ram_image(tmp_path / "ram.bin", 1 << 20, seed=4)
+    tpm_args = (
+        "-chardev",
+        f"socket,id=chrtpm,path={swtpm.ctrl_path}",
+        "-tpmdev",
+        "emulator,id=tpm0,chardev=chrtpm",
+        "-device",
+        "tpm-crb,tpmdev=tpm0",
+    )
+    try:
+        with qemu_with_ram(tmp_path, tmp_path / "ram.bin", extra=tpm_args) as q:
+            q.qmp.save_stream(tmp_path / "stream.bin")
+    finally:
+        swtpm.stop()
+    got = hash_source(str(tmp_path / "stream.bin"))
+    assert got.tpm_state is not None
+    st = got.tpm_state
+    assert len(st.permanent) > 500 and len(st.volatile) > 500
+    image = _handmade_save_image(
+        (tmp_path / "stream.bin").read_bytes(), tmp_path / "save.img", saveimage.SaveFormat.XZ
+    )
+    assert hash_source(str(image)).tpm_state == st.__class__(
+        st.permanent,
+        st.volatile,
+        st.savestate,
+        st.permanent_flags,
+        st.volatile_flags,
+        st.savestate_flags,
+        st.offset,
+    )
