@@ -213,6 +213,11 @@ class PytssHostTpm:
         self._flush_leftovers()
 
     def _handles(self, first: int) -> list[int]:
+        """Handles of one type (TPM_CAP_HANDLES from ``first``); loaded sessions are reported
+        with HMAC (0x02) and policy (0x03) handles alike."""
+        types = {first >> 24}
+        if first >> 24 == 0x02:
+            types.add(0x03)
         out: list[int] = []
         more = True
         prop = first
@@ -221,7 +226,7 @@ class PytssHostTpm:
                 "TPM2_GetCapability", self._e.get_capability, TPM2_CAP.HANDLES, prop, 64
             )
             hs = [int(h) for h in data.data.handles]
-            out.extend(h for h in hs if (h >> 24) == (first >> 24))
+            out.extend(h for h in hs if (h >> 24) in types)
             if not hs:
                 break
             prop = hs[-1] + 1

@@ -193,26 +193,34 @@ def test_leftover_transient_handle_from_a_crash_is_flushed_at_open(
     swtpm_factory: Callable[..., Swtpm], tmp_path: Path
 ) -> None:
     from tpm2_pytss import ESAPI
-    from tpm2_pytss.constants import TPM2_CAP, TPM2_HC
+    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_HC, TPM2_SE
+    from tpm2_pytss.types import TPMT_SYM_DEF
 
     sw = swtpm_factory("crash")
     crashed = ESAPI(sw.tcti)
     crashed.create_primary(None, "ecc256")
     crashed.create_primary(None, "ecc256")
-    crashed.close()  # a process dying without flushing: the objects stay (no resource manager)
+    crashed.start_auth_session(
+        ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
+        TPM2_ALG.SHA256,
+    )  # fmt: skip
+    crashed.close()  # a process dying without flushing: all of it stays (no resource manager)
 
-    def transient() -> list[int]:
+    def leftovers() -> list[int]:
         esys = ESAPI(sw.tcti)
         try:
-            _, data = esys.get_capability(TPM2_CAP.HANDLES, TPM2_HC.TRANSIENT_FIRST, 16)
-            return list(data.data.handles)
+            out = []
+            for first in (TPM2_HC.TRANSIENT_FIRST, TPM2_HC.LOADED_SESSION_FIRST):
+                _, data = esys.get_capability(TPM2_CAP.HANDLES, first, 16)
+                out += list(data.data.handles)
+            return out
         finally:
             esys.close()
 
-    assert len(transient()) == 2
+    assert len(leftovers()) == 3
     with PytssHostTpm(sw.tcti, tmp_path) as tpm:
-        tpm.ensure_host_keys()  # needs free slots
-    assert transient() == []
+        tpm.ensure_host_keys()  # needs the slots
+    assert leftovers() == []
 
 
 def _extend(sw: Swtpm, *pcrs: int) -> None:
