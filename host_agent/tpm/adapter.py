@@ -790,7 +790,10 @@ class PytssHostTpm:
 
     def _hash(self, message: bytes) -> tuple[TPM2B_DIGEST, TPMT_TK_HASHCHECK]:
         if len(message) <= _MAX_HASH_BUFFER:
-            return self._x("TPM2_Hash", self._e.hash, message, TPM2_ALG.SHA256, ESYS_TR.OWNER)
+            digest, ticket = self._x(
+                "TPM2_Hash", self._e.hash, message, TPM2_ALG.SHA256, ESYS_TR.OWNER
+            )
+            return digest, ticket
         seq = self._x("TPM2_HashSequenceStart", self._e.hash_sequence_start, b"", TPM2_ALG.SHA256)
         try:
             rest = message
@@ -799,11 +802,11 @@ class PytssHostTpm:
                     "TPM2_SequenceUpdate", self._e.sequence_update, seq, rest[:_MAX_HASH_BUFFER]
                 )
                 rest = rest[_MAX_HASH_BUFFER:]
-            result = self._x(
+            digest, ticket = self._x(
                 "TPM2_SequenceComplete", self._e.sequence_complete, seq, rest, ESYS_TR.OWNER
             )
             seq = None
-            return result
+            return digest, ticket
         finally:
             if seq is not None:
                 with suppress(TSS2_Exception):
@@ -871,7 +874,7 @@ class PytssHostTpm:
                     hash_ticket,
                     session1=s,
                 )
-            return sig.marshal()
+            return bytes(sig.marshal())
 
         return self._call(run)
 
