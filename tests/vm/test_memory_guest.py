@@ -1,6 +1,9 @@
-"""The soft-dirty tracker inside a TCG guest whose Debian kernel has CONFIG_MEM_SOFT_DIRTY=y.
+"""The memory engine on the real test guest (vm_images/, booted under TCG).
 
-The development and CI host kernel lacks soft-dirty, so the tracker's incremental mode is tested
+1. A paused guest's memfd, its migration stream, its ELF dump and a save image (hand-made around
+   the stream: header + XML + stream, as libvirt writes it) give the same root for its RAM block.
+2. The soft-dirty tracker inside a TCG guest whose Debian kernel has CONFIG_MEM_SOFT_DIRTY=y.
+   The development and CI host kernel lacks soft-dirty, so the tracker's incremental mode is tested
 where it exists: the test guest runs our tracker (from the repository, shared read-only over 9p)
 against ``memwriter``, the image's ground-truth writer, which changes random pages in rounds and
 reports which. After every round the incremental root must equal a full re-hash, and every page
@@ -10,7 +13,10 @@ written so far must be among the pages the tracker re-hashed.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+from host_agent.memory import merkle, saveimage
+from host_agent.memory.sources import hash_source
 from tests.helpers.qemu import GuestFactory
 
 ROUNDS = 15
@@ -68,3 +74,27 @@ def test_incremental_root_equals_full_rehash_over_many_rounds(boot_guest: GuestF
         # Everything written changed its page, and little else was re-hashed.
         assert r["changed_vs_start"] == r["written_so_far"]
         assert r["written_so_far"] <= r["rehashed"] <= r["written_so_far"] + 64
+
+
+def test_paused_guest_roots_agree_across_sources(boot_guest: GuestFactory, tmp_path: Path) -> None:
+    guest = boot_guest("roots", memfd=True)
+    guest.check("echo written-before-the-pause > /tmp/marker && sync")
+    guest.qmp.stop()
+    memfd = hash_source(f"pid:{guest.pid}")
+    block = memfd.leaves.names[0]  # the memory backend id from QEMU's command line ("mem")
+    guest.qmp.migrate_to_file(tmp_path / "stream.bin")
+    guest.qmp.dump_guest_memory(tmp_path / "dump.elf")
+    after = hash_source(f"pid:{guest.pid}")
+    stream_bytes = (tmp_path / "stream.bin").read_bytes()
+    (tmp_path / "save.img").write_bytes(
+        saveimage.encode_save_image_header("<domain/>", padding=4096) + stream_bytes
+    )
+    want = memfd.leaves.root()
+    assert after.leaves.root() == want  # nothing wrote guest RAM while it was paused
+    stream = hash_source(str(tmp_path / "stream.bin"), blocks=[block])
+    elf = hash_source(str(tmp_path / "dump.elf"), block_name=block)
+    image = hash_source(str(tmp_path / "save.img"), blocks=[block])
+    assert merkle.diff(memfd.leaves, stream.leaves) == []
+    assert merkle.diff(memfd.leaves, elf.leaves) == [], elf.notes
+    assert (stream.leaves.root(), elf.leaves.root(), image.leaves.root()) == (want, want, want)
+    assert stream.tpm_state is not None  # the guest has a vTPM: its blobs are in the stream
