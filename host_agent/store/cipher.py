@@ -152,6 +152,10 @@ class Manifest:
         """Sorted ids of one type."""
         return sorted(self._by_type.get(record_type, ()))
 
+    def counts(self) -> dict[str, int]:
+        """Number of records of each type present."""
+        return {t: len(ids) for t, ids in sorted(self._by_type.items())}
+
     def entries(self) -> dict[Key, bytes]:
         """A copy of every entry."""
         out: dict[Key, bytes] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-__all__ = ["DataKeySealer", "RandomBytes", "RollbackCounter"]
+__all__ = ["DataKeySealer", "RandomBytes", "RollbackCounter", "StoreTpm"]
 
 RandomBytes = Callable[[int], bytes]
 """``n -> n`` random bytes; the daemon edge passes ``secrets.token_bytes``."""
@@ -69,3 +69,8 @@ class RollbackCounter(Protocol):
             VtpmError: the TPM refused.
         """
         ...
+
+
+@runtime_checkable
+class StoreTpm(DataKeySealer, RollbackCounter, Protocol):
+    """Both ports in one object, as the ``HostTpm`` adapter provides them."""

@@ -320,7 +320,7 @@ class TrustedStore:
         *,
         engine: Engine,
         tables: StoreTables,
-        config: StoreSettings,
+        settings: StoreSettings,
         cipher: StoreCipher,
         head: HeadFields,
         head_mac: bytes,
@@ -332,7 +332,7 @@ class TrustedStore:
         """Private: use :meth:`create` or :meth:`open`, which check everything first."""
         self._engine = engine
         self._tables = tables
-        self._config = config
+        self._settings = settings
         self._cipher = cipher
         self._head = head
         self._head_mac = head_mac
@@ -349,7 +349,7 @@ class TrustedStore:
     @classmethod
     def create(
         cls,
-        config: StoreSettings,
+        settings: StoreSettings,
         *,
         sealer: DataKeySealer,
         counter: RollbackCounter,
@@ -358,41 +358,31 @@ class TrustedStore:
         """Create an empty store: define the counter, seal a fresh data key, write the head.
 
         Args:
-            config: where the store lives and its counter.
+            settings: where the store lives and its counter.
             sealer: seals the data key to the host TPM.
             counter: the TPM NV counter (usually the same ``HostTpm`` object as ``sealer``).
             random_bytes: the random source (``secrets.token_bytes`` at the daemon edge).
 
         Raises:
             StoreAlreadyInitialised: a store exists in the database, or the counter exists and
-                ``config.allow_existing_counter`` is off.
+                ``settings.allow_existing_counter`` is off.
             StoreKeyError: the sealed key does not unseal to the key just sealed.
             StoreBackendError: the database failed.
         """
-        tables = StoreTables.named(config.table_prefix)
-        engine = _make_engine(config.url)
+        tables = StoreTables.named(settings.table_prefix)
+        engine = _make_engine(settings.url)
         try:
-            try:
-                with engine.connect() as conn:
-                    if _head_row(conn, tables) is not None:
-                        raise StoreAlreadyInitialised(
-                            f"a store exists already in {tables.head.name} at "
-                            f"{engine.url.render_as_string(hide_password=True)}"
-                        )
-                    if _has_rows(conn, tables):
-                        raise StoreAlreadyInitialised(
-                            f"{tables.records.name} holds records but there is no store head: "
-                            "refusing to adopt records that cannot be authenticated"
-                        )
-            except SQLAlchemyError as err:
-                raise StoreBackendError(f"cannot read the store database: {err}") from err
+            # A missing SQLite file holds no store; connecting would create it, and a refused
+            # create must leave nothing behind.
+            if not _sqlite_file_missing(settings.url):
+                _refuse_existing_store(engine, tables)
 
-            index = config.counter_index
+            index = settings.counter_index
             try:
                 existing: int | None = counter.counter_read(index)
             except VtpmError:
                 existing = None
-            if existing is not None and not config.allow_existing_counter:
+            if existing is not None and not settings.allow_existing_counter:
                 raise StoreAlreadyInitialised(
                     f"the rollback counter at NV index {index:#010x} exists already (value "
                     f"{existing}): a store was created on this TPM before and its database is "
@@ -433,7 +423,7 @@ class TrustedStore:
             return cls(
                 engine=engine,
                 tables=tables,
-                config=config,
+                settings=settings,
                 cipher=cipher,
                 head=head,
                 head_mac=mac,
@@ -448,7 +438,7 @@ class TrustedStore:
     @classmethod
     def open(
         cls,
-        config: StoreSettings,
+        settings: StoreSettings,
         *,
         sealer: DataKeySealer,
         counter: RollbackCounter,
@@ -462,7 +452,7 @@ class TrustedStore:
         Only then is an interrupted counter increment finished. A refusal changes nothing.
 
         Raises:
-            StoreNotInitialised: no store at ``config.url``.
+            StoreNotInitialised: no store at ``settings.url``.
             StoreFormatError: a store of another format version.
             StoreKeyError: the data key does not unseal (another TPM, policy not satisfied).
             StoreIntegrityError: the head or a record failed authentication, or the record set
@@ -471,12 +461,12 @@ class TrustedStore:
             StoreCounterMismatch: the counter cannot belong to this database.
             StoreBackendError: the database failed.
         """
-        if _sqlite_file_missing(config.url):
-            raise StoreNotInitialised(f"no store database at {config.url} (run vtpm-host init)")
-        tables = StoreTables.named(config.table_prefix)
-        engine = _make_engine(config.url)
+        if _sqlite_file_missing(settings.url):
+            raise StoreNotInitialised(f"no store database at {settings.url} (run vtpm-host init)")
+        tables = StoreTables.named(settings.table_prefix)
+        engine = _make_engine(settings.url)
         try:
-            return cls._open(engine, tables, config, sealer, counter, random_bytes)
+            return cls._open(engine, tables, settings, sealer, counter, random_bytes)
         except BaseException:
             engine.dispose()
             raise
@@ -486,7 +476,7 @@ class TrustedStore:
         cls,
         engine: Engine,
         tables: StoreTables,
-        config: StoreSettings,
+        settings: StoreSettings,
         sealer: DataKeySealer,
         counter: RollbackCounter,
         random_bytes: RandomBytes,
@@ -500,10 +490,10 @@ class TrustedStore:
                         f"{engine.url.render_as_string(hide_password=True)} (run vtpm-host init)"
                     )
                 head, mac = _parse_head(row)
-                if head.counter_index != config.counter_index:
+                if head.counter_index != settings.counter_index:
                     raise StoreCounterMismatch(
                         f"the store is tied to the counter at NV index {head.counter_index:#010x}"
-                        f", the configuration names {config.counter_index:#010x}"
+                        f", the configuration names {settings.counter_index:#010x}"
                     )
                 try:
                     data_key = sealer.unseal(head.sealed_key)
@@ -540,7 +530,7 @@ class TrustedStore:
         store = cls(
             engine=engine,
             tables=tables,
-            config=config,
+            settings=settings,
             cipher=cipher,
             head=head,
             head_mac=mac,
@@ -683,6 +673,17 @@ class TrustedStore:
         with self._lock:
             self._require(StoreRunState.OPEN)
             return self._manifest.ids(record_type)
+
+    def record_counts(self) -> dict[str, int]:
+        """Number of records of each type, from the authenticated manifest held in memory."""
+        with self._lock:
+            self._require(StoreRunState.OPEN)
+            return self._manifest.counts()
+
+    @property
+    def counter_index(self) -> int:
+        """NV index of the TPM rollback counter guarding this store."""
+        return self._head.counter_index
 
     def _check_row(
         self, key: Key, nonce: object, ciphertext: object, expected: bytes | None
@@ -957,6 +958,23 @@ def _head_row(conn: Connection, tables: StoreTables) -> Any:
     if not inspect(conn).has_table(tables.head.name):
         return None
     return conn.execute(select(tables.head).where(tables.head.c.id == HEAD_ROW_ID)).first()
+
+
+def _refuse_existing_store(engine: Engine, tables: StoreTables) -> None:
+    try:
+        with engine.connect() as conn:
+            if _head_row(conn, tables) is not None:
+                raise StoreAlreadyInitialised(
+                    f"a store exists already in {tables.head.name} at "
+                    f"{engine.url.render_as_string(hide_password=True)}"
+                )
+            if _has_rows(conn, tables):
+                raise StoreAlreadyInitialised(
+                    f"{tables.records.name} holds records but there is no store head: "
+                    "refusing to adopt records that cannot be authenticated"
+                )
+    except SQLAlchemyError as err:
+        raise StoreBackendError(f"cannot read the store database: {err}") from err
 
 
 def _has_rows(conn: Connection, tables: StoreTables) -> bool:
