@@ -40,6 +40,7 @@ __all__ = [
     "file_extents",
     "find_qemu_memfd",
     "hash_source",
+    "parse_qemu_memory_args",
 ]
 
 DEFAULT_BLOCK = "pc.ram"
@@ -58,8 +59,23 @@ class HashResult:
     tpm_state: TpmEmulatorState | None = field(default=None, repr=False)
 
 
+_REFUSED_MAGICS = {
+    b"KDUMP   ": "a kdump-compressed dump (use dump-guest-memory format elf)",
+    b"makedumpfile": "a flattened makedumpfile dump (use dump-guest-memory format elf)",
+    b"PAGEDU64": "a Windows crash dump (use dump-guest-memory format elf)",
+}
+
+
 def detect_kind(head: bytes) -> str:
-    """``save-image``, ``stream``, ``elf`` or ``raw`` from a file's first bytes."""
+    """``save-image``, ``stream``, ``elf`` or ``raw`` from a file's first bytes.
+
+    Raises:
+        UnsupportedError: a dump format we do not read (kdump, flattened, Windows), which would
+            otherwise pass for raw memory.
+    """
+    for magic, what in _REFUSED_MAGICS.items():
+        if head.startswith(magic):
+            raise UnsupportedError("memory source", 0, "save image, stream, ELF or raw", what)
     if head[:12] == b"LibvirtQemud":
         return "save-image"
     if head[:4] == b"QEVM":
@@ -113,6 +129,12 @@ def _qemu_backends(pid: int) -> tuple[str | None, dict[str, int]]:
             args = [a.decode("utf-8", "replace") for a in f.read().split(b"\x00")]
     except OSError:
         return None, {}
+    return parse_qemu_memory_args(args)
+
+
+def parse_qemu_memory_args(args: Sequence[str]) -> tuple[str | None, dict[str, int]]:
+    """From QEMU's arguments: the main ``memory-backend=`` id, and ``{id: size}`` of every
+    ``memory-backend-memfd`` object, in QEMU's ``key=value,…`` form or libvirt's JSON form."""
     main: str | None = None
     sizes: dict[str, int] = {}
     for arg in args:
@@ -122,8 +144,9 @@ def _qemu_backends(pid: int) -> tuple[str | None, dict[str, int]]:
         opts: dict[str, Any] = {}
         if arg.startswith("{"):
             with contextlib.suppress(ValueError):
-                opts = json.loads(arg)
-        elif "memory-backend-memfd" in arg:
+                loaded = json.loads(arg)
+                opts = loaded if isinstance(loaded, dict) else {}
+        elif arg.startswith("memory-backend-memfd,"):
             opts = dict(kv.split("=", 1) for kv in arg.split(",") if "=" in kv)
             opts["qom-type"] = "memory-backend-memfd"
         if opts.get("qom-type") == "memory-backend-memfd" and "id" in opts:

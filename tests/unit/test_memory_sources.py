@@ -15,7 +15,12 @@ from host_agent.errors import MemorySourceError
 from host_agent.memory import merkle
 from host_agent.memory.hasher import hash_extents
 from host_agent.memory.merkle import PAGE_SIZE, ZERO_LEAF, Extent, leaf_hash
-from host_agent.memory.sources import detect_kind, file_extents, hash_source
+from host_agent.memory.sources import (
+    detect_kind,
+    file_extents,
+    hash_source,
+    parse_qemu_memory_args,
+)
 
 MIB = 1 << 20
 
@@ -91,6 +96,9 @@ def test_kind_detection_and_refusals(tmp_path: Path) -> None:
     assert detect_kind(b"QEVM\x00\x00\x00\x03") == "stream"
     assert detect_kind(b"\x7fELF\x02") == "elf"
     assert detect_kind(b"\x00" * 16) == "raw"
+    for magic in (b"KDUMP   ", b"makedumpfile", b"PAGEDU64"):
+        with pytest.raises(UnsupportedError):
+            detect_kind(magic + bytes(8))
     (tmp_path / "odd.raw").write_bytes(b"x" * 5000)
     with pytest.raises(UnsupportedError):
         hash_source(str(tmp_path / "odd.raw"))
@@ -128,3 +136,22 @@ def test_cli_hash_leaves_and_diff(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_zero_leaf_is_used_for_zero_pages_in_every_path(tmp_path: Path) -> None:
     (tmp_path / "z.raw").write_bytes(bytes(3 * PAGE_SIZE))
     assert hash_source(str(tmp_path / "z.raw")).leaves.blocks[0].leaves == ZERO_LEAF * 3
+
+
+def test_qemu_memory_backend_from_plain_and_libvirt_command_lines() -> None:
+    plain = [
+        "-machine",
+        "pc,accel=tcg,memory-backend=mem",
+        "-object",
+        "memory-backend-memfd,id=mem,size=256M,share=on",
+    ]
+    assert parse_qemu_memory_args(plain) == ("mem", {"mem": 256 * MIB})
+    libvirt = [
+        "-machine",
+        "pc-i440fx-7.2,usb=off,dump-guest-core=off,memory-backend=pc.ram",
+        "-object",
+        '{"qom-type":"memory-backend-memfd","id":"pc.ram","share":true,'
+        '"x-use-canonical-path-for-ramblock-id":false,"size":1073741824}',
+    ]
+    assert parse_qemu_memory_args(libvirt) == ("pc.ram", {"pc.ram": 1 << 30})
+    assert parse_qemu_memory_args(["-m", "64"]) == (None, {})
