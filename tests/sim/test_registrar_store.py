@@ -67,8 +67,10 @@ def _host(host_id: str = "host-a", ek: str = "ab" * 32) -> AdmittedHost:
     )
 
 
-def _challenge(challenge_id: str, expires: datetime = NOW) -> PendingChallenge:
-    return PendingChallenge(challenge_id, "host-a", "{}", "ecc", b"\x01" * 32, expires)
+def _challenge(
+    challenge_id: str, expires: datetime = NOW, host_id: str = "host-a"
+) -> PendingChallenge:
+    return PendingChallenge(challenge_id, host_id, "{}", "ecc", b"\x01" * 32, expires)
 
 
 def test_hosts_round_trip_with_utc_times(store: RegistrarStore) -> None:
@@ -105,10 +107,17 @@ def test_a_challenge_is_taken_once_even_when_answers_race(store: RegistrarStore)
 
 
 def test_expired_challenges_are_purged(store: RegistrarStore) -> None:
-    store.add_challenge(_challenge("a" * 32, NOW - timedelta(seconds=1)))
-    store.add_challenge(_challenge("b" * 32, NOW + timedelta(seconds=1)))
+    store.add_challenge(_challenge("a" * 32, NOW - timedelta(seconds=1), "host-a"))
+    store.add_challenge(_challenge("b" * 32, NOW + timedelta(seconds=1), "host-b"))
     assert store.purge_expired(NOW) == 1
     assert store.count_challenges() == 1
+
+
+def test_a_new_challenge_supersedes_the_hosts_pending_one(store: RegistrarStore) -> None:
+    store.add_challenge(_challenge("a" * 32))
+    store.add_challenge(_challenge("b" * 32))
+    assert store.take_challenge("a" * 32) is None
+    assert store.take_challenge("b" * 32) is not None
 
 
 def test_an_approval_is_recorded_once(store: RegistrarStore) -> None:
