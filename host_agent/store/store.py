@@ -27,9 +27,11 @@ The head holds an authenticated ``generation``; a TPM NV monotonic counter
 
 *Creation.* Refuse a counter that exists already (unless
 ``StoreSettings.allow_existing_counter``): it means this TPM had a store whose database is gone.
-Seal the fresh data key (and check it unseals), then define the counter, read its value ``c``
+Seal the fresh data key (and check it unseals), then define the counter, increment it to ``c``
 (TPM 2.0 starts a new counter at the highest value any counter on the TPM had, not at 0) and write
-the head with ``generation = c``.
+the head with ``generation = c``. The increment matters when a counter is adopted: the database of
+the store that was lost sits at the counter's old value, below ``c``, so it is refused as a
+rollback if it is ever put back.
 
 *Every change* (put, delete, or a transaction of several) is two steps:
 
@@ -406,7 +408,19 @@ class TrustedStore:
                     raise StoreCounterMismatch(
                         f"cannot define the rollback counter at NV index {index:#010x}: {err}"
                     ) from err
-            generation = _read_counter(counter, index)
+            # Start one step past anything the counter vouched for: with an adopted counter, the
+            # lost store's last database (at the counter's value) must not open as current.
+            try:
+                generation = counter.counter_increment(index)
+            except VtpmError as err:
+                raise StoreCounterMismatch(
+                    f"cannot increment the rollback counter at NV index {index:#010x}: {err}"
+                ) from err
+            if generation != _read_counter(counter, index):
+                raise StoreCounterMismatch(
+                    f"the rollback counter at NV index {index:#010x} moved while the store was "
+                    "being created: another user of the counter"
+                )
             cipher = StoreCipher(data_key, store_id)
             head = HeadFields(store_id, index, generation, Manifest().digest(), sealed)
             mac = cipher.head_mac(head)

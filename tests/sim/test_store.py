@@ -741,6 +741,23 @@ def test_tables_rolled_back_under_a_running_store_are_refused(
     assert info.value.expected_generation == info.value.found_generation + 2
 
 
+def test_lost_store_put_back_after_a_new_store_adopted_its_counter_is_refused(
+    make_store: Callable[..., TrustedStore], config: StoreSettings, tmp_path: Path
+) -> None:
+    lost = make_store(create=True)
+    lost.put("vaik", "vm-1", b"vaik-of-the-lost-store")
+    lost.close()
+    # The operator starts over on another database, adopting the counter, and writes nothing.
+    fresh = StoreSettings(
+        url=f"sqlite:///{tmp_path / 'fresh.db'}",
+        counter_index=config.counter_index,
+        allow_existing_counter=True,
+    )
+    make_store(create=True, cfg=fresh).close()
+    with pytest.raises(StoreRolledBack):
+        make_store()  # the lost store's database, back in place
+
+
 def test_crash_between_commit_and_counter_increment_opens(
     store: TrustedStore,
     make_store: Callable[..., TrustedStore],
