@@ -162,6 +162,47 @@ def test_registration_embedded_issues_an_aik_certificate(
     assert {p.name: p.read_bytes() for p in state.iterdir() if p.suffix != ".db"} == before
 
 
+class OnlyEccEk:
+    """The host TPM port, presenting only its ECC P-384 EK certificate (NV 0x01c00016)."""
+
+    def __init__(self, tpm: PytssHostTpm) -> None:
+        self.tpm = tpm
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.tpm, name)
+
+    def ek_certificates(self) -> list[tuple[int, bytes]]:
+        return [(i, der) for i, der in self.tpm.ek_certificates() if i == 0x01C00016]
+
+
+def test_registration_with_the_ecc_p384_ek(
+    host_tpm: PytssHostTpm, service: RegistrarService
+) -> None:
+    """The high-range ECC EK (SHA-384, AES-256, PolicyOR) carries admission end to end too."""
+    challenge_kinds: list[str] = []
+
+    class Recording:
+        def ca_certificate(self) -> bytes:
+            return service.ca_certificate()
+
+        def start(self, body: object) -> dict[str, str]:
+            answer = service.start(body)
+            challenge_kinds.append(answer["ek_kind"])
+            return answer
+
+        def activate(self, challenge_id: str, body: object) -> dict[str, str]:
+            return service.activate(challenge_id, body)
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    reg = register_host(OnlyEccEk(host_tpm), Recording(), "host-ecc", key)  # type: ignore[arg-type]
+    assert challenge_kinds == ["ecc"]
+    _assert_aik_certificate(
+        reg.aik_certificate, service.ca_certificate(), host_tpm.aik_public(), "host-ecc"
+    )
+    [stored] = service.hosts()
+    assert stored.ek_kind == "ecc"
+
+
 def test_pinned_fingerprint_mismatch_is_refused(service: RegistrarService, https_url: str) -> None:
     from evidence.errors import ChainError
 
