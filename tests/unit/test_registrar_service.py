@@ -404,3 +404,28 @@ def test_a_removed_host_can_be_admitted_with_a_new_tpm(
     assert not registrar.remove_host("host-a")
     register_host(SoftwareHost(pki), registrar, "host-a", tls_key())
     assert [h.host_id for h in registrar.hosts()] == ["host-a"]
+
+
+def test_new_server_names_reissue_the_https_certificate(tmp_path: Path, pki: Pki) -> None:
+    state = tmp_path / "r"
+    init_state(state, ek_ca_pems=[pem(pki.root[0])], now=NOW, random_bytes=secrets.token_bytes)
+    key_before = (state / "server.key").read_bytes()
+    report = init_state(
+        state,
+        server_names=("registrar.fleet.example", "10.77.0.1"),
+        now=NOW,
+        random_bytes=secrets.token_bytes,
+    )
+    assert "server.pem" in report.created
+    cert = x509.load_pem_x509_certificate((state / "server.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["registrar.fleet.example"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.77.0.1"]
+    assert (state / "server.key").read_bytes() == key_before
+    again = init_state(
+        state,
+        server_names=("registrar.fleet.example", "10.77.0.1"),
+        now=NOW,
+        random_bytes=secrets.token_bytes,
+    )
+    assert again.created == ()

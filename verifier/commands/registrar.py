@@ -104,7 +104,7 @@ def register(subparsers: Any) -> None:
         action="append",
         metavar="NAME",
         help="DNS name or IP the HTTPS certificate covers (repeatable; default localhost, "
-        "127.0.0.1, ::1); only used when the certificate is first created",
+        "127.0.0.1, ::1); giving a different set later re-issues the certificate",
     )
     init.add_argument("--fleet-name", help="the fleet CA's common name (new directories only)")
     init.add_argument(
@@ -188,6 +188,7 @@ def _init(args: argparse.Namespace) -> int:
         args.state_dir,
         ek_ca_pems=pems,
         config=config,
+        server_names=tuple(args.server_name) if args.server_name else None,
         now=_now(),
         random_bytes=secrets.token_bytes,
     )

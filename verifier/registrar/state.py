@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -185,6 +185,7 @@ def init_state(
     *,
     ek_ca_pems: Sequence[bytes] = (),
     config: RegistrarConfig | None = None,
+    server_names: Sequence[str] | None = None,
     now: datetime,
     random_bytes: Callable[[int], bytes],
 ) -> InitReport:
@@ -194,6 +195,9 @@ def init_state(
         state_dir: the directory (created with mode 0700 if missing).
         ek_ca_pems: PEM certificates to add to the EK CA bundle.
         config: settings for a new directory; an existing ``registrar.json`` is kept as is.
+        server_names: names the HTTPS certificate must cover; when they differ from the
+            configured ones, the configuration is updated and the certificate re-issued
+            (same key, so clients that trust the fleet CA notice nothing).
         now: the current time (UTC), for the certificates' validity.
         random_bytes: source of serial numbers.
 
@@ -209,6 +213,14 @@ def init_state(
         _write_public(state_dir / _CONFIG, (json.dumps(data, indent=2) + "\n").encode())
         created.append(_CONFIG)
     cfg = load_config(state_dir)
+    reissue = server_names is not None and tuple(server_names) != cfg.server_names
+    if reissue:
+        assert server_names is not None
+        cfg = replace(cfg, server_names=tuple(server_names))
+        data = asdict(cfg)
+        data["server_names"] = list(cfg.server_names)
+        _write_public(state_dir / _CONFIG, (json.dumps(data, indent=2) + "\n").encode())
+        created.append(f"{_CONFIG} (server_names)")
     for name in (_CA_KEY, _POLICY_KEY, _SERVER_KEY):
         if not (state_dir / name).exists():
             _write_private(state_dir / name, _key_pem(ec.generate_private_key(ec.SECP256R1())))
@@ -232,7 +244,7 @@ def init_state(
         _write_public(bundle_path, bundle.to_pem())
         created.append(_BUNDLE)
     ca = _load_ca(state_dir)
-    if not (state_dir / _SERVER_CERT).exists():
+    if reissue or not (state_dir / _SERVER_CERT).exists():
         _issue_server_cert(state_dir, ca, cfg, now=now, random_bytes=random_bytes)
         created.append(_SERVER_CERT)
     RegistrarStore.open(cfg.url(state_dir)).close()
