@@ -67,22 +67,27 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def hash_page_buffer(buf: bytes | memoryview, pages: int) -> bytes:
-    """Leaves of ``pages`` consecutive pages held in ``buf`` (concatenated 32-byte digests)."""
+def hash_page_buffer(buf: bytes, pages: int) -> bytes:
+    """Leaves of ``pages`` consecutive pages held in ``buf`` (concatenated 32-byte digests).
+
+    One list comprehension per buffer (measured fastest: the per-page work that holds the GIL is
+    a few C calls; a page is compared with zeroes only if its first and last bytes are zero).
+    """
     if len(buf) == len(_ZERO_CHUNK) and buf == _ZERO_CHUNK:
         return ZERO_LEAF * pages
     view = memoryview(buf)
     sha = hashlib.sha256
     zero = ZERO_PAGE
-    out: list[bytes] = []
-    append = out.append
-    for off in range(0, pages * PAGE_SIZE, PAGE_SIZE):
-        page = view[off : off + PAGE_SIZE]
-        if view[off] == 0 and view[off + PAGE_SIZE - 1] == 0 and page.tobytes() == zero:
-            append(ZERO_LEAF)
-        else:
-            append(sha(page).digest())
-    return b"".join(out)
+    zl = ZERO_LEAF
+    last = PAGE_SIZE - 1
+    return b"".join(
+        [
+            zl
+            if buf[o] == 0 and buf[o + last] == 0 and buf[o : o + PAGE_SIZE] == zero
+            else sha(view[o : o + PAGE_SIZE]).digest()
+            for o in range(0, pages * PAGE_SIZE, PAGE_SIZE)
+        ]
+    )
 
 
 _Result = list[tuple[str, int, bytes]]
