@@ -149,7 +149,12 @@ def register(subparsers: Any) -> None:
     common(h)
     h.set_defaults(func=_cmd_hash)
 
-    d = sub.add_parser("diff", help="pages that differ between two sources or leaf files")
+    d = sub.add_parser(
+        "diff",
+        help="pages that differ between two sources or leaf files",
+        description="Exit status: 0 equal, 1 different, 2 error (e.g. different block sets: "
+        "pick the blocks to compare with --block).",
+    )
     d.add_argument("a")
     d.add_argument("b")
     common(d)
