@@ -18,7 +18,11 @@ __all__ = ["build_parser", "main"]
 
 # Each module registers its subcommand(s) with ``register(subparsers)``; a command's handler is
 # ``args.func(args) -> int``. Errors derived from VtpmError print one line and exit 2.
-_COMMAND_MODULES: tuple[str, ...] = ("host_agent.memory.cli", "host_agent.tpm.cli", "host_agent.vtpm.cli")
+_COMMAND_MODULES: tuple[str, ...] = (
+    "host_agent.memory.cli",
+    "host_agent.tpm.cli",
+    "host_agent.vtpm.cli",
+)
 
 
 def _version() -> str:
