@@ -14,14 +14,16 @@ import contextlib
 import os
 import signal
 import socket
-import struct
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from evidence.errors import ParseError
+
+from .ctrl_codec import ResultReply, Shutdown, decode_reply
+
 __all__ = [
-    "CMD_SHUTDOWN",
     "ctrl_accepts",
     "ctrl_shutdown",
     "end_process",
@@ -31,8 +33,6 @@ __all__ = [
     "wait_gone",
 ]
 
-#: swtpm control command CMD_SHUTDOWN (include/swtpm/tpm_ioctl.h): stop the TPM and exit.
-CMD_SHUTDOWN = 0x03
 _POLL = 0.01
 
 
@@ -85,17 +85,18 @@ def ctrl_accepts(path: Path) -> bool:
 
 
 def ctrl_shutdown(path: Path, timeout: float) -> bool:
-    """Send CMD_SHUTDOWN (4-byte big-endian code, no payload) and read the 4-byte result.
+    """Send CMD_SHUTDOWN (:mod:`host_agent.vtpm.ctrl_codec`) and read its 4-byte result.
 
     Returns True when swtpm answered 0 (it exits right after). False when it cannot be reached in
     ``timeout`` seconds, e.g. because QEMU or the bridge holds the one control connection swtpm
-    serves (our request then waits in the listen backlog).
+    serves (our request then waits in the listen backlog), or when it answered anything else.
     """
+    request = Shutdown()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         try:
             s.connect(str(path))
-            s.sendall(struct.pack(">I", CMD_SHUTDOWN))
+            s.sendall(request.encode())
             reply = b""
             while len(reply) < 4:
                 chunk = s.recv(4 - len(reply))
@@ -104,8 +105,11 @@ def ctrl_shutdown(path: Path, timeout: float) -> bool:
                 reply += chunk
         except OSError:
             return False
-    (result,) = struct.unpack(">I", reply)
-    return bool(result == 0)
+    try:
+        decoded = decode_reply(reply, request, True)
+    except ParseError:
+        return False
+    return isinstance(decoded, ResultReply) and decoded.result == 0
 
 
 def wait_gone(
