@@ -3,7 +3,8 @@
 Opening verifies everything the agent verifies at start (key unseals, head MAC, generation
 against the TPM counter, every record row, the record set), so ``check`` either prints what the
 store holds or fails with the very error the agent would refuse to start with (exit status 2,
-``vtpm-host: error [store.rolled_back]: …``).
+``vtpm-host: error [store.rolled_back]: …``). It opens read-only: it runs beside the agent and
+never touches the counter.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def check(config: AgentConfig) -> dict[str, Any]:
     settings = store_settings(config)
     tpm = open_host_tpm(config.tpm)
     try:
-        store = open_store(config, tpm)
+        store = open_store(config, tpm, read_only=True)
         try:
             return {
                 "url": make_url(settings.url).render_as_string(hide_password=True),
@@ -47,6 +48,7 @@ def check(config: AgentConfig) -> dict[str, Any]:
                 "generation": store.generation,
                 "counter_index": f"{store.counter_index:#010x}",
                 "counter": tpm.counter_read(store.counter_index),
+                "increment_pending": store.increment_pending,
                 "records": store.record_counts(),
             }
         finally:
@@ -66,6 +68,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         f"generation {summary['generation']}  (TPM counter {summary['counter_index']}: "
         f"{summary['counter']})"
     )
+    if summary["increment_pending"]:
+        print("pending    the last change awaits its counter increment (the agent finishes it)")
     for record_type, n in summary["records"].items():
         print(f"records    {record_type:<10} {n}")
     if not summary["records"]:

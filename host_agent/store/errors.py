@@ -14,7 +14,8 @@
         ├── StoreFormatError                  store.format: a store of another format version
         ├── StoreNotInitialised               store.not_initialised: no store at that URL
         ├── StoreAlreadyInitialised           store.already_initialised
-        ├── StoreStateError(state, required)  store.state: closed, or broken and needing a reopen
+        ├── StoreStateError(state, required)  store.state: closed, read-only, or broken (reopen)
+        ├── StoreBusy                         store.busy: another process has it open for writing
         ├── StoreBackendError                 store.backend: wraps SQLAlchemy / driver / TPM errors
         └── RecordNotFound(type, id)          store.record_not_found
 
@@ -32,6 +33,7 @@ __all__ = [
     "RecordNotFound",
     "StoreAlreadyInitialised",
     "StoreBackendError",
+    "StoreBusy",
     "StoreCounterMismatch",
     "StoreError",
     "StoreFormatError",
@@ -150,6 +152,16 @@ class StoreStateError(StoreError):
         self.required = required
         text = f"store is {state}, the operation needs it {required}"
         super().__init__(f"{text}: {detail}" if detail else text)
+
+
+class StoreBusy(StoreError):
+    """Another process (or another store object) has this store open for writing.
+
+    One writer per store keeps the counter protocol sound: a second opener would finish the
+    first writer's pending counter increment, and the first writer would then increment again.
+    """
+
+    id: ClassVar[str] = "store.busy"
 
 
 class StoreBackendError(StoreError):

@@ -37,16 +37,24 @@ def _prepare_sqlite_dir(settings: StoreSettings) -> None:
         Path(url.database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
-def open_store(config: AgentConfig, tpm: StoreTpm) -> TrustedStore:
+def open_store(config: AgentConfig, tpm: StoreTpm, *, read_only: bool = False) -> TrustedStore:
     """Open the agent's store, refusing a rolled-back, tampered or foreign one.
 
+    Args:
+        read_only: inspect without the writer lock (see :meth:`TrustedStore.open`).
+
     Raises:
+        StoreBusy: another process has it open for writing (not with ``read_only``).
         StoreNotInitialised: no store yet (run ``vtpm-host init``).
         StoreRolledBack, StoreIntegrityError, StoreCounterMismatch, StoreKeyError,
         StoreFormatError, StoreBackendError: see :meth:`TrustedStore.open`.
     """
     return TrustedStore.open(
-        store_settings(config), sealer=tpm, counter=tpm, random_bytes=secrets.token_bytes
+        store_settings(config),
+        sealer=tpm,
+        counter=tpm,
+        random_bytes=secrets.token_bytes,
+        read_only=read_only,
     )
 
 
@@ -67,7 +75,8 @@ def ensure_store(tpm: StoreTpm, config: AgentConfig, keys: object = None) -> str
     """
     settings = store_settings(config)
     try:
-        open_store(config, tpm).close()
+        # Read-only: verifying needs no lock, so init also works while the daemon runs.
+        open_store(config, tpm, read_only=True).close()
         return None
     except StoreNotInitialised:
         pass

@@ -93,6 +93,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 
 from evidence.errors import VtpmError
 from host_agent.config import StoreConfig
+from host_agent.store._lock import WriterLock, acquire_writer_lock
 from host_agent.store._schema import HEAD_ROW_ID, RECORD_ID_MAX, StoreTables
 from host_agent.store.cipher import (
     DATA_KEY_BYTES,
@@ -330,8 +331,12 @@ class TrustedStore:
         counter: RollbackCounter,
         random_bytes: RandomBytes,
         increment_pending: bool = False,
+        lock: WriterLock | None = None,
     ) -> None:
-        """Private: use :meth:`create` or :meth:`open`, which check everything first."""
+        """Private: use :meth:`create` or :meth:`open`, which check everything first.
+
+        ``lock`` None means read-only: no writes, and the counter is never touched.
+        """
         self._engine = engine
         self._tables = tables
         self._settings = settings
@@ -345,6 +350,7 @@ class TrustedStore:
         self._state = StoreRunState.OPEN
         self._lock = threading.RLock()
         self._in_transaction = False
+        self._lock_handle = lock
 
     # ---------------------------------------------------------------- creation and opening
 
@@ -373,7 +379,9 @@ class TrustedStore:
         """
         tables = StoreTables.named(settings.table_prefix)
         engine = _make_engine(settings.url)
+        lock: WriterLock | None = None
         try:
+            lock = acquire_writer_lock(engine, settings.table_prefix)
             # A missing SQLite file holds no store; connecting would create it, and a refused
             # create must leave nothing behind.
             if not _sqlite_file_missing(settings.url):
@@ -444,8 +452,11 @@ class TrustedStore:
                 manifest=Manifest(),
                 counter=counter,
                 random_bytes=random_bytes,
+                lock=lock,
             )
         except BaseException:
+            if lock is not None:
+                lock.release()
             engine.dispose()
             raise
 
@@ -457,15 +468,24 @@ class TrustedStore:
         sealer: DataKeySealer,
         counter: RollbackCounter,
         random_bytes: RandomBytes,
+        read_only: bool = False,
     ) -> TrustedStore:
         """Open an existing store, refusing a rolled-back or tampered database.
 
-        Checks, in order: the head exists and has our format; the data key unseals; the head MAC
-        holds; the generation against the TPM counter (module docstring); every record row
-        authenticates under its own type and id; the record set matches the manifest digest.
-        Only then is an interrupted counter increment finished. A refusal changes nothing.
+        Takes the store's writer lock first (unless ``read_only``). Checks, in order: the head
+        exists and has our format; the data key unseals; the head MAC holds; the generation
+        against the TPM counter (module docstring); every record row authenticates under its
+        own type and id; the record set matches the manifest digest. Only then is an interrupted
+        counter increment finished. A refusal changes nothing.
+
+        Args:
+            read_only: verify and read without the writer lock; writes are refused and the
+                counter is never touched (an interrupted increment is reported by
+                :attr:`increment_pending`, and left for the writer). For inspection while the
+                agent runs.
 
         Raises:
+            StoreBusy: another writer has the store open (not with ``read_only``).
             StoreNotInitialised: no store at ``settings.url``.
             StoreFormatError: a store of another format version.
             StoreKeyError: the data key does not unseal (another TPM, policy not satisfied).
@@ -479,9 +499,14 @@ class TrustedStore:
             raise StoreNotInitialised(f"no store database at {settings.url} (run vtpm-host init)")
         tables = StoreTables.named(settings.table_prefix)
         engine = _make_engine(settings.url)
+        lock: WriterLock | None = None
         try:
-            return cls._open(engine, tables, settings, sealer, counter, random_bytes)
+            if not read_only:
+                lock = acquire_writer_lock(engine, settings.table_prefix)
+            return cls._open(engine, tables, settings, sealer, counter, random_bytes, lock)
         except BaseException:
+            if lock is not None:
+                lock.release()
             engine.dispose()
             raise
 
@@ -494,6 +519,7 @@ class TrustedStore:
         sealer: DataKeySealer,
         counter: RollbackCounter,
         random_bytes: RandomBytes,
+        lock: WriterLock | None,
     ) -> TrustedStore:
         try:
             with engine.connect() as conn:
@@ -552,8 +578,9 @@ class TrustedStore:
             counter=counter,
             random_bytes=random_bytes,
             increment_pending=head.generation == value + 1,
+            lock=lock,
         )
-        if store._increment_pending:
+        if store._increment_pending and not store.read_only:
             store._advance_counter()
         return store
 
@@ -564,6 +591,16 @@ class TrustedStore:
         return self._state
 
     @property
+    def read_only(self) -> bool:
+        """Opened without the writer lock: writes are refused, the counter is left alone."""
+        return self._lock_handle is None
+
+    @property
+    def increment_pending(self) -> bool:
+        """The last change is committed but the TPM counter not yet incremented to it."""
+        return self._increment_pending
+
+    @property
     def generation(self) -> int:
         """The generation of the last committed change (the counter's value once settled)."""
         return self._head.generation
@@ -571,6 +608,12 @@ class TrustedStore:
     @property
     def store_id(self) -> bytes:
         return self._head.store_id
+
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise StoreStateError(
+                "open read-only", "open for writing", "reopen without read_only to change it"
+            )
 
     def _require(self, required: StoreRunState) -> None:
         if self._state is not required:
@@ -582,8 +625,10 @@ class TrustedStore:
         with self._lock:
             if self._state is not StoreRunState.CLOSED:
                 self._state = StoreRunState.CLOSED
-                self._engine.dispose()
                 self._manifest = Manifest()
+                if self._lock_handle is not None:
+                    self._lock_handle.release()
+                self._engine.dispose()
 
     def __enter__(self) -> TrustedStore:
         return self
@@ -755,6 +800,7 @@ class TrustedStore:
         """
         with self._lock:
             self._require(StoreRunState.OPEN)
+            self._require_writable()
             if self._in_transaction:
                 raise ValueError("a store transaction is already open in this thread; use its tx")
             tx = StoreTransaction(self)
@@ -792,6 +838,7 @@ class TrustedStore:
         """
         with self._lock:
             self._require(StoreRunState.OPEN)
+            self._require_writable()
             if self._increment_pending:
                 self._advance_counter()
             old_head, old_mac = self._head, self._head_mac
@@ -891,6 +938,7 @@ class TrustedStore:
     def _advance_counter(self) -> None:
         """Step 2 of a change: bring the TPM counter up to the committed generation."""
         with self._lock:
+            self._require_writable()
             if not self._increment_pending:
                 return
             index = self._head.counter_index

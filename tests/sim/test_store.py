@@ -27,6 +27,7 @@ from host_agent.store import (
     RecordNotFound,
     StoreAlreadyInitialised,
     StoreBackendError,
+    StoreBusy,
     StoreCounterMismatch,
     StoreIntegrityError,
     StoreKeyError,
@@ -661,18 +662,50 @@ def test_sealed_key_does_not_open_on_another_tpm(
         other.close()
 
 
-def test_second_writer_is_detected(
-    store: TrustedStore, make_store: Callable[..., TrustedStore]
+def test_second_writer_is_refused_while_the_first_is_open(
+    store: TrustedStore,
+    make_store: Callable[..., TrustedStore],
+    config: StoreSettings,
+    tpm: PytssHostTpm,
+    counter: FaultyCounter,
 ) -> None:
     store.put("vaik", "a", b"1")
-    second = make_store()
-    store.put("vaik", "b", b"2")
-    with pytest.raises(StoreIntegrityError, match="no longer at generation"):
-        second.put("vaik", "c", b"3")
-    assert second.state is StoreRunState.BROKEN
-    with pytest.raises(StoreStateError, match="reopen"):
-        second.get("vaik", "a")
-    assert store.find("vaik", "c") is None
+    with pytest.raises(StoreBusy, match="open for writing") as info:
+        make_store()
+    assert info.value.id == "store.busy"
+    reader = TrustedStore.open(
+        config, sealer=tpm, counter=counter, random_bytes=secrets.token_bytes, read_only=True
+    )
+    try:
+        assert reader.read_only
+        assert reader.get("vaik", "a").payload == b"1"
+        with pytest.raises(StoreStateError, match="read-only"):
+            reader.put("vaik", "b", b"2")
+    finally:
+        reader.close()
+    store.put("vaik", "b", b"2")  # the reader changed nothing the writer relies on
+    store.close()
+    assert make_store().get("vaik", "b").payload == b"2"
+
+
+def test_read_only_open_leaves_an_interrupted_increment_to_the_writer(
+    store: TrustedStore,
+    make_store: Callable[..., TrustedStore],
+    config: StoreSettings,
+    tpm: PytssHostTpm,
+) -> None:
+    generation = store._write_generation({("vaik", "x"): store._seal("vaik", "x", b"1")})
+    store.close()  # crash before the increment
+    reader = TrustedStore.open(
+        config, sealer=tpm, counter=tpm, random_bytes=secrets.token_bytes, read_only=True
+    )
+    assert reader.increment_pending
+    assert reader.get("vaik", "x").payload == b"1"
+    reader.close()
+    assert tpm.counter_read(config.counter_index) == generation - 1
+    writer = make_store()
+    assert not writer.increment_pending
+    assert tpm.counter_read(config.counter_index) == generation
 
 
 # --------------------------------------------------------------------------- rollback

@@ -19,6 +19,7 @@ from host_agent.config import AgentConfig, TpmConfig
 from host_agent.store import (
     DEFAULT_COUNTER_INDEX,
     StoreAlreadyInitialised,
+    StoreBusy,
     StoreIntegrityError,
     StoreNotInitialised,
     StoreRolledBack,
@@ -60,6 +61,9 @@ def test_init_step_creates_once_then_verifies(agent: AgentConfig, tpm: PytssHost
     assert ensure_store(tpm, agent) is None  # second init: nothing to do
     with open_store(agent, tpm) as store:
         store.put("vaik", "vm-1", b"k")
+        assert ensure_store(tpm, agent) is None  # also while the agent has it open
+        with pytest.raises(StoreBusy):
+            open_store(agent, tpm)
 
 
 def test_init_step_refuses_a_rolled_back_store(agent: AgentConfig, tpm: PytssHostTpm) -> None:
