@@ -161,3 +161,32 @@ def test_two_registrar_instances_share_one_database(url: str, tmp_path: Path) ->
     finally:
         store1.close()
         store2.close()
+
+
+def test_admit_rechecks_conflicts_in_its_transaction(store: RegistrarStore) -> None:
+    store.admit(_host("host-a", "ab" * 32))
+    with pytest.raises(HostConflict):
+        store.admit(_host("host-a", "cd" * 32))
+    with pytest.raises(HostConflict):
+        store.admit(_host("host-b", "ab" * 32))
+    assert [(h.host_id, h.ek_digest) for h in store.hosts()] == [("host-a", "ab" * 32)]
+
+
+def test_concurrent_admissions_of_one_host_leave_one_row(store: RegistrarStore) -> None:
+    errors: list[Exception] = []
+    barrier = threading.Barrier(6)
+
+    def admit(i: int) -> None:
+        barrier.wait()
+        try:
+            store.admit(_host("host-a", f"{i:02x}" * 32))
+        except HostConflict as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=admit, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(store.hosts()) == 1
+    assert len(errors) == 5

@@ -253,7 +253,7 @@ def _serve(args: argparse.Namespace) -> int:
     if host not in ("0.0.0.0", "::") and not _covers(cert, host):
         print(
             f"warning: the HTTPS certificate does not name {host}; clients will refuse it "
-            "(re-create server.pem with `registrar init --server-name`)",
+            "(re-issue it with `registrar init --server-name NAME`)",
             file=sys.stderr,
         )
     server = make_server(service, host, port, certfile=certfile, keyfile=keyfile)

@@ -169,12 +169,16 @@ class RegistrarStore:
     def check_conflict(self, host_id: str, ek_digest: str) -> None:
         """Raise HostConflict if ``host_id`` or the EK is admitted with the other one differing."""
         with self._engine.connect() as conn:
-            by_id = conn.execute(
-                sa.select(_hosts.c.ek_digest).where(_hosts.c.host_id == host_id)
-            ).first()
-            by_ek = conn.execute(
-                sa.select(_hosts.c.host_id).where(_hosts.c.ek_digest == ek_digest)
-            ).first()
+            self._check_conflict(conn, host_id, ek_digest)
+
+    @staticmethod
+    def _check_conflict(conn: sa.Connection, host_id: str, ek_digest: str) -> None:
+        by_id = conn.execute(
+            sa.select(_hosts.c.ek_digest).where(_hosts.c.host_id == host_id)
+        ).first()
+        by_ek = conn.execute(
+            sa.select(_hosts.c.host_id).where(_hosts.c.ek_digest == ek_digest)
+        ).first()
         if by_id is not None and by_id[0] != ek_digest:
             raise HostConflict(
                 f"host {host_id!r}: expected the EK it was admitted with (sha256 {by_id[0]}), "
@@ -187,23 +191,41 @@ class RegistrarStore:
             )
 
     def admit(self, host: AdmittedHost) -> None:
-        """Insert the host, or replace its row when it re-registers with the same EK."""
-        with self._engine.begin() as conn:
-            conn.execute(_hosts.delete().where(_hosts.c.host_id == host.host_id))
-            conn.execute(
-                _hosts.insert().values(
-                    host_id=host.host_id,
-                    ek_digest=host.ek_digest,
-                    ek_kind=host.ek_kind,
-                    ek_public=host.ek_public,
-                    ek_certificate=host.ek_certificate,
-                    aik_public=host.aik_public,
-                    aik_name=host.aik_name,
-                    aik_certificate=host.aik_certificate,
-                    tls_certificate=host.tls_certificate,
-                    admitted_at=host.admitted_at,
+        """Insert the host, or replace its row when it re-registers with the same EK.
+
+        The conflict check runs again inside the writing transaction, and a concurrent admission
+        that slips past it trips the primary key or the unique EK digest: either way
+        HostConflict, never two rows for one host or one EK.
+        """
+        try:
+            with self._engine.begin() as conn:
+                self._check_conflict(conn, host.host_id, host.ek_digest)
+                # Only the row of this very host and EK is replaced: a row another request
+                # wrote meanwhile (another EK) survives and our insert trips the primary key.
+                conn.execute(
+                    _hosts.delete().where(
+                        _hosts.c.host_id == host.host_id, _hosts.c.ek_digest == host.ek_digest
+                    )
                 )
-            )
+                conn.execute(
+                    _hosts.insert().values(
+                        host_id=host.host_id,
+                        ek_digest=host.ek_digest,
+                        ek_kind=host.ek_kind,
+                        ek_public=host.ek_public,
+                        ek_certificate=host.ek_certificate,
+                        aik_public=host.aik_public,
+                        aik_name=host.aik_name,
+                        aik_certificate=host.aik_certificate,
+                        tls_certificate=host.tls_certificate,
+                        admitted_at=host.admitted_at,
+                    )
+                )
+        except sa.exc.IntegrityError as err:
+            raise HostConflict(
+                f"host {host.host_id!r}: admitted concurrently by another request "
+                f"(EK sha256 {host.ek_digest}); try again"
+            ) from err
 
     def remove(self, host_id: str) -> bool:
         """Forget an admitted host (its certificates stay valid until they expire)."""
