@@ -46,7 +46,15 @@ The database always leads the counter, never the reverse, and by at most one: st
 always completes (in this process, or at the next open, see below) before step 1 of the next
 change may run.
 
-*Open* unseals the key, checks the head MAC, reads the counter value ``c`` and compares:
+*One writer.* Finishing someone else's pending increment is only safe if that someone is dead.
+A store opened for writing therefore holds a writer lock until it closes (``flock`` on
+``<database>.lock`` for SQLite, a session advisory lock for PostgreSQL; :mod:`._lock`); a second
+writer gets :class:`StoreBusy`. ``open(read_only=True)`` takes no lock, never touches the counter
+and refuses writes: that is how ``vtpm-host store check`` and ``vtpm-host init`` look at a store
+the agent may have open.
+
+*Open* (for writing) takes the writer lock, unseals the key, checks the head MAC, reads the
+counter value ``c`` and compares:
 
 - ``generation == c``: the latest state. Open.
 - ``generation == c + 1``: the process stopped between steps 1 and 2 (crash, power loss, TPM
@@ -69,8 +77,9 @@ increment is retried before the next change. If step 1's commit fails ambiguousl
 dropped during COMMIT), the store goes ``BROKEN`` and must be reopened, which settles the outcome.
 
 Limits. An attacker who can also increment the counter can only make the store refuse to start
-(denial of service), never accept old data. The store assumes one writing process per database
-(one host, one TPM); a second writer is detected by the head compare-and-swap, not coordinated.
+(denial of service), never accept old data. One store belongs to one host and its TPM; a second
+writer is kept out by the writer lock and, should the lock be lost (PostgreSQL session dropped),
+by the head compare-and-swap.
 """
 
 from __future__ import annotations
