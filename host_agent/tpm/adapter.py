@@ -168,6 +168,8 @@ class PytssHostTpm:
         self._closed = False
         self._ek_cache: dict[str, bytes] = {}
         self._branch_cache: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
+        self._srk_tr: ESYS_TR | None = None
+        self._nv_trs: dict[int, ESYS_TR] = {}
         try:
             self._call(self._open)
         except BaseException:
@@ -289,11 +291,18 @@ class PytssHostTpm:
     # ------------------------------------------------------------------ SRK and loading
 
     def _srk(self) -> ESYS_TR:
-        """ESYS_TR of the persistent SRK, creating and persisting it if missing."""
+        """ESYS_TR of the persistent SRK, creating and persisting it if missing.
+
+        ESYS_TRs of persistent objects and NV indices are cached for the context's life: each
+        ``tr_from_tpmpublic`` allocates ESAPI metadata that would otherwise pile up in a daemon.
+        """
+        if self._srk_tr is not None:
+            return self._srk_tr
         if keys.SRK_HANDLE in self._handles(int(TPM2_HC.PERSISTENT_FIRST)):
-            return self._x(
+            self._srk_tr = self._x(
                 "ESYS_TR_FromTPMPublic", self._e.tr_from_tpmpublic, TPM2_HANDLE(keys.SRK_HANDLE)
             )
+            return self._srk_tr
         h = self._x(
             "TPM2_CreatePrimary",
             self._e.create_primary,
@@ -306,6 +315,7 @@ class PytssHostTpm:
                 "TPM2_EvictControl", self._e.evict_control, ESYS_TR.OWNER, h, keys.SRK_HANDLE
             )
         log.info("created the SRK at persistent handle 0x%08x", keys.SRK_HANDLE)
+        self._srk_tr = persistent
         return persistent
 
     def _srk_exists(self) -> bool:
@@ -448,7 +458,11 @@ class PytssHostTpm:
             )
 
     def _nv_tr(self, index: int) -> ESYS_TR:
-        return self._x("ESYS_TR_FromTPMPublic", self._e.tr_from_tpmpublic, TPM2_HANDLE(index))
+        if index not in self._nv_trs:
+            self._nv_trs[index] = self._x(
+                "ESYS_TR_FromTPMPublic", self._e.tr_from_tpmpublic, TPM2_HANDLE(index)
+            )
+        return self._nv_trs[index]
 
     def _counter_value(self, index: int) -> int:
         tr = self._nv_tr(index)
@@ -473,6 +487,7 @@ class PytssHostTpm:
                     )
                 )
                 tr = self._x("TPM2_NV_DefineSpace", self._e.nv_define_space, None, public)
+                self._nv_trs[index] = tr
                 self._x("TPM2_NV_Increment", self._e.nv_increment, tr, ESYS_TR.OWNER)
                 log.info("defined NV counter 0x%08x", index)
             else:

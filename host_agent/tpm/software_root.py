@@ -212,16 +212,28 @@ class SoftwareRoot:
                     f"swtpm exited with status {self._proc.returncode} at start; "
                     f"see {self.log_path}"
                 )
-            if self.ctrl_path.exists() and self.socket_path.exists():
-                with (
-                    contextlib.suppress(OSError),
-                    socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s,
-                ):
-                    s.settimeout(0.5)
-                    s.connect(str(self.ctrl_path))
-                    return
+            # A socket file exists from bind(); only a connect proves listen() (swtpm opens
+            # ctrl before the server socket, so both are probed).
+            # The pid file is what a second agent process attaches by: wait for it too.
+            if (
+                all(self._accepts(p) for p in (self.ctrl_path, self.socket_path))
+                and self._running_pid() == self._proc.pid
+            ):
+                return
             time.sleep(0.01)
         raise SoftwareRootError(f"swtpm did not open {self.ctrl_path} in {self.start_timeout} s")
+
+    @staticmethod
+    def _accepts(path: Path) -> bool:
+        if not path.exists():
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            try:
+                s.connect(str(path))
+            except OSError:
+                return False
+        return True
 
     def _kill(self) -> None:
         if self._proc is None:
