@@ -654,19 +654,20 @@ class Guest:
         )
 
     def wait_for_console(self, needle: str, *, timeout: float = 60.0, start: int = 0) -> str:
-        """Wait until ``needle`` appears in the serial log (at or after byte ``start``).
+        """Wait until a whole line containing ``needle`` is in the serial log (from ``start``).
 
-        Returns the line containing it. Raises :class:`QemuError` with the console tail on
+        Returns that line, stripped. Raises :class:`QemuError` with the console tail on
         timeout or when QEMU exits first.
         """
         deadline = time.monotonic() + timeout
         while True:
             text = self.console_text()
             pos = text.find(needle, start)
-            if pos >= 0:
-                end = text.find("\n", pos)
+            # The UART delivers a line byte by byte: return it only once it is complete.
+            end = text.find("\n", pos) if pos >= 0 else -1
+            if end >= 0:
                 line_start = text.rfind("\n", 0, pos) + 1
-                return text[line_start : end if end >= 0 else len(text)].strip()
+                return text[line_start:end].strip()
             if not self.alive():
                 raise QemuError(
                     f"QEMU exited ({self.proc.returncode if self.proc else '?'}) before "

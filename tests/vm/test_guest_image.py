@@ -233,3 +233,16 @@ def test_save_to_file_and_restore_into_a_new_swtpm(
     assert dst.check("cat /tmp/marker") == b"remember-me\n"
     assert _sysfs_pcrs(dst) == pcrs, "the vTPM state came back through the migration stream"
     print(f"migrate to file: {saved_in:.2f} s, {state.stat().st_size / 1e6:.1f} MB")
+
+    dst.check("poweroff")  # busybox init runs PID 1, so a guest can shut itself down
+    assert dst.proc is not None and dst.proc.wait(30) == 0
+
+
+def test_boot_failure_reports_the_console_tail(boot_guest: GuestFactory, tmp_path: Path) -> None:
+    bad = tmp_path / "not-a-cpio"
+    bad.write_bytes(b"this is not an initramfs\n" * 100)
+    with pytest.raises(QemuError) as err:
+        boot_guest(initramfs=bad, tpm=False, net=False)
+    assert "Kernel panic" in str(err.value), str(err.value)
+    assert "console tail" in str(err.value)
+    assert not boot_guest.guests, "a guest that failed to boot is not kept"
