@@ -29,6 +29,7 @@ from host_agent.store import (
     StoreBackendError,
     StoreBusy,
     StoreCounterMismatch,
+    StoreFormatError,
     StoreIntegrityError,
     StoreKeyError,
     StoreNotInitialised,
@@ -641,6 +642,27 @@ def test_inv4_malformed_head_field_is_a_typed_refusal(
     store.close()
     db.execute(sa.update(TABLES.head).values(mac=b"short"))
     with pytest.raises(StoreIntegrityError, match="mac is 5 bytes, expected 32"):
+        make_store()
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        ("vtpm-trust/store/2", StoreFormatError, "holds a vtpm-trust/store/2 store"),
+        ("something else", StoreIntegrityError, "format is 'something else'"),
+    ],
+)
+def test_head_of_another_format_is_refused(
+    store: TrustedStore,
+    make_store: Callable[..., TrustedStore],
+    db: Db,
+    value: str,
+    error: type[Exception],
+    message: str,
+) -> None:
+    store.close()
+    db.execute(sa.update(TABLES.head).values(format=value))
+    with pytest.raises(error, match=message):
         make_store()
 
 
