@@ -250,22 +250,25 @@ class RegistrarStore:
     ) -> bytes:
         """Record an approval; an approval already on record is kept. Returns its signature."""
         key = (approved_policy.hex(), policy_ref.hex())
-        with self._engine.begin() as conn:
-            row = conn.execute(
-                sa.select(_approvals.c.signature).where(
-                    _approvals.c.approved_policy == key[0], _approvals.c.policy_ref == key[1]
+        where = (_approvals.c.approved_policy == key[0], _approvals.c.policy_ref == key[1])
+        try:
+            with self._engine.begin() as conn:
+                row = conn.execute(sa.select(_approvals.c.signature).where(*where)).first()
+                if row is not None:
+                    return bytes(row[0])
+                conn.execute(
+                    _approvals.insert().values(
+                        approved_policy=key[0],
+                        policy_ref=key[1],
+                        signature=signature,
+                        approved_at=now,
+                    )
                 )
-            ).first()
-            if row is not None:
-                return bytes(row[0])
-            conn.execute(
-                _approvals.insert().values(
-                    approved_policy=key[0],
-                    policy_ref=key[1],
-                    signature=signature,
-                    approved_at=now,
+        except sa.exc.IntegrityError:  # recorded concurrently: keep that one
+            with self._engine.connect() as conn:
+                return bytes(
+                    conn.execute(sa.select(_approvals.c.signature).where(*where)).scalar_one()
                 )
-            )
         return signature
 
     def approvals(self) -> list[tuple[bytes, bytes, bytes, datetime]]:
