@@ -93,6 +93,7 @@ def incremental(path: Path, fraction: float = 0.01, run: int = 1) -> tuple[float
     """Change ``fraction`` of the pages (in runs of ``run`` consecutive pages, scattered
     uniformly), then time scan + re-hash + root against a full pass."""
     base = hash_source(str(path)).leaves
+    base.root()  # the background pass computes its root (and node cache) before the stop
     pages = base.pages
     rng = random.Random(1)
     starts = rng.sample(range(0, pages - run, run), int(pages * fraction) // run)

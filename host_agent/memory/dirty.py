@@ -307,6 +307,7 @@ class SoftDirtyTracker:
                     f"pid:{self.region.pid}", f"clear_refs failed: {err}"
                 ) from err
         self._base = self.full_hash()
+        self._base.root()  # computes the node cache the stop pass starts from
         mode = "soft-dirty" if self.support.available else "full"
         pages = self._base.pages
         return PassResult(self._base, mode, self.support.reason, pages, time.perf_counter() - t0)

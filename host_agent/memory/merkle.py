@@ -52,7 +52,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from evidence._reader import Reader
 from evidence.errors import TruncatedError
@@ -151,10 +151,16 @@ class Extent:
 
 @dataclass(frozen=True)
 class BlockLeaves:
-    """The leaves of one RAM block: ``leaves[32*i : 32*i+32]`` is the leaf of page ``i``."""
+    """The leaves of one RAM block: ``leaves[32*i : 32*i+32]`` is the leaf of page ``i``.
+
+    The first level of nodes above the leaves is computed once and cached (``_level1`` is filled
+    in only by this module: by :meth:`level1`, or by :class:`LeafBuilder` after an incremental
+    pass, which recomputes just the groups whose leaves it changed).
+    """
 
     name: str
     leaves: bytes
+    _level1: bytes | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_name(self.name)
@@ -162,6 +168,13 @@ class BlockLeaves:
             raise TypeError("leaves must be bytes")
         if len(self.leaves) % DIGEST_SIZE:
             raise ValueError(f"leaves of {self.name!r} are not a multiple of {DIGEST_SIZE} bytes")
+
+    def level1(self) -> bytes:
+        """The nodes one level above the leaves (one per group of 64 pages)."""
+        if self._level1 is None:
+            object.__setattr__(self, "_level1", _level_up(self.leaves))
+        assert self._level1 is not None
+        return self._level1
 
     @property
     def pages(self) -> int:
@@ -178,15 +191,18 @@ class BlockLeaves:
         return self.leaves[page * DIGEST_SIZE : (page + 1) * DIGEST_SIZE]
 
     def root(self) -> bytes:
-        return block_root(self.leaves)
+        if len(self.leaves) <= DIGEST_SIZE:
+            return block_root(self.leaves)
+        level = self.level1()
+        while len(level) > DIGEST_SIZE:
+            level = _level_up(level)
+        return level
 
     def zero_pages(self) -> int:
         """How many leaves equal :data:`ZERO_LEAF`."""
-        view = memoryview(self.leaves)
+        leaves, zl = self.leaves, ZERO_LEAF
         return sum(
-            1
-            for off in range(0, len(self.leaves), DIGEST_SIZE)
-            if view[off : off + DIGEST_SIZE] == ZERO_LEAF
+            [leaves[off : off + DIGEST_SIZE] == zl for off in range(0, len(leaves), DIGEST_SIZE)]
         )
 
 
@@ -430,6 +446,8 @@ class LeafBuilder:
     """
 
     def __init__(self, layout: Sequence[tuple[str, int]]) -> None:
+        self._base_level1: dict[str, bytes] = {}
+        self._touched: dict[str, set[int]] = {}
         self._blocks: dict[str, bytearray] = {}
         for name, pages in layout:
             _check_name(name)
@@ -441,9 +459,12 @@ class LeafBuilder:
 
     @classmethod
     def from_leaves(cls, leaves: LeafSet) -> LeafBuilder:
-        """A builder that starts from existing leaves (for an incremental pass)."""
+        """A builder that starts from existing leaves (for an incremental pass): the finished
+        set recomputes only the first-level nodes of groups whose leaves were set."""
         b = cls([])
         b._blocks = {blk.name: bytearray(blk.leaves) for blk in leaves.blocks}
+        b._base_level1 = {blk.name: blk.level1() for blk in leaves.blocks if blk.pages > 1}
+        b._touched = {name: set() for name in b._base_level1}
         return b
 
     def has(self, name: str) -> bool:
@@ -459,9 +480,27 @@ class LeafBuilder:
         if first < 0 or start + len(digests) > len(buf) or len(digests) % DIGEST_SIZE:
             raise IndexError(f"pages {first}+{len(digests) // DIGEST_SIZE} outside {name!r}")
         buf[start : start + len(digests)] = digests
+        touched = self._touched.get(name)
+        if touched is not None and digests:
+            last = first + len(digests) // DIGEST_SIZE - 1
+            touched.update(range(first // FANOUT, last // FANOUT + 1))
 
     def finish(self) -> LeafSet:
-        return LeafSet.of(BlockLeaves(n, bytes(v)) for n, v in self._blocks.items())
+        out = []
+        group = FANOUT * DIGEST_SIZE
+        sha = hashlib.sha256
+        for name, buf in self._blocks.items():
+            leaves = bytes(buf)
+            base = self._base_level1.get(name)
+            level1: bytes | None = None
+            if base is not None:
+                lv = bytearray(base)
+                for g in self._touched[name]:
+                    node = sha(b"\x01" + leaves[g * group : (g + 1) * group]).digest()
+                    lv[g * DIGEST_SIZE : (g + 1) * DIGEST_SIZE] = node
+                level1 = bytes(lv)
+            out.append(BlockLeaves(name, leaves, level1))
+        return LeafSet.of(out)
 
 
 def encode_leaf_file(leaves: LeafSet) -> bytes:
