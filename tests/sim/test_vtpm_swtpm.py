@@ -8,6 +8,7 @@ is the instance's own. Tests that need the product's command line unchanged say 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -37,6 +38,8 @@ from host_agent.vtpm.swtpm import (
 )
 from host_agent.vtpm.swtpm_key import STATE_KEY_BYTES
 from host_agent.vtpm.swtpm_provision import LOCALCA_DIR, restore_localca_owner
+from tests.helpers.qemu import QEMU, QmpClient
+from tests.helpers.qemu import require_binaries as require_qemu
 from tests.helpers.swtpm import Swtpm, require_binaries
 
 S = SwtpmRunState
@@ -564,3 +567,87 @@ def test_incoming_that_never_arrived_then_a_boot_provisions(make: Make) -> None:
     assert inst.provisioned
     _power_on(inst)
     _ek_cert(inst)
+
+
+# ---------------------------------------------------------------- with a real QEMU (no guest OS)
+
+
+def _qemu(ctrl: Path, qmp: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """QEMU/TCG with only SeaBIOS, its TPM on ``ctrl`` the way libvirt's external backend does."""
+    require_qemu(QEMU)
+    args = [QEMU, "-machine", "pc,accel=tcg", "-m", "32", "-nodefaults", "-display", "none"]
+    args += ["-chardev", f"socket,id=chrtpm,path={ctrl}", "-tpmdev"]
+    args += ["emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-tis,tpmdev=tpm0"]
+    args += ["-qmp", f"unix:{qmp},server=on,wait=off", *extra]
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@contextlib.contextmanager
+def _running_qemu(ctrl: Path, qmp: Path, *extra: str) -> Iterator[QmpClient]:
+    proc = _qemu(ctrl, qmp, *extra)
+    client = QmpClient(qmp, timeout=20)
+    try:
+        client.connect(deadline=time.monotonic() + 20, alive=lambda: proc.poll() is None)
+        yield client
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def _wait_state(inst: SwtpmInstance, want: SwtpmRunState, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while inst.poll() is not want:
+        assert time.monotonic() < deadline, f"{inst} is not {want.value} after {timeout} s"
+        time.sleep(0.02)
+
+
+@pytest.mark.vm
+def test_qemu_migration_to_a_fresh_incoming_swtpm_on_another_host(
+    make: Make, vtpm_dir: Path, host_tpm: PytssHostTpm
+) -> None:
+    source = make(name="mig", debug=False)  # the product's command line
+    source.start()
+    stream = vtpm_dir.parent / "vm.state"
+    with _running_qemu(source.ctrl_socket, vtpm_dir.parent / "q1") as qmp:
+        time.sleep(0.3)  # SeaBIOS sends TPM2_Startup and measures itself
+        qmp.migrate_to_file(stream)
+        qmp.quit()
+    _wait_state(source, S.STOPPED)  # QEMU's CMD_SHUTDOWN ended it
+    assert source.returncode == 0 and not _swtpm_pids(source.paths.state_dir)
+
+    target = make(source.uuid, root=vtpm_dir.parent / "host-b", name="mig", debug=False)
+    target.restart_for_incoming()
+    with _running_qemu(
+        target.ctrl_socket, vtpm_dir.parent / "q2", "-incoming", f"exec:cat {stream}"
+    ) as qmp:
+        deadline = time.monotonic() + 20
+        while qmp.query_status() != "running":
+            assert time.monotonic() < deadline, "the incoming VM did not run"
+            time.sleep(0.05)
+        qmp.quit()
+    _wait_state(target, S.STOPPED)
+    assert target.provisioned and not target.paths.setup_log.exists()
+    assert struct.unpack(">H", target.paths.permall.read_bytes()[4:6])[0] & 0x9 == 0x9
+
+    # Both ends, powered on outside QEMU, are the same vTPM (same EK certificate).
+    certs = []
+    for root in (vtpm_dir, vtpm_dir.parent / "host-b"):
+        inst = make(source.uuid, root=root, name="mig")
+        inst.start()
+        _power_on(inst)
+        certs.append(_ek_cert(inst))
+        inst.stop()
+    assert certs[0] == certs[1]
+
+
+@pytest.mark.vm
+def test_swtpm_does_not_outlive_a_killed_qemu(make: Make, vtpm_dir: Path) -> None:
+    inst = make(debug=False, provisioned=True)
+    inst.start()
+    with _running_qemu(inst.ctrl_socket, vtpm_dir.parent / "q") as qmp:
+        assert qmp.query_status() == "running"
+    # _running_qemu SIGKILLs QEMU: no CMD_SHUTDOWN; --terminate ends swtpm as its data fd closes.
+    _wait_state(inst, S.STOPPED)
+    assert not _swtpm_pids(inst.paths.state_dir)
