@@ -429,3 +429,11 @@ def test_new_server_names_reissue_the_https_certificate(tmp_path: Path, pki: Pki
         random_bytes=secrets.token_bytes,
     )
     assert again.created == ()
+
+
+def test_ek_kind_must_match_its_public_area(registrar: RegistrarService, pki: Pki) -> None:
+    request = _request(SoftwareHost(pki))
+    [ek] = request["endorsement_keys"]
+    ek["kind"] = "rsa"
+    with pytest.raises(EkCertificateRejected, match="declared kind 'rsa'"):
+        registrar.start(request)

@@ -234,6 +234,12 @@ class RegistrarService:
 
     def _verify_ek(self, endorsement: EndorsementKey, now: datetime) -> _ChosenEk:
         checked = check_ek_public(endorsement.public)
+        actual = "rsa" if isinstance(checked.key, rsa.RSAPublicKey) else "ecc"
+        if endorsement.kind != actual:
+            raise EkCertificateRejected(
+                f"EK at NV 0x{endorsement.nv_index:08x}: declared kind {endorsement.kind!r}, "
+                f"but its public area is an {actual.upper()} key"
+            )
         verified = verify_ek_certificate(
             endorsement.certificate, checked.key, self._bundle, now=now
         )
