@@ -718,6 +718,17 @@ class PytssHostTpm:
     def authkey_policy(self) -> bytes:
         return self._call(lambda: self._pure_pcr_policy(self._host_key("authkey").policy))
 
+    def platform_state_approved(self) -> bool:
+        """Whether PCR0-8 now hold the values AuthKey was bound to (i.e. AuthKey is usable)."""
+
+        def run() -> bool:
+            policy = self._host_key("authkey").policy
+            values = self._read_pcrs(policy.pcrs)
+            current = pure.pcr_composite_digest([values[i] for i in sorted(policy.pcrs)])
+            return current == policy.pcr_digest
+
+        return self._call(run)
+
     # ------------------------------------------------------------------ per-VM keys
 
     def create_vaik(self, fleet_key: bytes, policy_ref: bytes = VAIK_POLICY_REF) -> WrappedKey:

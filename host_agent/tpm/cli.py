@@ -75,6 +75,13 @@ def _cmd_init(args: argparse.Namespace) -> int:
     print(f"authkey_name {report.keys.authkey_name.hex()}")
     locality = " + PolicyLocality(0)" if report.keys.authkey_locality else ""
     print(f"authkey_policy {report.keys.authkey_policy.hex()} (PolicyPCR sha256:0-8{locality})")
+    if not report.platform_state_approved:
+        print(
+            "WARNING: PCR0-8 no longer hold the values AuthKey is bound to: AuthKey is unusable "
+            "(firmware or boot chain changed). Re-approve the platform and re-create AuthKey.",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -99,6 +106,8 @@ def _print_info(info: dict[str, Any]) -> None:
         print(f"aik_name       {info['aik_name']}")
         print(f"authkey_name   {info['authkey_name']}")
         print(f"authkey_policy {info['authkey_policy']}")
+        state = "approved" if info["platform_state_approved"] else "NOT APPROVED (AuthKey unusable)"
+        print(f"platform state {state}")
     for i, v in info["pcrs"]["sha256"].items():
         print(f"pcr sha256:{i:<2}  {v}")
 

@@ -33,6 +33,7 @@ HostTpm API (bytes are TPM 2.0 wire format unless said otherwise)::
     ensure_host_keys() -> HostKeyReport
     host_key_public(key: Literal["aik", "authkey"]) -> bytes            # TPMT_PUBLIC
     authkey_policy() -> bytes                                            # its authPolicy
+    platform_state_approved() -> bool            # PCR0-8 still at AuthKey's approved values
     pcr_values(pcrs: Sequence[int] = range(9)) -> dict[int, bytes]       # sha256 bank
 
     # per-VM keys and operations (ARCHITECTURE.md §2)
@@ -358,6 +359,8 @@ class HostTpm(Protocol):
     def host_key_public(self, key: Literal["aik", "authkey"]) -> bytes: ...
 
     def authkey_policy(self) -> bytes: ...
+
+    def platform_state_approved(self) -> bool: ...
 
     def pcr_values(self, pcrs: Sequence[int] = AUTHKEY_PCRS) -> dict[int, bytes]: ...
 

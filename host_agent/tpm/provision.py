@@ -33,12 +33,14 @@ class InitReport:
         root: ``"hardware"`` or ``"software"``.
         keys: the host key report (``keys.created`` empty when they all existed).
         steps: messages of the extra steps that did something.
+        platform_state_approved: PCR0-8 still hold AuthKey's values (False: AuthKey unusable).
     """
 
     root: str
     tcti: str
     keys: HostKeyReport
     steps: tuple[str, ...]
+    platform_state_approved: bool
 
     @property
     def changed(self) -> bool:
@@ -60,7 +62,8 @@ def init_host(
             msg = step(tpm, config, keys)
             if msg:
                 messages.append(msg)
-        return InitReport(tpm.root, tpm.tcti, keys, tuple(messages))
+        approved = tpm.platform_state_approved()
+        return InitReport(tpm.root, tpm.tcti, keys, tuple(messages), approved)
     finally:
         tpm.close()
 
@@ -95,8 +98,10 @@ def tpm_info(config: AgentConfig, *, udev: UdevContext | None = None) -> dict[st
 
             info["authkey_name"] = name_of_public(authkey).hex()
             info["authkey_policy"] = tpm.authkey_policy().hex()
+            info["platform_state_approved"] = tpm.platform_state_approved()
         except HostKeysMissing:
             info["aik_name"] = info["authkey_name"] = info["authkey_policy"] = None
+            info["platform_state_approved"] = None
         values = tpm.pcr_values(AUTHKEY_PCRS)
         info["pcrs"] = {"sha256": {str(i): values[i].hex() for i in AUTHKEY_PCRS}}
         if tpm.root == "software":

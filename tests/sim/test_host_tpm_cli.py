@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,7 @@ def test_init_creates_software_root_then_is_idempotent(
     assert SOFTWARE_ROOT_WARNING in caplog.text
     assert first.root == "software"
     assert first.keys.created == ("srk", "aik", "authkey")
+    assert first.platform_state_approved
     assert (tmp_path / "state/tpm/swtpm/tpm2-00.permall").exists()
     assert _swtpm_pids(tmp_path / "state") == []  # started and stopped again
     second = init_host(config, udev=NO_TPM)
@@ -138,6 +140,7 @@ def test_cli_init_and_info_json(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert f"aik_name {info['aik_name']}" in first.stdout
     assert len(bytes.fromhex(info["authkey_policy"])) == 32
     assert sorted(info["pcrs"]["sha256"], key=int) == [str(i) for i in range(9)]
+    assert info["platform_state_approved"] is True
     assert _swtpm_pids(state) == []
 
 
@@ -173,3 +176,20 @@ def test_software_root_attaches_to_a_running_instance(tmp_path: Path) -> None:
         first.stop()
     pids = _swtpm_pids(tmp_path)
     assert pids == [], f"{pids} {[Path(f'/proc/{p}/cmdline').read_bytes() for p in pids]}"
+
+
+def test_init_after_a_platform_change_says_authkey_is_unusable(
+    swtpm_factory: Callable[..., Swtpm], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.sim.test_host_tpm import _extend
+
+    sw = swtpm_factory("changed-platform")
+    argv = ["init", "--tcti", sw.tcti, "--state-dir", str(tmp_path)]
+    assert main(argv) == 0
+    _extend(sw, 0)
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "nothing to do" in captured.out
+    assert "AuthKey is unusable" in captured.err
+    assert main(["tpm", "info", "--json", "--tcti", sw.tcti, "--state-dir", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["platform_state_approved"] is False

@@ -164,7 +164,9 @@ def test_authkey_unusable_after_pcr_change(
         vaik = tpm.create_vaik(FLEET_DER)
         exg = tpm.create_exgkey()
         tpm.certify(vaik, "authkey", b"before")  # works on the approved state
+        assert tpm.platform_state_approved()
         _extend(sw, pcr)
+        assert not tpm.platform_state_approved()
         with pytest.raises(PlatformStateNotApproved) as err:
             tpm.certify(vaik, "authkey", b"after")
         assert err.value.key == "AuthKey"
