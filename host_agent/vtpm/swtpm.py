@@ -414,10 +414,20 @@ class SwtpmInstance:
         log.info("swtpm %s: running, pid %s (incoming=%s)", self.uuid, self._pid, incoming)
 
     def _prepare(self) -> None:
-        """Directories (0700), and a control socket path nobody else serves."""
+        """Directories (0700); no other swtpm on this state; a control socket path nobody serves."""
         try:
             self._make_dir(self.vtpm_dir)
             self._make_dir(self.paths.vm_dir)
+            other = proc_util.read_pid_file(self.paths.pid_file)
+            if (
+                other is not None
+                and proc_util.pid_alive(other)
+                and proc_util.is_swtpm_for(other, self.paths.state_dir)
+            ):
+                raise SwtpmError(
+                    self.uuid,
+                    f"a swtpm (pid {other}) already runs on this state; adopt() or stop it",
+                )
             sock = self.paths.ctrl_socket
             if os.path.lexists(sock):
                 # swtpm would unlink and rebind the path, stealing a live socket: refuse instead.

@@ -454,8 +454,13 @@ def test_reap_orphans_kills_leftovers_and_spares_live_vms(make: Make, vtpm_dir: 
     assert not gone.paths.pid_file.exists() and not os.path.lexists(gone.ctrl_socket)
     assert reap_orphans(vtpm_dir, [alive.uuid]) == []
 
-    # The restarted daemon takes over the live VM's swtpm and can stop it.
+    # The restarted daemon takes over the live VM's swtpm and can stop it; it cannot start a
+    # second one on the same state, even with the socket gone.
     again = make(alive.uuid, debug=False)
+    alive.ctrl_socket.rename(alive.ctrl_socket.with_suffix(".moved"))
+    with pytest.raises(SwtpmError, match=f"pid {alive_pid}"):
+        again.start()
+    alive.ctrl_socket.with_suffix(".moved").rename(alive.ctrl_socket)
     assert again.adopt() and again.state is S.RUNNING and again.pid == alive_pid
     again.stop()
     assert not swtpm_proc.pid_alive(alive_pid)
