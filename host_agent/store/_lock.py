@@ -6,8 +6,8 @@ about to increment, the counter would be incremented twice and land one past the
 the next open would take the store for a rolled-back one. So a store is open for writing in at
 most one place: a writer holds this lock from before it reads the head until it closes.
 
-- SQLite file: ``flock(LOCK_EX | LOCK_NB)`` on ``<database>.lock`` beside it (same host only,
-  which is all a SQLite file can serve).
+- SQLite file: ``flock(LOCK_EX | LOCK_NB)`` on ``<database>.<table prefix>.lock`` beside it
+  (same host only, which is all a SQLite file can serve).
 - PostgreSQL: a session advisory lock (``pg_try_advisory_lock``) keyed by the table prefix, on a
   connection kept for the store's life. If that connection drops, the lock is gone while the
   store still runs; the head compare-and-swap still refuses a second writer's changes.
@@ -53,8 +53,8 @@ class _FileLock:
         except BlockingIOError:
             os.close(fd)
             raise StoreBusy(
-                f"the store {path.with_suffix('')} is open for writing elsewhere (lock {path} is "
-                "held: a running vtpm-host daemon?); stop it first, or open the store read-only "
+                f"the store is open for writing elsewhere (lock {path} is held: a running "
+                "vtpm-host daemon?); stop it first, or open the store read-only "
                 "(vtpm-host store check)"
             ) from None
         except OSError as err:
@@ -121,5 +121,5 @@ def acquire_writer_lock(engine: Engine, table_prefix: str) -> WriterLock:
         return _AdvisoryLock(engine, table_prefix)
     database = engine.url.database or ""
     if backend == "sqlite" and database not in ("", ":memory:"):
-        return _FileLock(Path(f"{database}.lock"))
+        return _FileLock(Path(f"{database}.{table_prefix}.lock"))
     return _NoLock()

@@ -48,10 +48,10 @@ change may run.
 
 *One writer.* Finishing someone else's pending increment is only safe if that someone is dead.
 A store opened for writing therefore holds a writer lock until it closes (``flock`` on
-``<database>.lock`` for SQLite, a session advisory lock for PostgreSQL; :mod:`._lock`); a second
-writer gets :class:`StoreBusy`. ``open(read_only=True)`` takes no lock, never touches the counter
-and refuses writes: that is how ``vtpm-host store check`` and ``vtpm-host init`` look at a store
-the agent may have open.
+``<database>.<prefix>.lock`` for SQLite, a session advisory lock for PostgreSQL; see ``_lock``);
+a second writer gets :class:`StoreBusy`. ``open(read_only=True)`` takes no lock, never touches
+the counter and refuses writes: that is how ``vtpm-host store check`` and ``vtpm-host init`` look
+at a store the agent may have open.
 
 *Open* (for writing) takes the writer lock, unseals the key, checks the head MAC, reads the
 counter value ``c`` and compares:

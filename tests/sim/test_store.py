@@ -710,6 +710,28 @@ def test_second_writer_is_refused_while_the_first_is_open(
     assert make_store().get("vaik", "b").payload == b"2"
 
 
+def test_two_hosts_stores_share_one_database_under_their_own_prefixes(
+    make_store: Callable[..., TrustedStore], config: StoreSettings, db: Db
+) -> None:
+    host_a = StoreSettings(url=config.url, counter_index=next(_indices), table_prefix="host_a")
+    host_b = StoreSettings(url=config.url, counter_index=next(_indices), table_prefix="host_b")
+    store_a = make_store(create=True, cfg=host_a)
+    store_b = make_store(create=True, cfg=host_b)  # both open for writing at once
+    store_a.put("vaik", "vm-1", b"a's vAIK")
+    store_b.put("vaik", "vm-1", b"b's vAIK")
+    assert store_a.get("vaik", "vm-1").payload == b"a's vAIK"
+    assert store_b.get("vaik", "vm-1").payload == b"b's vAIK"
+    # b's row copied over a's is another store's ciphertext: refused.
+    records_a = StoreTables.named("host_a").records
+    records_b = StoreTables.named("host_b").records
+    with db.engine().begin() as conn:
+        row = conn.execute(sa.select(records_b.c.nonce, records_b.c.ciphertext)).one()
+        conn.execute(sa.update(records_a).values(nonce=row.nonce, ciphertext=row.ciphertext))
+    with pytest.raises(StoreIntegrityError, match="authentication failed"):
+        store_a.get("vaik", "vm-1")
+    assert store_b.get("vaik", "vm-1").payload == b"b's vAIK"
+
+
 def test_read_only_open_leaves_an_interrupted_increment_to_the_writer(
     store: TrustedStore,
     make_store: Callable[..., TrustedStore],
