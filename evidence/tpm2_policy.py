@@ -30,6 +30,7 @@ from evidence.errors import SignatureError
 
 __all__ = [
     "DIGEST_SIZE",
+    "HOST_PCRS",
     "TPM_CC_CERTIFY",
     "TPM_CC_DUPLICATE",
     "TPM_CC_SIGN",
@@ -38,6 +39,7 @@ __all__ = [
     "empty_digest",
     "fleet_key_name",
     "fleet_key_public",
+    "host_state_policy",
     "name_of_public",
     "pcr_composite_digest",
     "pcr_selection",
@@ -47,6 +49,8 @@ __all__ = [
     "policy_or",
     "policy_pcr",
     "policy_secret",
+    "vaik_policy",
+    "vaik_sign_policy",
     "verify_policy_approval",
 ]
 
@@ -240,6 +244,49 @@ def name_of_public(tpmt_public: bytes) -> bytes:
 def fleet_key_name(key: ec.EllipticCurvePublicKey) -> bytes:
     """TPM Name of the fleet key (:func:`fleet_key_public`), as bound in PolicyAuthorize."""
     return name_of_public(fleet_key_public(key))
+
+
+HOST_PCRS: tuple[int, ...] = tuple(range(9))
+
+
+def host_state_policy(pcr_values: Sequence[bytes], *, locality: int | None = 0) -> bytes:
+    """AuthKey's / ExgKey's authPolicy: PolicyPCR(sha256:0-8 = values) [+ PolicyLocality].
+
+    Args:
+        pcr_values: the approved sha256 values of PCR0..PCR8, in order.
+        locality: the PolicyLocality term (None: the TPM path did not allow one).
+    """
+    if len(pcr_values) != len(HOST_PCRS):
+        raise ValueError(f"need the {len(HOST_PCRS)} values of PCR0-8, got {len(pcr_values)}")
+    d = policy_pcr(empty_digest(), HOST_PCRS, pcr_composite_digest(pcr_values))
+    return d if locality is None else policy_locality(d, locality)
+
+
+def vaik_sign_policy(pcr_values: Sequence[bytes]) -> bytes:
+    """What a fleet approval for vAIK signing covers: PolicyPCR(sha256:0-8) + CommandCode(Sign).
+
+    The fleet signs this digest (with the vAIK's policyRef, see :func:`approval_digest`) once per
+    approved host platform state.
+    """
+    if len(pcr_values) != len(HOST_PCRS):
+        raise ValueError(f"need the {len(HOST_PCRS)} values of PCR0-8, got {len(pcr_values)}")
+    d = policy_pcr(empty_digest(), HOST_PCRS, pcr_composite_digest(pcr_values))
+    return policy_command_code(d, TPM_CC_SIGN)
+
+
+def vaik_policy(fleet_key: ec.EllipticCurvePublicKey, policy_ref: bytes) -> bytes:
+    """A vAIK's authPolicy: PolicyOR{PolicyAuthorize(fleet key, policyRef), CommandCode(Dup)}.
+
+    A verifier compares this with the authPolicy in the vAIK's TPMT_PUBLIC (from CertvAIK) to
+    know the key signs only under fleet-approved host states and moves only by TPM2_Duplicate.
+    """
+    return policy_or(
+        empty_digest(),
+        [
+            policy_authorize(empty_digest(), fleet_key_name(fleet_key), policy_ref),
+            policy_command_code(empty_digest(), TPM_CC_DUPLICATE),
+        ],
+    )
 
 
 @dataclass(frozen=True)

@@ -200,11 +200,10 @@ def test_policy_digests_trial_equal_pure(
     composite = pure.pcr_composite_digest([values[i] for i in AUTHKEY_PCRS])
     pcr_policy = pure.policy_pcr(pure.empty_digest(), AUTHKEY_PCRS, composite)
     # AuthKey: authPolicy set from a trial session
-    assert _public(host.host_key_public("authkey")).auth_policy == pure.policy_locality(
-        pcr_policy, 0
-    )
+    with_locality = pure.policy_locality(pcr_policy, 0)
+    assert _public(host.host_key_public("authkey")).auth_policy == with_locality
     # ExgKey: same shape
-    assert _public(host.create_exgkey()).auth_policy == pure.policy_locality(pcr_policy, 0)
+    assert _public(host.create_exgkey()).auth_policy == with_locality
     # vAIK: PolicyOR{PolicyAuthorize(fleet), PolicyCommandCode(Duplicate)} from trial sessions
     fleet_name = pure.fleet_key_name(FLEET.public_key())
     expected_vaik = pure.policy_or(
@@ -215,6 +214,11 @@ def test_policy_digests_trial_equal_pure(
         ],
     )
     assert _public(vaik).auth_policy == expected_vaik
+    assert pure.vaik_policy(FLEET.public_key(), vaik.policy.policy_ref) == expected_vaik
+    ordered = [values[i] for i in AUTHKEY_PCRS]
+    assert pure.host_state_policy(ordered) == with_locality
+    assert pure.host_state_policy(ordered, locality=None) == pcr_policy
+    assert pure.vaik_sign_policy(ordered) == approval.approved_policy
     # The approvable signing policy: PolicyPCR + PolicyCommandCode(Sign)
     assert approval.approved_policy == pure.policy_command_code(pcr_policy, pure.TPM_CC_SIGN)
 

@@ -129,3 +129,23 @@ def test_approval_fields_are_checked() -> None:
 def test_pcr_selection_bitmap_matches_indices(pcrs: list[int]) -> None:
     sel = tpm2.TpmlPcrSelection.unmarshal(p.pcr_selection(pcrs))
     assert [s.pcrs for s in sel.selections] == [tuple(sorted(set(pcrs)))]
+
+
+def test_composite_policies_by_their_parts() -> None:
+    values = [bytes([i]) * 32 for i in range(9)]
+    pcr = p.policy_pcr(ZERO, range(9), p.pcr_composite_digest(values))
+    assert p.host_state_policy(values) == p.policy_locality(pcr, 0)
+    assert p.host_state_policy(values, locality=None) == pcr
+    assert p.vaik_sign_policy(values) == p.policy_command_code(pcr, p.TPM_CC_SIGN)
+    key = _fleet().public_key()
+    assert p.vaik_policy(key, b"r") == p.policy_or(
+        ZERO,
+        [
+            p.policy_authorize(ZERO, p.fleet_key_name(key), b"r"),
+            p.policy_command_code(ZERO, p.TPM_CC_DUPLICATE),
+        ],
+    )
+    with pytest.raises(ValueError, match="PCR0-8"):
+        p.host_state_policy(values[:8])
+    with pytest.raises(ValueError, match="PCR0-8"):
+        p.vaik_sign_policy(values + values[:1])
