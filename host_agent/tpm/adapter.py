@@ -42,6 +42,15 @@ the SRK and kept only wrapped. Its ``authPolicy`` is ``PolicyOR{A, B}`` with
 The ADMIN role (the object of ``TPM2_Certify``, i.e. CertvAIK) uses the empty authValue
 (``adminWithPolicy`` clear): certifying a key reveals nothing and needs no policy.
 
+Known limit, and the proposed fix: branch B lets *whoever runs commands on this TPM* duplicate a
+vAIK to any new parent, including a key whose private part they hold; the agent only refuses to
+do so (``duplicate`` checks for a restricted fixedTPM decrypt key). Against root on an
+approved host that is not enough. Binding the target in the TPM needs the fleet in the loop:
+drop branch B and let the fleet approve, through branch A, ``PolicyDuplicationSelect(Name(ExgKey))
++ PolicyCommandCode(TPM2_Duplicate)`` for each migration after checking CertExgKey. The policy
+shape above is the one ARCHITECTURE.md §2 and issue 3 specify, so it is kept until that change
+is agreed.
+
 A duplicate uses an inner wrapper (AES-128-CFB, TPM-generated key) and the outer seed to the
 ExgKey; the imported key keeps its public area (same Name) and is stored wrapped under the ExgKey
 (its :class:`WrappedKey` names that parent), so the migrated vAIK signs with the same public key.

@@ -47,6 +47,13 @@ HostTpm API (bytes are TPM 2.0 wire format unless said otherwise)::
     import_key(blob: DuplicationBlob, parent: WrappedKey) -> WrappedKey
 
 ``KeyRef`` is ``"aik"``, ``"authkey"`` or a :class:`WrappedKey`.
+
+Errors (``host_agent.tpm.errors``): any failed TPM command is a ``TpmCommandError(rc, command)``
+(``TpmObjectMemoryFull`` when slots run out); a PCR-bound key or sealed blob on a changed
+platform is ``PlatformStateNotApproved``; a fleet approval that does not verify or fit is
+``PolicyNotApproved``; host keys before ``init`` are ``HostKeysMissing``; a malformed stored blob
+is ``KeyBlobError``. Misuse (wrong types, oversize data, a message starting with
+TPM_GENERATED_VALUE, duplicating towards a non-ExgKey) is ``TypeError``/``ValueError``.
 """
 
 from __future__ import annotations
