@@ -286,3 +286,39 @@ def test_import_on_the_wrong_tpm_fails(
         with pytest.raises(TpmCommandError) as err:
             tb.import_key(blob, exg_b)
         assert err.value.command == "TPM2_Import"
+
+
+def test_tpm_itself_refuses_vaik_and_authkey_without_their_policy(
+    swtpm_factory: Callable[..., Swtpm], tmp_path: Path
+) -> None:
+    """Not our checks: the TPM refuses a password (userWithAuth is clear on both keys)."""
+    from tpm2_pytss import ESAPI, TSS2_Exception
+    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
+    from tpm2_pytss.types import TPM2B_PRIVATE, TPM2B_PUBLIC, TPMT_PUBLIC, TPMT_SIG_SCHEME
+
+    from host_agent.tpm.keyfile import HostKeyFile
+
+    sw = swtpm_factory("no-policy")
+    with PytssHostTpm(sw.tcti, tmp_path) as tpm:
+        tpm.ensure_host_keys()
+        vaik = tpm.create_vaik(FLEET_DER)
+    authkey = HostKeyFile(tmp_path).read()["authkey"]
+    esys = ESAPI(sw.tcti)
+    try:
+        srk = esys.tr_from_tpmpublic(0x81000001)
+        digest, ticket = esys.hash(b"m", TPM2_ALG.SHA256, ESYS_TR.OWNER)
+        for key in (vaik, authkey):
+            h = esys.load(
+                srk,
+                TPM2B_PRIVATE.unmarshal(key.private)[0],
+                TPM2B_PUBLIC(publicArea=TPMT_PUBLIC.unmarshal(key.public)[0]),
+            )
+            try:
+                with pytest.raises(
+                    TSS2_Exception, match="authValue or authPolicy is not available"
+                ):
+                    esys.sign(h, digest, TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL), ticket)
+            finally:
+                esys.flush_context(h)
+    finally:
+        esys.close()
