@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import re
 import subprocess
 import threading
@@ -179,11 +180,34 @@ def test_memwriter_reports_pages_and_soft_dirty_agrees(guest: Guest) -> None:
     assert [json.loads(x).get("pages") for x in again[1:-1]] == [r["pages"] for r in rounds]
 
 
-def test_qmp_stop_cont_and_memfd(guest: Guest) -> None:
+def test_memwriter_pfns_are_offsets_in_the_memfd(guest: Guest) -> None:
+    """What the memory engine relies on: guest pfn × 4096 is the page's offset in the memfd."""
+    out = guest.check(
+        "(memwriter -m 4 -r 1 -n 3 -s 3 -p -H > /tmp/mw.json 2>&1 &);"
+        " while ! grep -q done /tmp/mw.json; do usleep 20000; done; cat /tmp/mw.json"
+    )
+    ready, written = (json.loads(x) for x in out.decode().splitlines()[:2])
+    fd = os.open(guest.memfd_path(), os.O_RDONLY)
+    try:
+        for page, pfn in zip(written["pages"], written["pfns"], strict=True):
+            vpage = int(ready["addr"], 16) // 4096 + page
+            in_guest = guest.check(
+                f"dd if=/proc/{ready['pid']}/mem bs=4096 skip={vpage} count=1 2>/dev/null"
+            )
+            assert len(in_guest) == 4096
+            assert os.pread(fd, 4096, pfn * 4096) == in_guest
+    finally:
+        os.close(fd)
+        guest.check(f"kill {ready['pid']}")
+
+
+def test_qmp_stop_cont_events_and_memfd(guest: Guest) -> None:
     assert guest.qmp.query_status() == "running"
     guest.qmp.stop()
     assert guest.qmp.query_status() == "paused"
+    assert guest.qmp.wait_event("STOP", timeout=5)["event"] == "STOP"
     guest.qmp.cont()
+    assert guest.qmp.wait_event("RESUME", timeout=5)["event"] == "RESUME"
     assert guest.qmp.query_status() == "running"
     assert guest.memfd_path().stat().st_size == 256 * 1024 * 1024
     guest.check("true")  # still answers after the pause
