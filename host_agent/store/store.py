@@ -148,6 +148,7 @@ _RECORD_TYPE_RE = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
 _RECORD_ID_RE = re.compile(rf"[\x21-\x7e]{{1,{RECORD_ID_MAX}}}")
 _PREFIX_RE = re.compile(r"[a-z][a-z0-9_]{0,39}")
 _MAX_GENERATION = 2**63 - 1
+_OPEN_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -491,7 +492,8 @@ class TrustedStore:
             read_only: verify and read without the writer lock; writes are refused and the
                 counter is never touched (an interrupted increment is reported by
                 :attr:`increment_pending`, and left for the writer). For inspection while the
-                agent runs.
+                agent runs; the view is the state at open, so rows the writer changes later
+                read as integrity errors: reopen rather than keep a read-only store.
 
         Raises:
             StoreBusy: another writer has the store open (not with ``read_only``).
@@ -530,45 +532,45 @@ class TrustedStore:
         random_bytes: RandomBytes,
         lock: WriterLock | None,
     ) -> TrustedStore:
+        # A consistent view without a lock (read-only opens run beside the writer): read the
+        # head, the counter, the head again; compare; scan; read the head a third time. The
+        # generation only grows, so an unchanged head means no commit happened in between, and
+        # the counter value read in that window belongs to this head (equal, or one behind).
+        where = engine.url.render_as_string(hide_password=True)
+        unsealed: dict[bytes, StoreCipher] = {}
         try:
-            with engine.connect() as conn:
-                row = _head_row(conn, tables)
-                if row is None:
-                    raise StoreNotInitialised(
-                        f"no store in {tables.head.name} at "
-                        f"{engine.url.render_as_string(hide_password=True)} (run vtpm-host init)"
-                    )
-                head, mac = _parse_head(row)
-                if head.counter_index != settings.counter_index:
-                    raise StoreCounterMismatch(
-                        f"the store is tied to the counter at NV index {head.counter_index:#010x}"
-                        f", the configuration names {settings.counter_index:#010x}"
-                    )
-                try:
-                    data_key = sealer.unseal(head.sealed_key)
-                except VtpmError as err:
-                    raise StoreKeyError(
-                        f"cannot unseal the store data key: {err} (another TPM, or the host "
-                        "platform state no longer satisfies the sealing policy)"
-                    ) from err
-                if len(data_key) != DATA_KEY_BYTES:
-                    raise StoreKeyError(
-                        f"the unsealed data key is {len(data_key)} bytes, expected {DATA_KEY_BYTES}"
-                    )
-                cipher = StoreCipher(data_key, head.store_id)
-                cipher.verify_head(head, mac)
-
-                value = _read_counter(counter, head.counter_index)
-                if head.generation < value:
-                    raise StoreRolledBack(value, head.generation, head.counter_index)
-                if head.generation > value + 1:
-                    raise StoreCounterMismatch(
-                        f"the store database is at generation {head.generation} but the "
-                        f"rollback counter at NV index {head.counter_index:#010x} reads {value}: "
-                        "more than one change ahead, so this counter (or TPM) is not the one "
-                        "this store was created with"
-                    )
-                manifest = _scan_records(conn, tables, cipher)
+            for _attempt in range(_OPEN_ATTEMPTS):
+                with engine.connect() as conn:
+                    head, mac = _read_head(conn, tables, where)
+                    if head.counter_index != settings.counter_index:
+                        raise StoreCounterMismatch(
+                            f"the store is tied to the counter at NV index "
+                            f"{head.counter_index:#010x}, the configuration names "
+                            f"{settings.counter_index:#010x}"
+                        )
+                    cipher = unsealed.get(head.sealed_key) or _unseal(sealer, head)
+                    unsealed[head.sealed_key] = cipher
+                    cipher.verify_head(head, mac)
+                    value = _read_counter(counter, head.counter_index)
+                    if _read_head(conn, tables, where) != (head, mac):
+                        continue
+                    if head.generation < value:
+                        raise StoreRolledBack(value, head.generation, head.counter_index)
+                    if head.generation > value + 1:
+                        raise StoreCounterMismatch(
+                            f"the store database is at generation {head.generation} but the "
+                            f"rollback counter at NV index {head.counter_index:#010x} reads "
+                            f"{value}: more than one change ahead, so this counter (or TPM) is "
+                            "not the one this store was created with"
+                        )
+                    manifest = _scan_records(conn, tables, cipher)
+                    if _read_head(conn, tables, where) == (head, mac):
+                        break
+            else:
+                raise StoreBackendError(
+                    f"the store at {where} changed during each of {_OPEN_ATTEMPTS} attempts to "
+                    "read it consistently; try again"
+                )
         except SQLAlchemyError as err:
             raise StoreBackendError(f"cannot read the store database: {err}") from err
         if manifest.digest() != head.manifest_digest:
@@ -1046,6 +1048,28 @@ def _refuse_existing_store(engine: Engine, tables: StoreTables) -> None:
                 )
     except SQLAlchemyError as err:
         raise StoreBackendError(f"cannot read the store database: {err}") from err
+
+
+def _read_head(conn: Connection, tables: StoreTables, where: str) -> tuple[HeadFields, bytes]:
+    row = _head_row(conn, tables)
+    if row is None:
+        raise StoreNotInitialised(f"no store in {tables.head.name} at {where} (run vtpm-host init)")
+    return _parse_head(row)
+
+
+def _unseal(sealer: DataKeySealer, head: HeadFields) -> StoreCipher:
+    try:
+        data_key = sealer.unseal(head.sealed_key)
+    except VtpmError as err:
+        raise StoreKeyError(
+            f"cannot unseal the store data key: {err} (another TPM, or the host platform state "
+            "no longer satisfies the sealing policy)"
+        ) from err
+    if len(data_key) != DATA_KEY_BYTES:
+        raise StoreKeyError(
+            f"the unsealed data key is {len(data_key)} bytes, expected {DATA_KEY_BYTES}"
+        )
+    return StoreCipher(data_key, head.store_id)
 
 
 def _has_rows(conn: Connection, tables: StoreTables) -> bool:

@@ -710,6 +710,43 @@ def test_second_writer_is_refused_while_the_first_is_open(
     assert make_store().get("vaik", "b").payload == b"2"
 
 
+class RacingCounter:
+    """The real counter; the first read lets a writer commit a change first (a race, staged)."""
+
+    def __init__(self, tpm: PytssHostTpm, race: Callable[[], None]) -> None:
+        self._tpm = tpm
+        self._race: Callable[[], None] | None = race
+
+    def counter_define(self, index: int) -> int:
+        return self._tpm.counter_define(index)
+
+    def counter_read(self, index: int) -> int:
+        if self._race is not None:
+            race, self._race = self._race, None
+            race()
+        return self._tpm.counter_read(index)
+
+    def counter_increment(self, index: int) -> int:
+        return self._tpm.counter_increment(index)
+
+
+def test_read_only_open_racing_a_writer_sees_one_consistent_state(
+    store: TrustedStore, config: StoreSettings, tpm: PytssHostTpm
+) -> None:
+    """Head read, then the writer commits and increments, then the counter is read: without
+    the re-read of the head this would look like a rollback (counter ahead of the head)."""
+    store.put("vaik", "a", b"1")
+    racing = RacingCounter(tpm, lambda: store.put("vaik", "b", b"2"))
+    reader = TrustedStore.open(
+        config, sealer=tpm, counter=racing, random_bytes=secrets.token_bytes, read_only=True
+    )
+    try:
+        assert reader.generation == store.generation
+        assert reader.get("vaik", "b").payload == b"2"
+    finally:
+        reader.close()
+
+
 def test_two_hosts_stores_share_one_database_under_their_own_prefixes(
     make_store: Callable[..., TrustedStore], config: StoreSettings, db: Db
 ) -> None:
