@@ -194,9 +194,13 @@ def make_event_log(boot_id: int = 0, kernel: bytes = b"vmlinuz-6.1.0-56-amd64") 
     return _spec_id_record([(SHA1, 20), (SHA256, 32)]) + b"".join(events + separators)
 
 
-def ima_ng_entry(path: bytes, content: bytes, *, pcr: int = 10) -> ImaEntry:
-    """An ima-ng entry measuring ``content`` (sha256) as ``path``, with its true template hash."""
-    fields = (b"sha256:\x00" + hashlib.sha256(content).digest(), path + b"\x00")
+def ima_ng_entry(
+    path: bytes, content: bytes, *, pcr: int = 10, digest: bytes | None = None
+) -> ImaEntry:
+    """An ima-ng entry measuring ``content`` (sha256, or ``digest``) as ``path``, with its true
+    template hash."""
+    file_digest = hashlib.sha256(content).digest() if digest is None else digest
+    fields = (b"sha256:\x00" + file_digest, path + b"\x00")
     hash_input = b"".join(struct.pack("<I", len(f)) + f for f in fields)
     return ImaEntry(pcr, hashlib.sha1(hash_input).digest(), "ima-ng", fields)
 
@@ -226,12 +230,17 @@ def make_boot(
     *,
     kernel: bytes = b"vmlinuz-6.1.0-56-amd64",
 ) -> Boot:
+    """A boot; a ``boot_aggregate`` file gets the real aggregate, SHA-256 over vPCRs 0-9."""
     event_log = make_event_log(boot_id, kernel)
-    entries = tuple(ima_ng_entry(path, content) for path, content in files)
-    ima_list = encode_binary(entries)
     fw = replay_pcrs(parse_tcg2_log(event_log))["sha256"]
-    pcr10 = replay_ima_pcr10(parse_ima_list(ima_list, "binary"), "5.8", ("sha256",)).pcr10
     vpcrs = {i: fw.get(i, bytes(32)) for i in range(10)}
+    aggregate = hashlib.sha256(b"".join(vpcrs[i] for i in range(10))).digest()
+    entries = tuple(
+        ima_ng_entry(path, content, digest=aggregate if path == b"boot_aggregate" else None)
+        for path, content in files
+    )
+    ima_list = encode_binary(entries)
+    pcr10 = replay_ima_pcr10(parse_ima_list(ima_list, "binary"), "5.8", ("sha256",)).pcr10
     vpcrs[10] = pcr10["sha256"]
     return Boot(event_log, ima_list, entries, vpcrs)
 
