@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from evidence.tpm2 import TpmtPublic, object_name
 from tests.unit.test_registrar_ekcert import make_pki, pem
@@ -81,6 +82,8 @@ def test_policy_key_carries_its_tpm_name(served: tuple[RegistrarService, int]) -
     key = json.loads(body)
     public = TpmtPublic.unmarshal(base64.b64decode(key["tpmt_public"]))
     assert status == 200 and object_name(public).hex() == key["name"]
+    spki = serialization.load_der_public_key(base64.b64decode(key["spki_der"]))
+    assert spki == serialization.load_pem_public_key(key["pem"].encode())
 
 
 def test_policy_approvals_are_listed(served: tuple[RegistrarService, int]) -> None:

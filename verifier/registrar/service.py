@@ -130,15 +130,20 @@ class RegistrarService:
         return self._ca.certificate_pem
 
     def policy_key(self) -> dict[str, str]:
-        """The fleet policy key (``GET /v1/policy-key``): TPMT_PUBLIC, Name and PEM."""
+        """The fleet policy key (``GET /v1/policy-key``).
+
+        Keys: ``tpmt_public`` (base64 TPMT_PUBLIC to load with TPM2_LoadExternal), ``name`` (its
+        TPM Name, hex), ``spki_der`` (base64 DER SubjectPublicKeyInfo, what
+        ``HostTpm.create_vaik`` takes) and ``pem``.
+        """
         public = self._ca.policy_key_public()
-        pem = self._ca.policy_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        key = self._ca.policy_key.public_key()
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
         return {
             "tpmt_public": b64(public),
             "name": name_of_public(public).hex(),
-            "pem": pem.decode(),
+            "spki_der": b64(key.public_bytes(serialization.Encoding.DER, spki)),
+            "pem": key.public_bytes(serialization.Encoding.PEM, spki).decode(),
         }
 
     def hosts(self) -> list[AdmittedHost]:
