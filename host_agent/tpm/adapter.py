@@ -10,6 +10,11 @@ Theory of operation
   is persistent. Loading a child references its parent, which occupies a slot during the command:
   at most two of our objects are loaded at once whenever a third (the SRK) can be referenced.
   At open, transient objects and sessions left behind by a crashed client are flushed.
+* **Sharing a simulator.** swtpm interleaves the commands of concurrent connections, so two
+  agent processes (daemon and CLI) on the software root would eat each other's slots. There the
+  adapter connects per call (``connection="per-call"``) under an ``flock`` on
+  ``<key_dir>/tpm.lock``: each call runs alone, connects, flushes leftovers, and disconnects.
+  A hardware TPM behind ``/dev/tpmrm0`` keeps one connection (the kernel isolates clients).
 * **Wrapped once.** ``TSS2_Exception`` is caught right at the ESAPI call (:meth:`_x`) and raised
   as :class:`TpmCommandError` naming the TPM command; nothing above sees a tpm2-pytss type.
 
@@ -58,7 +63,9 @@ ExgKey; the imported key keeps its public area (same Name) and is stored wrapped
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -157,6 +164,9 @@ class PytssHostTpm:
         key_dir: where the host keys' wrapped blobs live (``host_keys.json``).
         root: ``"hardware"`` or ``"software"`` (reported by ``tpm info``).
         on_close: called after the ESAPI context is closed (the software root stops its swtpm).
+        connection: ``"persistent"`` keeps one ESAPI context open (a TPM behind a resource
+            manager, ``/dev/tpmrm0``); ``"per-call"`` connects for each public call, under an
+            inter-process lock, and disconnects after it (a simulator shared by processes).
     """
 
     def __init__(
@@ -166,7 +176,11 @@ class PytssHostTpm:
         *,
         root: Literal["hardware", "software"] = "hardware",
         on_close: Callable[[], None] | None = None,
+        connection: Literal["persistent", "per-call"] = "persistent",
     ) -> None:
+        if connection not in ("persistent", "per-call"):
+            raise ValueError(f"connection must be 'persistent' or 'per-call', got {connection!r}")
+        self._per_call = connection == "per-call"
         self._tcti = tcti
         self._keyfile = HostKeyFile(Path(key_dir))
         self._root: Literal["hardware", "software"] = root
@@ -180,7 +194,7 @@ class PytssHostTpm:
         self._srk_tr: ESYS_TR | None = None
         self._nv_trs: dict[int, ESYS_TR] = {}
         try:
-            self._call(self._open)
+            self._call(lambda: None)  # connects (and, per call, disconnects): fails early
         except BaseException:
             self._executor.shutdown(wait=True)
             raise
@@ -196,11 +210,53 @@ class PytssHostTpm:
         return self._tcti
 
     def _call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the TPM thread (connecting first if not connected) and wait."""
+
+        def run() -> T:
+            if not self._per_call:
+                if self._esys is None:
+                    self._open()
+                return fn()
+            with self._tpm_lock():
+                self._open()
+                try:
+                    return fn()
+                finally:
+                    self._disconnect()
+
         with self._lock:
             if self._closed:
                 raise ValueError("the host TPM is closed")
-            future = self._executor.submit(fn)
+            future = self._executor.submit(run)
         return future.result()
+
+    @contextmanager
+    def _tpm_lock(self) -> Iterator[None]:
+        """Exclusive use of the TPM across agent processes sharing this state directory.
+
+        swtpm interleaves commands of concurrent connections and has no resource manager, so
+        one process's loads would eat another's object slots: a per-call connection holds an
+        ``flock`` on ``<key_dir>/tpm.lock`` for the whole call.
+        """
+        path = self._keyfile.path.parent / "tpm.lock"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as err:
+            raise TpmError(f"cannot open the TPM lock {path}: {err}") from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _disconnect(self) -> None:
+        """Close the ESAPI context; ESYS_TRs cached for it die with it."""
+        if self._esys is not None:
+            self._esys.close()
+            self._esys = None
+        self._srk_tr = None
+        self._nv_trs.clear()
 
     def _x(self, command: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one ESAPI call; wrap a TSS2_Exception once, naming the TPM command."""
@@ -216,6 +272,7 @@ class PytssHostTpm:
         return self._esys
 
     def _open(self) -> None:
+        """Connect and flush what a crashed client (or, per call, a dead process) left behind."""
         try:
             self._esys = ESAPI(self._tcti)
         except TSS2_Exception as err:
@@ -264,12 +321,7 @@ class PytssHostTpm:
                 return
             self._closed = True
 
-            def _close() -> None:
-                if self._esys is not None:
-                    self._esys.close()
-                    self._esys = None
-
-            self._executor.submit(_close).result()
+            self._executor.submit(self._disconnect).result()
         self._executor.shutdown(wait=True)
         if self._on_close is not None:
             self._on_close()

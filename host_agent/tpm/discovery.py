@@ -108,7 +108,9 @@ def open_host_tpm(config: TpmConfig, *, udev: UdevContext | None = None) -> Pyts
     """Discover the TPM and open the port on it (a :class:`PytssHostTpm`).
 
     With the software root, the swtpm is provisioned and started here and stopped again when the
-    returned port is closed (unless another agent process already runs it).
+    returned port is closed (unless another agent process already runs it). A simulator (no
+    resource manager) is used with a locked connection per call, so the daemon and a CLI
+    command can share it; a hardware TPM keeps one connection.
     """
     from .adapter import PytssHostTpm
 
@@ -120,12 +122,23 @@ def open_host_tpm(config: TpmConfig, *, udev: UdevContext | None = None) -> Pyts
                 "about this host",
                 location.tcti,
             )
-        return PytssHostTpm(location.tcti, config.state_dir, root=location.root)
+        return PytssHostTpm(
+            location.tcti,
+            config.state_dir,
+            root=location.root,
+            connection="per-call" if location.root == "software" else "persistent",
+        )
     log.warning(SOFTWARE_ROOT_WARNING)
     root = SoftwareRoot(config.state_dir / "swtpm")
     root.start()
     try:
-        return PytssHostTpm(root.tcti, config.state_dir, root="software", on_close=root.stop)
+        return PytssHostTpm(
+            root.tcti,
+            config.state_dir,
+            root="software",
+            on_close=root.stop,
+            connection="per-call",
+        )
     except BaseException:
         root.stop()
         raise

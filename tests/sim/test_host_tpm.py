@@ -291,3 +291,34 @@ def test_wrapped_key_round_trip(host_tpm: PytssHostTpm) -> None:
     assert again == exg and again.name == exg.name
     with pytest.raises(KeyBlobError):
         host_tpm.unseal(exg.to_bytes())  # a wrapped key is not a sealed blob
+
+
+def test_per_call_connections_let_two_agents_share_one_swtpm(
+    swtpm_factory: Callable[..., Swtpm], tmp_path: Path
+) -> None:
+    """Daemon and CLI on the software root: swtpm interleaves connections and has no resource
+    manager, so each call connects under a lock shared through the state directory."""
+    sw = swtpm_factory("shared")
+    errors: list[BaseException] = []
+    with (
+        PytssHostTpm(sw.tcti, tmp_path, connection="per-call") as daemon,
+        PytssHostTpm(sw.tcti, tmp_path, connection="per-call") as cli,
+    ):
+        daemon.ensure_host_keys()
+
+        def work(tpm: PytssHostTpm) -> None:
+            try:
+                for i in range(20):
+                    data = f"{i}".encode()
+                    assert tpm.unseal(tpm.seal(data)) == data
+                    tpm.certify("authkey", "aik", data)
+            except BaseException as err:  # re-raised below
+                errors.append(err)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in (daemon, cli)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert cli.aik_name() == daemon.aik_name()
+    assert not errors, errors
