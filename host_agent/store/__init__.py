@@ -23,14 +23,8 @@ from host_agent.store.errors import (
     StoreStateError,
 )
 from host_agent.store.ports import DataKeySealer, RandomBytes, RollbackCounter
-from host_agent.store.store import (
-    DEFAULT_COUNTER_INDEX,
-    Record,
-    StoreRunState,
-    StoreSettings,
-    StoreTransaction,
-    TrustedStore,
-)
+from host_agent.store.settings import DEFAULT_COUNTER_INDEX, StoreSettings
+from host_agent.store.store import Record, StoreRunState, StoreTransaction, TrustedStore
 
 __all__ = [
     "DEFAULT_COUNTER_INDEX",

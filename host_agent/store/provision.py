@@ -21,7 +21,8 @@ from sqlalchemy.engine import make_url
 from host_agent.config import AgentConfig
 from host_agent.store.errors import StoreNotInitialised
 from host_agent.store.ports import StoreTpm
-from host_agent.store.store import StoreSettings, TrustedStore
+from host_agent.store.settings import StoreSettings
+from host_agent.store.store import TrustedStore
 
 __all__ = ["ensure_store", "open_store", "store_settings"]
 

@@ -86,27 +86,34 @@ from __future__ import annotations
 
 import enum
 import json
-import re
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, delete, event, insert, inspect, select
+from sqlalchemy import Connection, Engine, delete, insert, select
 from sqlalchemy import update as sql_update
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from evidence.errors import VtpmError
-from host_agent.config import StoreConfig
 from host_agent.store._lock import WriterLock, acquire_writer_lock
-from host_agent.store._schema import HEAD_ROW_ID, RECORD_ID_MAX, StoreTables
+from host_agent.store._rows import (
+    MAX_GENERATION,
+    blob,
+    check_id,
+    check_type,
+    head_values,
+    make_engine,
+    read_head,
+    refuse_existing_store,
+    scan_records,
+    sqlite_file_missing,
+)
+from host_agent.store._schema import HEAD_ROW_ID, StoreTables
 from host_agent.store.cipher import (
     DATA_KEY_BYTES,
-    FORMAT,
     NONCE_BYTES,
     STORE_ID_BYTES,
     HeadFields,
@@ -123,7 +130,6 @@ from host_agent.store.errors import (
     StoreAlreadyInitialised,
     StoreBackendError,
     StoreCounterMismatch,
-    StoreFormatError,
     StoreIntegrityError,
     StoreKeyError,
     StoreNotInitialised,
@@ -131,62 +137,11 @@ from host_agent.store.errors import (
     StoreStateError,
 )
 from host_agent.store.ports import DataKeySealer, RandomBytes, RollbackCounter
+from host_agent.store.settings import StoreSettings
 
-__all__ = [
-    "DEFAULT_COUNTER_INDEX",
-    "Record",
-    "StoreRunState",
-    "StoreSettings",
-    "StoreTransaction",
-    "TrustedStore",
-]
+__all__ = ["Record", "StoreRunState", "StoreTransaction", "TrustedStore"]
 
-DEFAULT_COUNTER_INDEX = 0x0180_5354
-"""In the owner NV range the host TPM adapter accepts (0x01800000–0x01BFFFFF); "ST" for store."""
-
-_RECORD_TYPE_RE = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
-_RECORD_ID_RE = re.compile(rf"[\x21-\x7e]{{1,{RECORD_ID_MAX}}}")
-_PREFIX_RE = re.compile(r"[a-z][a-z0-9_]{0,39}")
-_MAX_GENERATION = 2**63 - 1
 _OPEN_ATTEMPTS = 5
-
-
-@dataclass(frozen=True)
-class StoreSettings:
-    """Where the store lives and which TPM counter guards it (resolved; see :meth:`from_config`).
-
-    Attributes:
-        url: SQLAlchemy URL: ``sqlite:////var/lib/vtpm-trust/store.db`` (default deployment) or
-            ``postgresql://user@host/db`` (the psycopg 3 driver is used for ``postgresql://``).
-        counter_index: NV index of the rollback counter (owner range).
-        table_prefix: tables are ``<prefix>_head`` and ``<prefix>_records``, so several hosts'
-            stores can share one PostgreSQL database.
-        allow_existing_counter: let :meth:`TrustedStore.create` adopt a counter that exists
-            already. Off by default: an existing counter means a store was created on this TPM
-            before, and its database is missing; creating a fresh one would discard it silently.
-    """
-
-    url: str
-    counter_index: int = DEFAULT_COUNTER_INDEX
-    table_prefix: str = "vtpm_store"
-    allow_existing_counter: bool = False
-
-    def __post_init__(self) -> None:
-        if not 0x0100_0000 <= self.counter_index <= 0x01FF_FFFF:
-            raise ValueError(f"counter_index {self.counter_index:#x} is not an NV index")
-        if not _PREFIX_RE.fullmatch(self.table_prefix):
-            raise ValueError(f"table_prefix {self.table_prefix!r} must match {_PREFIX_RE.pattern}")
-
-    @classmethod
-    def from_config(cls, config: StoreConfig, state_dir: Path) -> StoreSettings:
-        """Settings from the agent configuration's ``[store]`` slice.
-
-        Args:
-            config: ``AgentConfig.store``; ``url`` None means ``<state_dir>/store.sqlite``.
-            state_dir: the agent's state directory.
-        """
-        url = config.url or f"sqlite:///{Path(state_dir) / 'store.sqlite'}"
-        return cls(url=url)
 
 
 class StoreRunState(enum.Enum):
@@ -236,79 +191,6 @@ class _Staged:
     ciphertext: bytes
 
 
-def _check_type(record_type: str) -> None:
-    if not isinstance(record_type, str) or not _RECORD_TYPE_RE.fullmatch(record_type):
-        raise ValueError(f"record_type {record_type!r} must match {_RECORD_TYPE_RE.pattern}")
-
-
-def _check_id(record_id: str) -> None:
-    if not isinstance(record_id, str) or not _RECORD_ID_RE.fullmatch(record_id):
-        raise ValueError(
-            f"record_id {record_id!r} must be 1-{RECORD_ID_MAX} printable ASCII characters, "
-            "no spaces"
-        )
-
-
-def _blob(value: object, what: str, record: Key | None = None, size: int | None = None) -> bytes:
-    """A BLOB/BYTEA column value, checked: SQLite keeps whatever type was written into it."""
-    if not isinstance(value, bytes | bytearray | memoryview):
-        raise StoreIntegrityError(
-            f"{what} is a {type(value).__name__}, expected bytes", *(record or (None, None))
-        )
-    data = bytes(value)
-    if size is not None and len(data) != size:
-        raise StoreIntegrityError(
-            f"{what} is {len(data)} bytes, expected {size}", *(record or (None, None))
-        )
-    return data
-
-
-def _integer(value: object, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_GENERATION:
-        raise StoreIntegrityError(f"store head field {what} is malformed: {value!r}")
-    return value
-
-
-def _make_engine(url: str) -> Engine:
-    """Engine for ``url``; SQLite durable at every commit, PostgreSQL through psycopg 3."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError as err:
-        raise ValueError(f"not a database URL: {url!r}") from err
-    if parsed.drivername == "postgresql":
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    backend = parsed.get_backend_name()
-    if backend not in ("sqlite", "postgresql"):
-        raise ValueError(f"store backend {backend!r} unsupported: use sqlite or postgresql")
-    try:
-        engine = create_engine(parsed)
-    except (SQLAlchemyError, ImportError) as err:
-        raise StoreBackendError(f"cannot create a database engine for {backend}: {err}") from err
-
-    @event.listens_for(engine, "connect")
-    def _durable(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        try:
-            if backend == "sqlite":
-                cursor.execute("PRAGMA synchronous=FULL")
-            else:
-                cursor.execute("SET synchronous_commit = on")
-        finally:
-            cursor.close()
-        if backend == "postgresql":
-            dbapi_connection.commit()
-
-    return engine
-
-
-def _sqlite_file_missing(url: str) -> bool:
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return False
-    database = parsed.database or ""
-    return database not in ("", ":memory:") and not Path(database).exists()
-
-
 def _read_counter(counter: RollbackCounter, index: int) -> int:
     try:
         value = counter.counter_read(index)
@@ -316,7 +198,7 @@ def _read_counter(counter: RollbackCounter, index: int) -> int:
         raise StoreCounterMismatch(
             f"cannot read the rollback counter at NV index {index:#010x}: {err}"
         ) from err
-    if not isinstance(value, int) or not 0 <= value <= _MAX_GENERATION:
+    if not isinstance(value, int) or not 0 <= value <= MAX_GENERATION:
         raise StoreCounterMismatch(f"rollback counter at {index:#010x} reads {value!r}")
     return value
 
@@ -388,14 +270,14 @@ class TrustedStore:
             StoreBackendError: the database failed.
         """
         tables = StoreTables.named(settings.table_prefix)
-        engine = _make_engine(settings.url)
+        engine = make_engine(settings.url)
         lock: WriterLock | None = None
         try:
             lock = acquire_writer_lock(engine, settings.table_prefix)
             # A missing SQLite file holds no store; connecting would create it, and a refused
             # create must leave nothing behind.
-            if not _sqlite_file_missing(settings.url):
-                _refuse_existing_store(engine, tables)
+            if not sqlite_file_missing(settings.url):
+                refuse_existing_store(engine, tables)
 
             index = settings.counter_index
             try:
@@ -445,7 +327,7 @@ class TrustedStore:
             try:
                 with engine.begin() as conn:
                     tables.metadata.create_all(conn)
-                    conn.execute(insert(tables.head).values(_head_values(head, mac)))
+                    conn.execute(insert(tables.head).values(head_values(head, mac)))
             except IntegrityError as err:
                 raise StoreAlreadyInitialised(
                     f"a store was created concurrently in {tables.head.name}"
@@ -506,10 +388,10 @@ class TrustedStore:
             StoreCounterMismatch: the counter cannot belong to this database.
             StoreBackendError: the database failed.
         """
-        if _sqlite_file_missing(settings.url):
+        if sqlite_file_missing(settings.url):
             raise StoreNotInitialised(f"no store database at {settings.url} (run vtpm-host init)")
         tables = StoreTables.named(settings.table_prefix)
-        engine = _make_engine(settings.url)
+        engine = make_engine(settings.url)
         lock: WriterLock | None = None
         try:
             if not read_only:
@@ -541,7 +423,7 @@ class TrustedStore:
         try:
             for _attempt in range(_OPEN_ATTEMPTS):
                 with engine.connect() as conn:
-                    head, mac = _read_head(conn, tables, where)
+                    head, mac = read_head(conn, tables, where)
                     if head.counter_index != settings.counter_index:
                         raise StoreCounterMismatch(
                             f"the store is tied to the counter at NV index "
@@ -552,7 +434,7 @@ class TrustedStore:
                     unsealed[head.sealed_key] = cipher
                     cipher.verify_head(head, mac)
                     value = _read_counter(counter, head.counter_index)
-                    if _read_head(conn, tables, where) != (head, mac):
+                    if read_head(conn, tables, where) != (head, mac):
                         continue
                     if head.generation < value:
                         raise StoreRolledBack(value, head.generation, head.counter_index)
@@ -563,8 +445,8 @@ class TrustedStore:
                             f"{value}: more than one change ahead, so this counter (or TPM) is "
                             "not the one this store was created with"
                         )
-                    manifest = _scan_records(conn, tables, cipher)
-                    if _read_head(conn, tables, where) == (head, mac):
+                    manifest = scan_records(conn, tables, cipher)
+                    if read_head(conn, tables, where) == (head, mac):
                         break
             else:
                 raise StoreBackendError(
@@ -669,8 +551,8 @@ class TrustedStore:
 
     def find(self, record_type: str, record_id: str) -> Record | None:
         """Like :meth:`get`, but ``None`` when the record does not exist."""
-        _check_type(record_type)
-        _check_id(record_id)
+        check_type(record_type)
+        check_id(record_id)
         with self._lock:
             self._require(StoreRunState.OPEN)
             key = (record_type, record_id)
@@ -700,7 +582,7 @@ class TrustedStore:
         Raises:
             StoreIntegrityError: a row is bad (see :meth:`get`), missing, or not in the manifest.
         """
-        _check_type(record_type)
+        check_type(record_type)
         with self._lock:
             self._require(StoreRunState.OPEN)
             records = self._tables.records
@@ -739,7 +621,7 @@ class TrustedStore:
 
     def record_ids(self, record_type: str) -> list[str]:
         """Ids of one type's records, from the authenticated manifest held in memory."""
-        _check_type(record_type)
+        check_type(record_type)
         with self._lock:
             self._require(StoreRunState.OPEN)
             return self._manifest.ids(record_type)
@@ -758,8 +640,8 @@ class TrustedStore:
     def _check_row(
         self, key: Key, nonce: object, ciphertext: object, expected: bytes | None
     ) -> Record:
-        nonce_b = _blob(nonce, "nonce", key)
-        ct = _blob(ciphertext, "ciphertext", key)
+        nonce_b = blob(nonce, "nonce", key)
+        ct = blob(ciphertext, "ciphertext", key)
         if expected is None:
             # Authenticate first: a genuine row copied from elsewhere says "moved", junk says so.
             self._cipher.decrypt(*key, nonce_b, ct)
@@ -834,8 +716,8 @@ class TrustedStore:
     def _seal(
         self, record_type: str, record_id: str, payload: bytes | Mapping[str, Any]
     ) -> _Staged:
-        _check_type(record_type)
-        _check_id(record_id)
+        check_type(record_type)
+        check_id(record_id)
         plaintext = encode_payload(payload)
         nonce = _random(self._random_bytes, NONCE_BYTES)
         ciphertext = self._cipher.encrypt(record_type, record_id, plaintext, nonce)
@@ -857,7 +739,7 @@ class TrustedStore:
                 key: None if item is None else row_digest(*key, item.nonce, item.ciphertext)
                 for key, item in staged.items()
             }
-            if old_head.generation >= _MAX_GENERATION:
+            if old_head.generation >= MAX_GENERATION:
                 raise StoreCounterMismatch("the store generation would overflow")
             head = replace(
                 old_head,
@@ -995,8 +877,8 @@ class StoreTransaction:
             RecordNotFound: no such record (staged or stored) and ``missing_ok`` is off.
         """
         self._require_open()
-        _check_type(record_type)
-        _check_id(record_id)
+        check_type(record_type)
+        check_id(record_id)
         key = (record_type, record_id)
         exists = self._staged[key] is not None if key in self._staged else self._store._has(key)
         if not exists and not missing_ok:
@@ -1027,36 +909,6 @@ def _random(random_bytes: RandomBytes, n: int) -> bytes:
     return value
 
 
-def _head_row(conn: Connection, tables: StoreTables) -> Any:
-    if not inspect(conn).has_table(tables.head.name):
-        return None
-    return conn.execute(select(tables.head).where(tables.head.c.id == HEAD_ROW_ID)).first()
-
-
-def _refuse_existing_store(engine: Engine, tables: StoreTables) -> None:
-    try:
-        with engine.connect() as conn:
-            if _head_row(conn, tables) is not None:
-                raise StoreAlreadyInitialised(
-                    f"a store exists already in {tables.head.name} at "
-                    f"{engine.url.render_as_string(hide_password=True)}"
-                )
-            if _has_rows(conn, tables):
-                raise StoreAlreadyInitialised(
-                    f"{tables.records.name} holds records but there is no store head: "
-                    "refusing to adopt records that cannot be authenticated"
-                )
-    except SQLAlchemyError as err:
-        raise StoreBackendError(f"cannot read the store database: {err}") from err
-
-
-def _read_head(conn: Connection, tables: StoreTables, where: str) -> tuple[HeadFields, bytes]:
-    row = _head_row(conn, tables)
-    if row is None:
-        raise StoreNotInitialised(f"no store in {tables.head.name} at {where} (run vtpm-host init)")
-    return _parse_head(row)
-
-
 def _unseal(sealer: DataKeySealer, head: HeadFields) -> StoreCipher:
     try:
         data_key = sealer.unseal(head.sealed_key)
@@ -1070,58 +922,3 @@ def _unseal(sealer: DataKeySealer, head: HeadFields) -> StoreCipher:
             f"the unsealed data key is {len(data_key)} bytes, expected {DATA_KEY_BYTES}"
         )
     return StoreCipher(data_key, head.store_id)
-
-
-def _has_rows(conn: Connection, tables: StoreTables) -> bool:
-    if not inspect(conn).has_table(tables.records.name):
-        return False
-    return conn.execute(select(tables.records.c.record_type).limit(1)).first() is not None
-
-
-def _head_values(head: HeadFields, mac: bytes) -> dict[str, object]:
-    return {
-        "id": HEAD_ROW_ID,
-        "format": FORMAT,
-        "store_id": head.store_id,
-        "counter_index": head.counter_index,
-        "generation": head.generation,
-        "manifest_digest": head.manifest_digest,
-        "sealed_key": head.sealed_key,
-        "mac": mac,
-    }
-
-
-def _parse_head(row: Any) -> tuple[HeadFields, bytes]:
-    """The head row, every field checked (the database is untrusted input)."""
-    if row.format != FORMAT:
-        if isinstance(row.format, str) and row.format.startswith("vtpm-trust/store/"):
-            raise StoreFormatError(f"the database holds a {row.format} store, expected {FORMAT}")
-        raise StoreIntegrityError(f"store head format is {row.format!r}, expected {FORMAT}")
-    head = HeadFields(
-        store_id=_blob(row.store_id, "store head field store_id", size=STORE_ID_BYTES),
-        counter_index=_integer(row.counter_index, "counter_index"),
-        generation=_integer(row.generation, "generation"),
-        manifest_digest=_blob(row.manifest_digest, "store head field manifest_digest", size=32),
-        sealed_key=_blob(row.sealed_key, "store head field sealed_key"),
-    )
-    return head, _blob(row.mac, "store head field mac", size=32)
-
-
-def _scan_records(conn: Connection, tables: StoreTables, cipher: StoreCipher) -> Manifest:
-    """Authenticate every record row; return the manifest ``(type, id) → row digest``."""
-    records = tables.records
-    manifest = Manifest()
-    result = conn.execute(
-        select(records.c.record_type, records.c.record_id, records.c.nonce, records.c.ciphertext)
-    )
-    for row in result:
-        if not isinstance(row.record_type, str) or not isinstance(row.record_id, str):
-            raise StoreIntegrityError(
-                f"a row has a non-text type or id ({row.record_type!r}, {row.record_id!r})"
-            )
-        key = (row.record_type, row.record_id)
-        nonce = _blob(row.nonce, "nonce", key)
-        ciphertext = _blob(row.ciphertext, "ciphertext", key)
-        decode_payload(cipher.decrypt(*key, nonce, ciphertext), *key)
-        manifest.apply({key: row_digest(*key, nonce, ciphertext)})
-    return manifest
