@@ -73,6 +73,7 @@ PACKAGES = (
     "libgmp10",
     "libcrypt1",
     "libuuid1",
+    "libssl3",  # only shipped with --with-ssl
 )
 # Modules the guest needs, by name; their dependencies are added from modules.dep.
 MODULES = (
