@@ -257,6 +257,16 @@ def _ima_findings(vm: AttestedVm, allow: ImaAllowlist) -> list[Finding]:
                 "the IMA list ended inside an entry, which was not verified",
             )
         )
+    if vm.ima_unverified_tail:
+        out.append(
+            Finding(
+                "ima.list.unverified_tail",
+                Severity.WARNING,
+                f"{vm.ima_unverified_tail} IMA entries were logged after the vPCRs were signed; "
+                "they are not verified and were not checked (the next attestation covers them)",
+                got=str(vm.ima_unverified_tail),
+            )
+        )
     aggregates: set[bytes] | None = None
     for entry in vm.ima.entries:
         path = _path(entry.name)

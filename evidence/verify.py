@@ -63,7 +63,7 @@ from evidence.errors import (
 )
 from evidence.eventlog import VerifiedEventLog, replay_eventlog, replay_pcrs
 from evidence.ima import BANKS as IMA_BANKS
-from evidence.ima import IMA_PCR, KernelRule, VerifiedImaList, replay_ima
+from evidence.ima import IMA_PCR, KernelRule, RawImaList, VerifiedImaList, replay_ima
 from evidence.tpm2 import (
     TpmAlgId,
     TpmaObject,
@@ -124,6 +124,13 @@ _HANDLED_CRITICAL: Final = frozenset(
     {ExtensionOID.BASIC_CONSTRAINTS, ExtensionOID.KEY_USAGE, ExtensionOID.EXTENDED_KEY_USAGE}
 )
 _SHA1: Final = TpmAlgId.TPM_ALG_SHA1
+_IMA_BANK_HASH: Final = {
+    "sha1": hashlib.sha1,
+    "sha256": hashlib.sha256,
+    "sha384": hashlib.sha384,
+    "sha512": hashlib.sha512,
+}
+_WEAK_CERT_HASHES: Final = frozenset({"md5", "sha1"})
 _A = TpmaObject
 
 
@@ -431,6 +438,8 @@ class AttestedVm:
         pcr_bank: the signed vPCR bank (``"sha256"``); ``vpcrs`` its signed values.
         eventlog: the firmware events replayed to the signed vPCRs, or None (allowed missing).
         ima: the IMA entries replayed to the signed vPCR 10, or None (allowed missing).
+        ima_unverified_tail: entries after those, appended by IMA after the vPCRs were read
+            (not verified, not in ``ima``).
     """
 
     vm_uuid: uuid.UUID
@@ -443,6 +452,7 @@ class AttestedVm:
     vpcrs: Mapping[int, bytes]
     eventlog: VerifiedEventLog | None
     ima: VerifiedImaList | None
+    ima_unverified_tail: int = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,6 +479,16 @@ def _issued_by(
             continue
         return issuer
     return None
+
+
+def _check_signature_hash(cert: x509.Certificate, role: str, allow_sha1: bool) -> None:
+    algorithm = cert.signature_hash_algorithm
+    name = algorithm.name if algorithm is not None else "none"
+    if name in _WEAK_CERT_HASHES and not (name == "sha1" and allow_sha1):
+        hint = "allow_sha1=True accepts it" if name == "sha1" else "no option accepts it"
+        raise HashAlgorithmNotAllowed(
+            f"{role} ({_describe(cert)}) is signed with {name.upper()}; {hint}"
+        )
 
 
 def _check_validity(cert: x509.Certificate, now: datetime, role: str) -> None:
@@ -527,8 +547,10 @@ def _verify_aik_chain(raw: RawBundle, opts: VerifyOptions) -> tuple[x509.Certifi
     roots = opts.fleet_cas
     pool = list(raw.aik_certificates[1:])
     _check_validity(leaf, opts.now, "AIK certificate")
-    current, path_len = leaf, 0
+    current, path_len, role = leaf, 0, "AIK certificate"
+
     for _ in range(MAX_AIK_CERTIFICATES):
+        _check_signature_hash(current, role, opts.allow_sha1)
         root = _issued_by(current, roots)
         if root is not None:
             _check_validity(root, opts.now, "fleet CA certificate")
@@ -548,7 +570,7 @@ def _verify_aik_chain(raw: RawBundle, opts: VerifyOptions) -> tuple[x509.Certifi
         pool.remove(intermediate)
         _check_validity(intermediate, opts.now, "intermediate CA certificate")
         _check_ca(intermediate, path_len, "intermediate CA certificate")
-        current, path_len = intermediate, path_len + 1
+        current, path_len, role = intermediate, path_len + 1, "intermediate CA certificate"
     else:  # pragma: no cover - the pool is shorter than the loop bound
         raise AikNotFleetIssued("the AIK certificate chain does not end at a fleet CA")
     return leaf, _check_aik_profile(leaf)
@@ -748,11 +770,12 @@ def _verify_eventlog(raw: RawBundle, opts: VerifyOptions) -> VerifiedEventLog | 
         ) from err
 
 
-def _verify_ima(raw: RawBundle, opts: VerifyOptions) -> VerifiedImaList | None:
+def _verify_ima(raw: RawBundle, opts: VerifyOptions) -> tuple[VerifiedImaList | None, int]:
+    """Check 5b; returns the verified list and the number of unverified trailing entries."""
     ima = raw.ima_list
     if ima is None:
         if opts.allow_missing_ima:
-            return None
+            return None, 0
         raise ImaListMissing(
             "the bundle carries no IMA measurement list (allow_missing_ima=True accepts that)"
         )
@@ -769,21 +792,63 @@ def _verify_ima(raw: RawBundle, opts: VerifyOptions) -> VerifiedImaList | None:
             f"{', '.join(IMA_BANKS)})",
             (IMA_PCR,),
         )
+    rule = KernelRule(opts.ima_kernel_rule)
+    want = {bank: signed[IMA_PCR]}
     try:
-        return replay_ima(
-            ima,
-            {bank: signed[IMA_PCR]},
-            KernelRule(opts.ima_kernel_rule),
-            allow_sha1=opts.allow_sha1,
-        )
+        return replay_ima(ima, want, rule, allow_sha1=opts.allow_sha1), 0
+    except HashAlgorithmNotAllowed:
+        raise
+    except ReplayError as err:
+        covered = _ima_signed_prefix(ima, bank, rule, signed[IMA_PCR])
+        if covered is None or covered == len(ima.entries):
+            raise ImaReplayMismatch(
+                f"the IMA list does not replay to the signed vPCR {IMA_PCR}, nor does any prefix "
+                f"of it (an edited, inserted or removed entry?): {err}",
+                err.invalid_pcrs,
+            ) from err
+    prefix = RawImaList(ima.format, ima.entries[:covered])
+    try:
+        verified = replay_ima(prefix, want, rule, allow_sha1=opts.allow_sha1)
     except HashAlgorithmNotAllowed:
         raise
     except ReplayError as err:
         raise ImaReplayMismatch(
-            f"the IMA list does not replay to the signed vPCR {IMA_PCR} (an edited or missing "
-            f"entry?): {err}",
+            f"the first {covered} IMA entries replay to the signed vPCR {IMA_PCR} but do not "
+            f"verify: {err}",
             err.invalid_pcrs,
         ) from err
+    return verified, len(ima.entries) - covered
+
+
+def _ima_signed_prefix(ima: RawImaList, bank: str, rule: KernelRule, want: bytes) -> int | None:
+    """How many leading entries replay to ``want`` (the list may run ahead of the signed PCR).
+
+    The guest agent reads the list after the host read the vPCRs, so entries IMA appended in
+    between are not yet in the signed PCR 10. The extend rule is ``replay_ima_pcr10``'s
+    (evidence/ima.py); the prefix found is then verified by :func:`evidence.ima.replay_ima`.
+    """
+    h = _IMA_BANK_HASH[bank]
+    size = len(want)
+    v58 = rule is KernelRule.V5_8
+    ff = b"\xff" * size if v58 else (b"\xff" * 20).ljust(size, b"\0")
+    value = bytes(size)
+    for index, entry in enumerate(ima.entries):
+        if not entry.supported:
+            return None
+        if entry.pcr != IMA_PCR:
+            continue
+        if entry.is_violation:
+            digest = ff
+        elif bank == "sha1":
+            digest = hashlib.sha1(entry.hash_input).digest()
+        elif v58:
+            digest = h(entry.hash_input).digest()
+        else:
+            digest = hashlib.sha1(entry.hash_input).digest().ljust(size, b"\0")
+        value = h(value + digest).digest()
+        if hmac.compare_digest(value, want):
+            return index + 1
+    return None
 
 
 def verify_bundle(raw: RawBundle, opts: VerifyOptions) -> AttestedVm:
@@ -820,8 +885,10 @@ def verify_bundle(raw: RawBundle, opts: VerifyOptions) -> AttestedVm:
        (HashAlgorithmNotAllowed).
     5. Measurement lists: the firmware event log replays to the signed vPCRs it accounts for
        (EventLogReplayMismatch; EventLogMissing without a log); the IMA list replays to the
-       signed vPCR 10 under ``opts.ima_kernel_rule`` (ImaReplayMismatch; ImaListMissing
-       without a list; HashAlgorithmNotAllowed when only SHA-1 binds it).
+       signed vPCR 10 under ``opts.ima_kernel_rule``, or a prefix of it does (entries appended
+       after the vPCRs were read stay unverified and are counted in ``ima_unverified_tail``)
+       (ImaReplayMismatch; ImaListMissing without a list; HashAlgorithmNotAllowed when only
+       SHA-1 binds it).
 
     Reference values (which firmware, which files) are not checked here: pass the result to
     :func:`evidence.policy.evaluate_reference_values`.
@@ -971,7 +1038,7 @@ def verify_bundle(raw: RawBundle, opts: VerifyOptions) -> AttestedVm:
 
     # 5. measurement lists
     eventlog = _verify_eventlog(raw, opts)
-    ima = _verify_ima(raw, opts)
+    ima, ima_tail = _verify_ima(raw, opts)
 
     return AttestedVm(
         vm_uuid=message.vm_uuid,
@@ -989,4 +1056,5 @@ def verify_bundle(raw: RawBundle, opts: VerifyOptions) -> AttestedVm:
         vpcrs=message.pcrs,
         eventlog=eventlog,
         ima=ima,
+        ima_unverified_tail=ima_tail,
     )

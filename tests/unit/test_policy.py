@@ -303,3 +303,12 @@ def test_keylime_import_rejects(policy: dict[str, Any], error: type[ParseError],
 def test_evaluate_takes_only_attested_vms() -> None:
     with pytest.raises(TypeError):
         evaluate_reference_values("vm", ReferenceValues())  # type: ignore[arg-type]
+
+
+def test_entries_after_the_signed_pcr_are_a_warning(world: World, refs: ReferenceValues) -> None:
+    """Entries IMA appended after the quote are not checked (not even if unknown), only counted."""
+    ahead = encode_binary([*world.boot.ima_entries, ima_ng_entry(b"/usr/bin/evil", b"later")])
+    vm = attest(world, ima_list=ahead)
+    verdict = evaluate_reference_values(vm, refs)
+    assert verdict.ids == ("ima.list.unverified_tail",) and verdict.trusted
+    assert verdict.findings[0].got == "1"

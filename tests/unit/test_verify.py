@@ -472,11 +472,52 @@ def test_eventlog_must_account_for_firmware_pcrs(world: World) -> None:
     assert isinstance(err, ReplayError) and err.invalid_pcrs == (6,)
 
 
-def test_ima_list_ahead_of_the_signed_pcr_is_rejected(world: World) -> None:
+def test_ima_list_read_after_the_quote_verifies_its_signed_prefix(world: World) -> None:
+    """IMA appended entries after the host read vPCR 10: they stay unverified and are counted."""
     nonce = fresh()
-    extra = encode_binary([*world.boot.ima_entries, ima_ng_entry(b"/usr/bin/late", b"x")])
-    err = _raises(world.bundle(nonce, ima_list=extra), world.options(nonce), v.ImaReplayMismatch)
-    assert err.id == "verify.replay.ima"
+    late = [ima_ng_entry(b"/usr/bin/late", b"x"), ima_ng_entry(b"/usr/bin/later", b"y")]
+    ahead = encode_binary([*world.boot.ima_entries, *late])
+    vm = verify_bundle(world.bundle(nonce, ima_list=ahead), world.options(nonce))
+    assert vm.ima is not None and len(vm.ima.entries) == len(world.boot.ima_entries)
+    assert vm.ima_unverified_tail == 2
+    assert verify_bundle(world.bundle(nonce), world.options(nonce)).ima_unverified_tail == 0
+
+
+def test_an_edited_entry_fails_even_with_a_tail(world: World) -> None:
+    nonce = fresh()
+    entries = list(world.boot.ima_entries)
+    entries[1] = ima_ng_entry(b"/usr/bin/bash", b"evil bash")
+    edited = encode_binary([*entries, ima_ng_entry(b"/usr/bin/late", b"x")])
+    err = _raises(world.bundle(nonce, ima_list=edited), world.options(nonce), v.ImaReplayMismatch)
+    assert "nor does any prefix" in str(err)
+    shorter = encode_binary(world.boot.ima_entries[:-1])  # an entry removed: behind the PCR
+    _raises(world.bundle(nonce, ima_list=shorter), world.options(nonce), v.ImaReplayMismatch)
+
+
+# A self-signed P-256 certificate signed with ECDSA-SHA1, valid 2026-11-27T07:05Z..11-29, made
+# once with `openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -sha1 -subj /CN=x
+# -days 2` (OpenSSL 3.0, Debian 12): cryptography 50 can no longer sign one.
+SHA1_CERT = b"""-----BEGIN CERTIFICATE-----
+MIIBazCCARKgAwIBAgIUOjYEFDXMgY+geGvdMVkdXM0vsmMwCQYHKoZIzj0EATAM
+MQowCAYDVQQDDAF4MB4XDTI2MTEyNzA3MDUyMVoXDTI2MTEyOTA3MDUyMVowDDEK
+MAgGA1UEAwwBeDBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABMkrPS2m9ZztDPN5
+QVwrDgn94QkvCuYFsdAaE/iFqS66UxhIpXsB+AT8nV4YfzBylnQ+K3J8TaZNHJst
+XvBTCqSjUzBRMB0GA1UdDgQWBBQ8cxXhZgz2mB/knK07PTMxxDTxsDAfBgNVHSME
+GDAWgBQ8cxXhZgz2mB/knK07PTMxxDTxsDAPBgNVHRMBAf8EBTADAQH/MAkGByqG
+SM49BAEDSAAwRQIgSyRX/e6+voiUVBWBgpeK8yoXqJj4kjV4jGtjEC8rKe4CIQD4
+mTyknivrD4SjhC57WJpLtXC9Z5gR3zJmxKPldSzNtw==
+-----END CERTIFICATE-----
+"""
+
+
+def test_certificates_signed_with_sha1_are_refused(world: World) -> None:
+    sha1_cert = x509.load_pem_x509_certificate(SHA1_CERT)
+    nonce = fresh()
+    bundle = world.bundle(nonce, aik_certificates=[sha1_cert.public_bytes(DER)])
+    err = _raises(bundle, world.options(nonce), HashAlgorithmNotAllowed)
+    assert "SHA1" in str(err) and "allow_sha1" in str(err)
+    # allowed, it still has to chain to the fleet CA (and this one does not)
+    _raises(bundle, world.options(nonce, allow_sha1=True), v.AikNotFleetIssued)
 
 
 # ---------------------------------------------------------------- options and API
