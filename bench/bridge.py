@@ -1,0 +1,190 @@
+"""Benchmark of the bridge's data-channel relay (not a test: it asserts nothing about time).
+
+Two identical fresh swtpm 0.7.1 instances. A client that speaks QEMU's side of the protocol
+(SET_DATAFD with a socketpair, STOP/SET_BUFFERSIZE/INIT, TPM2_Startup) sends the same TPM
+command N times, one at a time, and times each round trip:
+
+  * straight to swtpm's control socket (the baseline: what QEMU does without a bridge);
+  * through the bridge, run as its own process (``python -m host_agent.vtpm.bridge``), as in
+    production.
+
+It prints median and p99 round-trip times per command, and the ratio bridge / direct of the
+medians (goal: <= 1.2). Commands: TPM2_GetRandom(16), TPM2_PCR_Read(sha256, PCR 0-7),
+TPM2_Hash(1 KiB, sha256).
+
+Usage: ``python bench/bridge.py [-n 3000] [--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from host_agent.vtpm import ctrl_codec as cc  # noqa: E402
+
+
+def tpm_cmd(code: int, body: bytes) -> bytes:
+    return struct.pack(">HII", 0x8001, 10 + len(body), code) + body
+
+
+COMMANDS = {
+    "GetRandom(16)": tpm_cmd(0x17B, struct.pack(">H", 16)),
+    "PCR_Read(sha256, 0-7)": tpm_cmd(0x17E, struct.pack(">IHB3s", 1, 0x000B, 3, b"\xff\0\0")),
+    "Hash(1 KiB, sha256)": tpm_cmd(
+        0x17D, struct.pack(">H", 1024) + bytes(1024) + struct.pack(">HI", 0x000B, 0x40000007)
+    ),
+}
+
+
+def start_swtpm(d: Path) -> subprocess.Popen[bytes]:
+    d.mkdir(parents=True)
+    ctrl = d / "swtpm.sock"
+    proc = subprocess.Popen(
+        ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={d}",
+         "--ctrl", f"type=unixio,path={ctrl}", "--log", f"file={d}/swtpm.log,level=0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    while not ctrl.exists():
+        time.sleep(0.01)
+    time.sleep(0.05)
+    return proc
+
+
+class Client:
+    """QEMU's side: control requests and one-at-a-time TPM commands on the data fd."""
+
+    def __init__(self, ctrl_path: Path) -> None:
+        self.ctrl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        for _ in range(500):
+            try:
+                self.ctrl.connect(str(ctrl_path))
+                break
+            except OSError:
+                time.sleep(0.01)
+        ours, theirs = socket.socketpair()
+        socket.send_fds(self.ctrl, [cc.SetDataFd().encode()], [theirs.fileno()])
+        theirs.close()
+        assert self.ctrl.recv(4) == b"\0\0\0\0"
+        self.data = ours
+        for req in (cc.Stop(), cc.SetBufferSize(0xF80), cc.Init(0)):
+            self.ctrl.sendall(req.encode())
+            dec = cc.ReplyDecoder()
+            dec.expect(req, False)
+            while (reply := dec.next_reply()) is None:
+                dec.feed(self.ctrl.recv(4096))
+            assert reply.result == 0, (req, reply)
+        assert self.rt(tpm_cmd(0x144, b"\0\0"))[6:10] == b"\0\0\0\0"
+
+    def rt(self, cmd: bytes) -> bytes:
+        self.data.send(cmd)
+        resp = self.data.recv(4096)
+        size = struct.unpack_from(">I", resp, 2)[0]
+        while len(resp) < size:
+            resp += self.data.recv(4096)
+        return resp
+
+    def shutdown(self) -> None:
+        self.ctrl.sendall(cc.Shutdown().encode())
+        self.ctrl.recv(4)
+        self.ctrl.close()
+        self.data.close()
+
+
+def measure(client: Client, cmd: bytes, n: int) -> list[float]:
+    for _ in range(200):  # warm-up
+        client.rt(cmd)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        resp = client.rt(cmd)
+        times.append((time.perf_counter_ns() - t0) / 1000)
+        if resp[6:10] != b"\0\0\0\0":
+            raise SystemExit(f"TPM error {resp.hex()}")
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-n", type=int, default=3000)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bb-", dir="/tmp"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        direct_tpm = start_swtpm(work / "direct")
+        bridged_tpm = start_swtpm(work / "bridged")
+        procs += [direct_tpm, bridged_tpm]
+        bridge = subprocess.Popen(
+            [sys.executable, "-m", "host_agent.vtpm.bridge", "--vm-uuid", str(uuid.uuid4()),
+             "--listen", str(work / "ctrl.sock"), "--swtpm-ctrl", str(work / "bridged/swtpm.sock"),
+             "--allow-unhooked-state-transfer", "--log-level", "WARNING"],
+            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+        procs.append(bridge)
+        while not (work / "ctrl.sock").exists():
+            time.sleep(0.01)
+        direct = Client(work / "direct/swtpm.sock")
+        bridged = Client(work / "ctrl.sock")
+        rows = []
+        for name, cmd in COMMANDS.items():
+            # alternate in blocks so drift (CPU frequency, other load) hits both sides alike
+            d_all: list[float] = []
+            b_all: list[float] = []
+            for _ in range(5):
+                d_all += measure(direct, cmd, args.n // 5)
+                b_all += measure(bridged, cmd, args.n // 5)
+            d_med, b_med = statistics.median(d_all), statistics.median(b_all)
+            q = lambda xs: statistics.quantiles(xs, n=100)[98]  # noqa: E731
+            rows.append(
+                {
+                    "command": name,
+                    "direct_median_us": round(d_med, 1),
+                    "bridge_median_us": round(b_med, 1),
+                    "direct_p99_us": round(q(d_all), 1),
+                    "bridge_p99_us": round(q(b_all), 1),
+                    "ratio": round(b_med / d_med, 3),
+                    "added_us": round(b_med - d_med, 1),
+                }
+            )
+        direct.shutdown()
+        bridged.shutdown()
+        if args.json:
+            print(json.dumps({"n": args.n, "rows": rows}, indent=1))
+            return
+        print(f"TPM command round trip, {args.n} each (µs; bridge = separate process)")
+        print(f"{'command':24} {'direct med':>10} {'bridge med':>10} {'direct p99':>10} "
+              f"{'bridge p99':>10} {'ratio':>6} {'added':>6}")  # fmt: skip
+        for r in rows:
+            print(
+                f"{r['command']:24} {r['direct_median_us']:10.1f} {r['bridge_median_us']:10.1f} "
+                f"{r['direct_p99_us']:10.1f} {r['bridge_p99_us']:10.1f} {r['ratio']:6.3f} "
+                f"{r['added_us']:6.1f}"
+            )
+        print("goal: ratio <= 1.2")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
