@@ -48,6 +48,7 @@ __all__ = [
     "load_image",
     "main",
     "module_load_order",
+    "prune_cache",
     "query_package_versions",
 ]
 
@@ -800,6 +801,28 @@ def _assemble(
     }
 
 
+def prune_cache(
+    root: Path, keep: Iterable[str], *, now: float, progress: Progress | None = None
+) -> list[Path]:
+    """Delete cache entries other than ``keep``, and build leftovers older than an hour.
+
+    Only directories that look like ours are touched: an entry has a ``manifest.json``; a
+    leftover of an interrupted build is named ``.<key>.<random>``. Returns what was removed.
+    """
+    keep = set(keep)
+    removed = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if not path.is_dir() or path.name in keep:
+            continue
+        entry = (path / "manifest.json").is_file() and not path.name.startswith(".")
+        leftover = path.name.startswith(".") and now - path.stat().st_mtime > 3600
+        if entry or leftover:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            _log(progress, f"pruned {path}")
+    return removed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m vm_images.build", description="Build (or reuse) the test guest image."
@@ -810,15 +833,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--with-ssl", action="store_true", help="ship Python's ssl/_hashlib")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument(
+        "--prune", action="store_true", help="then delete every other entry in the cache root"
+    )
     args = parser.parse_args(argv)
+    progress = None if args.quiet else _stderr_progress
     try:
         image = build_image(
             cache_root=args.cache_dir,
             kernel_release=args.kernel_release,
             with_ssl=args.with_ssl,
             force=args.force,
-            progress=None if args.quiet else _stderr_progress,
+            progress=progress,
         )
+        if args.prune:
+            prune_cache(image.directory.parent, {image.key}, now=time.time(), progress=progress)
     except ImageBuildError as err:
         print(f"vm_images: error: {err}", file=sys.stderr)
         return 1

@@ -20,6 +20,7 @@ from vm_images.build import (
     collect_inputs,
     default_cache_root,
     module_load_order,
+    prune_cache,
 )
 
 RELEASE = "6.1.0-56-amd64"
@@ -126,6 +127,23 @@ def test_missing_packages_fail_with_their_names(sources: Path, tmp_path: Path) -
 def test_cache_root_honours_the_environment(tmp_path: Path) -> None:
     assert default_cache_root({"VTPM_IMAGE_CACHE": str(tmp_path)}) == tmp_path
     assert default_cache_root({"HOME": "/home/x"}) == Path("/home/x/.cache/vtpm-trust/images")
+
+
+def test_prune_removes_only_other_entries_and_stale_leftovers(tmp_path: Path) -> None:
+    for name in ("current", "old", ".current.fresh", ".old.stale"):
+        (tmp_path / name).mkdir()
+    for name in ("current", "old"):
+        (tmp_path / name / "manifest.json").write_text("{}")
+    (tmp_path / "not-ours").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    stale = (tmp_path / ".old.stale").stat().st_mtime
+    fresh_now = (tmp_path / ".current.fresh").stat().st_mtime + 10
+
+    removed = prune_cache(tmp_path, {"current"}, now=fresh_now)
+    assert [p.name for p in removed] == ["old"]
+    removed = prune_cache(tmp_path, {"current"}, now=stale + 7200)
+    assert sorted(p.name for p in removed) == [".current.fresh", ".old.stale"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "current", "not-ours"]
 
 
 # Lines as they appear in Debian 6.1's modules.dep (one made .ko.xz to cover compressed trees).
