@@ -35,7 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -65,13 +65,15 @@ def _stats(ms: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms)}
 
 
-def measure_port(tcti: str, keys: Path, rounds: int) -> dict[str, dict[str, float]]:
+def measure_port(
+    tcti: str, keys: Path, rounds: int, connection: Literal["persistent", "per-call"] = "persistent"
+) -> dict[str, dict[str, float]]:
     fleet = ec.derive_private_key(0xBE7C4, ec.SECP256R1())
     fleet_der = fleet.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     results: dict[str, dict[str, float]] = {}
-    with PytssHostTpm(tcti, keys, root="software") as tpm:
+    with PytssHostTpm(tcti, keys, root="software", connection=connection) as tpm:
         tpm.ensure_host_keys()
         vaik = tpm.create_vaik(fleet_der)
         policy = tpm.approved_sign_policy()
@@ -153,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds per operation")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument(
+        "--connection",
+        choices=("persistent", "per-call"),
+        default="persistent",
+        help="the port's connection mode (the software root uses per-call: + lock, connect, "
+        "flush check, disconnect per operation)",
+    )
     args = parser.parse_args(argv)
     for tool in ("swtpm", "swtpm_setup", "tpm2_create"):
         if shutil.which(tool) is None:
@@ -163,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         root = SoftwareRoot(Path(tmp) / "swtpm")
         root.start()
         try:
-            port = measure_port(root.tcti, Path(tmp) / "keys", args.rounds)
+            mode: Literal["persistent", "per-call"] = args.connection
+            port = measure_port(root.tcti, Path(tmp) / "keys", args.rounds, mode)
             tools = measure_tools(root.tcti, Path(tmp), args.rounds)
         finally:
             root.stop()
@@ -172,9 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         p, t = port[op]["median_ms"], tools[op]["median_ms"]
         rows.append({"operation": op, "port": port[op], "tpm2_tools": tools[op], "ratio": t / p})
     if args.json:
-        print(json.dumps({"rounds": args.rounds, "operations": rows}, indent=2))
+        doc = {"rounds": args.rounds, "connection": args.connection, "operations": rows}
+        print(json.dumps(doc, indent=2))
         return 0
-    print(f"median of {args.rounds} rounds, ms (min-max); ratio = tpm2-tools / port")
+    print(
+        f"median of {args.rounds} rounds, ms (min-max); ratio = tpm2-tools / port "
+        f"({args.connection} connection)"
+    )
     print(f"{'operation':<10} {'port':>22} {'tpm2-tools':>24} {'ratio':>7}")
     for r in rows:
         p, t = r["port"], r["tpm2_tools"]
