@@ -82,7 +82,12 @@ MAX_AIK_CERTIFICATES: Final = 8
 ImaFormat = Literal["binary", "ascii"]
 
 # What cryptography raises for a certificate it cannot read (load, extensions, signature hash).
-_X509_ERRORS: Final = (ValueError, x509.DuplicateExtension, UnsupportedAlgorithm)
+_X509_ERRORS: Final = (
+    ValueError,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    UnsupportedAlgorithm,
+)
 
 _TOP: Final = frozenset(
     {

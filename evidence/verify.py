@@ -284,7 +284,7 @@ def _certificate(value: x509.Certificate | bytes, what: str) -> x509.Certificate
     if isinstance(value, bytes | bytearray):
         try:
             return x509.load_der_x509_certificate(bytes(value))
-        except ValueError as err:
+        except (ValueError, x509.InvalidVersion) as err:
             raise ValueError(f"{what} is not a DER X.509 certificate: {err}") from err
     raise TypeError(f"{what} must be an x509.Certificate or DER bytes, got {type(value).__name__}")
 

@@ -254,3 +254,15 @@ def test_every_field_copy_is_independent(text: str) -> None:
     doc = copy.deepcopy(_obj(text))
     doc["nonce"] = base64.b64encode(secrets.token_bytes(32)).decode()
     assert parse_bundle(json.dumps(doc)) != parse_bundle(text)
+
+
+def test_certificate_with_an_invalid_version_is_a_parse_error(text: str) -> None:
+    """cryptography raises x509.InvalidVersion (not a ValueError) for version 4: found by
+    tests/unit/test_verify_properties.py."""
+    doc = _obj(text)
+    der = bytearray(base64.b64decode(doc["cert_user"]))
+    at = der.index(b"\xa0\x03\x02\x01\x02") + 4  # [0] EXPLICIT Version ::= INTEGER v3 (2)
+    der[at] = 3
+    doc["cert_user"] = base64.b64encode(bytes(der)).decode()
+    err = _parse_error(doc)
+    assert err.what == "$.cert_user" and "X509 version" in str(err)
