@@ -1,20 +1,18 @@
-"""The trusted store on a real swtpm (sealing, NV counter) and real databases.
+"""The trusted store on a real swtpm and real databases: the API, invariant 5, record attacks.
 
-Every test runs twice: on a SQLite file and on a PostgreSQL database of a server this module
+Every test runs twice: on a SQLite file and on a PostgreSQL database of a server the suite
 starts (tests/helpers/postgres.py). Attacks are made the way an attacker with disk access would:
 raw SQL on the rows, a copied SQLite file, a copied PostgreSQL database. Each refusal is checked
 to change nothing: the rows of both tables and the TPM counter are compared before and after.
+Rollback, crash and writer-exclusion tests are in test_store_rollback.py.
 """
 
 from __future__ import annotations
 
-import itertools
 import secrets
-import shutil
 import socket
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +25,10 @@ from host_agent.store import (
     RecordNotFound,
     StoreAlreadyInitialised,
     StoreBackendError,
-    StoreBusy,
-    StoreCounterMismatch,
     StoreFormatError,
     StoreIntegrityError,
     StoreKeyError,
     StoreNotInitialised,
-    StoreRolledBack,
     StoreRunState,
     StoreSettings,
     StoreStateError,
@@ -42,223 +37,26 @@ from host_agent.store import (
 from host_agent.store._schema import StoreTables
 from host_agent.tpm.adapter import PytssHostTpm
 from host_agent.tpm.errors import TpmCommandError
-from tests.helpers import postgres
-from tests.helpers.swtpm import Swtpm, start_swtpm
+from tests.helpers.swtpm import Swtpm
+from tests.sim import conftest_store as _fx
+from tests.sim.conftest_store import (
+    SECRET,
+    TABLES,
+    Db,
+    FaultyCounter,
+    capture_unchanged,
+    next_counter_index,
+)
 
-SECRET = b"PLAINTEXT-vTPM-STATE-" + b"7f3a9c" * 8  # never to be found in database bytes
-TABLES = StoreTables.named("vtpm_store")
-_indices = itertools.count(0x0180_1000)
-_names = itertools.count()
-
-
-# --------------------------------------------------------------------------- TPM
-
-
-@pytest.fixture(scope="module")
-def store_swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swtpm]:
-    """A swtpm of this module's own, so its NV counters do not meet other modules' tests."""
-    tpm = start_swtpm(tmp_path_factory.mktemp("store-swtpm"))
-    yield tpm
-    tpm.stop()
-
-
-@pytest.fixture(scope="module")
-def tpm(store_swtpm: Swtpm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PytssHostTpm]:
-    host_tpm = PytssHostTpm(store_swtpm.tcti, tmp_path_factory.mktemp("host-keys"))
-    yield host_tpm
-    host_tpm.close()
-
-
-class FaultyCounter:
-    """The real counter, with increments that fail on demand (fault injection, not a fake)."""
-
-    def __init__(self, tpm: PytssHostTpm) -> None:
-        self._tpm = tpm
-        self.fail_increments = 0
-        self.read_offset = 0
-
-    def counter_define(self, index: int) -> int:
-        return self._tpm.counter_define(index)
-
-    def counter_read(self, index: int) -> int:
-        return self._tpm.counter_read(index) + self.read_offset
-
-    def counter_increment(self, index: int) -> int:
-        if self.fail_increments:
-            self.fail_increments -= 1
-            raise TpmCommandError(0x922, "counter_increment: TPM2_NV_Increment", "injected")
-        return self._tpm.counter_increment(index)
-
-
-# --------------------------------------------------------------------------- databases
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[postgres.Postgres]:
-    server = postgres.acquire()
-    yield server
-    postgres.release()
-
-
-@dataclass
-class Db:
-    """One store database as an attacker with disk access sees it."""
-
-    url: str
-    snapshot: Callable[[], Any]
-    restore: Callable[[Any], None]
-    raw_bytes: Callable[[], bytes]
-    _engines: list[sa.Engine] = field(default_factory=list)
-
-    def engine(self) -> sa.Engine:
-        if not self._engines:
-            self._engines.append(sa.create_engine(self.url))
-        return self._engines[0]
-
-    def dispose(self) -> None:
-        for engine in self._engines:
-            engine.dispose()
-        self._engines.clear()
-
-    def execute(self, stmt: Any) -> None:
-        with self.engine().begin() as conn:
-            conn.execute(stmt)
-
-    def rows(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-        """Every row of both tables, as plain tuples, in a stable order."""
-        with self.engine().connect() as conn:
-            head = [tuple(r) for r in conn.execute(sa.select(TABLES.head))]
-            records = sorted(
-                tuple(r)
-                for r in conn.execute(
-                    sa.select(TABLES.records).order_by(
-                        TABLES.records.c.record_type, TABLES.records.c.record_id
-                    )
-                )
-            )
-        return head, records
-
-    def row(self, record_type: str, record_id: str) -> tuple[bytes, bytes]:
-        with self.engine().connect() as conn:
-            r = conn.execute(
-                sa.select(TABLES.records.c.nonce, TABLES.records.c.ciphertext).where(
-                    TABLES.records.c.record_type == record_type,
-                    TABLES.records.c.record_id == record_id,
-                )
-            ).one()
-        return bytes(r.nonce), bytes(r.ciphertext)
-
-    def set_row(
-        self, record_type: str, record_id: str, *, nonce: Any = None, ciphertext: Any = None
-    ) -> None:
-        values = {}
-        if nonce is not None:
-            values["nonce"] = nonce
-        if ciphertext is not None:
-            values["ciphertext"] = ciphertext
-        self.execute(
-            sa.update(TABLES.records)
-            .where(
-                TABLES.records.c.record_type == record_type,
-                TABLES.records.c.record_id == record_id,
-            )
-            .values(**values)
-        )
-
-
-def _sqlite_db(tmp_path: Path) -> Db:
-    path = tmp_path / "store.db"
-    snaps = itertools.count()
-
-    def snapshot() -> Path:
-        copy = tmp_path / f"snapshot-{next(snaps)}.db"
-        shutil.copy2(path, copy)
-        return copy
-
-    def restore(copy: Path) -> None:
-        shutil.copy2(copy, path)
-
-    def raw_bytes() -> bytes:
-        return b"".join(p.read_bytes() for p in sorted(tmp_path.glob("store.db*")))
-
-    return Db(f"sqlite:///{path}", snapshot, restore, raw_bytes)
-
-
-def _postgres_db(server: postgres.Postgres) -> Db:
-    name = f"store_{next(_names)}"
-    server.create_database(name)
-    snaps = itertools.count()
-
-    def snapshot() -> str:
-        copy = f"{name}_snap_{next(snaps)}"
-        server.create_database(copy, template=name)
-        return copy
-
-    def restore(copy: str) -> None:
-        server.drop_database(name)
-        server.create_database(name, template=copy)
-
-    def raw_bytes() -> bytes:
-        server.checkpoint()
-        files = [p for p in server.database_dir(name).rglob("*") if p.is_file()]
-        files += [p for p in (server.data_dir / "pg_wal").glob("0*") if p.is_file()]
-        return b"".join(p.read_bytes() for p in files)
-
-    return Db(server.url(name), snapshot, restore, raw_bytes)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
-    if request.param == "sqlite":
-        handle = _sqlite_db(tmp_path)
-    else:
-        handle = _postgres_db(request.getfixturevalue("pg"))
-    yield handle
-    handle.dispose()
-
-
-@pytest.fixture
-def config(db: Db) -> StoreSettings:
-    """A fresh counter index per test: the module's swtpm keeps every counter it defined."""
-    return StoreSettings(url=db.url, counter_index=next(_indices))
-
-
-@pytest.fixture
-def counter(tpm: PytssHostTpm) -> FaultyCounter:
-    return FaultyCounter(tpm)
-
-
-@pytest.fixture
-def make_store(
-    config: StoreSettings, tpm: PytssHostTpm, counter: FaultyCounter
-) -> Iterator[Callable[..., TrustedStore]]:
-    """``make_store(create=False)`` opens (or creates) the test's store; all closed after."""
-    opened: list[TrustedStore] = []
-
-    def make(*, create: bool = False, cfg: StoreSettings | None = None) -> TrustedStore:
-        method = TrustedStore.create if create else TrustedStore.open
-        store = method(cfg or config, sealer=tpm, counter=counter, random_bytes=secrets.token_bytes)
-        opened.append(store)
-        return store
-
-    yield make
-    for store in opened:
-        store.close()
-
-
-@pytest.fixture
-def store(make_store: Callable[..., TrustedStore]) -> TrustedStore:
-    return make_store(create=True)
-
-
-def _unchanged(db: Db, tpm: PytssHostTpm, config: StoreSettings) -> Callable[[], None]:
-    """Capture the rows and the counter now; the returned check asserts they did not change."""
-    before = (db.rows(), tpm.counter_read(config.counter_index))
-
-    def check() -> None:
-        assert (db.rows(), tpm.counter_read(config.counter_index)) == before
-
-    return check
+# Fixtures used by name (pytest finds them as attributes of this module).
+pg = _fx.pg
+store_swtpm = _fx.store_swtpm
+tpm = _fx.tpm
+db = _fx.db
+config = _fx.config
+counter = _fx.counter
+make_store = _fx.make_store
+store = _fx.store
 
 
 # --------------------------------------------------------------------------- API
@@ -354,7 +152,7 @@ def test_failed_transaction_writes_nothing(
     store: TrustedStore, db: Db, tpm: PytssHostTpm, config: StoreSettings
 ) -> None:
     store.put("vaik", "a", b"1")
-    unchanged = _unchanged(db, tpm, config)
+    unchanged = capture_unchanged(db, tpm, config)
     with pytest.raises(RuntimeError), store.transaction() as tx:
         tx.put("vaik", "b", b"2")
         tx.delete("vaik", "a")
@@ -502,7 +300,7 @@ def test_tampered_record_is_refused_and_nothing_changes(
     store.put("vaik", "vm-2", b"key-2")
     _, ct = db.row("vaik", "vm-1")
     db.set_row("vaik", "vm-1", ciphertext=ct[:5] + bytes([ct[5] ^ 1]) + ct[6:])
-    unchanged = _unchanged(db, tpm, config)
+    unchanged = capture_unchanged(db, tpm, config)
 
     with pytest.raises(StoreIntegrityError) as info:
         store.get("vaik", "vm-1")
@@ -530,7 +328,7 @@ def test_swapped_records_are_refused(
     row_a, row_b = db.row("binding", "vm-a"), db.row("binding", "vm-b")
     db.set_row("binding", "vm-a", nonce=row_b[0], ciphertext=row_b[1])
     db.set_row("binding", "vm-b", nonce=row_a[0], ciphertext=row_a[1])
-    unchanged = _unchanged(db, tpm, config)
+    unchanged = capture_unchanged(db, tpm, config)
     for record_id in ("vm-a", "vm-b"):
         with pytest.raises(StoreIntegrityError) as info:
             store.get("binding", record_id)
@@ -684,74 +482,15 @@ def test_sealed_key_does_not_open_on_another_tpm(
         other.close()
 
 
-def test_second_writer_is_refused_while_the_first_is_open(
-    store: TrustedStore,
-    make_store: Callable[..., TrustedStore],
-    config: StoreSettings,
-    tpm: PytssHostTpm,
-    counter: FaultyCounter,
-) -> None:
-    store.put("vaik", "a", b"1")
-    with pytest.raises(StoreBusy, match="open for writing") as info:
-        make_store()
-    assert info.value.id == "store.busy"
-    reader = TrustedStore.open(
-        config, sealer=tpm, counter=counter, random_bytes=secrets.token_bytes, read_only=True
-    )
-    try:
-        assert reader.read_only
-        assert reader.get("vaik", "a").payload == b"1"
-        with pytest.raises(StoreStateError, match="read-only"):
-            reader.put("vaik", "b", b"2")
-    finally:
-        reader.close()
-    store.put("vaik", "b", b"2")  # the reader changed nothing the writer relies on
-    store.close()
-    assert make_store().get("vaik", "b").payload == b"2"
-
-
-class RacingCounter:
-    """The real counter; the first read lets a writer commit a change first (a race, staged)."""
-
-    def __init__(self, tpm: PytssHostTpm, race: Callable[[], None]) -> None:
-        self._tpm = tpm
-        self._race: Callable[[], None] | None = race
-
-    def counter_define(self, index: int) -> int:
-        return self._tpm.counter_define(index)
-
-    def counter_read(self, index: int) -> int:
-        if self._race is not None:
-            race, self._race = self._race, None
-            race()
-        return self._tpm.counter_read(index)
-
-    def counter_increment(self, index: int) -> int:
-        return self._tpm.counter_increment(index)
-
-
-def test_read_only_open_racing_a_writer_sees_one_consistent_state(
-    store: TrustedStore, config: StoreSettings, tpm: PytssHostTpm
-) -> None:
-    """Head read, then the writer commits and increments, then the counter is read: without
-    the re-read of the head this would look like a rollback (counter ahead of the head)."""
-    store.put("vaik", "a", b"1")
-    racing = RacingCounter(tpm, lambda: store.put("vaik", "b", b"2"))
-    reader = TrustedStore.open(
-        config, sealer=tpm, counter=racing, random_bytes=secrets.token_bytes, read_only=True
-    )
-    try:
-        assert reader.generation == store.generation
-        assert reader.get("vaik", "b").payload == b"2"
-    finally:
-        reader.close()
-
-
 def test_two_hosts_stores_share_one_database_under_their_own_prefixes(
     make_store: Callable[..., TrustedStore], config: StoreSettings, db: Db
 ) -> None:
-    host_a = StoreSettings(url=config.url, counter_index=next(_indices), table_prefix="host_a")
-    host_b = StoreSettings(url=config.url, counter_index=next(_indices), table_prefix="host_b")
+    host_a = StoreSettings(
+        url=config.url, counter_index=next_counter_index(), table_prefix="host_a"
+    )
+    host_b = StoreSettings(
+        url=config.url, counter_index=next_counter_index(), table_prefix="host_b"
+    )
     store_a = make_store(create=True, cfg=host_a)
     store_b = make_store(create=True, cfg=host_b)  # both open for writing at once
     store_a.put("vaik", "vm-1", b"a's vAIK")
@@ -767,192 +506,6 @@ def test_two_hosts_stores_share_one_database_under_their_own_prefixes(
     with pytest.raises(StoreIntegrityError, match="authentication failed"):
         store_a.get("vaik", "vm-1")
     assert store_b.get("vaik", "vm-1").payload == b"b's vAIK"
-
-
-def test_read_only_open_leaves_an_interrupted_increment_to_the_writer(
-    store: TrustedStore,
-    make_store: Callable[..., TrustedStore],
-    config: StoreSettings,
-    tpm: PytssHostTpm,
-) -> None:
-    generation = store._write_generation({("vaik", "x"): store._seal("vaik", "x", b"1")})
-    store.close()  # crash before the increment
-    reader = TrustedStore.open(
-        config, sealer=tpm, counter=tpm, random_bytes=secrets.token_bytes, read_only=True
-    )
-    assert reader.increment_pending
-    assert reader.get("vaik", "x").payload == b"1"
-    reader.close()
-    assert tpm.counter_read(config.counter_index) == generation - 1
-    writer = make_store()
-    assert not writer.increment_pending
-    assert tpm.counter_read(config.counter_index) == generation
-
-
-# --------------------------------------------------------------------------- rollback
-
-
-def test_rolled_back_database_is_refused_at_open(
-    make_store: Callable[..., TrustedStore], db: Db, tpm: PytssHostTpm, config: StoreSettings
-) -> None:
-    store = make_store(create=True)
-    store.put("vaik", "vm-1", b"vaik-of-vm-1")
-    old_generation = store.generation
-    store.close()
-    old = db.snapshot()
-
-    store = make_store()
-    store.delete("vaik", "vm-1")  # e.g. vAIK migrated away: must never come back
-    store.put("journal", "mig-1", {"step": "committed"})
-    latest_generation = store.generation
-    store.close()
-    latest = db.snapshot()
-
-    db.dispose()
-    db.restore(old)
-    unchanged = _unchanged(db, tpm, config)
-    with pytest.raises(StoreRolledBack) as info:
-        make_store()
-    assert info.value.expected_generation == latest_generation
-    assert info.value.found_generation == old_generation
-    assert info.value.id == "store.rolled_back"
-    assert "rolled back" in str(info.value) and "refusing to start" in str(info.value)
-    unchanged()
-
-    db.dispose()
-    db.restore(latest)
-    store = make_store()
-    assert store.find("vaik", "vm-1") is None
-
-
-def test_tables_rolled_back_under_a_running_store_are_refused(
-    store: TrustedStore, make_store: Callable[..., TrustedStore], db: Db
-) -> None:
-    """The SQL-copy variant: both tables put back at an older generation while the store runs."""
-    store.put("binding", "vm-1", {"cert_user": "old-tenant"})
-    old_head, old_records = db.rows()
-    store.put("binding", "vm-1", {"cert_user": "new-tenant"})
-    store.put("vaik", "vm-1", b"k1")
-    with db.engine().begin() as conn:
-        conn.execute(sa.delete(TABLES.records))
-        conn.execute(sa.delete(TABLES.head))
-        conn.execute(
-            sa.insert(TABLES.head), [dict(zip(TABLES.head.c.keys(), old_head[0], strict=True))]
-        )
-        conn.execute(
-            sa.insert(TABLES.records),
-            [dict(zip(TABLES.records.c.keys(), r, strict=True)) for r in old_records],
-        )
-    with pytest.raises(StoreIntegrityError, match="older copy of this record was put back"):
-        store.get("binding", "vm-1")
-    with pytest.raises(StoreIntegrityError, match="row is missing"):
-        store.get("vaik", "vm-1")
-    with pytest.raises(StoreIntegrityError, match="no longer at generation"):
-        store.put("seal", "vm-1", SECRET)
-    store.close()
-    with pytest.raises(StoreRolledBack) as info:
-        make_store()
-    assert info.value.expected_generation == info.value.found_generation + 2
-
-
-def test_lost_store_put_back_after_a_new_store_adopted_its_counter_is_refused(
-    make_store: Callable[..., TrustedStore], config: StoreSettings, tmp_path: Path
-) -> None:
-    lost = make_store(create=True)
-    lost.put("vaik", "vm-1", b"vaik-of-the-lost-store")
-    lost.close()
-    # The operator starts over on another database, adopting the counter, and writes nothing.
-    fresh = StoreSettings(
-        url=f"sqlite:///{tmp_path / 'fresh.db'}",
-        counter_index=config.counter_index,
-        allow_existing_counter=True,
-    )
-    make_store(create=True, cfg=fresh).close()
-    with pytest.raises(StoreRolledBack):
-        make_store()  # the lost store's database, back in place
-
-
-def test_crash_between_commit_and_counter_increment_opens(
-    store: TrustedStore,
-    make_store: Callable[..., TrustedStore],
-    tpm: PytssHostTpm,
-    config: StoreSettings,
-) -> None:
-    store.put("vaik", "vm-1", b"k1")
-    before = tpm.counter_read(config.counter_index)
-    staged = {("vaik", "vm-2"): store._seal("vaik", "vm-2", b"k2")}
-    generation = store._write_generation(staged)  # step 1: committed
-    store.close()  # "crash": step 2 (counter increment) never runs
-    assert tpm.counter_read(config.counter_index) == before == generation - 1
-
-    reopened = make_store()
-    assert reopened.generation == generation
-    assert tpm.counter_read(config.counter_index) == generation  # increment finished at open
-    assert reopened.get("vaik", "vm-2").payload == b"k2"
-    reopened.put("vaik", "vm-3", b"k3")
-    assert tpm.counter_read(config.counter_index) == reopened.generation == generation + 1
-
-
-def test_copy_taken_during_the_crash_window_is_refused_once_newer_changes_exist(
-    store: TrustedStore, make_store: Callable[..., TrustedStore], db: Db
-) -> None:
-    store.put("vaik", "vm-1", b"k1")
-    store._write_generation({("vaik", "vm-2"): store._seal("vaik", "vm-2", b"k2")})
-    store.close()
-    crash_copy = db.snapshot()  # generation = counter + 1
-
-    store = make_store()  # finishes the increment
-    store.delete("vaik", "vm-2")
-    store.close()
-    db.dispose()
-    db.restore(crash_copy)
-    with pytest.raises(StoreRolledBack):
-        make_store()
-
-
-def test_failed_counter_increment_is_retried_before_the_next_change(
-    store: TrustedStore,
-    make_store: Callable[..., TrustedStore],
-    counter: FaultyCounter,
-    tpm: PytssHostTpm,
-    config: StoreSettings,
-) -> None:
-    start = store.generation
-    counter.fail_increments = 1
-    with pytest.raises(StoreBackendError, match="is committed but the rollback counter"):
-        store.put("vaik", "vm-1", b"k1")
-    assert store.get("vaik", "vm-1").payload == b"k1"  # the change itself is durable
-    assert tpm.counter_read(config.counter_index) == start
-    store.put("vaik", "vm-2", b"k2")  # retries the pending increment first
-    assert tpm.counter_read(config.counter_index) == store.generation == start + 2
-    store.close()
-    assert make_store().get("vaik", "vm-1").payload == b"k1"
-
-
-def test_counter_behind_by_more_than_one_change_is_a_mismatch(
-    store: TrustedStore,
-    make_store: Callable[..., TrustedStore],
-    counter: FaultyCounter,
-    db: Db,
-    tpm: PytssHostTpm,
-    config: StoreSettings,
-) -> None:
-    store.put("vaik", "vm-1", b"k1")
-    store.close()
-    counter.read_offset = -2  # as if the counter were another, younger one
-    unchanged = _unchanged(db, tpm, config)
-    with pytest.raises(StoreCounterMismatch, match="more than one change ahead"):
-        make_store()
-    unchanged()
-
-
-def test_counter_index_other_than_the_stores_is_a_mismatch(
-    store: TrustedStore, make_store: Callable[..., TrustedStore], config: StoreSettings
-) -> None:
-    store.close()
-    other = StoreSettings(url=config.url, counter_index=config.counter_index + 0x100)
-    with pytest.raises(StoreCounterMismatch, match="configuration names"):
-        make_store(cfg=other)
 
 
 # --------------------------------------------------------------------------- properties
