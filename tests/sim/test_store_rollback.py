@@ -293,3 +293,39 @@ def test_counter_index_other_than_the_stores_is_a_mismatch(
     other = StoreSettings(url=config.url, counter_index=config.counter_index + 0x100)
     with pytest.raises(StoreCounterMismatch, match="configuration names"):
         make_store(cfg=other)
+
+
+@pytest.mark.parametrize("crash_at", ["before_commit", "after_commit", "after_increment"])
+def test_crash_at_every_step_of_a_change_reopens_and_old_copies_stay_refused(
+    store: TrustedStore,
+    make_store: Callable[..., TrustedStore],
+    db: Db,
+    tpm: PytssHostTpm,
+    config: StoreSettings,
+    crash_at: str,
+) -> None:
+    store.put("vaik", "vm-1", b"k1")
+    start = store.generation
+    if crash_at == "before_commit":
+        with pytest.raises(RuntimeError), store.transaction() as tx:
+            tx.put("vaik", "vm-2", b"k2")
+            raise RuntimeError("process dies before the commit")
+    elif crash_at == "after_commit":
+        store._write_generation({("vaik", "vm-2"): store._seal("vaik", "vm-2", b"k2")})
+    else:
+        store.put("vaik", "vm-2", b"k2")
+    store.close()
+    at_crash = db.snapshot()
+    committed = crash_at != "before_commit"
+
+    reopened = make_store()
+    assert reopened.generation == start + committed
+    assert tpm.counter_read(config.counter_index) == reopened.generation
+    assert (reopened.find("vaik", "vm-2") is not None) == committed
+    reopened.put("journal", "after-recovery", {"ok": True})
+    reopened.close()
+
+    db.dispose()
+    db.restore(at_crash)
+    with pytest.raises(StoreRolledBack):
+        make_store()
