@@ -13,6 +13,10 @@ Layout under ``directory`` (the agent's ``<tpm state_dir>/swtpm``)::
 swtpm_setup's local CA (/var/lib/swtpm-localca) must stay owned by ``tss``: running swtpm_setup as
 root leaves root-owned files there and later breaks libvirt's own swtpm_setup (platform-notes §3),
 so after provisioning as root the ownership is handed back to ``tss``.
+
+Lifetime: the process that starts the swtpm stops it when its port closes; a process that finds
+it running (pid file names a live swtpm on this state) attaches and leaves it running. So the
+daemon should be the first to start it; a CLI command run meanwhile attaches.
 """
 
 from __future__ import annotations
