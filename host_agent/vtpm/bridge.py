@@ -108,6 +108,8 @@ class BridgeConfig:
         reconnect_interval: seconds between attempts to reach the daemon.
         swtpm_connect_timeout: seconds to wait for swtpm's control socket when QEMU connects.
         injection_timeout: default seconds an injected command may wait and run.
+        response_spin: seconds to busy-poll for swtpm's response to a guest command before
+            sleeping in epoll (0 = never spin). Trades CPU for one wake-up per command.
         listen_mode, listen_uid, listen_gid: owner and mode of ``listen`` (QEMU under system
             libvirtd runs as ``libvirt-qemu``).
         allow_unhooked_state_transfer: with no ``daemon_socket``, let state transfers pass
@@ -125,6 +127,7 @@ class BridgeConfig:
     reconnect_interval: float = 0.2
     swtpm_connect_timeout: float = 5.0
     injection_timeout: float = 30.0
+    response_spin: float = 0.0
     listen_mode: int = 0o600
     listen_uid: int | None = None
     listen_gid: int | None = None
@@ -739,6 +742,9 @@ class Bridge:
                 s.tpm.sendall(data)
             except OSError:
                 self._drop_data_channel(s, "swtpm data channel write failed")
+                return
+            if self.config.response_spin > 0:
+                self._spin_for_response(s)
             return
         s.guest_framer.feed(data)
         now = self.clock()
@@ -751,14 +757,31 @@ class Bridge:
             return
         self._pump(s)
 
-    def _on_tpm_data(self, sock: socket.socket) -> None:
+    def _spin_for_response(self, s: _Session) -> None:
+        """Poll for swtpm's response for up to ``response_spin`` seconds before going back to
+        epoll: most responses take tens of µs, and a sleeping loop pays a wake-up for each."""
+        tpm = s.tpm
+        assert tpm is not None
+        end = time.perf_counter() + self.config.response_spin
+        while time.perf_counter() < end:
+            try:
+                data = tpm.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            self._on_tpm_data(tpm, data)
+            return
+
+    def _on_tpm_data(self, sock: socket.socket, data: bytes | None = None) -> None:
         s = self._session
         if s is None or sock is not s.tpm:
             return  # closed by an earlier event of the same select() round
-        try:
-            data = sock.recv(65536)
-        except OSError:
-            data = b""
+        if data is None:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
         if not data:
             self._drop_data_channel(s, "swtpm closed the data channel")
             return
@@ -1173,6 +1196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime-dir", type=Path, help="registry + query socket directory")
     p.add_argument("--hook-timeout", type=float, default=10.0)
     p.add_argument("--reconnect-interval", type=float, default=0.2)
+    p.add_argument("--response-spin-us", type=float, default=0.0)
     p.add_argument("--listen-mode", type=lambda v: int(v, 8), default=0o600)
     p.add_argument("--listen-uid", type=int)
     p.add_argument("--listen-gid", type=int)
@@ -1204,6 +1228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runtime_dir=args.runtime_dir,
         hook_timeout=args.hook_timeout,
         reconnect_interval=args.reconnect_interval,
+        response_spin=args.response_spin_us / 1e6,
         listen_mode=args.listen_mode,
         listen_uid=args.listen_uid,
         listen_gid=args.listen_gid,
