@@ -21,6 +21,7 @@ __all__ = ["build_parser", "main"]
 _COMMAND_MODULES: tuple[str, ...] = (
     "host_agent.memory.cli",
     "host_agent.tpm.cli",
+    "host_agent.store.cli",
     "host_agent.vtpm.cli",
 )
 
