@@ -216,8 +216,12 @@ def _certificate(value: object, path: str) -> tuple[bytes, x509.Certificate]:
     der = _b64(value, path, min_size=1)
     try:
         cert = x509.load_der_x509_certificate(der)
-        _ = cert.extensions  # parsed lazily: force it, so a bad extension is a parse error here
-        _ = cert.signature_hash_algorithm
+        # cryptography parses these lazily: read each now, so a bad one is a ParseError here and
+        # not an exception out of the verifier later.
+        cert.subject.rfc4514_string()
+        cert.issuer.rfc4514_string()
+        _ = cert.not_valid_before_utc, cert.not_valid_after_utc, cert.serial_number
+        _ = cert.extensions, cert.signature_hash_algorithm, cert.public_key()
     except _X509_ERRORS as err:
         _fail(path, "a DER X.509 certificate", f"one that does not parse ({err})")
     return der, cert

@@ -266,3 +266,14 @@ def test_certificate_with_an_invalid_version_is_a_parse_error(text: str) -> None
     doc["cert_user"] = base64.b64encode(bytes(der)).decode()
     err = _parse_error(doc)
     assert err.what == "$.cert_user" and "X509 version" in str(err)
+
+
+def test_certificate_fields_cryptography_reads_lazily_are_checked_at_parse(text: str) -> None:
+    """A subject with a wrong ASN.1 tag parses as a certificate but fails on first use: found by
+    tests/unit/test_verify_properties.py; it must be a ParseError of parse_bundle."""
+    doc = _obj(text)
+    der = bytearray(base64.b64decode(doc["cert_user"]))
+    at = der.index(b"\x06\x03\x55\x04\x03") + 5  # CN attribute: the string tag after the OID
+    der[at] = 0x0D  # RELATIVE-OID instead of UTF8String
+    doc["cert_user"] = base64.b64encode(bytes(der)).decode()
+    assert _parse_error(doc).what == "$.cert_user"
