@@ -46,9 +46,9 @@ class Captured:
 def _handmade_save_image(stream: bytes, path: Path, fmt: saveimage.SaveFormat) -> Path:
     comp = {
         saveimage.SaveFormat.RAW: lambda b: b,
-        saveimage.SaveFormat.GZIP: gzip.compress,
-        saveimage.SaveFormat.BZIP2: bz2.compress,
-        saveimage.SaveFormat.XZ: lzma.compress,
+        saveimage.SaveFormat.GZIP: lambda b: gzip.compress(b, compresslevel=1),
+        saveimage.SaveFormat.BZIP2: lambda b: bz2.compress(b, compresslevel=1),
+        saveimage.SaveFormat.XZ: lambda b: lzma.compress(b, preset=0),
     }
     if fmt is saveimage.SaveFormat.ZSTD:
         zstandard = pytest.importorskip("zstandard")
