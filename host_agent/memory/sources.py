@@ -220,22 +220,51 @@ class _Opened:
         self.file.close()
 
 
+class _Decompressed:
+    """A decompressing reader whose codec errors become :class:`ParseError` (with the offset
+    reached in the compressed file), so a corrupt image never escapes as a foreign exception."""
+
+    def __init__(
+        self, reader: Any, raw: IO[bytes], errors: tuple[type[BaseException], ...], name: str
+    ) -> None:
+        self._reader = reader
+        self._raw = raw
+        self._errors = errors
+        self._name = name
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return bytes(self._reader.read(n))
+        except self._errors as err:
+            try:
+                at = self._raw.tell()
+            except OSError:
+                at = 0
+            raise ParseError(
+                f"{self._name} data", at, f"a valid {self._name} stream", str(err) or repr(err)
+            ) from err
+
+
 def _decompressor(fmt: saveimage.SaveFormat, f: IO[bytes], spec: str) -> Any:
     if fmt is saveimage.SaveFormat.RAW:
         return f
     # Imported here: minimal Pythons (the test guest's) may lack the compression modules.
+    base_errors: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError)
     if fmt is saveimage.SaveFormat.GZIP:
         import gzip
+        import zlib
 
-        return gzip.GzipFile(fileobj=f, mode="rb")
+        return _Decompressed(
+            gzip.GzipFile(fileobj=f, mode="rb"), f, (*base_errors, zlib.error), "gzip"
+        )
     if fmt is saveimage.SaveFormat.BZIP2:
         import bz2
 
-        return bz2.BZ2File(f, "rb")
+        return _Decompressed(bz2.BZ2File(f, "rb"), f, base_errors, "bzip2")
     if fmt is saveimage.SaveFormat.XZ:
         import lzma
 
-        return lzma.LZMAFile(f, "rb")
+        return _Decompressed(lzma.LZMAFile(f, "rb"), f, (*base_errors, lzma.LZMAError), "xz")
     if fmt is saveimage.SaveFormat.ZSTD:
         try:
             import zstandard
@@ -243,7 +272,8 @@ def _decompressor(fmt: saveimage.SaveFormat, f: IO[bytes], spec: str) -> Any:
             raise MemorySourceError(
                 spec, "zstd-compressed save image: install the 'zstandard' package (host extra)"
             ) from err
-        return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+        reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+        return _Decompressed(reader, f, (*base_errors, zstandard.ZstdError), "zstd")
     raise UnsupportedError("save image format", 28, "raw, gzip, bzip2, xz or zstd", fmt.name)
 
 

@@ -155,3 +155,34 @@ def test_qemu_memory_backend_from_plain_and_libvirt_command_lines() -> None:
     ]
     assert parse_qemu_memory_args(libvirt) == ("pc.ram", {"pc.ram": 1 << 30})
     assert parse_qemu_memory_args(["-m", "64"]) == (None, {})
+
+
+@pytest.mark.parametrize("fmt", ["gzip", "bzip2", "xz", "zstd"])
+def test_corrupt_compressed_save_images_raise_parse_errors(tmp_path: Path, fmt: str) -> None:
+    import bz2
+    import gzip
+    import lzma
+    import random
+
+    from evidence.errors import ParseError
+    from host_agent.memory import saveimage
+
+    stream = b"QEVM\x00\x00\x00\x03" + os.urandom(1 << 16)
+    if fmt == "zstd":
+        zstandard = pytest.importorskip("zstandard")
+        body = zstandard.ZstdCompressor().compress(stream)
+    else:
+        body = {"gzip": gzip.compress, "bzip2": bz2.compress, "xz": lzma.compress}[fmt](stream)
+    header = saveimage.encode_save_image_header("<d/>", format=saveimage.SaveFormat[fmt.upper()])
+    rng = random.Random(fmt)
+    for trial in range(12):
+        bad = bytearray(body)
+        if trial % 3 == 0:
+            bad = bad[: rng.randrange(len(bad))]
+        else:
+            for _ in range(4):
+                bad[rng.randrange(len(bad))] ^= 1 + rng.randrange(255)
+        path = tmp_path / f"bad{trial}.img"
+        path.write_bytes(header + bytes(bad))
+        with pytest.raises(ParseError):
+            hash_source(str(path))
