@@ -25,6 +25,7 @@ import binascii
 import http.client
 import json
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
@@ -35,7 +36,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from evidence.errors import ChainError, VtpmError
+from evidence.aik_cert import aik_name_from_certificate, aik_public_from_certificate
+from evidence.errors import ChainError, ParseError, VtpmError
 from evidence.tpm2 import TpmtPublic, public_key
 
 __all__ = [
@@ -60,11 +62,6 @@ EK_CERT_KINDS: dict[int, Literal["rsa", "ecc"]] = {
     0x01C0001E: "rsa",  # RSA 4096 (high range)
 }
 """NV index of an EK certificate → the kind of EK it certifies."""
-
-# The registrar's AIK certificate extensions (verifier/registrar/ca.py); host_agent cannot import
-# verifier/, so the two OIDs are repeated here until they move to a shared leaf module.
-_TPM_OBJECT_NAME_OID = x509.ObjectIdentifier("2.25.122233000154448759152583983886733378126.1")
-_TPM_PUBLIC_OID = x509.ObjectIdentifier("2.25.122233000154448759152583983886733378126.2")
 
 
 class RegistrarRefused(VtpmError):
@@ -277,18 +274,11 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate, what: str) -> None:
         ) from err
 
 
-def _extension(cert: x509.Certificate, oid: x509.ObjectIdentifier, what: str) -> bytes:
+def _aik_extension(read: Callable[[x509.Certificate], bytes], cert: x509.Certificate) -> bytes:
     try:
-        raw = cert.extensions.get_extension_for_oid(oid).value
-    except x509.ExtensionNotFound as err:
-        raise ChainError(f"AIK certificate: expected a {what} extension, got none") from err
-    value = raw.value if isinstance(raw, x509.UnrecognizedExtension) else b""
-    if len(value) >= 2 and value[0] == 0x04:
-        if value[1] < 0x80 and value[1] == len(value) - 2:
-            return value[2:]
-        if value[1] == 0x81 and len(value) >= 3 and value[2] == len(value) - 3:
-            return value[3:]
-    raise ChainError(f"AIK certificate: the {what} extension is not a DER OCTET STRING")
+        return read(cert)
+    except ParseError as err:
+        raise ChainError(f"AIK certificate: {err}") from err
 
 
 def register_host(
@@ -385,12 +375,12 @@ def _check_answer(
     if _spki(aik_cert.public_key()) != _spki(aik_key):
         raise ChainError("AIK certificate: expected it to certify this host's AIK, got another key")
     aik_name = tpm.aik_name()
-    got_name = _extension(aik_cert, _TPM_OBJECT_NAME_OID, "TPM object Name")
+    got_name = _aik_extension(aik_name_from_certificate, aik_cert)
     if got_name != aik_name:
         raise ChainError(
             f"AIK certificate: expected TPM Name {aik_name.hex()}, got {got_name.hex()}"
         )
-    if _extension(aik_cert, _TPM_PUBLIC_OID, "TPMT_PUBLIC") != aik_public:
+    if _aik_extension(aik_public_from_certificate, aik_cert) != aik_public:
         raise ChainError("AIK certificate: expected this AIK's TPMT_PUBLIC in its extension")
     if _spki(tls_cert.public_key()) != _spki(tls_key.public_key()):
         raise ChainError("mTLS certificate: expected it to certify this host's mTLS key")

@@ -17,7 +17,8 @@ tcg-kp-AIKCertificate (2.23.133.8.3); BasicConstraints CA=FALSE; and two non-cri
 extensions, each a DER OCTET STRING: :data:`TPM_OBJECT_NAME_OID` (the AIK's TPM Name,
 ``nameAlg ‖ H(TPMT_PUBLIC)``) and :data:`TPM_PUBLIC_OID` (the AIK's TPMT_PUBLIC), so a verifier
 holding only the certificate can check CertAuthKey against the exact public area the registrar
-admitted.
+admitted. The profile's OIDs, extension coding and verification live in the leaf module
+:mod:`evidence.aik_cert`, shared with the host agent and the verifiers; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -31,6 +32,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from evidence import aik_cert
+from evidence.aik_cert import (
+    TCG_KP_AIK_CERTIFICATE,
+    TPM_OBJECT_NAME_OID,
+    TPM_PUBLIC_OID,
+    VTPM_TRUST_OID_ARC,
+    encode_octet_string,
+)
+from evidence.errors import VtpmError
 from evidence.tpm2_policy import PolicyApproval, approval_digest, fleet_key_public
 
 __all__ = [
@@ -44,55 +54,8 @@ __all__ = [
     "new_ca_certificate",
 ]
 
-VTPM_TRUST_OID_ARC = "2.25.122233000154448759152583983886733378126"
-"""vtpm-trust's OID arc: under the UUID arc 2.25 (ITU-T X.667), minted without registration from
-UUID 5bf53832-653f-4040-a5d2-d8c9fb0b824e."""
-
-TPM_OBJECT_NAME_OID = x509.ObjectIdentifier(f"{VTPM_TRUST_OID_ARC}.1")
-"""AIK certificate extension: the AIK's TPM Name (``nameAlg ‖ H(TPMT_PUBLIC)``), OCTET STRING."""
-
-TPM_PUBLIC_OID = x509.ObjectIdentifier(f"{VTPM_TRUST_OID_ARC}.2")
-"""AIK certificate extension: the AIK's marshalled TPMT_PUBLIC, OCTET STRING. A verifier reads
-the exact public area the registrar checked (restricted, fixedTPM …) from the certificate and
-checks TPM2_Certify signatures against it (``evidence.tpm2.verify_attest_signature``)."""
-
-TCG_KP_AIK_CERTIFICATE = x509.ObjectIdentifier("2.23.133.8.3")
-"""tcg-kp-AIKCertificate (TCG EK Credential Profile / Infrastructure WG)."""
-
 _CA_LIFETIME = timedelta(days=20 * 365)
 _BACKDATE = timedelta(minutes=5)
-
-
-def _octet_string(data: bytes) -> bytes:
-    """DER OCTET STRING of up to 65535 bytes."""
-    n = len(data)
-    if n < 0x80:
-        return bytes([0x04, n]) + data
-    if n <= 0xFF:
-        return bytes([0x04, 0x81, n]) + data
-    if n <= 0xFFFF:
-        return bytes([0x04, 0x82, n >> 8, n & 0xFF]) + data
-    raise ValueError("octet string too long")
-
-
-def _extension_octets(cert: x509.Certificate, oid: x509.ObjectIdentifier, what: str) -> bytes:
-    try:
-        ext = cert.extensions.get_extension_for_oid(oid).value
-    except x509.ExtensionNotFound as err:
-        raise ValueError(f"certificate has no {what} extension") from err
-    if not isinstance(ext, x509.UnrecognizedExtension):
-        raise ValueError(f"{what} extension: unexpected type")
-    raw = ext.value
-    if len(raw) >= 2 and raw[0] == 0x04:
-        if raw[1] < 0x80 and raw[1] == len(raw) - 2:
-            return raw[2:]
-        if raw[1] == 0x81 and len(raw) >= 3 and raw[2] >= 0x80 and raw[2] == len(raw) - 3:
-            return raw[3:]
-        if raw[1] == 0x82 and len(raw) >= 4:
-            n = raw[2] << 8 | raw[3]
-            if n > 0xFF and n == len(raw) - 4:
-                return raw[4:]
-    raise ValueError(f"{what} extension is not a DER OCTET STRING")
 
 
 def aik_name_from_certificate(cert: x509.Certificate) -> bytes:
@@ -101,7 +64,10 @@ def aik_name_from_certificate(cert: x509.Certificate) -> bytes:
     Raises:
         ValueError: the extension is missing or not a DER OCTET STRING.
     """
-    return _extension_octets(cert, TPM_OBJECT_NAME_OID, "TPM object Name")
+    try:
+        return aik_cert.aik_name_from_certificate(cert)
+    except VtpmError as err:
+        raise ValueError(str(err)) from err
 
 
 def aik_public_from_certificate(cert: x509.Certificate) -> bytes:
@@ -110,7 +76,10 @@ def aik_public_from_certificate(cert: x509.Certificate) -> bytes:
     Raises:
         ValueError: the extension is missing or not a DER OCTET STRING.
     """
-    return _extension_octets(cert, TPM_PUBLIC_OID, "TPMT_PUBLIC")
+    try:
+        return aik_cert.aik_public_from_certificate(cert)
+    except VtpmError as err:
+        raise ValueError(str(err)) from err
 
 
 def new_ca_certificate(
@@ -219,11 +188,11 @@ class FleetCa:
             )
             .add_extension(x509.ExtendedKeyUsage([TCG_KP_AIK_CERTIFICATE]), critical=False)
             .add_extension(
-                x509.UnrecognizedExtension(TPM_OBJECT_NAME_OID, _octet_string(aik_name)),
+                x509.UnrecognizedExtension(TPM_OBJECT_NAME_OID, encode_octet_string(aik_name)),
                 critical=False,
             )
             .add_extension(
-                x509.UnrecognizedExtension(TPM_PUBLIC_OID, _octet_string(aik_public)),
+                x509.UnrecognizedExtension(TPM_PUBLIC_OID, encode_octet_string(aik_public)),
                 critical=False,
             )
             .sign(self.key, hashes.SHA256())
