@@ -41,6 +41,7 @@ import argparse
 import collections
 import contextlib
 import enum
+import fcntl
 import logging
 import os
 import select
@@ -272,6 +273,7 @@ class Bridge:
         self.run_state = BridgeRunState.CREATED
         self._sel = _Poller()
         self._listener: socket.socket | None = None
+        self._locks: list[tuple[int, Path]] = []
         self._query: socket.socket | None = None
         self._session: _Session | None = None
         self._daemon: LinkPeer | None = None
@@ -313,6 +315,10 @@ class Bridge:
                 self._sel.register(self._query, selectors.EVENT_READ, self._on_accept_query)
                 write_registration(cfg.runtime_dir, self._record())
         except OSError as err:
+            for sock in (self._listener, self._query):
+                if sock is not None:
+                    with contextlib.suppress(KeyError, ValueError, OSError):
+                        self._sel.unregister(sock)
             self._close_sockets()
             raise BridgeTransportError(f"bridge listen {cfg.listen}", str(err)) from err
         self._sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
@@ -332,11 +338,18 @@ class Bridge:
         qpath = query_socket_path(cfg.runtime_dir, cfg.vm_uuid) if cfg.runtime_dir else ""
         return BridgeRecord(cfg.vm_uuid, cfg.vm_name, os.getpid(), str(cfg.listen), str(qpath))
 
-    @staticmethod
-    def _bind(path: Path, mode: int, uid: int | None, gid: int | None) -> socket.socket:
+    def _bind(self, path: Path, mode: int, uid: int | None, gid: int | None) -> socket.socket:
+        """Bind a listening socket at ``path``, guarded by ``path.lock`` (flock): a second bridge
+        for the same path fails instead of stealing it; a stale socket file is replaced."""
+        lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock)
+            raise OSError(f"{path} is in use by another bridge (lock {path}.lock held)") from None
+        self._locks.append((lock, Path(f"{path}.lock")))
         with contextlib.suppress(FileNotFoundError):
-            if path.is_socket():
-                path.unlink()
+            path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(str(path))
@@ -361,6 +374,7 @@ class Bridge:
     def serve_forever(self) -> None:
         """Bind and run the loop on the calling thread until :meth:`close` (or a signal)."""
         self._open()
+        self._thread = threading.current_thread()
         self._run()
 
     def close(self, timeout: float = 5.0) -> None:
@@ -371,21 +385,28 @@ class Bridge:
         self._stop = True
         self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+            self._stopped.wait(timeout)
 
     def _close_sockets(self) -> None:
+        """Close and unlink only what this bridge bound (never another bridge's socket)."""
         cfg = self.config
-        for sock, _path in ((self._listener, cfg.listen), (self._query, None)):
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.close()
-        with contextlib.suppress(OSError):
-            cfg.listen.unlink()
-        if cfg.runtime_dir is not None:
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.close()
+            with contextlib.suppress(OSError):
+                cfg.listen.unlink()
+        if self._query is not None and cfg.runtime_dir is not None:
+            with contextlib.suppress(OSError):
+                self._query.close()
             with contextlib.suppress(OSError):
                 query_socket_path(cfg.runtime_dir, cfg.vm_uuid).unlink()
             remove_registration(cfg.runtime_dir, cfg.vm_uuid, os.getpid())
         self._listener = self._query = None
+        for fd, lock_path in self._locks:
+            with contextlib.suppress(OSError):
+                lock_path.unlink()
+            os.close(fd)
+        self._locks.clear()
 
     @property
     def attached(self) -> bool:

@@ -440,3 +440,38 @@ def test_cli_resolves_the_bridge_by_uuid_and_name(
     assert "PCR 23" in capsys.readouterr().out
     assert main(["vm", "pcrs", "no-such-vm", "--runtime-dir", str(run)]) == 2
     assert "vtpm.bridge.not_found" in capsys.readouterr().err
+
+
+def test_a_hook_handler_may_read_the_pcrs_of_the_bridge_that_called_it(rig: Rig) -> None:
+    """What the daemon does at a save: read the vPCRs before letting the blob go."""
+    got: list[dict[int, bytes]] = []
+
+    def handler(call: HookCall) -> Allow:
+        got.append(rig.server.read_pcrs(call.vm_uuid, timeout=5))
+        return Allow()
+
+    rig.server.on_get_stateblob = handler
+    q = rig.qemu()
+    q.boot()
+    q.tpm(pcr_extend(PCR, hashlib.sha256(b"x").digest()))
+    expected = rig.bridge.read_pcrs()
+    assert [r.result for r in _save(q)] == [0, 0, 0x800]
+    assert got == [expected] * 3
+
+
+def test_second_bridge_on_a_live_socket_is_refused(rig: Rig) -> None:
+    from host_agent.vtpm.bridge_errors import BridgeTransportError
+
+    other = Bridge(
+        BridgeConfig(
+            vm_uuid=str(uuid.uuid4()),
+            listen=rig.ctrl,
+            swtpm_ctrl=rig.swtpm.ctrl_path,
+            allow_unhooked_state_transfer=True,
+        )
+    )
+    with pytest.raises(BridgeTransportError, match="in use"):
+        other.start()
+    assert other.run_state is BridgeRunState.CREATED
+    q = rig.qemu()
+    q.boot()  # the first bridge still serves
