@@ -28,7 +28,8 @@ Run states (qemu.qmp ``Runstate`` style; :class:`StateError` names current and r
                          │            └ poll(): exited ≠ 0 ─────────► FAILED
                          └ failure: rollback (kill, remove socket and pid file) ► FAILED
     start() from NEW, STOPPED, FAILED; restart_for_incoming() from any settled state;
-    adopt() finds a swtpm a previous daemon started (NEW/STOPPED/FAILED → RUNNING).
+    adopt() finds a swtpm a previous daemon started (NEW/STOPPED/FAILED → RUNNING);
+    remove() deletes the vTPM (sealed key first) and goes back to NEW.
 
 A swtpm runs in its own session, so it survives the daemon (invariant 6): a restarted daemon
 calls :func:`reap_orphans` with the VMs that still exist, then :meth:`SwtpmInstance.adopt` for
@@ -41,6 +42,7 @@ import enum
 import logging
 import os
 import secrets
+import shutil
 import subprocess
 import threading
 import time
@@ -366,6 +368,33 @@ class SwtpmInstance:
             self._set(SwtpmRunState.RUNNING)
             return True
 
+    def remove(self) -> None:
+        """Delete the VM's vTPM for good: sealed state key first (so what might be left of the
+        state can no longer be decrypted), then its directory. For an undefined VM, or the
+        source of a committed migration. The instance is NEW afterwards.
+
+        Raises:
+            StateError: not NEW, STOPPED or FAILED (stop() first).
+            SwtpmError: a swtpm still runs on the state, or the files cannot be removed.
+        """
+        with self._lock:
+            self._require(
+                "remove()", SwtpmRunState.NEW, SwtpmRunState.STOPPED, SwtpmRunState.FAILED
+            )
+            if self._pid is not None:
+                self._stop()
+            self._refuse_other_swtpm()
+            self._keys.delete(self.uuid)
+            try:
+                shutil.rmtree(self.paths.vm_dir)
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                raise SwtpmError(self.uuid, f"cannot remove {self.paths.vm_dir}: {err}") from err
+            self.error, self.returncode = None, None
+            self._set(SwtpmRunState.NEW)
+            log.info("swtpm %s: vTPM removed", self.uuid)
+
     # ------------------------------------------------------------------ internals
 
     def _start(self, *, incoming: bool) -> None:
@@ -418,16 +447,7 @@ class SwtpmInstance:
         try:
             self._make_dir(self.vtpm_dir)
             self._make_dir(self.paths.vm_dir)
-            other = proc_util.read_pid_file(self.paths.pid_file)
-            if (
-                other is not None
-                and proc_util.pid_alive(other)
-                and proc_util.is_swtpm_for(other, self.paths.state_dir)
-            ):
-                raise SwtpmError(
-                    self.uuid,
-                    f"a swtpm (pid {other}) already runs on this state; adopt() or stop it",
-                )
+            self._refuse_other_swtpm()
             sock = self.paths.ctrl_socket
             if os.path.lexists(sock):
                 # swtpm would unlink and rebind the path, stealing a live socket: refuse instead.
@@ -441,6 +461,17 @@ class SwtpmInstance:
                 sock.unlink()
         except OSError as err:
             raise SwtpmError(self.uuid, f"cannot prepare {self.paths.vm_dir}: {err}") from err
+
+    def _refuse_other_swtpm(self) -> None:
+        other = proc_util.read_pid_file(self.paths.pid_file)
+        if (
+            other is not None
+            and proc_util.pid_alive(other)
+            and proc_util.is_swtpm_for(other, self.paths.state_dir)
+        ):
+            raise SwtpmError(
+                self.uuid, f"a swtpm (pid {other}) already runs on this state; adopt() or stop it"
+            )
 
     @staticmethod
     def _make_dir(path: Path) -> None:
@@ -496,13 +527,17 @@ class SwtpmInstance:
                 raise SwtpmError(
                     self.uuid, f"swtpm exited with status {status} at start; {self._log_tail()}"
                 )
-            if proc_util.ctrl_accepts(self.paths.ctrl_socket):
+            # swtpm listens before it writes its pid file; reap_orphans() and adopt() need both.
+            if proc_util.read_pid_file(self.paths.pid_file) == self._proc.pid and (
+                proc_util.ctrl_accepts(self.paths.ctrl_socket)
+            ):
                 return
             if self._clock() >= deadline:
                 raise SwtpmError(
                     self.uuid,
-                    f"swtpm did not listen on {self.paths.ctrl_socket} within "
-                    f"{self.options.start_timeout:g} s; {self._log_tail()}",
+                    f"swtpm did not listen on {self.paths.ctrl_socket} and write "
+                    f"{self.paths.pid_file.name} within {self.options.start_timeout:g} s; "
+                    f"{self._log_tail()}",
                 )
             time.sleep(0.005)
 

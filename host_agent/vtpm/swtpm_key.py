@@ -92,6 +92,14 @@ class SealedKeyStore(Protocol):
         """
         ...
 
+    def delete(self, vm: str) -> None:
+        """Forget the sealed key of VM ``vm`` (no error if it has none).
+
+        Raises:
+            SwtpmError: it cannot be removed.
+        """
+        ...
+
 
 class FileSealedKeyStore:
     """Sealed keys as ``<vtpm_dir>/<uuid>/statekey.sealed`` (mode 0600, written atomically).
@@ -138,6 +146,15 @@ class FileSealedKeyStore:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise SwtpmError(vm, f"cannot write the sealed state key {path}: {err}") from err
+
+    def delete(self, vm: str) -> None:
+        path = self.path(vm)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise SwtpmError(vm, f"cannot remove the sealed state key {path}: {err}") from err
 
 
 def load_or_create_state_key(

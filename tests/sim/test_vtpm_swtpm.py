@@ -17,6 +17,7 @@ import stat
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from host_agent.errors import StateError, SwtpmError
+from host_agent.errors import StateError, SwtpmError, SwtpmProvisionError
 from host_agent.tpm.adapter import PytssHostTpm
 from host_agent.vtpm import swtpm_proc
 from host_agent.vtpm.swtpm import (
@@ -133,6 +134,7 @@ def make(host_tpm: PytssHostTpm, vtpm_dir: Path, template: Path) -> Iterator[Mak
     for inst in made:
         if inst.state in (S.RUNNING, S.FAILED):
             inst.stop()
+    for inst in made:
         assert not _swtpm_pids(inst.paths.state_dir), f"{inst} left a swtpm running"
 
 
@@ -202,6 +204,9 @@ def test_first_start_provisions_ek_cert_and_second_start_does_not(make: Make) ->
     inst = make(name="web-1")
     assert inst.state is S.NEW and not inst.provisioned
     inst.start()
+    if os.geteuid() == 0 and LOCALCA_DIR.is_dir() and LOCALCA_DIR.stat().st_uid != 0:
+        wrong = [p for p in LOCALCA_DIR.rglob("*") if p.lstat().st_uid == 0]
+        assert not wrong, f"swtpm_setup as root left root-owned files in {LOCALCA_DIR}: {wrong}"
     assert inst.state is S.RUNNING and inst.provisioned
     assert inst.states == [S.STARTING, S.RUNNING]  # type: ignore[attr-defined]
     _power_on(inst)
@@ -221,16 +226,6 @@ def test_first_start_provisions_ek_cert_and_second_start_does_not(make: Make) ->
     assert inst.paths.setup_log.read_bytes() == setup_log, "swtpm_setup ran again"
     assert (inst.paths.vm_dir / "statekey.sealed").read_bytes() == sealed
     assert inst.states == [S.STARTING, S.RUNNING, S.STOPPING, S.STOPPED, S.STARTING, S.RUNNING]  # type: ignore[attr-defined]
-
-
-def test_provisioning_as_root_leaves_swtpm_localca_to_its_owner(make: Make) -> None:
-    if os.geteuid() != 0 or not LOCALCA_DIR.is_dir():
-        pytest.skip("needs root and an installed swtpm-localca")
-    owner = LOCALCA_DIR.stat().st_uid
-    make().start()
-    if owner != 0:
-        wrong = [p for p in LOCALCA_DIR.rglob("*") if p.lstat().st_uid == 0]
-        assert not wrong, f"root-owned files left in {LOCALCA_DIR}: {wrong}"
 
 
 def test_restore_localca_owner_hands_root_files_back(tmp_path: Path) -> None:
@@ -268,6 +263,64 @@ def test_state_survives_restart(make: Make) -> None:
     inst.start()
     _power_on(inst)  # a new power cycle: PCRs reset, NV stays
     assert _tool(inst, "tpm2_nvread", NV_TEST, "-C", "o") == secret
+
+
+def test_failed_provisioning_leaves_no_half_made_vtpm(make: Make, tmp_path: Path) -> None:
+    failing = tmp_path / "swtpm_setup"
+    failing.write_text("#!/bin/sh\necho 'no CA today' >&2\nexit 3\n")
+    failing.chmod(0o755)
+    vm = str(uuid.uuid4())
+    inst = make(vm, swtpm_setup=str(failing))
+    with pytest.raises(SwtpmProvisionError, match="status 3: no CA today"):
+        inst.start()
+    assert inst.state is S.FAILED and not inst.provisioned
+    assert not inst.paths.state_dir.exists()
+    assert not inst.paths.state_dir.with_name("tpm2.setup").exists()
+    sealed = (inst.paths.vm_dir / "statekey.sealed").read_bytes()
+
+    retry = make(vm)  # the real swtpm_setup: provisions, with the key already sealed
+    retry.start()
+    assert retry.provisioned
+    assert (inst.paths.vm_dir / "statekey.sealed").read_bytes() == sealed
+
+
+def test_two_vms_provision_at_once(make: Make) -> None:
+    a, b = make(name="a"), make(name="b")
+    errors: list[BaseException] = []
+
+    def run(inst: SwtpmInstance) -> None:
+        try:
+            inst.start()
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    certs = []
+    for inst in (a, b):
+        _power_on(inst)
+        certs.append(_ek_cert(inst))
+    assert certs[0].serial_number != certs[1].serial_number
+    assert certs[0].public_key() != certs[1].public_key()
+
+
+def test_remove_deletes_the_key_then_the_state(make: Make) -> None:
+    inst = make(provisioned=True)
+    inst.start()
+    with pytest.raises(StateError):
+        inst.remove()
+    _power_on(inst)
+    old_cert = _ek_cert(inst)
+    inst.stop()
+    inst.remove()
+    assert inst.state is S.NEW and not inst.paths.vm_dir.exists()
+    inst.start()  # a new VM with this UUID: a new vTPM
+    _power_on(inst)
+    assert _ek_cert(inst).public_key() != old_cert.public_key()
 
 
 # ---------------------------------------------------------------- invariant 5
@@ -596,12 +649,14 @@ def _running_qemu(ctrl: Path, qmp: Path, *extra: str) -> Iterator[QmpClient]:
         yield client
     finally:
         client.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)  # after a QMP quit: let QEMU send CMD_SHUTDOWN on its way out
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
 
 
-def _wait_state(inst: SwtpmInstance, want: SwtpmRunState, timeout: float = 5.0) -> None:
+def _wait_state(inst: SwtpmInstance, want: SwtpmRunState, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while inst.poll() is not want:
         assert time.monotonic() < deadline, f"{inst} is not {want.value} after {timeout} s"
@@ -633,6 +688,7 @@ def test_qemu_migration_to_a_fresh_incoming_swtpm_on_another_host(
             time.sleep(0.05)
         qmp.quit()
     _wait_state(target, S.STOPPED)
+    assert target.returncode == 0
     assert target.provisioned and not target.paths.setup_log.exists()
     assert struct.unpack(">H", target.paths.permall.read_bytes()[4:6])[0] & 0x9 == 0x9
 
@@ -651,8 +707,14 @@ def test_qemu_migration_to_a_fresh_incoming_swtpm_on_another_host(
 def test_swtpm_does_not_outlive_a_killed_qemu(make: Make, vtpm_dir: Path) -> None:
     inst = make(debug=False, provisioned=True)
     inst.start()
-    with _running_qemu(inst.ctrl_socket, vtpm_dir.parent / "q") as qmp:
+    proc = _qemu(inst.ctrl_socket, vtpm_dir.parent / "q")
+    qmp = QmpClient(vtpm_dir.parent / "q", timeout=20)
+    try:
+        qmp.connect(deadline=time.monotonic() + 20, alive=lambda: proc.poll() is None)
         assert qmp.query_status() == "running"
-    # _running_qemu SIGKILLs QEMU: no CMD_SHUTDOWN; --terminate ends swtpm as its data fd closes.
+    finally:
+        qmp.close()
+        proc.kill()  # no CMD_SHUTDOWN; --terminate ends swtpm as its data channel closes
+        proc.wait(10)
     _wait_state(inst, S.STOPPED)
     assert not _swtpm_pids(inst.paths.state_dir)
