@@ -475,3 +475,46 @@ def test_second_bridge_on_a_live_socket_is_refused(rig: Rig) -> None:
     assert other.run_state is BridgeRunState.CREATED
     q = rig.qemu()
     q.boot()  # the first bridge still serves
+
+
+def test_get_stateblob_hook_may_replace_the_blob_qemu_receives(rig: Rig) -> None:
+    rig.server.on_get_stateblob = lambda call: (
+        Replace(b"sealed-" + bytes([call.blob_type]), state_flags=2)
+        if call.blob_type == 1
+        else Allow()
+    )
+    q = rig.qemu()
+    q.boot()
+    perm, vol, _save3 = _save(q)
+    assert perm == cc.StateBlobReply.of(b"sealed-\x01", 2)
+    assert isinstance(vol, cc.StateBlobReply) and vol.data[:8] == bytes.fromhex("0201000a00040000")
+
+
+def test_run_state_transitions_and_guards(sockdir: Path) -> None:
+    tpm = start_swtpm_unix(sockdir / "state", ctrl_path=sockdir / "swtpm.sock")
+    bridge = Bridge(
+        BridgeConfig(
+            vm_uuid=str(uuid.uuid4()),
+            listen=sockdir / "ctrl.sock",
+            swtpm_ctrl=tpm.ctrl_path,
+            allow_unhooked_state_transfer=True,
+            exit_when_qemu_leaves=True,
+        )
+    )
+    seen = [bridge.run_state]
+    try:
+        bridge.start()
+        seen.append(bridge.run_state)
+        with pytest.raises(StateError, match="start"):
+            bridge.start()
+        q = QemuSide(sockdir / "ctrl.sock")
+        q.boot()
+        seen.append(bridge.run_state)
+        q.close()
+        assert bridge.wait_closed(5), "exit_when_qemu_leaves stops the loop"
+        seen.append(bridge.run_state)
+        assert not (sockdir / "ctrl.sock").exists() and not (sockdir / "ctrl.sock.lock").exists()
+    finally:
+        bridge.close()
+        tpm.stop()
+    assert [s.value for s in seen] == ["created", "listening", "attached", "closed"]
