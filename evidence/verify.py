@@ -5,7 +5,9 @@ raises, never returns ``False``. Everything it needs to trust comes in :class:`V
 (no clock, no randomness, no I/O: the caller supplies ``now`` and the nonce it sent).
 
 Errors (each a subclass of the :mod:`evidence.errors` tree with its own stable ``id``, listed in
-``docs/findings.md``; :func:`evidence.verdict.finding_from_error` turns any into a finding)::
+``docs/findings.md``; :func:`evidence.verdict.finding_from_error` turns any into a finding).
+Check 1, the AIK certificate, is :func:`evidence.aik_cert.verify_aik_certificate`, shared with
+the registrar and the host; its errors are re-exported here::
 
     VerificationError
     ├── CertUserMismatch                verify.cert_user
@@ -16,10 +18,10 @@ Errors (each a subclass of the :mod:`evidence.errors` tree with its own stable `
     │   └── QualifyingDataMismatch      verify.nonce.qualifying_data
     ├── HashAlgorithmNotAllowed         verify.hash_not_allowed (errors.py)
     ├── ChainError                      verify.chain            (errors.py)
-    │   ├── AikNotFleetIssued           verify.chain.aik_issuer
-    │   ├── CertificateNotValidNow      verify.chain.validity
-    │   ├── CaConstraintViolation       verify.chain.ca_constraints
-    │   ├── AikCertificateMismatch      verify.chain.aik_certificate
+    │   ├── AikNotFleetIssued           verify.chain.aik_issuer        (aik_cert.py)
+    │   ├── CertificateNotValidNow      verify.chain.validity          (aik_cert.py)
+    │   ├── CaConstraintViolation       verify.chain.ca_constraints    (aik_cert.py)
+    │   ├── AikCertificateMismatch      verify.chain.aik_certificate   (aik_cert.py)
     │   ├── CertifyTypeMismatch         verify.chain.certify_type
     │   ├── CertifiedNameMismatch       verify.chain.certified_name
     │   ├── KeyAttributesMismatch       verify.chain.key_attributes
@@ -46,17 +48,23 @@ from datetime import datetime
 from typing import ClassVar, Final, TypeVar
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtensionOID
 
 from evidence import tpm2_policy
-from evidence.bundle import MAX_AIK_CERTIFICATES, RawBundle, RawCertification
+from evidence.aik_cert import (
+    TCG_KP_AIK_CERTIFICATE,
+    TPM_OBJECT_NAME_OID,
+    TPM_PUBLIC_OID,
+    AikCertificateMismatch,
+    AikNotFleetIssued,
+    CaConstraintViolation,
+    CertificateNotValidNow,
+    verify_aik_certificate,
+)
+from evidence.bundle import RawBundle, RawCertification
 from evidence.errors import (
     ChainError,
     HashAlgorithmNotAllowed,
     NonceMismatch,
-    ParseError,
     ReplayError,
     SignatureError,
     VerificationError,
@@ -71,7 +79,6 @@ from evidence.tpm2 import (
     TpmSt,
     TpmtPublic,
     object_name,
-    public_key,
     verify_attest_signature,
     verify_signature,
 )
@@ -110,19 +117,9 @@ __all__ = [
     "verify_bundle",
 ]
 
-_VTPM_TRUST_OID_ARC: Final = "2.25.122233000154448759152583983886733378126"
-TPM_OBJECT_NAME_OID: Final = x509.ObjectIdentifier(f"{_VTPM_TRUST_OID_ARC}.1")
-"""AIK certificate extension: the AIK's TPM Name, an OCTET STRING (verifier/registrar/ca.py)."""
-TPM_PUBLIC_OID: Final = x509.ObjectIdentifier(f"{_VTPM_TRUST_OID_ARC}.2")
-"""AIK certificate extension: the AIK's marshalled TPMT_PUBLIC, an OCTET STRING."""
-TCG_KP_AIK_CERTIFICATE: Final = x509.ObjectIdentifier("2.23.133.8.3")
-"""tcg-kp-AIKCertificate: the EKU every AIK certificate of the fleet carries."""
 VAIK_POLICY_REF: Final = b"vtpm-trust/vaik-sign/1"
 """The policyRef host agents bind into a vAIK's PolicyAuthorize branch by default."""
 
-_HANDLED_CRITICAL: Final = frozenset(
-    {ExtensionOID.BASIC_CONSTRAINTS, ExtensionOID.KEY_USAGE, ExtensionOID.EXTENDED_KEY_USAGE}
-)
 _SHA1: Final = TpmAlgId.TPM_ALG_SHA1
 _IMA_BANK_HASH: Final = {
     "sha1": hashlib.sha1,
@@ -130,7 +127,6 @@ _IMA_BANK_HASH: Final = {
     "sha384": hashlib.sha384,
     "sha512": hashlib.sha512,
 }
-_WEAK_CERT_HASHES: Final = frozenset({"md5", "sha1"})
 _A = TpmaObject
 
 
@@ -182,30 +178,6 @@ class QualifyingDataMismatch(_Detailed, NonceMismatch):
     """A certification's qualifying data is not SHA-256(cert_user ‖ nonce) of this request."""
 
     id: ClassVar[str] = "verify.nonce.qualifying_data"
-
-
-class AikNotFleetIssued(_Detailed, ChainError):
-    """No fleet CA certificate (through the bundle's intermediates) issued the AIK certificate."""
-
-    id: ClassVar[str] = "verify.chain.aik_issuer"
-
-
-class CertificateNotValidNow(_Detailed, ChainError):
-    """A certificate of the chain is expired or not yet valid at ``opts.now``."""
-
-    id: ClassVar[str] = "verify.chain.validity"
-
-
-class CaConstraintViolation(_Detailed, ChainError):
-    """An issuing certificate is not a CA allowed to issue here (basic constraints, key usage)."""
-
-    id: ClassVar[str] = "verify.chain.ca_constraints"
-
-
-class AikCertificateMismatch(_Detailed, ChainError):
-    """The AIK certificate is not an AIK certificate for the bundle's AIK (profile, key, Name)."""
-
-    id: ClassVar[str] = "verify.chain.aik_certificate"
 
 
 class CertifyTypeMismatch(_Detailed, ChainError):
@@ -467,203 +439,6 @@ def _describe(cert: x509.Certificate) -> str:
     return f"subject {cert.subject.rfc4514_string()!r}, issuer {cert.issuer.rfc4514_string()!r}"
 
 
-def _issued_by(
-    cert: x509.Certificate, candidates: Sequence[x509.Certificate]
-) -> x509.Certificate | None:
-    for issuer in candidates:
-        if issuer.subject != cert.issuer:
-            continue
-        try:
-            cert.verify_directly_issued_by(issuer)
-        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-            continue
-        return issuer
-    return None
-
-
-def _check_signature_hash(cert: x509.Certificate, role: str, allow_sha1: bool) -> None:
-    algorithm = cert.signature_hash_algorithm
-    name = algorithm.name if algorithm is not None else "none"
-    if name in _WEAK_CERT_HASHES and not (name == "sha1" and allow_sha1):
-        hint = "allow_sha1=True accepts it" if name == "sha1" else "no option accepts it"
-        raise HashAlgorithmNotAllowed(
-            f"{role} ({_describe(cert)}) is signed with {name.upper()}; {hint}"
-        )
-
-
-def _check_validity(cert: x509.Certificate, now: datetime, role: str) -> None:
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    if not start <= now <= end:
-        raise _detail(
-            CertificateNotValidNow(
-                f"{role} ({_describe(cert)}) is valid from {start.isoformat()} to "
-                f"{end.isoformat()}, not at {now.isoformat()}"
-            ),
-            f"{start.isoformat()}..{end.isoformat()}",
-            now.isoformat(),
-        )
-
-
-def _critical_unhandled(cert: x509.Certificate) -> list[str]:
-    return [
-        ext.oid.dotted_string
-        for ext in cert.extensions
-        if ext.critical and ext.oid not in _HANDLED_CRITICAL
-    ]
-
-
-def _check_ca(cert: x509.Certificate, intermediates_below: int, role: str) -> None:
-    def fail(why: str) -> CaConstraintViolation:
-        return _detail(
-            CaConstraintViolation(f"{role} ({_describe(cert)}) may not issue this chain: {why}"),
-            "a CA certificate allowed to issue this chain",
-            why,
-        )
-
-    try:
-        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        raise fail("it has no BasicConstraints extension") from None
-    if not bc.ca:
-        raise fail("BasicConstraints CA is FALSE")
-    if bc.path_length is not None and intermediates_below > bc.path_length:
-        raise fail(
-            f"pathLenConstraint {bc.path_length}, but {intermediates_below} intermediate(s) follow"
-        )
-    try:
-        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        ku = None
-    if ku is not None and not ku.key_cert_sign:
-        raise fail("its KeyUsage lacks keyCertSign")
-    unhandled = _critical_unhandled(cert)
-    if unhandled:
-        raise fail(f"it has critical extensions this verifier does not process: {unhandled}")
-
-
-def _verify_aik_chain(raw: RawBundle, opts: VerifyOptions) -> tuple[x509.Certificate, TpmtPublic]:
-    """Check 1: the AIK certificate chains to a fleet CA; returns it and the AIK it certifies."""
-    leaf = raw.aik_certificates[0]
-    roots = opts.fleet_cas
-    pool = list(raw.aik_certificates[1:])
-    _check_validity(leaf, opts.now, "AIK certificate")
-    current, path_len, role = leaf, 0, "AIK certificate"
-
-    for _ in range(MAX_AIK_CERTIFICATES):
-        _check_signature_hash(current, role, opts.allow_sha1)
-        root = _issued_by(current, roots)
-        if root is not None:
-            _check_validity(root, opts.now, "fleet CA certificate")
-            _check_ca(root, path_len, "fleet CA certificate")
-            break
-        intermediate = _issued_by(current, pool)
-        if intermediate is None:
-            raise _detail(
-                AikNotFleetIssued(
-                    f"the AIK certificate chain ends at a certificate ({_describe(current)}) that "
-                    "no fleet CA certificate issued; fleet CAs: "
-                    + "; ".join(repr(r.subject.rfc4514_string()) for r in roots)
-                ),
-                "issued by " + " or ".join(r.subject.rfc4514_string() for r in roots),
-                current.issuer.rfc4514_string(),
-            )
-        pool.remove(intermediate)
-        _check_validity(intermediate, opts.now, "intermediate CA certificate")
-        _check_ca(intermediate, path_len, "intermediate CA certificate")
-        current, path_len, role = intermediate, path_len + 1, "intermediate CA certificate"
-    else:  # pragma: no cover - the pool is shorter than the loop bound
-        raise AikNotFleetIssued("the AIK certificate chain does not end at a fleet CA")
-    return leaf, _check_aik_profile(leaf)
-
-
-def _octets(value: bytes) -> bytes | None:
-    """The content of a DER OCTET STRING (minimal definite length up to 65535), else None."""
-    if len(value) < 2 or value[0] != 0x04:
-        return None
-    first = value[1]
-    if first < 0x80:
-        n, head = first, 2
-    elif first == 0x81 and len(value) >= 3 and value[2] >= 0x80:
-        n, head = value[2], 3
-    elif first == 0x82 and len(value) >= 4 and (value[2] << 8 | value[3]) > 0xFF:
-        n, head = value[2] << 8 | value[3], 4
-    else:
-        return None
-    return value[head:] if len(value) - head == n else None
-
-
-def _extension_octets(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> bytes | None:
-    try:
-        ext = cert.extensions.get_extension_for_oid(oid).value
-    except x509.ExtensionNotFound:
-        return None
-    return _octets(ext.value) if isinstance(ext, x509.UnrecognizedExtension) else None
-
-
-def _check_aik_profile(cert: x509.Certificate) -> TpmtPublic:
-    """The AIK certificate's profile (verifier/registrar/ca.py); returns the AIK it certifies."""
-
-    def fail(why: str, expected: str, got: str) -> AikCertificateMismatch:
-        return _detail(
-            AikCertificateMismatch(f"AIK certificate ({_describe(cert)}): {why}"), expected, got
-        )
-
-    exts = cert.extensions
-    try:
-        if exts.get_extension_for_class(x509.BasicConstraints).value.ca:
-            raise fail("it is a CA certificate", "BasicConstraints CA=FALSE", "CA=TRUE")
-    except x509.ExtensionNotFound:
-        pass
-    try:
-        eku = exts.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        raise fail(
-            "it has no ExtendedKeyUsage", f"EKU {TCG_KP_AIK_CERTIFICATE.dotted_string}", "none"
-        ) from None
-    if TCG_KP_AIK_CERTIFICATE not in eku:
-        raise fail(
-            "it is not an AIK certificate (e.g. a TLS certificate of the same CA)",
-            f"EKU tcg-kp-AIKCertificate {TCG_KP_AIK_CERTIFICATE.dotted_string}",
-            ", ".join(o.dotted_string for o in eku),
-        )
-    unhandled = _critical_unhandled(cert)
-    if unhandled:
-        raise fail("unprocessed critical extensions", "none", ", ".join(unhandled))
-    public_bytes = _extension_octets(cert, TPM_PUBLIC_OID)
-    if public_bytes is None:
-        raise fail(
-            "it carries no TPMT_PUBLIC extension (an OCTET STRING)",
-            f"extension {TPM_PUBLIC_OID.dotted_string}",
-            "none or malformed",
-        )
-    try:
-        aik = TpmtPublic.unmarshal(public_bytes)
-    except ParseError as err:
-        raise fail(f"its TPMT_PUBLIC does not parse: {err}", "a TPMT_PUBLIC", str(err)) from err
-    cert_name = _extension_octets(cert, TPM_OBJECT_NAME_OID)
-    aik_name = object_name(aik)
-    if cert_name is None or not _same(cert_name, aik_name):
-        raise fail(
-            "its TPM object Name is not the Name of its TPMT_PUBLIC",
-            aik_name.hex(),
-            cert_name.hex() if cert_name is not None else "a missing or malformed extension",
-        )
-    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    try:
-        cert_key = cert.public_key().public_bytes(*spki)
-    except (ValueError, UnsupportedAlgorithm) as err:
-        raise fail("its public key does not load", "an ECC or RSA key", str(err)) from err
-    try:
-        aik_key = public_key(aik).public_bytes(*spki)
-    except ParseError as err:
-        raise fail(f"its TPMT_PUBLIC holds no usable key: {err}", "a key", str(err)) from err
-    if cert_key != aik_key:
-        raise fail(
-            "its subject public key is not the key of its TPMT_PUBLIC", "the AIK key", "another"
-        )
-    return aik
-
-
 def _check_attributes(
     public: TpmtPublic, role: str, *, required: TpmaObject, forbidden: TpmaObject
 ) -> None:
@@ -861,7 +636,9 @@ def verify_bundle(raw: RawBundle, opts: VerifyOptions) -> AttestedVm:
 
     0. The request: the bundle's nonce, cert_user and VM UUID are the expected ones
        (NonceMismatch, CertUserMismatch, VmUuidMismatch). These are claims; checks 2-4 prove them.
-    1. AIK certificate: chains to a fleet CA certificate, through the bundle's intermediates
+    1. AIK certificate (:func:`evidence.aik_cert.verify_aik_certificate`): no certificate of
+       the path is signed with MD5, nor SHA-1 unless ``allow_sha1`` (HashAlgorithmNotAllowed);
+       it chains to a fleet CA certificate, through the bundle's intermediates
        (AikNotFleetIssued); every certificate is valid at ``opts.now``
        (CertificateNotValidNow); each issuer is a CA whose constraints allow the chain
        (CaConstraintViolation); it is an AIK certificate (EKU tcg-kp-AIKCertificate, not a CA)
@@ -902,8 +679,9 @@ def verify_bundle(raw: RawBundle, opts: VerifyOptions) -> AttestedVm:
 
     Raises:
         VerificationError: one of the subclasses named above (each with its stable ``id``).
-        ParseError: a key in the bundle does not convert into a public key, or a list holds an
-            entry of a template that cannot be replayed (UnsupportedError).
+        ParseError: an AIK certificate extension is not well-formed DER, a key in the bundle does
+            not convert into a public key, or a list holds an entry of a template that cannot be
+            replayed (UnsupportedError).
     """
     if not isinstance(raw, RawBundle):
         raise TypeError(f"verify_bundle takes a RawBundle, got {type(raw).__name__}")
@@ -933,7 +711,14 @@ def verify_bundle(raw: RawBundle, opts: VerifyOptions) -> AttestedVm:
         )
 
     # 1. the AIK certificate
-    aik_cert, aik_public = _verify_aik_chain(raw, opts)
+    aik_cert = raw.aik_certificates[0]
+    aik_public = verify_aik_certificate(
+        aik_cert,
+        opts.fleet_cas,
+        opts.now,
+        intermediates=raw.aik_certificates[1:],
+        allow_sha1=opts.allow_sha1,
+    )
     _check_attributes(
         aik_public,
         "AIK",
