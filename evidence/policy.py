@@ -452,7 +452,7 @@ def _digest_map(value: object, path: str, *, keys_are_pcrs: bool = False) -> dic
         where = f"{path}[{json.dumps(key)}]"
         k: Any = key
         if keys_are_pcrs:
-            if not key.isdigit() or not 0 <= int(key) < 24:
+            if not (key.isascii() and key.isdigit()) or not 0 <= int(key) < 24:
                 _fail(where, "a PCR index 0..23 as a string")
             k = int(key)
         if not isinstance(digests, list) or not digests:
@@ -582,7 +582,7 @@ def import_keylime_runtime_policy(text: str | bytes) -> ImaAllowlist:
     meta = _obj(
         top["meta"], "$.meta", frozenset({"version"}), frozenset({"generator", "timestamp"})
     )
-    if meta["version"] != 1:
+    if type(meta["version"]) is not int or meta["version"] != 1:
         raise UnsupportedError("$.meta.version", 0, "1", json.dumps(meta["version"]), unit="path")
     if not isinstance(top["release"], int) or isinstance(top["release"], bool):
         _fail("$.release", "an integer")

@@ -312,3 +312,16 @@ def test_entries_after_the_signed_pcr_are_a_warning(world: World, refs: Referenc
     verdict = evaluate_reference_values(vm, refs)
     assert verdict.ids == ("ima.list.unverified_tail",) and verdict.trusted
     assert verdict.findings[0].got == "1"
+
+
+@pytest.mark.parametrize("key", ["²", "٣", "-1", "24", " 1"])
+def test_pcr_keys_are_ascii_indices(refs: ReferenceValues, key: str) -> None:
+    doc = json.loads(encode_reference_values(refs))
+    doc["pcrs"] = {key: ["00" * 32]}
+    with pytest.raises(ParseError):
+        parse_reference_values(json.dumps(doc))
+
+
+def test_keylime_version_true_is_not_1() -> None:
+    with pytest.raises(UnsupportedError):
+        import_keylime_runtime_policy(json.dumps(keylime_policy(meta={"version": True})))
