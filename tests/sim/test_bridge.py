@@ -156,7 +156,9 @@ def sockdir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def make_rig(sockdir: Path, *, hook_timeout: float = 5.0, server: bool = True) -> Rig:
+def make_rig(
+    sockdir: Path, *, hook_timeout: float = 5.0, server: bool = True, response_spin: float = 0.0
+) -> Rig:
     vm_uuid = str(uuid.uuid4())
     tpm = start_swtpm_unix(sockdir / "state", ctrl_path=sockdir / "swtpm.sock")
     srv = HooksServer(sockdir / "daemon.sock")
@@ -172,6 +174,7 @@ def make_rig(sockdir: Path, *, hook_timeout: float = 5.0, server: bool = True) -
             runtime_dir=sockdir / "run",
             hook_timeout=hook_timeout,
             reconnect_interval=0.05,
+            response_spin=response_spin,
         )
     ).start()
     if server:
@@ -279,7 +282,7 @@ def test_get_stateblob_hook_sees_each_blob_and_allows(rig: Rig) -> None:
     assert [(c.event, c.blob_type) for c in calls] == [("get_stateblob", t) for t in (1, 2, 3)]
     for call, reply in zip(calls, replies, strict=True):
         assert isinstance(reply, cc.StateBlobReply)
-        assert call.vm_uuid == rig.vm_uuid and call.blob == b""
+        assert call.vm_uuid == rig.vm_uuid and call.blob == reply.data
         assert call.sha256 == hashlib.sha256(reply.data).hexdigest()
         assert call.length == len(reply.data)
 
@@ -518,3 +521,21 @@ def test_run_state_transitions_and_guards(sockdir: Path) -> None:
         bridge.close()
         tpm.stop()
     assert [s.value for s in seen] == ["created", "listening", "attached", "closed"]
+
+
+def test_response_spin_relays_the_same_bytes(sockdir: Path) -> None:
+    r = make_rig(sockdir, response_spin=0.0005)
+    try:
+        q = r.qemu()
+        q.boot()
+        for i in range(1, 200):
+            n = 1 + i % 64  # GetRandom returns at most 64 bytes (the largest digest)
+            resp = q.tpm(get_random(n))
+            assert rc_of(resp) == 0 and len(resp) == 12 + n
+            if i % 10 == 0:
+                assert len(r.bridge.read_pcrs()) == 24
+        q.close()
+    finally:
+        r.bridge.close()
+        r.server.close()
+        r.swtpm.stop()
