@@ -401,7 +401,7 @@ class SwtpmInstance:
         self._set(SwtpmRunState.STARTING)
         self.error, self.returncode = None, None
         try:
-            self._prepare()
+            provision = self._prepare(incoming=incoming)
             key = load_or_create_state_key(
                 self.uuid,
                 self._sealer,
@@ -410,13 +410,7 @@ class SwtpmInstance:
                 may_create=not self.provisioned,
             )
             try:
-                if not self.provisioned and not incoming:
-                    if _state_files(self.paths.state_dir):
-                        raise SwtpmError(
-                            self.uuid,
-                            f"{self.paths.state_dir} holds files but no {PERMALL}; refusing to "
-                            "provision over them",
-                        )
+                if provision:
                     provision_vtpm(
                         vm_uuid=self.uuid,
                         vm_name=self.name,
@@ -429,7 +423,6 @@ class SwtpmInstance:
                         timeout=self.options.setup_timeout,
                     )
                     log.info("swtpm %s: vTPM provisioned (EK certificates)", self.uuid)
-                self._make_dir(self.paths.state_dir)
                 self._spawn(key)
             finally:
                 wipe(key)
@@ -442,8 +435,13 @@ class SwtpmInstance:
         self._set(SwtpmRunState.RUNNING)
         log.info("swtpm %s: running, pid %s (incoming=%s)", self.uuid, self._pid, incoming)
 
-    def _prepare(self) -> None:
-        """Directories (0700); no other swtpm on this state; a control socket path nobody serves."""
+    def _prepare(self, *, incoming: bool) -> bool:
+        """Check and make what a start needs; return whether swtpm_setup must run first.
+
+        Directories 0700; no other swtpm on this state; a control socket path nobody serves; an
+        incoming VM gets an empty state directory, a booting VM without state gets provisioned
+        (unless files it does not recognise sit there).
+        """
         try:
             self._make_dir(self.vtpm_dir)
             self._make_dir(self.paths.vm_dir)
@@ -459,6 +457,16 @@ class SwtpmInstance:
                         "stop that swtpm first",
                     )
                 sock.unlink()
+            if self.provisioned or incoming:
+                self._make_dir(self.paths.state_dir)
+                return False
+            if stray := _state_files(self.paths.state_dir):
+                raise SwtpmError(
+                    self.uuid,
+                    f"{self.paths.state_dir} holds {stray} but no {PERMALL}; refusing to "
+                    "provision over them",
+                )
+            return True
         except OSError as err:
             raise SwtpmError(self.uuid, f"cannot prepare {self.paths.vm_dir}: {err}") from err
 

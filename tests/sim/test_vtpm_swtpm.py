@@ -284,6 +284,17 @@ def test_failed_provisioning_leaves_no_half_made_vtpm(make: Make, tmp_path: Path
     assert (inst.paths.vm_dir / "statekey.sealed").read_bytes() == sealed
 
 
+def test_unknown_files_in_the_state_dir_are_not_provisioned_over(make: Make) -> None:
+    inst = make()
+    inst.paths.state_dir.mkdir(parents=True)
+    (inst.paths.state_dir / "tpm2-00.volatilestate").write_bytes(b"?")
+    with pytest.raises(SwtpmError, match="refusing to provision"):
+        inst.start()
+    assert inst.state is S.FAILED
+    assert not (inst.paths.vm_dir / "statekey.sealed").exists(), "a key was made for nothing"
+    assert (inst.paths.state_dir / "tpm2-00.volatilestate").read_bytes() == b"?"
+
+
 def test_two_vms_provision_at_once(make: Make) -> None:
     a, b = make(name="a"), make(name="b")
     errors: list[BaseException] = []
