@@ -21,7 +21,8 @@ Messages (``type``):
 - ``hook``    bridge → daemon: ``id``, ``vm_uuid``, ``event`` (``get_stateblob`` on save /
   snapshot / outgoing migration, ``set_stateblob`` on restore / incoming migration),
   ``blob_type`` (1 permanent, 2 volatile, 3 savestate), ``state_flags``, ``result`` (swtpm's, for
-  GET), ``length``, ``sha256`` (hex of the blob); binary = the blob for SET, empty for GET.
+  GET), ``length``, ``sha256`` (hex of the blob); binary = the blob (for SET what QEMU pushes,
+  for GET what swtpm handed out: the daemon seals it), or empty from a peer that omits it.
 - ``verdict`` daemon → bridge: ``id``, ``verdict`` (``allow`` | ``veto`` | ``replace``),
   ``reason`` (required for veto), ``state_flags`` (optional, with replace); binary = the
   replacement blob.
