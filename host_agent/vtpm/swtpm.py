@@ -563,8 +563,8 @@ class SwtpmInstance:
         self._forget_process()
 
     def _stop(self) -> None:
-        if self._pid is None:
-            self._forget_process()
+        if self._pid is None:  # nothing of ours runs; files at our paths may be another's
+            self._proc = None
             if self._state is not SwtpmRunState.NEW:
                 self._set(SwtpmRunState.STOPPED)
             return

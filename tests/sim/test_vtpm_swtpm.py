@@ -524,6 +524,8 @@ def test_reap_orphans_kills_leftovers_and_spares_live_vms(make: Make, vtpm_dir: 
     alive.ctrl_socket.rename(alive.ctrl_socket.with_suffix(".moved"))
     with pytest.raises(SwtpmError, match=f"pid {alive_pid}"):
         again.start()
+    again.stop()  # FAILED → STOPPED; must not touch the other swtpm's files
+    assert again.paths.pid_file.exists()
     alive.ctrl_socket.with_suffix(".moved").rename(alive.ctrl_socket)
     assert again.adopt() and again.state is S.RUNNING and again.pid == alive_pid
     again.stop()
