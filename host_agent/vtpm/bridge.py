@@ -48,6 +48,7 @@ import select
 import selectors
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -251,6 +252,7 @@ class _Session:
         self.held: collections.deque[tuple[bytes, float]] = collections.deque()
         self.in_flight: str | _Injection | None = None  # "guest" or an injection
         self.frozen = False  # state-changing injections refused (GET_STATEBLOB seen)
+        self.qemu_pid = _peer_pid(qemu)  # whose guest RAM the daemon hashes at a state transfer
 
     def close(self) -> None:
         for fd in self.passed_fds:
@@ -982,6 +984,7 @@ class Bridge:
             "vm_name": self.config.vm_name,
             "run_state": self.run_state.value,
             "tpm": None if s is None else s.state.state.value,
+            "qemu_pid": None if s is None else s.qemu_pid,
             "locality": None if s is None else s.state.locality,
             "data_channel": s is not None and s.tpm is not None,
             "daemon_connected": self._daemon is not None,
@@ -1008,7 +1011,7 @@ class Bridge:
             blob,
             state_flags=state_flags,
             result=result,
-            include_blob=event == HookEvent.SET_STATEBLOB,
+            include_blob=True,  # the daemon seals GET blobs and checks SET blobs
         )
         self.stats.hooks += 1
         if self.config.daemon_socket is None:
@@ -1182,6 +1185,16 @@ class Bridge:
 def _send_unless_closed(peer: LinkPeer, msg: Result) -> None:
     if not peer.closed:
         peer.send(msg)
+
+
+def _peer_pid(sock: socket.socket) -> int | None:
+    """The pid of the process on the other end of a unix socket (SO_PEERCRED), if known."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid = int(struct.unpack("3i", creds)[0])
+    return pid if pid > 0 else None
 
 
 def _blob_name(blob_type: int) -> str:
