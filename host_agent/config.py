@@ -20,6 +20,9 @@ File format (every key optional; unknown keys are errors)::
 
     [registrar]
     url = "https://registrar.example:8443"       # absent: the embedded registrar
+    ca_sha256 = "5d41…"                          # with url: SHA-256 of the fleet CA (DER), hex
+    host_id = "hv01.example"                     # default: the hostname, lower-cased
+    ek_ca = "/etc/vtpm-trust/ek-ca.pem"          # embedded: EK CAs (software root: swtpm-localca)
 
 Adding a section: add a frozen dataclass with defaults and a field of that type on
 :class:`AgentConfig`; the loader walks the dataclasses, so it needs no other change.
@@ -83,9 +86,29 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class RegistrarConfig:
-    """Fleet registrar. ``url`` None means the embedded (single-host) registrar."""
+    """Fleet registrar. ``url`` None means the embedded (single-host) registrar.
+
+    Attributes:
+        url: ``https://HOST[:PORT]`` of the fleet registrar; None: run the embedded one.
+        ca_sha256: with ``url``, the SHA-256 fingerprint (hex, colons allowed) of the fleet CA
+            certificate: the host fetches the CA once and keeps it only if it matches.
+        host_id: this host's name in the fleet; None: the hostname, lower-cased.
+        ek_ca: embedded registrar only: a PEM file of the EK CA certificates it trusts. None
+            trusts swtpm-localca, which only the software root's EK certificates chain to.
+    """
 
     url: str | None = None
+    ca_sha256: str | None = None
+    host_id: str | None = None
+    ek_ca: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.ca_sha256 is not None:
+            digits = self.ca_sha256.replace(":", "").lower()
+            if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
+                raise ConfigError(
+                    f"registrar.ca_sha256: expected 64 hex digits, got {self.ca_sha256!r}"
+                )
 
     @property
     def embedded(self) -> bool:
@@ -109,6 +132,8 @@ ENV_OVERRIDES: Mapping[str, str] = {
     "VTPM_TPM_STATE_DIR": "tpm.state_dir",
     "VTPM_STORE_URL": "store.url",
     "VTPM_REGISTRAR_URL": "registrar.url",
+    "VTPM_REGISTRAR_CA_SHA256": "registrar.ca_sha256",
+    "VTPM_HOST_ID": "registrar.host_id",
 }
 
 
