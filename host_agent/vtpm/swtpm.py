@@ -215,7 +215,8 @@ class SwtpmInstance:
     ) -> None:
         if not vm_name or "\0" in vm_name:
             raise ValueError(f"expected a VM name, got {vm_name!r}")
-        self.vtpm_dir = Path(vtpm_dir)
+        # Absolute and resolved: reap_orphans() recognises a swtpm by this spelling in its argv.
+        self.vtpm_dir = Path(vtpm_dir).resolve()
         self.uuid = _canonical_uuid(vm_uuid)
         self.name = vm_name
         self.paths = VtpmPaths.for_vm(self.vtpm_dir, self.uuid)
@@ -657,7 +658,7 @@ def reap_orphans(
     live = {_canonical_uuid(v) for v in live_vms}
     reaped: list[ReapedSwtpm] = []
     try:
-        entries = sorted(p for p in Path(vtpm_dir).iterdir() if p.is_dir())
+        entries = sorted(p for p in Path(vtpm_dir).resolve().iterdir() if p.is_dir())
     except FileNotFoundError:
         return reaped
     except OSError as err:

@@ -510,8 +510,9 @@ def test_reap_orphans_kills_leftovers_and_spares_live_vms(make: Make, vtpm_dir: 
     alive.start()
     gone_pid, alive_pid = gone.pid, alive.pid
     assert gone_pid and alive_pid
-    # The daemon "crashes": the swtpms (own sessions) keep running; a new daemon reaps.
-    reaped = reap_orphans(vtpm_dir, [alive.uuid.upper()])
+    # The daemon "crashes": the swtpms (own sessions) keep running; a new daemon reaps
+    # (naming the directory another way: a swtpm is recognised by its resolved path).
+    reaped = reap_orphans(vtpm_dir / ".." / "vtpm", [alive.uuid.upper()])
     assert [(r.vm, r.pid, r.how) for r in reaped] == [(gone.uuid, gone_pid, "shutdown")]
     assert not swtpm_proc.pid_alive(gone_pid)
     assert swtpm_proc.pid_alive(alive_pid)
