@@ -26,6 +26,7 @@ import contextlib
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -97,20 +98,12 @@ def provision_vtpm(
                 "--logfile",
                 str(log_file),
             ]
-            done = subprocess.run(
-                cmd,
-                pass_fds=(fd,),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=timeout,
-                check=False,
-            )
-        if done.returncode != 0:
-            said = (done.stderr or done.stdout).decode(errors="replace").strip()
+            status, out, err = _run_group(cmd, fd, timeout)
+        if status != 0:
+            said = (err or out).decode(errors="replace").strip()
             raise SwtpmProvisionError(
                 vm_uuid,
-                f"swtpm_setup exited with status {done.returncode}: "
-                f"{said[-400:] or _tail(log_file)}",
+                f"swtpm_setup exited with status {status}: {said[-400:] or _tail(log_file)}",
             )
         if not (work / "tpm2-00.permall").is_file():
             raise SwtpmProvisionError(
@@ -170,6 +163,31 @@ def restore_localca_owner(localca_dir: Path = LOCALCA_DIR, *, created: bool = Fa
             with contextlib.suppress(OSError):
                 if os.lstat(path).st_uid == 0:
                     os.lchown(path, uid, gid)
+
+
+def _run_group(cmd: list[str], fd: int, timeout: float) -> tuple[int, bytes, bytes]:
+    """Run swtpm_setup in its own process group; on timeout kill the group, its swtpm too.
+
+    Raises:
+        subprocess.TimeoutExpired: after the group was killed.
+        OSError: the program cannot be run.
+    """
+    proc = subprocess.Popen(
+        cmd,
+        pass_fds=(fd,),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return proc.returncode, out, err
 
 
 def _tail(path: Path, n: int = 400) -> str:

@@ -284,6 +284,18 @@ def test_failed_provisioning_leaves_no_half_made_vtpm(make: Make, tmp_path: Path
     assert (inst.paths.vm_dir / "statekey.sealed").read_bytes() == sealed
 
 
+def test_a_hung_swtpm_setup_is_killed_with_its_swtpm(make: Make, tmp_path: Path) -> None:
+    child_pid = tmp_path / "child.pid"
+    hung = tmp_path / "swtpm_setup"
+    hung.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > {child_pid}\nsleep 60\n")
+    hung.chmod(0o755)
+    inst = make(swtpm_setup=str(hung), setup_timeout=1.0)
+    with pytest.raises(SwtpmProvisionError, match="took more than 1 s"):
+        inst.start()
+    assert inst.state is S.FAILED and not inst.paths.state_dir.exists()
+    assert not swtpm_proc.pid_alive(int(child_pid.read_text()))
+
+
 def test_unknown_files_in_the_state_dir_are_not_provisioned_over(make: Make) -> None:
     inst = make()
     inst.paths.state_dir.mkdir(parents=True)
