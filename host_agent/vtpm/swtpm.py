@@ -47,7 +47,7 @@ import subprocess
 import threading
 import time
 import uuid as uuid_mod
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +71,7 @@ __all__ = [
     "SwtpmInstance",
     "SwtpmOptions",
     "SwtpmRunState",
+    "SwtpmSupervisor",
     "VtpmPaths",
     "reap_orphans",
     "vtpm_dir_of",
@@ -592,8 +593,11 @@ class SwtpmInstance:
         self._set(SwtpmRunState.STOPPED)
 
     def _forget_process(self) -> None:
-        self._proc, self._pid = None, None
-        _remove_runtime_files(self.paths)
+        """Drop our (dead) process; remove its socket and pid file unless a newer swtpm's."""
+        pid, self._proc, self._pid = self._pid, None, None
+        owner = proc_util.read_pid_file(self.paths.pid_file)
+        if owner is None or owner == pid:
+            _remove_runtime_files(self.paths)
 
     def _log_tail(self, n: int = 300) -> str:
         try:
@@ -683,3 +687,85 @@ def reap_orphans(
         log.warning("reaped the swtpm of vanished VM %s (pid %d, %s)", vm_dir.name, pid, how)
         reaped.append(ReapedSwtpm(vm_dir.name, pid, how))
     return reaped
+
+
+class SwtpmSupervisor:
+    """The swtpms of all VMs on this host: one :class:`SwtpmInstance` per VM UUID.
+
+    At daemon start, :meth:`recover` with the VMs that exist ends the swtpms of vanished VMs and
+    takes over the running ones; afterwards :meth:`instance` hands out the per-VM objects.
+    Stopping the daemon stops no swtpm (invariant 6).
+
+    Args:
+        vtpm_dir: :func:`vtpm_dir_of` the agent's state directory.
+        sealer: the host TPM.
+        key_store: where sealed state keys live (default: files in the VM directories).
+        options: how swtpm is run.
+        random_bytes: ``n -> n`` random bytes for new state keys.
+        clock: monotonic clock for deadlines.
+    """
+
+    def __init__(
+        self,
+        vtpm_dir: Path,
+        sealer: StateKeySealer,
+        *,
+        key_store: SealedKeyStore | None = None,
+        options: SwtpmOptions | None = None,
+        random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.vtpm_dir = Path(vtpm_dir).resolve()
+        self._sealer = sealer
+        self._keys = key_store if key_store is not None else FileSealedKeyStore(self.vtpm_dir)
+        self.options = options or SwtpmOptions()
+        self._random_bytes = random_bytes
+        self._clock = clock
+        self._instances: dict[str, SwtpmInstance] = {}
+        self._lock = threading.Lock()
+
+    def instance(self, vm_uuid: str, vm_name: str) -> SwtpmInstance:
+        """The VM's instance, made on first use (NEW until started or adopted)."""
+        key = _canonical_uuid(vm_uuid)
+        with self._lock:
+            inst = self._instances.get(key)
+            if inst is None:
+                inst = SwtpmInstance(
+                    self.vtpm_dir,
+                    key,
+                    vm_name,
+                    self._sealer,
+                    key_store=self._keys,
+                    options=self.options,
+                    random_bytes=self._random_bytes,
+                    clock=self._clock,
+                )
+                self._instances[key] = inst
+            return inst
+
+    def recover(self, live_vms: Mapping[str, str]) -> list[ReapedSwtpm]:
+        """Daemon start: reap the swtpms of VMs not in ``live_vms``, adopt the others' swtpms.
+
+        Args:
+            live_vms: UUID → name of every VM that exists on this host.
+
+        Returns:
+            The reaped leftovers (:func:`reap_orphans`).
+
+        Raises:
+            SwtpmError: a leftover swtpm survived SIGKILL.
+        """
+        reaped = reap_orphans(
+            self.vtpm_dir, live_vms.keys(), options=self.options, clock=self._clock
+        )
+        for vm, name in live_vms.items():
+            inst = self.instance(vm, name)
+            if inst.state in (SwtpmRunState.NEW, SwtpmRunState.STOPPED, SwtpmRunState.FAILED):
+                inst.adopt()
+        return reaped
+
+    def running(self) -> dict[str, SwtpmInstance]:
+        """The instances whose swtpm runs now (after :meth:`SwtpmInstance.poll`)."""
+        with self._lock:
+            instances = list(self._instances.items())
+        return {vm: i for vm, i in instances if i.poll() is SwtpmRunState.RUNNING}

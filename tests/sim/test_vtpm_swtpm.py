@@ -34,6 +34,7 @@ from host_agent.vtpm.swtpm import (
     SwtpmInstance,
     SwtpmOptions,
     SwtpmRunState,
+    SwtpmSupervisor,
     VtpmPaths,
     reap_orphans,
 )
@@ -545,6 +546,40 @@ def test_reap_orphans_kills_leftovers_and_spares_live_vms(make: Make, vtpm_dir: 
     assert not swtpm_proc.pid_alive(alive_pid)
     assert not again.adopt()
     assert gone.poll() is S.STOPPED and alive.poll() is S.STOPPED  # the old objects notice
+
+
+def test_supervisor_recovers_after_a_daemon_crash(
+    host_tpm: PytssHostTpm, vtpm_dir: Path, template: Path
+) -> None:
+    vms = {str(uuid.uuid4()): "kept", str(uuid.uuid4()): "deleted"}
+    for vm in vms:  # two provisioned VMs (copies of the template's vTPM)
+        vm_dir = vtpm_dir / vm
+        vm_dir.mkdir(mode=0o700, parents=True)
+        shutil.copytree(template / "tpm2", vm_dir / "tpm2")
+        shutil.copy2(template / "statekey.sealed", vm_dir)
+    kept, deleted = vms
+    first = SwtpmSupervisor(vtpm_dir, host_tpm)
+    for vm, name in vms.items():
+        first.instance(vm, name).start()
+    pids = {vm: first.instance(vm, vms[vm]).pid for vm in vms}
+    second = SwtpmSupervisor(vtpm_dir, host_tpm)
+    try:
+        # The daemon dies; the VM "deleted" is undefined meanwhile; a new daemon starts.
+        reaped = second.recover({kept: "kept"})
+        assert [(r.vm, r.pid) for r in reaped] == [(deleted, pids[deleted])]
+        assert not swtpm_proc.pid_alive(pids[deleted] or 0)
+        assert set(second.running()) == {kept}
+        assert second.instance(kept, "kept").pid == pids[kept]
+        second.instance(kept, "kept").stop()
+        assert not swtpm_proc.pid_alive(pids[kept] or 0)
+        # The old objects notice their processes are gone without touching a newer swtpm's files.
+        second.instance(kept, "kept").start()
+        assert first.running() == {}
+        assert swtpm_proc.ctrl_accepts(second.instance(kept, "kept").ctrl_socket)
+    finally:
+        for sup in (first, second):
+            for vm, name in vms.items():
+                sup.instance(vm, name).stop()
 
 
 def test_reap_orphans_never_signals_a_recycled_pid(make: Make, vtpm_dir: Path) -> None:
