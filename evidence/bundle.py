@@ -224,6 +224,8 @@ def _certificate(value: object, path: str) -> tuple[bytes, x509.Certificate]:
         _ = cert.extensions, cert.signature_hash_algorithm, cert.public_key()
     except _X509_ERRORS as err:
         _fail(path, "a DER X.509 certificate", f"one that does not parse ({err})")
+    if cert.serial_number <= 0:  # RFC 5280 §4.1.2.2; cryptography only warns (for now)
+        _fail(path, "a certificate with a positive serial number", str(cert.serial_number))
     return der, cert
 
 

@@ -277,3 +277,16 @@ def test_certificate_fields_cryptography_reads_lazily_are_checked_at_parse(text:
     der[at] = 0x0D  # RELATIVE-OID instead of UTF8String
     doc["cert_user"] = base64.b64encode(bytes(der)).decode()
     assert _parse_error(doc).what == "$.cert_user"
+
+
+def test_certificate_serial_must_be_positive(text: str) -> None:
+    """RFC 5280 §4.1.2.2; cryptography 50 only warns about it. Found by the property tests."""
+    doc = _obj(text)
+    der = bytearray(base64.b64decode(doc["cert_user"]))
+    at = der.index(b"\xa0\x03\x02\x01\x02") + 5  # the serialNumber INTEGER follows the version
+    assert der[at] == 0x02
+    der[at + 2] |= 0x80  # sign bit: a negative serial
+    doc["cert_user"] = base64.b64encode(bytes(der)).decode()
+    with pytest.warns(Warning):
+        err = _parse_error(doc)
+    assert err.what == "$.cert_user" and "positive serial" in str(err)
