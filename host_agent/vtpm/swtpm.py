@@ -32,8 +32,8 @@ Run states (qemu.qmp ``Runstate`` style; :class:`StateError` names current and r
     remove() deletes the vTPM (sealed key first) and goes back to NEW.
 
 A swtpm runs in its own session, so it survives the daemon (invariant 6): a restarted daemon
-calls :func:`reap_orphans` with the VMs that still exist, then :meth:`SwtpmInstance.adopt` for
-each of them.
+calls :meth:`SwtpmSupervisor.recover` with the VMs that still exist, which is
+:func:`reap_orphans` for the others followed by :meth:`SwtpmInstance.adopt` for each of them.
 """
 
 from __future__ import annotations
