@@ -20,8 +20,9 @@ from .provision import InitStep, init_host, tpm_info
 __all__ = ["INIT_STEPS", "register"]
 
 #: Extra ``init`` steps, ``"module:function"`` (see :data:`host_agent.tpm.provision.InitStep`),
-#: run in order after the host keys exist; registration with the registrar goes here.
-INIT_STEPS: tuple[str, ...] = ()
+#: run in order after the host keys exist. Admission: register with the registrar (embedded or
+#: ``registrar.url``) and keep the AIK certificate and mTLS identity (host_agent/admission.py).
+INIT_STEPS: tuple[str, ...] = ("host_agent.admission:register_with_registrar",)
 
 _DISCOVERY_HELP = (
     "TPM discovery: --tcti (or tpm.tcti / VTPM_TPM_TCTI) wins; else the first tpmrm device udev "

@@ -183,7 +183,7 @@ def test_init_after_a_platform_change_says_authkey_is_unusable(
 ) -> None:
     from tests.sim.test_host_tpm import _extend
 
-    sw = swtpm_factory("changed-platform")
+    sw = swtpm_factory("changed-platform", provision_ek=True)  # init also registers it
     argv = ["init", "--tcti", sw.tcti, "--state-dir", str(tmp_path)]
     assert main(argv) == 0
     _extend(sw, 0)
