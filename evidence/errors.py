@@ -9,11 +9,24 @@ tests, operators and scripts match on (never the message text)::
     │   └── UnsupportedError           well-formed, but a variant we do not handle (not guessed)
     └── VerificationError
         ├── ChainError                 fleet CA → AIK cert → CertAuthKey → CertvAIK does not hold
-        ├── SignatureError             wraps cryptography's InvalidSignature
+        │                              (subclasses with their own ids: evidence/aik_cert.py,
+        │                              evidence/verify.py)
+        ├── SignatureError             wraps cryptography's InvalidSignature (per-certificate
+        │                              subclasses in evidence/verify.py)
         ├── NonceMismatch
         ├── PcrDigestMismatch
         ├── HashAlgorithmNotAllowed
         └── ReplayError(invalid_pcrs)  a measurement list does not replay to the expected PCRs
+                                       (EventLogReplayMismatch, ImaReplayMismatch in verify.py)
+
+Subclasses outside evidence/, each in its package's ``errors`` module or beside its adapter:
+host_agent/errors.py (StateError, SwtpmError, MemoryMismatch, LeafFileError …),
+host_agent/tpm/errors.py (TpmError and TpmCommandError wrapping TSS2_Exception),
+host_agent/store/errors.py (StoreError: integrity, rollback, busy),
+host_agent/vtpm/bridge_errors.py (BridgeTransportError, SwtpmCtrlError …),
+host_agent/lifecycle/ (HypervisorError wrapping libvirtError, RestoreRefused, SealError …),
+verifier/registrar/errors.py (RegistrationRefused …). The dotted ids of what a tenant sees are
+listed in docs/findings.md.
 
 ``host_agent/`` and ``verifier/`` add subclasses in their own ``errors`` modules. Misuse of our
 API (wrong type, empty nonce) is ``TypeError``/``ValueError``; ``VtpmError`` is for bad input from
