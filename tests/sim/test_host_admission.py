@@ -289,6 +289,32 @@ def test_a_damaged_identity_is_made_again_with_the_same_key(
     assert register_with_registrar(host, config, keys) is None
 
 
+def test_a_new_tpm_under_an_admitted_host_id_is_refused_and_the_identity_kept(
+    host: PytssHostTpm, swtpm_factory: Callable[..., Swtpm], tmp_path: Path
+) -> None:
+    """The TPM is swapped under the same state dir: the registrar refuses its other EK."""
+    from host_agent.registration import RegistrarRefused
+
+    config = _config(tmp_path, host, RegistrarConfig(host_id="single"))
+    assert register_with_registrar(host, config, host.ensure_host_keys()) is not None
+    files = IdentityFiles.under(config.state_dir)
+    before = _snapshot(files.directory)
+
+    other = PytssHostTpm(
+        swtpm_factory("replacement", provision_ek=True).tcti, tmp_path / "keys-2", root="software"
+    )
+    try:
+        keys = other.ensure_host_keys()
+        with pytest.raises(RegistrarRefused) as info:
+            register_with_registrar(other, config, keys)
+    finally:
+        other.close()
+    assert info.value.remote_id == "registrar.host_conflict", info.value
+    assert _snapshot(files.directory) == before
+    [row] = _hosts(config.state_dir / "registrar")
+    assert bytes.fromhex(row["aik_name"]) == host.aik_name()
+
+
 def test_an_embedded_registrar_that_cannot_start_is_a_typed_error(
     host: PytssHostTpm, tmp_path: Path
 ) -> None:
