@@ -539,3 +539,18 @@ def test_response_spin_relays_the_same_bytes(sockdir: Path) -> None:
         r.bridge.close()
         r.server.close()
         r.swtpm.stop()
+
+
+def test_an_abandoned_injection_response_never_reaches_the_guest(rig: Rig) -> None:
+    from host_agent.vtpm.bridge_errors import InjectionError
+
+    q = rig.qemu()
+    q.boot()
+    for _ in range(20):
+        # expires while in flight: its response comes later and must be dropped
+        with pytest.raises(InjectionError, match="got no response"):
+            rig.bridge.transact(get_random(40), timeout=1e-6)
+        resp = q.tpm(get_random(7))
+        assert rc_of(resp) == 0 and len(resp) == 12 + 7
+    assert len(rig.bridge.read_pcrs()) == 24
+    assert rig.bridge.stats.injections_failed == 20
