@@ -27,6 +27,7 @@ Three parts, each testable alone:
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import math
@@ -310,10 +311,19 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class MetricsComponent:
-    """Daemon component serving ``GET /metrics`` (see the module docstring)."""
+    """Daemon component serving ``GET /metrics`` (see the module docstring).
 
-    def __init__(self, metrics: AgentMetrics, config: MetricsConfig | None = None) -> None:
-        self.metrics = metrics
+    Load it with ``vtpm-host daemon --component host_agent.service.metrics:MetricsComponent``.
+    Started by a daemon, it offers its :class:`AgentMetrics` to the other components as
+    ``daemon.metrics`` (unless one is there already), counts VMs from ``daemon.registry``, and
+    takes its :class:`MetricsConfig` from ``daemon.config.metrics`` when the agent configuration
+    has such a section; otherwise from the constructor (default ``127.0.0.1:9477``).
+    """
+
+    def __init__(
+        self, metrics: AgentMetrics | None = None, config: MetricsConfig | None = None
+    ) -> None:
+        self.metrics = metrics if metrics is not None else AgentMetrics()
         self.config = config or MetricsConfig()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -324,12 +334,23 @@ class MetricsComponent:
         return None if self._server is None else int(self._server.server_address[1])
 
     def start(self, daemon: Any = None) -> None:
+        if daemon is not None:
+            configured = getattr(getattr(daemon, "config", None), "metrics", None)
+            if configured is not None:
+                self.config = MetricsConfig(
+                    port=configured.port,
+                    host=configured.host,
+                    allow_non_loopback=getattr(configured, "allow_non_loopback", False),
+                )
+            if getattr(daemon, "metrics", None) is None:
+                with contextlib.suppress(AttributeError):
+                    daemon.metrics = self.metrics
+            registry = getattr(daemon, "registry", None)
+            if registry is not None and self.metrics._vm_source is None:
+                self.metrics.vm_source(lambda: _count_bridges(registry))
         if self.config.port is None:
             log.info("metrics endpoint disabled")
             return
-        registry = getattr(daemon, "vm_registry", None) if daemon is not None else None
-        if registry is not None and self.metrics._vm_source is None:
-            self.metrics.vm_source(lambda: _count_bridges(registry))
         self._server = _Server((self.config.host, self.config.port), self.metrics)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="metrics", daemon=True
