@@ -12,6 +12,7 @@ import contextlib
 import os
 import pwd
 import shutil
+import signal
 import socket
 import stat
 import struct
@@ -72,7 +73,21 @@ def vtpm_dir() -> Iterator[Path]:
     """A short directory (unix socket paths are limited to 107 bytes)."""
     d = Path(tempfile.mkdtemp(prefix="vt", dir="/tmp"))
     yield d / "vtpm"
+    _kill_swtpms_under(d)  # a failed test must not leak a swtpm whose directory is gone
     shutil.rmtree(d, ignore_errors=True)
+
+
+def _kill_swtpms_under(root: Path) -> None:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"swtpm") and any(f"={root}/".encode() in a for a in argv):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 Make = Callable[..., SwtpmInstance]
@@ -87,6 +102,7 @@ def template(host_tpm: PytssHostTpm) -> Iterator[Path]:
     inst.start()
     inst.stop()
     yield inst.paths.vm_dir
+    _kill_swtpms_under(root)
     shutil.rmtree(root, ignore_errors=True)
 
 
