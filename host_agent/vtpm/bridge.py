@@ -40,21 +40,17 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import enum
 import fcntl
 import logging
 import os
-import select
 import selectors
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +71,15 @@ from host_agent.vtpm.bridge_link import (
     write_registration,
 )
 from host_agent.vtpm.bridge_pcr import read_pcr_bank, response_code
+from host_agent.vtpm.bridge_state import (
+    BridgeConfig,
+    BridgeRunState,
+    BridgeStats,
+    Injection,
+    PendingHook,
+    Poller,
+    Session,
+)
 from host_agent.vtpm.daemon_link import (
     Call,
     Hello,
@@ -93,178 +98,6 @@ log = logging.getLogger("host_agent.vtpm.bridge")
 DAEMON_UNAVAILABLE = "daemon unavailable"
 
 
-@dataclass(frozen=True)
-class BridgeConfig:
-    """What one bridge serves.
-
-    Attributes:
-        vm_uuid: the VM's UUID (in hook calls and the registry).
-        listen: the VM's control socket; QEMU connects here.
-        swtpm_ctrl: swtpm's ``--ctrl type=unixio`` socket.
-        daemon_socket: the daemon's link socket; the bridge keeps (re)connecting to it.
-        runtime_dir: where the bridge registers itself (``<uuid>.json``) and its query socket
-            (``<uuid>.sock``); None: no registry, no query socket.
-        vm_name: the VM's name, for ``vtpm-host vm pcrs NAME``.
-        hook_timeout: seconds a state-transfer hook waits for the daemon's verdict (QEMU is
-            blocked meanwhile); then the transfer is vetoed.
-        reconnect_interval: seconds between attempts to reach the daemon.
-        swtpm_connect_timeout: seconds to wait for swtpm's control socket when QEMU connects.
-        injection_timeout: default seconds an injected command may wait and run.
-        response_spin: seconds to busy-poll for swtpm's response to a guest command before
-            sleeping in epoll (0 = never spin). Trades CPU for one wake-up per command.
-        listen_mode, listen_uid, listen_gid: owner and mode of ``listen`` (QEMU under system
-            libvirtd runs as ``libvirt-qemu``).
-        allow_unhooked_state_transfer: with no ``daemon_socket``, let state transfers pass
-            without any hook (tests, benchmarks). Off: a bridge without a daemon refuses them.
-        exit_when_qemu_leaves: stop after the first QEMU session instead of waiting for the next.
-    """
-
-    vm_uuid: str
-    listen: Path
-    swtpm_ctrl: Path
-    daemon_socket: Path | None = None
-    runtime_dir: Path | None = None
-    vm_name: str = ""
-    hook_timeout: float = 10.0
-    reconnect_interval: float = 0.2
-    swtpm_connect_timeout: float = 5.0
-    injection_timeout: float = 30.0
-    response_spin: float = 0.0
-    listen_mode: int = 0o600
-    listen_uid: int | None = None
-    listen_gid: int | None = None
-    allow_unhooked_state_transfer: bool = False
-    exit_when_qemu_leaves: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.vm_uuid:
-            raise ValueError("BridgeConfig.vm_uuid is required")
-        if self.hook_timeout <= 0 or self.reconnect_interval <= 0:
-            raise ValueError("hook_timeout and reconnect_interval must be positive")
-
-
-class BridgeRunState(enum.Enum):
-    CREATED = "created"
-    LISTENING = "listening"  # no QEMU attached
-    ATTACHED = "attached"  # a QEMU session is active
-    CLOSED = "closed"
-
-
-@dataclass
-class BridgeStats:
-    """Counters a test or the daemon's status call can read (the loop thread writes them)."""
-
-    sessions: int = 0
-    ctrl_commands: collections.Counter[str] = field(default_factory=collections.Counter)
-    guest_commands: int = 0
-    injected_commands: int = 0
-    injections_failed: int = 0
-    held_guest_commands: int = 0
-    max_injection_wait: float = 0.0
-    max_guest_hold: float = 0.0
-    hooks: int = 0
-    vetoes: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "sessions": self.sessions,
-            "ctrl_commands": dict(self.ctrl_commands),
-            "guest_commands": self.guest_commands,
-            "injected_commands": self.injected_commands,
-            "injections_failed": self.injections_failed,
-            "held_guest_commands": self.held_guest_commands,
-            "max_injection_wait_ms": round(self.max_injection_wait * 1000, 3),
-            "max_guest_hold_ms": round(self.max_guest_hold * 1000, 3),
-            "hooks": self.hooks,
-            "vetoes": list(self.vetoes),
-        }
-
-
-@dataclass
-class _Injection:
-    packet: bytes
-    future: Future[bytes]
-    queued_at: float
-    deadline: float
-    sent_at: float | None = None
-
-
-@dataclass
-class _Hook:
-    call: HookCall
-    deadline: float
-    done: Callable[[HookReply], None]
-    sent: bool = False
-
-
-class _Poller:
-    """The few ``selectors`` calls the loop needs, on ``select.epoll`` directly: the relay's hot
-    path pays one ``epoll.poll`` per wake-up and no per-event key objects."""
-
-    def __init__(self) -> None:
-        self._ep = select.epoll()
-        self._handlers: dict[int, tuple[socket.socket, Callable[[socket.socket], None]]] = {}
-
-    def register(
-        self, sock: socket.socket, _events: int, handler: Callable[[socket.socket], None]
-    ) -> None:
-        fd = sock.fileno()
-        self._ep.register(fd, select.EPOLLIN)
-        self._handlers[fd] = (sock, handler)
-
-    def unregister(self, sock: socket.socket) -> None:
-        fd = sock.fileno()
-        if fd < 0 or fd not in self._handlers:
-            raise KeyError(sock)
-        del self._handlers[fd]
-        self._ep.unregister(fd)
-
-    def poll(self, timeout: float) -> list[tuple[socket.socket, Callable[[socket.socket], None]]]:
-        out = []
-        for fd, _ev in self._ep.poll(timeout):
-            entry = self._handlers.get(fd)
-            if entry is not None:
-                out.append(entry)
-        return out
-
-    def close(self) -> None:
-        self._ep.close()
-
-
-class _Session:
-    """One QEMU connection and everything that hangs off it."""
-
-    def __init__(self, qemu: socket.socket, swtpm: socket.socket, running: bool) -> None:
-        self.qemu = qemu
-        self.swtpm = swtpm
-        self.requests = cc.RequestDecoder()
-        self.replies = cc.ReplyDecoder()
-        self.state = cc.TpmRunState(cc.RunState.RUNNING if running else cc.RunState.STOPPED)
-        self.passed_fds: list[int] = []
-        self.pending: cc.Request | None = None  # forwarded to swtpm, reply outstanding
-        self.busy = False  # a request is being handled (forwarded or hooked)
-        self.on_reply: Callable[[cc.Request, cc.Reply], None] | None = None
-        # data channel
-        self.guest: socket.socket | None = None  # QEMU's socketpair end (the fd it passed)
-        self.tpm: socket.socket | None = None  # our socketpair end towards swtpm
-        self.guest_framer = cc.TpmPacketFramer(what="guest TPM command")
-        self.tpm_framer = cc.TpmPacketFramer(what="swtpm TPM response")
-        self.held: collections.deque[tuple[bytes, float]] = collections.deque()
-        self.in_flight: str | _Injection | None = None  # "guest" or an injection
-        self.frozen = False  # state-changing injections refused (GET_STATEBLOB seen)
-        self.qemu_pid = _peer_pid(qemu)  # whose guest RAM the daemon hashes at a state transfer
-
-    def close(self) -> None:
-        for fd in self.passed_fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.passed_fds.clear()
-        for sock in (self.qemu, self.swtpm, self.guest, self.tpm):
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.close()
-
-
 class Bridge:
     """One VM's bridge. ``start()`` runs it on its own thread; ``serve_forever()`` on this one."""
 
@@ -273,17 +106,17 @@ class Bridge:
         self.clock = clock
         self.stats = BridgeStats()
         self.run_state = BridgeRunState.CREATED
-        self._sel = _Poller()
+        self._sel = Poller()
         self._listener: socket.socket | None = None
         self._locks: list[tuple[int, Path]] = []
         self._query: socket.socket | None = None
-        self._session: _Session | None = None
+        self._session: Session | None = None
         self._daemon: LinkPeer | None = None
         self._daemon_next_try = 0.0
         self._daemon_ever = False
         self._queries: list[LinkPeer] = []
-        self._injections: collections.deque[_Injection] = collections.deque()
-        self._hooks: dict[int, _Hook] = {}
+        self._injections: collections.deque[Injection] = collections.deque()
+        self._hooks: dict[int, PendingHook] = {}
         self._next_hook = 0
         self._posted: collections.deque[Callable[[], None]] = collections.deque()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -476,7 +309,7 @@ class Bridge:
 
     def _inject_in_flight(self) -> bool:
         s = self._session
-        return s is not None and isinstance(s.in_flight, _Injection)
+        return s is not None and isinstance(s.in_flight, Injection)
 
     def _next_timeout(self) -> float:
         if not (self._hooks or self._injections or self._inject_in_flight()) and (
@@ -487,7 +320,7 @@ class Bridge:
         deadlines = [h.deadline for h in self._hooks.values()]
         deadlines += [i.deadline for i in self._injections]
         s = self._session
-        if s is not None and isinstance(s.in_flight, _Injection):
+        if s is not None and isinstance(s.in_flight, Injection):
             deadlines.append(s.in_flight.deadline)
         if self.config.daemon_socket is not None and self._daemon is None:
             deadlines.append(self._daemon_next_try)
@@ -510,7 +343,7 @@ class Bridge:
             self._injections.remove(inj)
             self._fail(inj, InjectionError("injected command found no idle moment in time"))
         s = self._session
-        if s is not None and isinstance(s.in_flight, _Injection) and s.in_flight.deadline <= now:
+        if s is not None and isinstance(s.in_flight, Injection) and s.in_flight.deadline <= now:
             # Cannot recall it: its response will still come and be dropped; the caller gives up.
             self._fail(s.in_flight, InjectionError("injected command got no response in time"))
 
@@ -531,7 +364,7 @@ class Bridge:
             log.error("bridge %s: %s; closing QEMU's connection", self.config.vm_uuid, err)
             conn.close()
             return
-        s = _Session(conn, swtpm, running)
+        s = Session(conn, swtpm, running)
         self._session = s
         self.stats.sessions += 1
         self.run_state = BridgeRunState.ATTACHED
@@ -580,7 +413,7 @@ class Bridge:
                     self._sel.unregister(sock)
         s.close()
         self._session = None
-        if isinstance(s.in_flight, _Injection):
+        if isinstance(s.in_flight, Injection):
             self._fail(s.in_flight, InjectionError(f"QEMU session ended: {why}"))
         for inj in self._injections:
             self._fail(inj, InjectionError(f"QEMU session ended: {why}"))
@@ -780,7 +613,7 @@ class Bridge:
             return
         self._pump(s)
 
-    def _spin_for_response(self, s: _Session) -> None:
+    def _spin_for_response(self, s: Session) -> None:
         """Poll for swtpm's response for up to ``response_spin`` seconds before going back to
         epoll: most responses take tens of µs, and a sleeping loop pays a wake-up for each."""
         tpm = s.tpm
@@ -835,8 +668,8 @@ class Bridge:
             return
         self._route_response(s, owner, packet)
 
-    def _route_response(self, s: _Session, owner: str | _Injection | None, packet: bytes) -> None:
-        if isinstance(owner, _Injection):
+    def _route_response(self, s: Session, owner: str | Injection | None, packet: bytes) -> None:
+        if isinstance(owner, Injection):
             self.stats.injected_commands += 1
             if not owner.future.done():
                 owner.future.set_result(packet)
@@ -844,7 +677,7 @@ class Bridge:
             log.error("bridge %s: swtpm answered with nothing in flight", self.config.vm_uuid)
         self._pump(s)
 
-    def _pump(self, s: _Session) -> None:
+    def _pump(self, s: Session) -> None:
         """Send the next command to swtpm if none is in flight: guest first, else an injection
         when the guest is idle (nothing held, nothing partly received)."""
         if s.in_flight is not None or s.tpm is None:
@@ -880,19 +713,19 @@ class Bridge:
                 self._drop_data_channel(s, "swtpm data channel write failed")
             return
 
-    def _drop_data_channel(self, s: _Session, why: str) -> None:
+    def _drop_data_channel(self, s: Session, why: str) -> None:
         for sock in (s.guest, s.tpm):
             if sock is not None:
                 with contextlib.suppress(KeyError, ValueError):
                     self._sel.unregister(sock)
                 sock.close()
         s.guest = s.tpm = None
-        if isinstance(s.in_flight, _Injection):
+        if isinstance(s.in_flight, Injection):
             self._fail(s.in_flight, InjectionError(f"data channel closed: {why}"))
         s.in_flight = None
         log.info("bridge %s: data channel closed (%s)", self.config.vm_uuid, why)
 
-    def _fail(self, inj: _Injection, err: Exception) -> None:
+    def _fail(self, inj: Injection, err: Exception) -> None:
         if not inj.future.done():
             self.stats.injections_failed += 1
             inj.future.set_exception(err)
@@ -928,7 +761,7 @@ class Bridge:
             )
             return
         now = self.clock()
-        self._injections.append(_Injection(packet, fut, now, now + timeout))
+        self._injections.append(Injection(packet, fut, now, now + timeout))
         self._pump(s)
 
     # ------------------------------------------------------------------ public, thread-safe
@@ -1020,7 +853,7 @@ class Bridge:
             else:
                 done(HookReply(call.id, Verdict.VETO, "no daemon configured for this bridge"))
             return
-        hook = _Hook(call, self.clock() + self.config.hook_timeout, done)
+        hook = PendingHook(call, self.clock() + self.config.hook_timeout, done)
         self._hooks[call.id] = hook
         if self._daemon is not None:
             hook.sent = self._daemon.send(call)
@@ -1185,16 +1018,6 @@ class Bridge:
 def _send_unless_closed(peer: LinkPeer, msg: Result) -> None:
     if not peer.closed:
         peer.send(msg)
-
-
-def _peer_pid(sock: socket.socket) -> int | None:
-    """The pid of the process on the other end of a unix socket (SO_PEERCRED), if known."""
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError:
-        return None
-    pid = int(struct.unpack("3i", creds)[0])
-    return pid if pid > 0 else None
 
 
 def _blob_name(blob_type: int) -> str:
