@@ -23,6 +23,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "host_agent.tpm.cli",
     "host_agent.store.cli",
     "host_agent.vtpm.cli",
+    "host_agent.lifecycle.cli",
 )
 
 

@@ -24,6 +24,9 @@ File format (every key optional; unknown keys are errors)::
     host_id = "hv01.example"                     # default: the hostname, lower-cased
     ek_ca = "/etc/vtpm-trust/ek-ca.pem"          # embedded: EK CAs (software root: swtpm-localca)
 
+    [libvirt]
+    uri = "qemu:///system"                       # absent: qemu:///embed?root=<state_dir>/libvirt
+
 Adding a section: add a frozen dataclass with defaults and a field of that type on
 :class:`AgentConfig`; the loader walks the dataclasses, so it needs no other change.
 """
@@ -46,6 +49,7 @@ __all__ = [
     "ENV_OVERRIDES",
     "AgentConfig",
     "ConfigError",
+    "LibvirtConfig",
     "RegistrarConfig",
     "StoreConfig",
     "TpmConfig",
@@ -116,6 +120,18 @@ class RegistrarConfig:
 
 
 @dataclass(frozen=True)
+class LibvirtConfig:
+    """The hypervisor connection. ``uri`` None means libvirt's embedded QEMU driver rooted in the
+    agent's state directory (:meth:`uri_for`)."""
+
+    uri: str | None = None
+
+    def uri_for(self, state_dir: Path) -> str:
+        """The URI to open: ``uri``, else ``qemu:///embed?root=<state_dir>/libvirt``."""
+        return self.uri if self.uri is not None else f"qemu:///embed?root={state_dir / 'libvirt'}"
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """The root of the host agent's configuration."""
 
@@ -123,6 +139,7 @@ class AgentConfig:
     tpm: TpmConfig = field(default_factory=TpmConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     registrar: RegistrarConfig = field(default_factory=RegistrarConfig)
+    libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
 
 
 #: Environment variable → dotted config key. The one place the environment is consulted.
@@ -134,6 +151,7 @@ ENV_OVERRIDES: Mapping[str, str] = {
     "VTPM_REGISTRAR_URL": "registrar.url",
     "VTPM_REGISTRAR_CA_SHA256": "registrar.ca_sha256",
     "VTPM_HOST_ID": "registrar.host_id",
+    "VTPM_LIBVIRT_URI": "libvirt.uri",
 }
 
 

@@ -1,0 +1,272 @@
+"""``vtpm-host vm adopt|create|list|start|stop``: adopted VMs on libvirt.
+
+The libvirt URI comes from the configuration (``libvirt.uri``, ``VTPM_LIBVIRT_URI``, or
+``--uri``); absent, libvirt's embedded QEMU driver rooted at ``<state_dir>/libvirt``, whose root is
+prepared on the way (qemu.conf, the ``libvirt-qemu`` user). The embedded root is locked by the
+process that opens it: while the daemon runs, these commands get a clear "root busy" error.
+
+Each command builds the configuration once, opens the hypervisor and, only when a swtpm must
+start (adopt, create, start), the host TPM that seals the VM's state key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import uuid as uuid_mod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ..config import AgentConfig, load_config, with_state_dir
+from ..vtpm.cli import DEFAULT_RUNTIME_DIR
+from .adoption import AdoptResult, VmManager, daemon_socket_of, load_image_spec
+from .embedded import prepare_embedded_root
+from .libvirt_adapter import Hypervisor, embedded_root_of
+
+__all__ = ["register"]
+
+
+def _vm_subparsers(subparsers: Any) -> Any:
+    """The ``vm`` command's sub-command action: ``vtpm-host vm pcrs`` may have made it already."""
+    vm = subparsers.choices.get("vm")
+    if vm is None:
+        vm = subparsers.add_parser("vm", help="per-VM operations")
+        return vm.add_subparsers(dest="vm_command", metavar="VM_COMMAND", required=True)
+    for action in vm._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return vm.add_subparsers(dest="vm_command", metavar="VM_COMMAND", required=True)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--config", type=Path, metavar="FILE", help="agent configuration (TOML)")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="agent state directory (default /var/lib/vtpm-trust, or VTPM_STATE_DIR)",
+    )
+    p.add_argument(
+        "--uri",
+        metavar="URI",
+        help="libvirt URI (default: libvirt.uri, else qemu:///embed?root=<state-dir>/libvirt)",
+    )
+    p.add_argument("--tcti", metavar="TCTI", help="host TPM TCTI (seals the VMs' state keys)")
+    p.add_argument(
+        "--runtime-dir",
+        type=Path,
+        default=DEFAULT_RUNTIME_DIR,
+        help=f"where bridges register themselves (default {DEFAULT_RUNTIME_DIR})",
+    )
+    p.add_argument(
+        "--daemon-sock",
+        type=Path,
+        help="the daemon's bridge-link socket (default <state-dir>/run/daemon.sock)",
+    )
+
+
+def register(subparsers: Any) -> None:
+    sub = _vm_subparsers(subparsers)
+
+    p = sub.add_parser(
+        "adopt",
+        help="rewrite a libvirt domain for the agent (memfd RAM, external vTPM, channel, ACPI)",
+        description=(
+            "Rewrite DOMAIN's persistent definition: guest RAM becomes a shared memfd, the TPM "
+            "the external backend on the VM's bridge socket, a virtio-serial channel carries "
+            "attestation, ACPI is on. The VM gets its own swtpm (its libvirt-made vTPM state is "
+            "carried over). Adopting twice changes nothing; a running domain keeps its old "
+            "definition until its next start."
+        ),
+    )
+    p.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+    _common(p)
+    p.set_defaults(func=_cmd_adopt)
+
+    p = sub.add_parser(
+        "create",
+        help="define a new adopted VM from a vm_images/ image",
+        description="Define NAME booting the kernel and initramfs of a vm_images/ image.",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument(
+        "--image",
+        type=Path,
+        required=True,
+        metavar="DIR_OR_MANIFEST",
+        help="an image directory (holding manifest.json) or its manifest",
+    )
+    p.add_argument("--memory", type=int, default=256, metavar="MiB", help="guest RAM (256)")
+    p.add_argument("--uuid", help="the new domain's UUID (default: a random one)")
+    p.add_argument("--cmdline-extra", default="", help="appended to the image's kernel cmdline")
+    p.add_argument(
+        "--qemu-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra QEMU argument (repeatable), e.g. a user-networking NIC with addr=0x10",
+    )
+    _common(p)
+    p.set_defaults(func=_cmd_create)
+
+    p = sub.add_parser("list", help="domains, their state, and whether they are adopted")
+    _common(p)
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser(
+        "start",
+        help="start an adopted VM: its swtpm, its bridge, then the domain",
+    )
+    p.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+    p.add_argument("--paused", action="store_true", help="start with the CPUs paused")
+    _common(p)
+    p.set_defaults(func=_cmd_start)
+
+    p = sub.add_parser(
+        "stop", help="stop a VM (destroy, or ACPI shutdown first) and its bridge and swtpm"
+    )
+    p.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+    p.add_argument(
+        "--graceful",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="ask the guest to power off and wait up to SECONDS before destroying it",
+    )
+    _common(p)
+    p.set_defaults(func=_cmd_stop)
+
+
+# ---------------------------------------------------------------------------- plumbing
+
+
+def _config(args: argparse.Namespace) -> AgentConfig:
+    config = load_config(args.config, os.environ)
+    if args.state_dir is not None:
+        config = with_state_dir(config, args.state_dir.resolve())
+    if args.tcti:
+        config = dataclasses.replace(config, tpm=dataclasses.replace(config.tpm, tcti=args.tcti))
+    if args.uri:
+        config = dataclasses.replace(
+            config, libvirt=dataclasses.replace(config.libvirt, uri=args.uri)
+        )
+    return config
+
+
+@contextmanager
+def _manager(args: argparse.Namespace) -> Iterator[VmManager]:
+    config = _config(args)
+    uri = config.libvirt.uri_for(config.state_dir)
+    root = embedded_root_of(uri)
+    if root is not None:
+        prepare_embedded_root(root)
+    tpms: list[Any] = []
+
+    def sealer() -> Any:
+        from ..tpm.discovery import open_host_tpm
+
+        tpm = open_host_tpm(config.tpm)
+        tpms.append(tpm)
+        return tpm
+
+    with Hypervisor(uri) as hv:
+        try:
+            yield VmManager(
+                hypervisor=hv,
+                state_dir=config.state_dir,
+                sealer=sealer,
+                runtime_dir=args.runtime_dir,
+                daemon_socket=args.daemon_sock or daemon_socket_of(config.state_dir),
+            )
+        finally:
+            for tpm in tpms:
+                tpm.close()
+
+
+def _adopt_output(args: argparse.Namespace, result: AdoptResult, verb: str) -> None:
+    rec = result.record
+    if args.json:
+        print(json.dumps({"changed": result.changed, **dataclasses.asdict(rec)}, sort_keys=True))
+        return
+    state = "rewritten" if result.changed else "already adopted, unchanged"
+    print(f"{verb} {rec.name} ({rec.uuid}): definition {state}")
+    print(f"  bridge socket  {rec.bridge_socket}")
+    print(f"  channel        {rec.channel_socket} ({rec.channel_name})")
+    print(f"  vTPM           {rec.tpm_model}, state {rec.vtpm_state}")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def _cmd_adopt(args: argparse.Namespace) -> int:
+    with _manager(args) as m:
+        result = m.adopt(args.domain, now=_now())
+    _adopt_output(args, result, "adopted")
+    return 0
+
+
+def _cmd_create(args: argparse.Namespace) -> int:
+    image = load_image_spec(args.image)
+    vm_uuid = str(uuid_mod.UUID(args.uuid)) if args.uuid else str(uuid_mod.uuid4())
+    with _manager(args) as m:
+        result = m.create(
+            args.name,
+            image,
+            memory_mib=args.memory,
+            now=_now(),
+            vm_uuid=vm_uuid,
+            cmdline_extra=args.cmdline_extra,
+            qemu_args=args.qemu_arg,
+        )
+    _adopt_output(args, result, "created")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    with _manager(args) as m:
+        vms = m.list()
+    if args.json:
+        print(json.dumps([v.as_json() for v in vms], sort_keys=True))
+        return 0
+    if not vms:
+        print("no domains")
+        return 0
+    width = max(len(v.name) for v in vms)
+    for v in vms:
+        adopted = "adopted" if v.adopted else "-"
+        print(f"{v.name:<{width}}  {v.uuid}  {v.state:<13} {adopted}")
+    return 0
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    with _manager(args) as m:
+        info = m.start(args.domain, paused=args.paused)
+        record = m.record(info.uuid)
+    out = {"name": info.name, "uuid": info.uuid, "state": info.state.value,
+           "bridge_socket": record.bridge_socket if record else None}  # fmt: skip
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+    else:
+        print(f"started {info.name} ({info.uuid}): {info.state.value}")
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    with _manager(args) as m:
+        m.stop(args.domain, graceful_timeout=args.graceful)
+        info = m.hypervisor.info(args.domain)
+    if args.json:
+        print(json.dumps({"name": info.name, "uuid": info.uuid, "state": info.state.value}))
+    else:
+        print(f"stopped {info.name} ({info.uuid}): {info.state.value}")
+    return 0
