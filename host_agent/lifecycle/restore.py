@@ -1,0 +1,234 @@
+"""Verified restore (patent step 1-2): at the SET_STATEBLOB hook, check memory before the VM runs.
+
+An incoming QEMU (``virsh restore``, managedsave start, ``-incoming``, ``vtpm-host vm restore`` or
+``vm revert``) loads guest RAM first and then pushes the vTPM state: SET_STATEBLOB PERMANENT, then
+VOLATILE, then CMD_INIT; the VM is not running yet, and at the first SET_STATEBLOB its memfd holds
+exactly the RAM of the image (platform-notes, "A control-channel bridge"). The daemon routes
+each call to :meth:`Restorer.on_set_stateblob`:
+
+PERMANENT (the decision):
+  1. find the sealed records (:mod:`host_agent.lifecycle.seal`) whose PERMANENT digest equals the
+     image's; keep those of THIS VM sealed on THIS host. None → veto, saying whether the state
+     belongs to another VM, was sealed on another host, or has no record at all (``vtpm-host vm
+     adopt-state`` is the operator's explicit way in);
+  2. hash the memory QEMU has just loaded (QEMU's pid from the bridge, its guest-RAM memfd) and
+     compare the root with each candidate (newest first). Equal → **replace** the blob with the
+     sealed PERMANENT blob (the sealed state is installed, not the image's copy) and remember the
+     record for this VM; different → veto naming the differing page ranges (against the newest
+     candidate's leaves).
+VOLATILE:
+  the image's VOLATILE digest must equal the remembered record's → replace with the sealed
+  VOLATILE blob; else veto. (What reached swtpm at PERMANENT was the sealed blob of a record whose
+  memory matched, so a veto here leaves nothing foreign behind.)
+
+A veto answers QEMU with TPM_FAIL: QEMU fails the load and exits, the VM never runs, and nothing
+on disk changes (the image, the record, the domain definition). The reason goes to the agent log
+and is kept in :attr:`Restorer.last_veto` for the CLI to report.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from evidence.errors import VtpmError
+from host_agent.errors import MemoryLayoutMismatch
+from host_agent.lifecycle.seal import (
+    PERMANENT,
+    VOLATILE,
+    BridgeCalls,
+    SealedState,
+    hash_qemu_ram,
+    list_sealed,
+    load_leaves,
+    qemu_pid_of,
+)
+from host_agent.memory.merkle import LeafSet, diff
+from host_agent.store import TrustedStore
+from host_agent.vtpm.daemon_link import HookCall
+from host_agent.vtpm.hooks_server import Decision, Replace, Veto
+
+__all__ = ["MemoryVerdict", "RestoreRefused", "Restorer", "compare_memory", "format_ranges"]
+
+log = logging.getLogger(__name__)
+
+
+class RestoreRefused(VtpmError):
+    """A restore was vetoed (the message is the veto's reason)."""
+
+    id: ClassVar[str] = "lifecycle.restore_refused"
+
+
+def format_ranges(ranges: Sequence[tuple[int, int]], limit: int = 8) -> str:
+    """``"12, 40-47 and 3 more ranges"``."""
+    parts = [f"{a}" if a == b else f"{a}-{b}" for a, b in ranges[:limit]]
+    more = len(ranges) - limit
+    text = ", ".join(parts)
+    return f"{text} and {more} more ranges" if more > 0 else text
+
+
+@dataclass(frozen=True)
+class MemoryVerdict:
+    """The memory comparison of one image or one loaded VM with one sealed record."""
+
+    match: bool
+    differing_pages: tuple[tuple[int, int], ...]
+    reason: str
+
+
+def compare_memory(
+    loaded: LeafSet, sealed: SealedState, sealed_leaves: Callable[[], LeafSet]
+) -> MemoryVerdict:
+    """Compare loaded memory with a sealed record (its root first; leaves only on a mismatch).
+
+    ``loaded`` may carry more blocks than the record (a stream's ROMs): only the record's blocks
+    are compared. Page numbers are those of :func:`~host_agent.memory.merkle.diff`.
+    """
+    names = [n for n, _ in sealed.layout]
+    try:
+        mine = loaded.select(names)
+    except MemoryLayoutMismatch as err:
+        reason = f"memory layout differs from record {sealed.record_id}: {err}"
+        return MemoryVerdict(False, (), reason)
+    if mine.layout != sealed.layout:
+        return MemoryVerdict(
+            False,
+            (),
+            f"memory layout {list(mine.layout)} differs from record {sealed.record_id}'s "
+            f"{list(sealed.layout)}",
+        )
+    if mine.root() == sealed.memory_root:
+        return MemoryVerdict(True, (), "memory matches")
+    ranges = tuple(diff(sealed_leaves(), mine))
+    pages = sum(b - a + 1 for a, b in ranges)
+    return MemoryVerdict(
+        False,
+        ranges,
+        f"guest memory differs from sealed record {sealed.record_id} in {pages} page(s): "
+        f"{format_ranges(ranges)} (root sealed {sealed.memory_root.hex()[:16]}…, loaded "
+        f"{mine.root().hex()[:16]}…)",
+    )
+
+
+class Restorer:
+    """The SET_STATEBLOB handler (see the module docstring).
+
+    Args:
+        store: the trusted store holding the sealed records.
+        bridges: the hooks server (QEMU's pid).
+        host_id: this host's id; records sealed elsewhere are refused.
+        workers: hashing threads.
+        clock: monotonic clock for timings.
+    """
+
+    def __init__(
+        self,
+        store: TrustedStore,
+        bridges: BridgeCalls,
+        *,
+        host_id: str,
+        workers: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.bridges = bridges
+        self.host_id = host_id
+        self._workers = workers
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._verified: dict[str, SealedState] = {}
+        self.last_veto: dict[str, str] = {}
+        self.last_verify_seconds: dict[str, float] = {}
+
+    def on_set_stateblob(self, call: HookCall) -> Decision:
+        """Hook handler: verify at PERMANENT, check VOLATILE, install the sealed blobs."""
+        vm = call.vm_uuid
+        try:
+            if call.blob_type == PERMANENT:
+                decision = self._permanent(call)
+            elif call.blob_type == VOLATILE:
+                decision = self._volatile(call)
+            else:
+                decision = Veto(f"unexpected SET_STATEBLOB of type {call.blob_type}")
+        except VtpmError as err:
+            decision = Veto(f"restore not verified: {err}")
+        if isinstance(decision, Veto):
+            with self._lock:
+                self._verified.pop(vm, None)
+                self.last_veto[vm] = decision.reason
+            log.error("restore of VM %s refused: %s", vm, decision.reason)
+        return decision
+
+    def _permanent(self, call: HookCall) -> Decision:
+        vm = call.vm_uuid
+        with self._lock:
+            self._verified.pop(vm, None)
+        t0 = self._clock()
+        same_digest = [
+            s for s in list_sealed(self.store) if s.blob(PERMANENT).sha256 == call.sha256
+        ]
+        candidates = [s for s in same_digest if s.vm_uuid == vm and s.host_id == self.host_id]
+        if not candidates:
+            return Veto(self._no_record_reason(vm, call.sha256, same_digest))
+        pid = qemu_pid_of(self.bridges, vm)
+        loaded = hash_qemu_ram(pid, workers=self._workers)
+        first: tuple[SealedState, str] | None = None
+        for sealed in candidates:
+            verdict = compare_memory(
+                loaded, sealed, functools.partial(load_leaves, self.store, sealed.record_id)
+            )
+            if verdict.match:
+                with self._lock:
+                    self._verified[vm] = sealed
+                self.last_verify_seconds[vm] = self._clock() - t0
+                log.info(
+                    "VM %s: loaded memory matches sealed record %s (%.3f s); installing the "
+                    "sealed vTPM state",
+                    vm,
+                    sealed.record_id,
+                    self.last_verify_seconds[vm],
+                )
+                blob = sealed.blob(PERMANENT)
+                return Replace(blob.blob, blob.flags)
+            if first is None:
+                first = (sealed, verdict.reason)
+        assert first is not None
+        return Veto(first[1])
+
+    def _no_record_reason(self, vm: str, digest: str, same_digest: list[SealedState]) -> str:
+        others = [s for s in same_digest if s.vm_uuid != vm]
+        if others:
+            return (
+                f"the image's vTPM state belongs to VM {others[0].vm_uuid} (sealed record "
+                f"{others[0].record_id}), not to VM {vm}"
+            )
+        elsewhere = [s for s in same_digest if s.host_id != self.host_id]
+        if elsewhere:
+            return (
+                f"the image's vTPM state was sealed on host {elsewhere[0].host_id!r}, not on "
+                f"this host {self.host_id!r}"
+            )
+        return (
+            f"no sealed record of VM {vm} holds this vTPM state (PERMANENT sha256 "
+            f"{digest[:16]}…): a state made without the agent, or an older one; an operator "
+            "may adopt it with `vtpm-host vm adopt-state`"
+        )
+
+    def _volatile(self, call: HookCall) -> Decision:
+        vm = call.vm_uuid
+        with self._lock:
+            sealed = self._verified.pop(vm, None)
+        if sealed is None:
+            return Veto("SET_STATEBLOB VOLATILE without a verified PERMANENT state first")
+        blob = sealed.blob(VOLATILE)
+        if blob.sha256 != call.sha256:
+            return Veto(
+                f"the image's VOLATILE vTPM state differs from sealed record {sealed.record_id} "
+                f"(sha256 {call.sha256[:16]}… instead of {blob.sha256[:16]}…)"
+            )
+        return Replace(blob.blob, blob.flags)

@@ -1,0 +1,460 @@
+"""Sealed save (patent step 1-1): at the GET_STATEBLOB hook, seal memory, vPCRs and vTPM state.
+
+Whatever starts a save (``virsh save``, managedsave, an external-memory snapshot, ``vtpm-host vm
+save``, a plain QMP ``migrate`` to a file), QEMU stops the VM and asks the bridge for the vTPM
+state: GET_STATEBLOB PERMANENT, VOLATILE, then SAVESTATE (platform-notes, "A control-channel
+bridge"). The bridge calls the daemon after swtpm answered and before QEMU gets the blob; the
+daemon routes the call to :meth:`Sealer.on_get_stateblob`:
+
+- PERMANENT: the VM is stopped and its RAM final. Learn QEMU's pid from the bridge (the peer of
+  its control connection), hash its guest-RAM memfd (the incremental pass of a background
+  tracker when one runs and soft-dirty works, else a full hash: the announced fallback), read the
+  vPCRs through the bridge, and keep the blob;
+- VOLATILE: keep the blob;
+- SAVESTATE (the last): seal one record into the store, then allow. QEMU gets its answer to the
+  last GET_STATEBLOB only after the record is committed, so no saved state exists without its
+  record. Any failure vetoes the save (QEMU aborts it; the VM stays as it was).
+
+Records (in the trusted store, encrypted and authenticated there; the store never holds a
+plaintext vTPM state, invariant 5)::
+
+    seal/<id>         JSON, :data:`SEAL_FORMAT`: VM UUID and name, host id, time, origin
+                      ("save" | "adopted"), memory root + layout + how it was hashed, vPCRs,
+                      the three state blobs (digest, length, flags, bytes), domain XML digest
+    seal-leaves/<id>  the memory leaves: a leaf file (:func:`~host_agent.memory.merkle.
+                      encode_leaf_file`, 32 bytes per 4 KiB page) compressed with zlib
+
+``<id>`` is ``<vm uuid>.<sealed_at in ns>``. Restore (:mod:`host_agent.lifecycle.restore`) and
+``vtpm-host image verify`` (:mod:`host_agent.lifecycle.image_verify`) read them back.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar, Protocol
+
+from evidence.errors import ParseError, VtpmError
+from host_agent.memory.dirty import SoftDirtyTracker, TrackerSupport, probe_soft_dirty
+from host_agent.memory.merkle import LeafSet, encode_leaf_file, parse_leaf_file
+from host_agent.memory.sources import hash_source
+from host_agent.store import TrustedStore
+from host_agent.vtpm.daemon_link import HookCall
+from host_agent.vtpm.hooks_server import Allow, Decision, Veto
+
+__all__ = [
+    "LEAVES_RECORD",
+    "SEAL_FORMAT",
+    "SEAL_RECORD",
+    "BridgeCalls",
+    "SealError",
+    "SealedBlob",
+    "SealedState",
+    "Sealer",
+    "hash_qemu_ram",
+    "list_sealed",
+    "load_leaves",
+    "put_sealed",
+    "qemu_pid_of",
+]
+
+log = logging.getLogger(__name__)
+
+SEAL_RECORD = "seal"
+LEAVES_RECORD = "seal-leaves"
+SEAL_FORMAT = "vtpm-trust/seal/1"
+PERMANENT, VOLATILE, SAVESTATE = 1, 2, 3
+BLOB_NAMES = {PERMANENT: "permanent", VOLATILE: "volatile", SAVESTATE: "savestate"}
+
+
+class SealError(VtpmError):
+    """A save could not be sealed (no QEMU pid, memory unreadable, vPCRs unreadable …)."""
+
+    id: ClassVar[str] = "lifecycle.seal"
+
+
+class SealRecordError(ParseError):
+    """A sealed record read back from the store is malformed."""
+
+    id: ClassVar[str] = "parse.seal_record"
+
+
+class BridgeCalls(Protocol):
+    """What the sealer needs of the daemon's hooks server (:class:`HooksServer` satisfies it)."""
+
+    def call(self, vm_uuid: str, op: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
+        """Run ``op`` on the bridge of ``vm_uuid``."""
+        ...
+
+    def read_pcrs(
+        self, vm_uuid: str, bank: str = "sha256", timeout: float = 30.0
+    ) -> dict[int, bytes]:
+        """The vPCRs of ``bank``, read through the bridge."""
+        ...
+
+
+@dataclass(frozen=True)
+class SealedBlob:
+    """One vTPM state blob as QEMU got it from swtpm (``result`` is swtpm's, e.g. 0x800 for an
+    empty SAVESTATE)."""
+
+    blob_type: int
+    blob: bytes
+    flags: int = 0
+    result: int = 0
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.blob).hexdigest()
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "sha256": self.sha256,
+            "length": len(self.blob),
+            "flags": self.flags,
+            "result": self.result,
+            "blob": base64.b64encode(self.blob).decode(),
+        }
+
+
+@dataclass(frozen=True)
+class SealedState:
+    """One sealed record (see the module docstring)."""
+
+    record_id: str
+    vm_uuid: str
+    vm_name: str
+    host_id: str
+    sealed_at: str
+    origin: str
+    memory_root: bytes
+    layout: tuple[tuple[str, int], ...]
+    hash_mode: str
+    blobs: dict[int, SealedBlob]
+    vpcrs: dict[int, bytes] | None = None
+    domain_xml_sha256: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def blob(self, blob_type: int) -> SealedBlob:
+        try:
+            return self.blobs[blob_type]
+        except KeyError:
+            raise SealRecordError(
+                f"seal record {self.record_id}", 0, "the three state blobs", "missing one"
+            ) from None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "format": SEAL_FORMAT,
+            "record_id": self.record_id,
+            "vm_uuid": self.vm_uuid,
+            "vm_name": self.vm_name,
+            "host_id": self.host_id,
+            "sealed_at": self.sealed_at,
+            "origin": self.origin,
+            "memory": {
+                "root": self.memory_root.hex(),
+                "layout": [[n, p] for n, p in self.layout],
+                "hash_mode": self.hash_mode,
+            },
+            "vpcrs": None if self.vpcrs is None else _pcrs_json(self.vpcrs),
+            "state": {BLOB_NAMES[t]: b.as_json() for t, b in sorted(self.blobs.items())},
+            "domain_xml_sha256": self.domain_xml_sha256,
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> SealedState:
+        """Raises: SealRecordError: not a seal record of this format."""
+        what = f"seal record {obj.get('record_id', '?')}"
+        try:
+            if obj["format"] != SEAL_FORMAT:
+                raise SealRecordError(what, 0, SEAL_FORMAT, str(obj["format"]))
+            blobs = {}
+            for t, name in BLOB_NAMES.items():
+                b = obj["state"][name]
+                raw = base64.b64decode(b["blob"], validate=True)
+                if hashlib.sha256(raw).hexdigest() != b["sha256"]:
+                    raise SealRecordError(what, 0, f"{name} blob matching its digest", "other")
+                blobs[t] = SealedBlob(t, raw, int(b["flags"]), int(b["result"]))
+            vp = obj.get("vpcrs")
+            return cls(
+                record_id=str(obj["record_id"]),
+                vm_uuid=str(obj["vm_uuid"]),
+                vm_name=str(obj["vm_name"]),
+                host_id=str(obj["host_id"]),
+                sealed_at=str(obj["sealed_at"]),
+                origin=str(obj["origin"]),
+                memory_root=bytes.fromhex(obj["memory"]["root"]),
+                layout=tuple((str(n), int(p)) for n, p in obj["memory"]["layout"]),
+                hash_mode=str(obj["memory"]["hash_mode"]),
+                blobs=blobs,
+                vpcrs=None if vp is None else _pcrs_of(vp),
+                domain_xml_sha256=obj.get("domain_xml_sha256"),
+                extra=dict(obj.get("extra", {})),
+            )
+        except SealRecordError:
+            raise
+        except (KeyError, TypeError, ValueError) as err:
+            raise SealRecordError(what, 0, "a well-formed seal record", repr(err)) from err
+
+
+def _pcrs_json(pcrs: dict[int, bytes]) -> dict[str, Any]:
+    return {"bank": "sha256", "pcrs": {str(k): v.hex() for k, v in sorted(pcrs.items())}}
+
+
+def _pcrs_of(obj: dict[str, Any]) -> dict[int, bytes]:
+    return {int(k): bytes.fromhex(v) for k, v in obj["pcrs"].items()}
+
+
+def put_sealed(store: TrustedStore, sealed: SealedState, leaves: LeafSet) -> None:
+    """Commit the record and its leaves as one store change."""
+    if leaves.root() != sealed.memory_root:
+        raise ValueError("the leaves do not give the sealed memory root")
+    packed = zlib.compress(encode_leaf_file(leaves), 1)
+    with store.transaction() as tx:
+        tx.put(LEAVES_RECORD, sealed.record_id, packed)
+        tx.put(SEAL_RECORD, sealed.record_id, sealed.as_json())
+
+
+def list_sealed(store: TrustedStore, vm_uuid: str | None = None) -> list[SealedState]:
+    """Sealed records (of one VM, when given), newest first."""
+    out = []
+    for rec in store.list_records(SEAL_RECORD):
+        sealed = SealedState.from_json(rec.json())
+        if vm_uuid is None or sealed.vm_uuid == vm_uuid:
+            out.append(sealed)
+    return sorted(out, key=lambda s: s.sealed_at, reverse=True)
+
+
+def load_leaves(store: TrustedStore, record_id: str) -> LeafSet:
+    """The memory leaves of a sealed record.
+
+    Raises:
+        SealRecordError: they cannot be decompressed; LeafFileError: malformed leaf file.
+    """
+    rec = store.get(LEAVES_RECORD, record_id)
+    try:
+        data = zlib.decompress(rec.payload)
+    except zlib.error as err:
+        raise SealRecordError(f"seal leaves {record_id}", 0, "zlib data", str(err)) from err
+    return parse_leaf_file(data)
+
+
+def qemu_pid_of(bridges: BridgeCalls, vm_uuid: str) -> int:
+    """QEMU's pid, as the bridge sees it on its control connection (SO_PEERCRED).
+
+    Raises:
+        SealError: the bridge has no QEMU attached or does not know the pid.
+    """
+    status = bridges.call(vm_uuid, "status", timeout=10.0)
+    pid = status.get("qemu_pid")
+    if not isinstance(pid, int) or pid <= 0:
+        raise SealError(f"the bridge of VM {vm_uuid} reports no QEMU pid (status: {status})")
+    return pid
+
+
+def hash_qemu_ram(pid: int, *, workers: int | None = None) -> LeafSet:
+    """A full hash of QEMU ``pid``'s guest-RAM memfd (the main RAM block only).
+
+    Raises:
+        MemorySourceError: no such QEMU or no memfd RAM.
+    """
+    return hash_source(f"pid:{pid}", workers=workers).leaves
+
+
+@dataclass
+class _Tracking:
+    pid: int
+    tracker: SoftDirtyTracker
+    thread: threading.Thread
+    error: BaseException | None = None
+
+
+@dataclass
+class _Save:
+    pid: int
+    leaves: LeafSet
+    hash_mode: str
+    hash_seconds: float
+    vpcrs: dict[int, bytes]
+    started: float
+    blobs: dict[int, SealedBlob] = field(default_factory=dict)
+
+
+class Sealer:
+    """The GET_STATEBLOB handler (see the module docstring).
+
+    Args:
+        store: the trusted store (records are committed before QEMU gets the last blob).
+        bridges: the hooks server (QEMU's pid, vPCR reads).
+        host_id: this host's id, written into every record.
+        now: wall clock for ``sealed_at`` (the daemon edge passes ``datetime.now(UTC)``).
+        vm_name: ``uuid -> name`` (the registry); "" when unknown.
+        domain_xml_sha256: ``uuid -> digest`` of the domain definition, None when unknown.
+        workers: hashing threads (default: one per core).
+        probe: how to learn whether soft-dirty tracking works (tests may force the fallback).
+        announce: called with a line whenever dirty-page tracking falls back to full hashes.
+        clock: monotonic clock for timings.
+    """
+
+    def __init__(
+        self,
+        store: TrustedStore,
+        bridges: BridgeCalls,
+        *,
+        host_id: str,
+        now: Callable[[], datetime],
+        vm_name: Callable[[str], str] = lambda _u: "",
+        domain_xml_sha256: Callable[[str], str | None] = lambda _u: None,
+        workers: int | None = None,
+        probe: Callable[[], TrackerSupport] = probe_soft_dirty,
+        announce: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.bridges = bridges
+        self.host_id = host_id
+        self._now = now
+        self._vm_name = vm_name
+        self._xml_digest = domain_xml_sha256
+        self._workers = workers
+        self._probe = probe
+        self._announce = announce or (lambda line: log.warning("%s", line))
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._saves: dict[str, _Save] = {}
+        self._tracking: dict[str, _Tracking] = {}
+        self.last_pause: dict[str, float] = {}  # VM → seconds from PERMANENT to sealed
+
+    # ------------------------------------------------------------------ background pass
+
+    def prepare(self, vm_uuid: str) -> str:
+        """Start the background pass for a running VM (VM start, or ``vm save`` before the stop).
+
+        Returns:
+            ``"soft-dirty"`` (tracking; the stop re-hashes only written pages) or ``"full"``
+            (the announced fallback: this kernel keeps no soft-dirty bits, so a background pass
+            would be thrown away and the stop hashes everything).
+        """
+        support = self._probe()
+        if not support.available:
+            self._announce(
+                f"VM {vm_uuid}: dirty-page tracking unavailable ({support.reason}); the save "
+                "hashes all guest memory at the stop"
+            )
+            return "full"
+        pid = qemu_pid_of(self.bridges, vm_uuid)
+        tracker = SoftDirtyTracker.for_qemu(
+            pid, workers=self._workers, probe=lambda: support, announce=self._announce
+        )
+        entry = _Tracking(pid, tracker, threading.Thread())
+
+        def run() -> None:
+            try:
+                tracker.start()
+            except BaseException as err:  # reported at the stop, which then hashes fully
+                entry.error = err
+
+        entry.thread = threading.Thread(target=run, name=f"bgpass-{vm_uuid[:8]}", daemon=True)
+        with self._lock:
+            self._tracking[vm_uuid] = entry
+        entry.thread.start()
+        return "soft-dirty" if tracker.support.available else "full"
+
+    def _hash_at_stop(self, vm_uuid: str, pid: int) -> tuple[LeafSet, str]:
+        with self._lock:
+            entry = self._tracking.pop(vm_uuid, None)
+        if entry is not None and entry.pid == pid:
+            entry.thread.join()
+            if entry.error is None and entry.tracker.support.available:
+                result = entry.tracker.finish()
+                return result.leaves, f"{result.mode} ({result.rehashed_pages} pages re-hashed)"
+            self._announce(f"VM {vm_uuid}: background pass unusable ({entry.error}); full hash")
+        return hash_qemu_ram(pid, workers=self._workers), "full"
+
+    # ------------------------------------------------------------------ the hook
+
+    def on_get_stateblob(self, call: HookCall) -> Decision:
+        """Hook handler: keep the blob; seal at the last one. A failure vetoes the save."""
+        vm = call.vm_uuid
+        blob = SealedBlob(call.blob_type, call.blob, call.state_flags, call.result)
+        if len(call.blob) != call.length:
+            return Veto(f"the bridge sent {len(call.blob)} of the blob's {call.length} bytes")
+        save: _Save | None
+        try:
+            if call.blob_type == PERMANENT:
+                save = self._begin(vm)
+            else:
+                with self._lock:
+                    save = self._saves.get(vm)
+                if save is None:
+                    return Veto(
+                        f"GET_STATEBLOB {BLOB_NAMES.get(call.blob_type, call.blob_type)} without "
+                        "the PERMANENT one first (daemon restarted mid-save?): refusing to hand "
+                        "out an unsealed state"
+                    )
+            save.blobs[call.blob_type] = blob
+            if call.blob_type != SAVESTATE:
+                return Allow()
+            with self._lock:
+                self._saves.pop(vm, None)
+            record_id = self._seal(vm, save)
+        except VtpmError as err:
+            with self._lock:
+                self._saves.pop(vm, None)
+            log.error("save of VM %s not sealed: %s", vm, err)
+            return Veto(f"save not sealed: {err}")
+        self.last_pause[vm] = self._clock() - save.started
+        log.info(
+            "VM %s: save sealed as %s (memory %s, %d pages, %s; pause %.3f s)",
+            vm,
+            record_id,
+            save.leaves.root().hex()[:16],
+            save.leaves.pages,
+            save.hash_mode,
+            self.last_pause[vm],
+        )
+        return Allow()
+
+    def _begin(self, vm: str) -> _Save:
+        t0 = self._clock()
+        pid = qemu_pid_of(self.bridges, vm)
+        leaves, mode = self._hash_at_stop(vm, pid)
+        hashed = self._clock() - t0
+        vpcrs = self.bridges.read_pcrs(vm)
+        save = _Save(pid, leaves, mode, hashed, vpcrs, t0)
+        with self._lock:
+            self._saves[vm] = save
+        return save
+
+    def _seal(self, vm: str, save: _Save) -> str:
+        missing = [BLOB_NAMES[t] for t in BLOB_NAMES if t not in save.blobs]
+        if missing:
+            raise SealError(f"blobs {missing} never came: refusing to seal a partial state")
+        when = self._now()
+        record_id = f"{vm}.{int(when.timestamp() * 1e9)}"
+        sealed = SealedState(
+            record_id=record_id,
+            vm_uuid=vm,
+            vm_name=self._vm_name(vm),
+            host_id=self.host_id,
+            sealed_at=when.isoformat(),
+            origin="save",
+            memory_root=save.leaves.root(),
+            layout=save.leaves.layout,
+            hash_mode=save.hash_mode,
+            blobs=dict(save.blobs),
+            vpcrs=save.vpcrs,
+            domain_xml_sha256=self._xml_digest(vm),
+            extra={"hash_seconds": round(save.hash_seconds, 4), "qemu_pid": save.pid},
+        )
+        put_sealed(self.store, sealed, save.leaves)
+        return record_id
