@@ -23,7 +23,10 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "host_agent.tpm.cli",
     "host_agent.store.cli",
     "host_agent.vtpm.cli",
+    "host_agent.lifecycle.save_cli",
+    "host_agent.service.daemon",
     "host_agent.lifecycle.cli",
+    "host_agent.service.status",
 )
 
 

@@ -1,0 +1,591 @@
+"""``vtpm-host daemon``: the host agent's long-running process (runs in the foreground).
+
+What it owns (ARCHITECTURE.md §1):
+
+- the host TPM port (``open_host_tpm``) and the trusted store (``open_store``): the daemon
+  refuses to start on a rolled-back, tampered or foreign store (the store's typed error);
+- the hooks server on ``<state_dir>/run/daemon.sock``, where every VM's bridge connects (and
+  reconnects on its own): GET_STATEBLOB goes to :class:`~host_agent.lifecycle.seal.Sealer`,
+  SET_STATEBLOB to :class:`~host_agent.lifecycle.restore.Restorer`;
+- the VM registry (:mod:`host_agent.service.vm_registry`): VM UUID → swtpm, bridge, adoption;
+- the control socket ``<state_dir>/run/control.sock`` (0600) for ``vtpm-host`` commands that
+  need the daemon's store or state: one JSON request line, one JSON reply line
+  (``{"op": "status"}`` → ``{"ok": true, "value": …}`` or ``{"ok": false, "error_id", "message"}``);
+  ops: ``status``, ``prepare_save`` (start the background hashing pass of a VM), ``adopt_state``
+  (seal a record for an image made without the agent), ``last_veto`` (why a restore was refused);
+- the ``components``: other services that live inside the daemon.
+
+Start order: TPM → store → registry (adoption records, bridge registry) → reap the swtpms of
+VMs that are gone, take over those of VMs that still run → hooks server → control socket →
+components. A failure undoes what was done and the daemon exits with the error.
+
+Stop (SIGTERM, SIGINT, or :meth:`Daemon.stop`): components (reverse order), control socket, hooks
+server, store, TPM. **Bridges and swtpms are left running** (invariant 6: guests keep their TPM
+while the daemon restarts; bridges reconnect to the next daemon within their reconnect interval,
+and a hook that arrives meanwhile waits for it, bounded). Signals are handled in one place,
+:meth:`Daemon.run`; a second SIGINT/SIGTERM while stopping exits at once.
+
+The ``components`` extension point
+----------------------------------
+A component is any object with two methods (:class:`Component`)::
+
+    start(daemon: Daemon) -> None   # after the store, hooks server and registry are up
+    stop() -> None                  # before they go down; must not raise
+
+It may use ``daemon.store``, ``daemon.tpm``, ``daemon.hooks`` (``read_pcrs(uuid)``,
+``call(uuid, op)``), ``daemon.registry``, ``daemon.config``, ``daemon.paths``, ``daemon.host_id``
+and ``daemon.now()``. Components start in list order and stop in reverse; one that fails to start
+stops the ones started before it and the daemon does not run. The attestation helper's services
+(``host_agent.service.attest``: the guest channel server; ``host_agent.service.enroll``: the
+enrollment API) plug in here, either programmatically (``Daemon(config, components=[…])``) or by
+name: ``vtpm-host daemon --component host_agent.service.attest:AttestService`` (a
+``module:callable`` that returns a component when called with no arguments); the names listed in
+:data:`DEFAULT_COMPONENTS` are loaded when their module exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import enum
+import importlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from evidence.errors import VtpmError
+from host_agent.config import AgentConfig, load_config, with_state_dir
+from host_agent.errors import StateError
+from host_agent.lifecycle.restore import Restorer
+from host_agent.lifecycle.seal import Sealer
+from host_agent.service.vm_registry import VmRegistry
+from host_agent.store import TrustedStore
+from host_agent.store.provision import open_store
+from host_agent.vtpm.cli import DEFAULT_RUNTIME_DIR
+from host_agent.vtpm.hooks_server import HooksServer
+from host_agent.vtpm.swtpm import SwtpmInstance, reap_orphans, vtpm_dir_of
+
+__all__ = [
+    "DEFAULT_COMPONENTS",
+    "Component",
+    "ControlClient",
+    "Daemon",
+    "DaemonError",
+    "DaemonPaths",
+    "DaemonRunState",
+    "register",
+]
+
+log = logging.getLogger("host_agent.service.daemon")
+
+#: Components loaded by name when their module is installed (``module:callable``).
+DEFAULT_COMPONENTS: tuple[str, ...] = ()
+
+
+class DaemonError(VtpmError):
+    """The daemon cannot start, or a control request failed."""
+
+    id: ClassVar[str] = "daemon.error"
+
+
+@runtime_checkable
+class Component(Protocol):
+    """A service living inside the daemon (see the module docstring)."""
+
+    def start(self, daemon: Daemon) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class DaemonRunState(enum.Enum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class DaemonPaths:
+    """Where the daemon keeps its sockets (``<state_dir>/run``) and finds the bridges."""
+
+    state_dir: Path
+    runtime_dir: Path
+
+    @property
+    def run_dir(self) -> Path:
+        return self.state_dir / "run"
+
+    @property
+    def hooks_socket(self) -> Path:
+        return self.run_dir / "daemon.sock"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.run_dir / "control.sock"
+
+    @property
+    def vtpm_dir(self) -> Path:
+        return vtpm_dir_of(self.state_dir)
+
+
+def default_host_id(config: AgentConfig) -> str:
+    """This host's id in records: ``registrar.host_id``, else the hostname in lower case."""
+    return config.registrar.host_id or socket.gethostname().lower()
+
+
+class Daemon:
+    """The daemon (see the module docstring).
+
+    Args:
+        config: the agent configuration (built once, at the edge).
+        runtime_dir: where bridges register themselves.
+        components: services started after the core, stopped before it.
+        open_tpm: ``TpmConfig -> HostTpm`` (default: discovery's ``open_host_tpm``).
+        now: wall clock (records' times).
+        clock: monotonic clock.
+        hash_workers: memory hashing threads (default: one per core).
+        reap: stop the swtpms of VMs that no longer exist at start.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        runtime_dir: Path = DEFAULT_RUNTIME_DIR,
+        components: Sequence[Component] = (),
+        open_tpm: Callable[[Any], Any] | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], float] = time.monotonic,
+        hash_workers: int | None = None,
+        reap: bool = True,
+    ) -> None:
+        self.config = config
+        self.paths = DaemonPaths(Path(config.state_dir), Path(runtime_dir))
+        self.components: list[Component] = list(components)
+        self._open_tpm = open_tpm
+        self.now = now
+        self.clock = clock
+        self.hash_workers = hash_workers
+        self.reap = reap
+        self.host_id = default_host_id(config)
+        self.run_state = DaemonRunState.CREATED
+        self.tpm: Any = None
+        self.store: TrustedStore | None = None
+        self.hooks: HooksServer | None = None
+        self.sealer: Sealer | None = None
+        self.restorer: Restorer | None = None
+        self.registry = VmRegistry(
+            self.paths.state_dir, self.paths.runtime_dir, swtpm_factory=self._swtpm_of
+        )
+        self._control: _ControlServer | None = None
+        self._started: list[Component] = []
+        self._stop_requested = threading.Event()
+        self._lock = threading.RLock()
+
+    @property
+    def vms(self) -> VmRegistry:
+        """The VM registry (the name components use)."""
+        return self.registry
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _require(self, what: str, *states: DaemonRunState) -> None:
+        if self.run_state not in states:
+            raise StateError(self.run_state.value, [s.value for s in states], f"daemon: {what}")
+
+    def _swtpm_of(self, vm_uuid: str, vm_name: str) -> SwtpmInstance:
+        return SwtpmInstance(self.paths.vtpm_dir, vm_uuid, vm_name, _Sealer(self))
+
+    def start(self) -> Daemon:
+        """Bring everything up (see the module docstring). Idempotent only in the sense that a
+        second call raises :class:`StateError`.
+
+        Raises:
+            StoreRolledBack, StoreIntegrityError, … : the store is refused (nothing runs).
+            VtpmError: the TPM, the sockets or a component failed (everything is undone).
+        """
+        with self._lock:
+            self._require("start()", DaemonRunState.CREATED)
+            self.run_state = DaemonRunState.STARTING
+            try:
+                self._start()
+            except BaseException:
+                self._teardown()
+                self.run_state = DaemonRunState.FAILED
+                raise
+            self.run_state = DaemonRunState.RUNNING
+        log.info(
+            "daemon running: store %s, hooks %s, %d VM(s) known, %d component(s)",
+            self.paths.state_dir,
+            self.paths.hooks_socket,
+            len(self.registry.uuids()),
+            len(self._started),
+        )
+        return self
+
+    def _start(self) -> None:
+        opener = self._open_tpm
+        if opener is None:
+            from host_agent.tpm.discovery import open_host_tpm
+
+            opener = open_host_tpm
+        self.tpm = opener(self.config.tpm)
+        self.store = open_store(self.config, self.tpm)
+        log.info("store open (generation %d)", self.store.generation)
+        self.paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+        self.registry.load()
+        live = self.registry.uuids()
+        if self.reap:
+            for reaped in reap_orphans(self.paths.vtpm_dir, live):
+                log.warning("reaped swtpm of vanished VM %s (%s)", reaped.vm, reaped.how)
+        attached = self.registry.attach_swtpms(live)
+        if attached:
+            log.info("took over the running swtpm of %d VM(s): %s", len(attached), attached)
+        self.hooks = HooksServer(self.paths.hooks_socket).start()
+        self.sealer = Sealer(
+            self.store,
+            self.hooks,
+            host_id=self.host_id,
+            now=self.now,
+            vm_name=self.registry.name_of,
+            domain_xml_sha256=self._domain_xml_sha256,
+            workers=self.hash_workers,
+            clock=self.clock,
+        )
+        self.restorer = Restorer(
+            self.store, self.hooks, host_id=self.host_id, workers=self.hash_workers
+        )
+        self.hooks.on_get_stateblob = self.sealer.on_get_stateblob
+        self.hooks.on_set_stateblob = self.restorer.on_set_stateblob
+        self._control = _ControlServer(self.paths.control_socket, self._control_op).start()
+        for component in self.components:
+            component.start(self)
+            self._started.append(component)
+
+    def _domain_xml_sha256(self, vm_uuid: str) -> str | None:
+        entry = self.registry.get(vm_uuid)
+        if entry is None or entry.adoption is None:
+            return None
+        value = entry.adoption.get("xml_sha256_after")
+        return str(value) if value else None
+
+    def stop(self) -> None:
+        """Stop the daemon; bridges and swtpms keep running (invariant 6). Idempotent."""
+        with self._lock:
+            if self.run_state in (DaemonRunState.STOPPED, DaemonRunState.FAILED):
+                return
+            if self.run_state is DaemonRunState.CREATED:
+                self.run_state = DaemonRunState.STOPPED
+                return
+            self.run_state = DaemonRunState.STOPPING
+            self._teardown()
+            self.run_state = DaemonRunState.STOPPED
+        log.info("daemon stopped (bridges and swtpms left running)")
+
+    def _teardown(self) -> None:
+        for component in reversed(self._started):
+            try:
+                component.stop()
+            except Exception:
+                log.exception("component %r failed to stop", component)
+        self._started.clear()
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if self.hooks is not None:
+            self.hooks.close()
+            self.hooks = None
+        if self.store is not None:
+            with contextlib.suppress(VtpmError):
+                self.store.close()
+            self.store = None
+        if self.tpm is not None:
+            with contextlib.suppress(Exception):
+                self.tpm.close()
+            self.tpm = None
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to stop (thread-safe; what the signal handler does)."""
+        self._stop_requested.set()
+
+    def run(self, *, poll: float = 0.5) -> int:
+        """Start, then serve until SIGTERM/SIGINT (the one place signals are handled), then stop.
+
+        Returns:
+            The exit status: 0.
+        """
+        previous: dict[signal.Signals, Any] = {}
+        hits = [0]
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            hits[0] += 1
+            if hits[0] > 1:
+                log.error("second %s: exiting at once", signal.Signals(signum).name)
+                os._exit(1)
+            log.info("%s: stopping (bridges and swtpms stay up)", signal.Signals(signum).name)
+            self.request_stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, on_signal)
+        try:
+            self.start()
+            while not self._stop_requested.wait(poll):
+                self.sync()
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return 0
+
+    def sync(self) -> None:
+        """Refresh the registry from the hooks server (which bridges are connected now)."""
+        if self.hooks is not None:
+            self.registry.sync_bridges(self.hooks.bridges())
+
+    # ------------------------------------------------------------------ control
+
+    def status(self) -> dict[str, Any]:
+        self.sync()
+        return {
+            "run_state": self.run_state.value,
+            "pid": os.getpid(),
+            "host_id": self.host_id,
+            "state_dir": str(self.paths.state_dir),
+            "store_generation": None if self.store is None else self.store.generation,
+            "vms": [e.as_json() for e in self.registry.entries()],
+            "components": [type(c).__name__ for c in self._started],
+        }
+
+    def _control_op(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        if op == "status":
+            return self.status()
+        if self.run_state is not DaemonRunState.RUNNING:
+            raise DaemonError(f"daemon is {self.run_state.value}")
+        assert self.sealer is not None and self.restorer is not None and self.store is not None
+        if op == "prepare_save":
+            return {"mode": self.sealer.prepare(_arg(args, "vm_uuid"))}
+        if op == "last_veto":
+            vm = _arg(args, "vm_uuid")
+            return {"reason": self.restorer.last_veto.get(vm)}
+        if op == "adopt_state":
+            from host_agent.lifecycle.image_verify import adopt_image_state
+
+            sealed = adopt_image_state(
+                self.store,
+                Path(_arg(args, "file")),
+                vm_uuid=_arg(args, "vm_uuid"),
+                vm_name=str(args.get("vm_name", "")),
+                host_id=self.host_id,
+                now=self.now(),
+                workers=self.hash_workers,
+            )
+            return {"record": sealed.record_id, "memory_root": sealed.memory_root.hex()}
+        raise DaemonError(f"unknown control op {op!r}")
+
+
+def _arg(args: dict[str, Any], name: str) -> str:
+    value = args.get(name)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"control request needs a string {name!r}")
+    return value
+
+
+class _Sealer:
+    """The daemon's TPM as a swtpm state-key sealer, looked up when a swtpm needs it."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    def seal(self, data: bytes) -> bytes:
+        return bytes(self._daemon.tpm.seal(data))
+
+    def unseal(self, blob: bytes) -> bytes:
+        return bytes(self._daemon.tpm.unseal(blob))
+
+
+# ---------------------------------------------------------------------- control socket
+
+
+class _ControlServer:
+    """One JSON line in, one JSON line out, per connection; a thread per connection."""
+
+    def __init__(self, path: Path, handler: Callable[[str, dict[str, Any]], dict[str, Any]]):
+        self.path = path
+        self._handler = handler
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    def start(self) -> _ControlServer:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(self.path))
+            os.chmod(self.path, 0o600)
+            sock.listen(16)
+        except OSError as err:
+            sock.close()
+            raise DaemonError(f"control socket {self.path}: {err}") from err
+        self._sock = sock
+        self._thread = threading.Thread(target=self._accept, name="control", daemon=True)
+        self._thread.start()
+        return self
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        while not self._closing:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            buf = b""
+            try:
+                while b"\n" not in buf:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                req = json.loads(buf.split(b"\n", 1)[0])
+                if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+                    raise ValueError('expected {"op": …, "args": {…}}')
+                args = req.get("args") or {}
+                reply: dict[str, Any] = {"ok": True, "value": self._handler(req["op"], args)}
+            except VtpmError as err:
+                reply = {"ok": False, "error_id": err.id, "message": str(err)}
+            except (ValueError, TypeError) as err:
+                reply = {"ok": False, "error_id": "daemon.bad_request", "message": str(err)}
+            except OSError:
+                return
+            with contextlib.suppress(OSError):
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def close(self) -> None:
+        self._closing = True
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+            self._sock = None
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+
+class ControlClient:
+    """A ``vtpm-host`` command's way to the daemon's control socket.
+
+    Raises (from :meth:`call`):
+        DaemonError: the daemon is not running (socket absent or refused), or the op failed
+            (the daemon's error id and message are kept in the text).
+    """
+
+    def __init__(self, path: Path, *, timeout: float = 120.0) -> None:
+        self.path = Path(path)
+        self.timeout = timeout
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self.path))
+            sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+            buf = b""
+            while b"\n" not in buf:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise EOFError("the daemon closed the connection")
+                buf += chunk
+        except (OSError, EOFError) as err:
+            raise DaemonError(
+                f"cannot reach the vtpm-host daemon at {self.path}: {err} (is it running?)"
+            ) from err
+        finally:
+            sock.close()
+        reply = json.loads(buf.split(b"\n", 1)[0])
+        if not reply.get("ok"):
+            raise DaemonError(f"daemon: [{reply.get('error_id')}] {reply.get('message')}")
+        value = reply.get("value")
+        return value if isinstance(value, dict) else {}
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def _load_component(spec: str) -> Component:
+    module, _, name = spec.partition(":")
+    factory = getattr(importlib.import_module(module), name)
+    component = factory()
+    if not isinstance(component, Component):
+        raise DaemonError(f"component {spec} has no start(daemon)/stop()")
+    return component
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "daemon",
+        help="run the host agent daemon in the foreground (store, bridges' hooks, VM registry)",
+    )
+    p.add_argument("--config", type=Path, metavar="FILE", help="agent configuration (TOML)")
+    p.add_argument("--state-dir", type=Path, metavar="DIR", help="agent state directory")
+    p.add_argument(
+        "--runtime-dir",
+        type=Path,
+        default=DEFAULT_RUNTIME_DIR,
+        help=f"where bridges register themselves (default {DEFAULT_RUNTIME_DIR})",
+    )
+    p.add_argument(
+        "--component",
+        action="append",
+        default=[],
+        metavar="MODULE:CALLABLE",
+        help="load a service into the daemon (repeatable)",
+    )
+    p.add_argument("--hash-workers", type=int, help="memory hashing threads (default: cores)")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=_cmd_daemon)
+
+
+def _cmd_daemon(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    config = load_config(args.config, os.environ)
+    if args.state_dir is not None:
+        config = with_state_dir(config, args.state_dir.resolve())
+    specs = list(args.component)
+    for spec in DEFAULT_COMPONENTS:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(spec.partition(":")[0])
+            specs.append(spec)
+    components = [_load_component(s) for s in specs]
+    daemon = Daemon(
+        config,
+        runtime_dir=args.runtime_dir,
+        components=components,
+        hash_workers=args.hash_workers,
+    )
+    return daemon.run()
+
+
+def control_client(config: AgentConfig) -> ControlClient:
+    """The control client of the daemon serving ``config``'s state directory."""
+    return ControlClient(DaemonPaths(config.state_dir, DEFAULT_RUNTIME_DIR).control_socket)
