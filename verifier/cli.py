@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "verifier.commands.eventlog",
     "verifier.commands.ima",
     "verifier.commands.registrar",
+    "verifier.commands.tenant",
 )
 
 EXIT_OK = 0

@@ -129,6 +129,28 @@ class Vm:
         assert self.qemu.request(cc.Init(0)).result == 0
         self.qemu.tpm(STARTUP_CLEAR)
 
+    def save_and_restore(self) -> None:
+        """A save (GET_STATEBLOB x3, QEMU exits) and a restore into a fresh swtpm and QEMU."""
+        from host_agent.vtpm import ctrl_codec as cc
+
+        replies = [self.qemu.request(cc.GetStateBlob(t)) for t in cc.BlobType]
+        blobs = [
+            (t, r.data)
+            for t, r in zip(cc.BlobType, replies, strict=True)
+            if isinstance(r, cc.StateBlobReply) and r.result == 0 and r.data
+        ]
+        assert self.qemu.request(cc.Shutdown()).result == 0
+        self.qemu.close()
+        self.swtpm.stop()
+        self.swtpm = start_swtpm_unix(self.dir / "restored", ctrl_path=self.dir / "swtpm.sock")
+        q = QemuSide(self.dir / "ctrl.sock")
+        q.set_data_fd()
+        assert q.request(cc.Stop()).result == 0
+        for t, blob in blobs:
+            assert q.request(cc.SetStateBlob(t, blob)).result == 0
+        assert q.request(cc.Init(cc.INIT_FLAG_DELETE_VOLATILE)).result == 0
+        self.qemu = q
+
     def close(self) -> None:
         self.guest.close()
         self.qemu.close()

@@ -1,0 +1,297 @@
+"""Enrollment over HTTPS with the tenant's own client, then attestation, then every rejection.
+
+Real parts: the host TPM (swtpm) through PytssHostTpm, the trusted store (SQLite), the hooks
+server and a bridge per VM in front of its swtpm, the guest channel service, the enrollment
+HTTPS server with a TLS certificate from the fleet CA, and ``verifier.commands.tenant`` (the
+code behind ``vtpm-verify enroll`` / ``attest``) — only SSH and QEMU are left out (tests/vm).
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from evidence.bundle import encode_bundle, parse_bundle
+from evidence.tpm2 import TpmtSignature
+from host_agent.service.enroll import (
+    OWNER_NS,
+    BootMarker,
+    EnrollmentError,
+    EnrollmentServer,
+    PolicyFileOwners,
+    boot_transition,
+    enrollment_message,
+    fingerprint,
+    owners_from_domain_xml,
+)
+from tests.helpers.evidence_factory import NOW, Tenant
+from tests.sim.test_attest_service import (
+    FLEET,
+    OTHER,
+    TENANT,
+    Host,
+    attest,
+    bundle_of,
+    close_host,
+    make_host,
+)
+from verifier.commands.tenant import (
+    Enrollment,
+    EnrollmentRefused,
+    assess_bundle,
+    enroll,
+    load_enrollment,
+    save_enrollment,
+)
+
+LENIENT = {"allow_missing_eventlog": True, "allow_missing_ima": True}
+
+
+def _tls_identity(root: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "host-attest.sim")]))
+        .issuer_name(FLEET.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("host-attest.sim")]), False)
+        .sign(FLEET.key, hashes.SHA256())
+    )
+    certfile, keyfile = root / "tls.pem", root / "tls-key.pem"
+    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return certfile, keyfile
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[tuple[Host, EnrollmentServer]]:
+    root = Path(tempfile.mkdtemp(prefix="ve-", dir="/tmp"))
+    host = make_host(root)
+    server = EnrollmentServer(host.enroll, ("127.0.0.1", 0), *_tls_identity(root)).start()
+    yield host, server
+    server.stop()
+    close_host(host)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def tenant_enroll(
+    server: EnrollmentServer, vm_uuid: uuid.UUID, tenant: Tenant = TENANT
+) -> Enrollment:
+    return enroll(server.url, vm_uuid, tenant.cert_user, tenant.key, [FLEET.certificate], now=NOW)
+
+
+def verdict_ids(host: Host, vm: Any, enrollment: Enrollment, **over: Any) -> tuple[str, ...]:
+    nonce, answer = attest(host, vm)
+    verdict, _ = assess_bundle(bundle_of(nonce, answer), nonce, enrollment, now=NOW, **LENIENT)
+    return verdict.ids
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_enroll_over_https_then_attest_is_trusted(
+    site: tuple[Host, EnrollmentServer], tmp_path: Path
+) -> None:
+    host, server = site
+    vm = host.add_vm()
+    enrollment = tenant_enroll(server, vm.uuid)
+    save_enrollment(tmp_path, enrollment)
+    kept = load_enrollment(tmp_path, None)
+    assert kept == enrollment
+    nonce, answer = attest(host, vm)
+    verdict, attested = assess_bundle(bundle_of(nonce, answer), nonce, kept, now=NOW, **LENIENT)
+    assert verdict.trusted, verdict.ids
+    assert attested is not None and attested.vm_uuid == vm.uuid
+
+
+def test_reboot_untrusted_until_the_tenant_enrolls_again(
+    site: tuple[Host, EnrollmentServer],
+) -> None:
+    host, server = site
+    vm = host.add_vm()
+    enrollment = tenant_enroll(server, vm.uuid)
+    assert verdict_ids(host, vm, enrollment) == ()
+    vm.reboot()
+    _, answer = attest(host, vm)
+    assert answer["error"]["id"] == "attest.reauth_required"
+    again = tenant_enroll(server, vm.uuid)
+    assert again.vaik_public == enrollment.vaik_public
+    assert verdict_ids(host, vm, again) == ()
+
+
+def test_restore_keeps_the_binding_and_a_reboot_after_it_does_not(
+    site: tuple[Host, EnrollmentServer],
+) -> None:
+    host, server = site
+    vm = host.add_vm()
+    enrollment = tenant_enroll(server, vm.uuid)
+    before = host.hooks.read_pcrs(str(vm.uuid))
+    vm.save_and_restore()
+    assert host.hooks.read_pcrs(str(vm.uuid)) == before
+    assert verdict_ids(host, vm, enrollment) == ()  # restore -> trusted, no re-enrollment
+    assert verdict_ids(host, vm, enrollment) == ()
+    vm.reboot()
+    _, answer = attest(host, vm)
+    assert answer["error"]["id"] == "attest.reauth_required"
+
+
+def test_replayed_bundle_is_rejected_as_a_nonce_mismatch(
+    site: tuple[Host, EnrollmentServer],
+) -> None:
+    host, server = site
+    vm = host.add_vm()
+    enrollment = tenant_enroll(server, vm.uuid)
+    old_nonce, answer = attest(host, vm)
+    old = bundle_of(old_nonce, answer)
+    fresh = secrets.token_bytes(32)
+    verdict, _ = assess_bundle(old, fresh, enrollment, now=NOW, **LENIENT)
+    assert verdict.ids == ("verify.nonce",) and not verdict.trusted
+
+
+def test_another_tenants_evidence_is_rejected_as_cert_user(
+    site: tuple[Host, EnrollmentServer],
+) -> None:
+    host, server = site
+    vm = host.add_vm(owner=None)
+    host.owners.table[vm.uuid] = frozenset(
+        {fingerprint(TENANT.cert_user), fingerprint(OTHER.cert_user)}
+    )
+    mine = tenant_enroll(server, vm.uuid, TENANT)
+    theirs = tenant_enroll(server, vm.uuid, OTHER)  # ownership moved: a new vAIK generation
+    assert theirs.generation == mine.generation + 1 and theirs.vaik_public != mine.vaik_public
+    nonce, answer = attest(host, vm)
+    verdict, _ = assess_bundle(bundle_of(nonce, answer), nonce, mine, now=NOW, **LENIENT)
+    assert verdict.ids == ("verify.cert_user",)
+
+
+def test_a_clone_gets_no_vaik_and_its_evidence_is_rejected(
+    site: tuple[Host, EnrollmentServer],
+) -> None:
+    host, server = site
+    vm = host.add_vm()
+    enrollment = tenant_enroll(server, vm.uuid)
+    clone = host.add_vm()  # another UUID, same owner in the policy: it still has no binding
+    _, answer = attest(host, clone)
+    assert answer["ok"] is False and answer["error"]["id"] == "attest.not_enrolled"
+    # the clone's owner enrolls it: its evidence is about another VM with another vAIK
+    tenant_enroll(server, clone.uuid)
+    nonce, answer = attest(host, clone)
+    verdict, _ = assess_bundle(bundle_of(nonce, answer), nonce, enrollment, now=NOW, **LENIENT)
+    assert verdict.ids == ("verify.vm_uuid",)
+
+
+def test_forged_attestation_signature_is_rejected(site: tuple[Host, EnrollmentServer]) -> None:
+    host, server = site
+    vm = host.add_vm()
+    enrollment = tenant_enroll(server, vm.uuid)
+    nonce, answer = attest(host, vm)
+    raw = parse_bundle(bundle_of(nonce, answer))
+    forger = ec.generate_private_key(ec.SECP256R1())
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    r, s = decode_dss_signature(forger.sign(raw.message_bytes, ec.ECDSA(hashes.SHA256())))
+    forged = TpmtSignature.unmarshal(
+        bytes.fromhex("0018000b0020")
+        + r.to_bytes(32, "big")
+        + bytes.fromhex("0020")
+        + s.to_bytes(32, "big")
+    )
+    import dataclasses
+
+    text = encode_bundle(dataclasses.replace(raw, message_signature=forged))
+    verdict, _ = assess_bundle(text, nonce, enrollment, now=NOW, **LENIENT)
+    assert verdict.ids == ("verify.signature.attestation",)
+
+
+def test_refusals_have_their_own_ids(site: tuple[Host, EnrollmentServer]) -> None:
+    host, server = site
+    vm = host.add_vm(owner=None)
+    with pytest.raises(EnrollmentRefused, match=r"enroll\.not_owner"):
+        tenant_enroll(server, vm.uuid)
+    host.owners.table[vm.uuid] = frozenset({fingerprint(TENANT.cert_user)})
+    nonce = secrets.token_bytes(32)
+    challenge = host.enroll.challenge(vm.uuid)
+    bad = OTHER.key.sign(enrollment_message(nonce, vm.uuid, challenge), ec.ECDSA(hashes.SHA256()))
+    with pytest.raises(EnrollmentError) as info:
+        host.enroll.enroll(vm.uuid, TENANT.cert_user, nonce, challenge, bad)
+    assert info.value.error_id == "enroll.possession"
+    good = TENANT.key.sign(enrollment_message(nonce, vm.uuid, challenge), ec.ECDSA(hashes.SHA256()))
+    with pytest.raises(EnrollmentError) as info:  # the challenge was used up
+        host.enroll.enroll(vm.uuid, TENANT.cert_user, nonce, challenge, good)
+    assert info.value.error_id == "enroll.challenge"
+    other_vm = host.add_vm()
+    challenge = host.enroll.challenge(other_vm.uuid)
+    sig = TENANT.key.sign(enrollment_message(nonce, vm.uuid, challenge), ec.ECDSA(hashes.SHA256()))
+    with pytest.raises(EnrollmentError) as info:  # a challenge for another VM
+        host.enroll.enroll(vm.uuid, TENANT.cert_user, nonce, challenge, sig)
+    assert info.value.error_id == "enroll.challenge"
+
+
+# --------------------------------------------------------------------------------------------
+# owner policies and the boot rules (pure)
+
+
+def test_owner_fingerprints_from_domain_metadata() -> None:
+    fp = fingerprint(TENANT.cert_user)
+    xml = f"""<domain type='kvm'><name>vm</name><metadata>
+      <vtpm:owner xmlns:vtpm="{OWNER_NS}" fingerprint="{fp.upper().replace("SHA256", "sha256")}"/>
+      <other:thing xmlns:other="urn:x" fingerprint="sha256:{"0" * 64}"/>
+      <vtpm:owner xmlns:vtpm="{OWNER_NS}" fingerprint="md5:abc"/>
+    </metadata></domain>"""
+    assert owners_from_domain_xml(xml) == frozenset({fp})
+    with pytest.raises(EnrollmentError):
+        owners_from_domain_xml("<domain>")
+
+
+def test_owner_policy_file(tmp_path: Path) -> None:
+    import json
+
+    vm = uuid.uuid4()
+    path = tmp_path / "owners.json"
+    path.write_text(
+        json.dumps({"format": "vtpm-trust/owners/1", "vms": {str(vm): ["sha256:" + "a" * 64]}})
+    )
+    owners = PolicyFileOwners(path)
+    assert owners.owners(vm) == frozenset({"sha256:" + "a" * 64})
+    assert owners.owners(uuid.uuid4()) == frozenset()
+    path.write_text("{}")
+    with pytest.raises(EnrollmentError):
+        PolicyFileOwners(path).owners(vm)
+
+
+@pytest.mark.parametrize(
+    ("then", "now", "expected"),
+    [
+        ((7, 1, 1, 0), (7, 1, 1, 0), "same"),
+        ((7, 1, 1, 0), (7, 1, 2, 0), "reset"),  # guest reboot: another INIT, same QEMU
+        ((7, 1, 1, 0), (7, 2, 2, 0), "reset"),  # cold boot in a new QEMU, same bridge
+        ((7, 1, 1, 0), (7, 2, 2, 3), "restored"),  # a restore into a new QEMU
+        ((7, 1, 1, 0), (7, 3, 3, 6), "reset"),  # several sessions: cannot tell
+        ((7, 1, 1, 0), (9, 1, 1, 3), "restored"),  # a new bridge whose QEMU was restored
+        ((7, 1, 1, 0), (9, 1, 1, 0), "reset"),  # a new bridge, cold boot
+        ((7, 1, 1, 0), (9, 1, 2, 3), "reset"),  # restored, then rebooted
+    ],
+)
+def test_boot_transitions(then: tuple[int, ...], now: tuple[int, ...], expected: str) -> None:
+    assert boot_transition(BootMarker(*then), BootMarker(*now)) == expected
