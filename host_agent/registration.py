@@ -1,9 +1,10 @@
 """Host admission, host side: register this host's TPM with the fleet registrar.
 
 :func:`register_host` runs the protocol of ARCHITECTURE.md §3 "Host admission" against any
-:class:`RegistrarEndpoint`: the HTTPS client :class:`HttpsRegistrar`, or, in single-host setups,
-the registrar service object itself called in-process (embedded mode; it has the same three
-methods and speaks the same API-v1 JSON bodies, see ``verifier/registrar/messages.py``).
+:class:`RegistrarEndpoint`: the HTTPS client :class:`HttpsRegistrar`, or any object with the same
+three methods speaking the same API-v1 JSON bodies (``verifier/registrar/messages.py``), such as
+the registrar service called in-process. ``vtpm-host init`` always goes over HTTPS: to the fleet
+registrar, or to the embedded one it runs as a child process (``host_agent/admission.py``).
 
 Steps:
 
