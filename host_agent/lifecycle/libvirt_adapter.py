@@ -498,11 +498,17 @@ class Hypervisor:
     def undefine(self, vm: DomainRef | str, *, keep_tpm: bool = True) -> None:
         """Remove a persistent definition (a running domain becomes transient).
 
-        ``keep_tpm`` keeps libvirt's own swtpm state (VIR_DOMAIN_UNDEFINE_KEEP_TPM).
+        ``keep_tpm`` keeps libvirt's own swtpm state (VIR_DOMAIN_UNDEFINE_KEEP_TPM). Snapshot and
+        checkpoint *metadata* goes with the definition; their memory and disk files stay.
         """
         dom = self._dom(vm)
         flags = getattr(libvirt, "VIR_DOMAIN_UNDEFINE_KEEP_TPM", 0) if keep_tpm else 0
-        flags |= libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+        flags |= (
+            libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+        )
         self._call("undefine", str(vm), dom.undefineFlags, flags)
 
     def start(self, vm: DomainRef | str, *, paused: bool = False) -> None:
