@@ -22,7 +22,11 @@ __all__ = ["INIT_STEPS", "register"]
 #: Extra ``init`` steps, ``"module:function"`` (see :data:`host_agent.tpm.provision.InitStep`),
 #: run in order after the host keys exist. Admission: register with the registrar (embedded or
 #: ``registrar.url``) and keep the AIK certificate and mTLS identity (host_agent/admission.py).
-INIT_STEPS: tuple[str, ...] = ("host_agent.admission:register_with_registrar",)
+#: Store: create the trusted store (data key sealed to this TPM, rollback counter), or verify it.
+INIT_STEPS: tuple[str, ...] = (
+    "host_agent.admission:register_with_registrar",
+    "host_agent.store.provision:ensure_store",
+)
 
 _DISCOVERY_HELP = (
     "TPM discovery: --tcti (or tpm.tcti / VTPM_TPM_TCTI) wins; else the first tpmrm device udev "
