@@ -12,7 +12,8 @@ What it owns (ARCHITECTURE.md §1):
   need the daemon's store or state: one JSON request line, one JSON reply line
   (``{"op": "status"}`` → ``{"ok": true, "value": …}`` or ``{"ok": false, "error_id", "message"}``);
   ops: ``status``, ``prepare_save`` (start the background hashing pass of a VM), ``adopt_state``
-  (seal a record for an image made without the agent), ``last_veto`` (why a restore was refused);
+  (seal a record for an image made without the agent), ``records`` (sealed records, newest
+  first), ``last_veto`` (why a restore was refused);
 - the ``components``: other services that live inside the daemon.
 
 Start order: TPM → store → registry (adoption records, bridge registry) → reap the swtpms of
@@ -377,6 +378,18 @@ class Daemon:
         assert self.sealer is not None and self.restorer is not None and self.store is not None
         if op == "prepare_save":
             return {"mode": self.sealer.prepare(_arg(args, "vm_uuid"))}
+        if op == "records":
+            from host_agent.lifecycle.seal import list_sealed
+
+            vm = args.get("vm_uuid")
+            found = list_sealed(self.store, str(vm) if vm else None)
+            return {
+                "records": [
+                    {"record_id": s.record_id, "vm_uuid": s.vm_uuid, "sealed_at": s.sealed_at,
+                     "origin": s.origin, "memory_root": s.memory_root.hex()}
+                    for s in found
+                ]
+            }  # fmt: skip
         if op == "last_veto":
             vm = _arg(args, "vm_uuid")
             return {"reason": self.restorer.last_veto.get(vm)}
