@@ -568,3 +568,182 @@ class GuestChannelService:
                 ch.answers += 1
             except OSError as err:
                 log.info("attest: VM %s: answer lost (%s)", ch.vm_uuid, err)
+
+
+# --------------------------------------------------------------------------------------------
+# The daemon component
+
+
+DEFAULT_LISTEN: Final = ("0.0.0.0", 7788)
+
+
+def _pem_der(path: Path) -> list[bytes]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        certs = x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise AttestRefused(f"{path}: {err}", "attest.config") from err
+    return [c.public_bytes(serialization.Encoding.DER) for c in certs]
+
+
+class AttestService:
+    """The daemon component (``vtpm-host daemon --component
+    host_agent.service.attest:AttestService``): enrollment API + guest channel server.
+
+    What it reads under the daemon's ``state_dir`` (what ``vtpm-host init`` and the operator
+    put there)::
+
+        identity/aik.pem, identity/tls.pem, identity/tls-key.pem    the host's identity
+        attest/fleet-policy-key.pem    the fleet policy key (registrar ``GET /v1/policy-key``),
+                                       bound into every vAIK
+        migration/policy-approvals.json  the fleet's approvals (``GET /v1/policy-approvals``
+                                       format, shared with migration): the one for this host's
+                                       current platform state authorises vAIK signing
+        attest/owners.json             owner policy (``enroll.PolicyFileOwners``)
+        attest/settings.json           optional ``{"listen": "HOST:PORT"}`` (default 0.0.0.0:7788)
+
+    With ``[libvirt] uri`` configured, owners also come from each domain's ``vtpm:owner``
+    metadata. Channel sockets come from the VM registry (adoption records' ``channel_socket``),
+    re-read every ``sync_interval`` seconds.
+    """
+
+    def __init__(
+        self, *, listen: tuple[str, int] | None = None, sync_interval: float = 2.0
+    ) -> None:
+        self.listen = listen
+        self.sync_interval = sync_interval
+        self.enroll: Any = None
+        self.server: Any = None
+        self.attestor: Attestor | None = None
+        self.channels: GuestChannelService | None = None
+        self._stop = threading.Event()
+        self._sync: threading.Thread | None = None
+        self._approval: tuple[float, PolicyApproval] | None = None
+        self._approvals_path: Path | None = None
+
+    def _current_approval(self, tpm: HostTpm) -> PolicyApproval:
+        assert self._approvals_path is not None
+        path = self._approvals_path
+        try:
+            mtime = path.stat().st_mtime
+        except OSError as err:
+            raise AttestRefused(f"no fleet approvals at {path}", "attest.no_approval") from err
+        if self._approval is not None and self._approval[0] == mtime:
+            return self._approval[1]
+        from host_agent.migration.service import load_approvals
+
+        wanted = tpm.approved_sign_policy()
+        for approval in load_approvals(path):
+            if approval.approved_policy == wanted:
+                self._approval = (mtime, approval)
+                return approval
+        raise AttestRefused(
+            f"the fleet has not approved this host's platform state for vAIK signing "
+            f"(policy {wanted.hex()} not in {path})",
+            "attest.no_approval",
+        )
+
+    def start(self, daemon: Any) -> None:
+        from cryptography.hazmat.primitives import serialization
+
+        from host_agent.service import enroll as en
+
+        state = Path(daemon.config.state_dir)
+        ident = state / "identity"
+        aik = _pem_der(ident / "aik.pem")
+        try:
+            fleet_key = serialization.load_pem_public_key(
+                (state / "attest" / "fleet-policy-key.pem").read_bytes()
+            ).public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        except (OSError, ValueError) as err:
+            raise AttestRefused(f"fleet policy key: {err}", "attest.config") from err
+        self._approvals_path = state / "migration" / "policy-approvals.json"
+        owners: Any = en.PolicyFileOwners(state / "attest" / "owners.json")
+        uri = getattr(getattr(daemon.config, "libvirt", None), "uri", None)
+        if uri:
+            owners = _UnionOwners(owners, en.DomainMetadataOwners(_LibvirtXml(uri)))
+        listen = self.listen
+        settings = state / "attest" / "settings.json"
+        if listen is None and settings.exists():
+            host, _, port = str(json.loads(settings.read_text()).get("listen", "")).rpartition(":")
+            listen = (host or DEFAULT_LISTEN[0], int(port))
+        tpm = daemon.tpm
+        clock = getattr(daemon, "now", None)
+        self.enroll = en.EnrollmentService(
+            tpm,
+            daemon.store,
+            owners,
+            en.BridgeBootMarkers(daemon.hooks),
+            fleet_key,
+            aik,
+            **({"now": clock} if callable(clock) else {}),
+        )
+        self.attestor = Attestor(
+            tpm, daemon.hooks, self.enroll, lambda: self._current_approval(tpm), aik
+        )
+        self.channels = GuestChannelService(self.attestor).start()
+        try:
+            self.server = en.EnrollmentServer(
+                self.enroll, listen or DEFAULT_LISTEN, ident / "tls.pem", ident / "tls-key.pem"
+            ).start()
+            self.enroll.start()
+        except BaseException:
+            self.channels.stop()
+            raise
+        registry = daemon.registry
+
+        def sync() -> None:
+            known: dict[uuid.UUID, str] = {}
+            while True:
+                for entry in registry.entries():
+                    path = (entry.adoption or {}).get("channel_socket")
+                    vm = uuid.UUID(entry.uuid)
+                    if path and known.get(vm) != path and self.channels is not None:
+                        self.channels.add_vm(vm, Path(path))
+                        known[vm] = path
+                if self._stop.wait(self.sync_interval):
+                    return
+
+        self._sync = threading.Thread(target=sync, name="attest-sync", daemon=True)
+        self._sync.start()
+        log.info("attest: enrollment API on %s, guest channels served", self.server.url)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for part in (self.server, self.enroll, self.channels):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    part.stop()
+        if self.attestor is not None:
+            self.attestor.close()
+        if self._sync is not None:
+            self._sync.join(5)
+
+
+class _UnionOwners:
+    def __init__(self, *policies: Any) -> None:
+        self.policies = policies
+
+    def owners(self, vm_uuid: uuid.UUID) -> frozenset[str]:
+        out: frozenset[str] = frozenset()
+        for p in self.policies:
+            out |= p.owners(vm_uuid)
+        return out
+
+
+class _LibvirtXml:
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def __call__(self, vm_uuid: uuid.UUID) -> str | None:
+        from host_agent.lifecycle.libvirt_adapter import Hypervisor
+
+        try:
+            with Hypervisor(self.uri) as hv:
+                return hv.xml(str(vm_uuid))
+        except VtpmError:
+            return None

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import http.server
 import json
@@ -297,6 +296,8 @@ class RecordStore(Protocol):
 
     def transaction(self) -> Any: ...
 
+    def record_ids(self, record_type: str) -> list[str]: ...
+
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
@@ -374,7 +375,6 @@ class EnrollmentService:
         self.random_bytes = random_bytes
         self._challenges: dict[bytes, tuple[uuid.UUID, float]] = {}
         self._lock = threading.RLock()
-        self._active: dict[uuid.UUID, tuple[ActiveBinding, BootMarker]] = {}
         self._watch: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -461,7 +461,6 @@ class EnrollmentService:
                     "vaik", str(vm_uuid), {"generation": generation, "key": vaik.to_bytes().hex()}
                 )
                 tx.put("binding", str(vm_uuid), binding)
-            self._active[vm_uuid] = (ActiveBinding(vm_uuid, vaik, cert_user, generation), marker)
         qualifying = hashlib.sha256(cert_user + nonce).digest()
         cert_authkey = self.tpm.certify("authkey", "aik", qualifying)
         cert_vaik = self.tpm.certify(vaik, "authkey", qualifying)
@@ -498,6 +497,13 @@ class EnrollmentService:
         """The same tenant keeps the VM's vAIK; anyone else (or nobody yet) gets a new one."""
         binding = self.store.find("binding", str(vm_uuid))
         key = self.store.find("vaik", str(vm_uuid))
+        if key is not None and key.json().get("state"):
+            raise EnrollmentError(
+                f"the vAIK of VM {vm_uuid} is {key.json()['state']} in a migration: enroll on the "
+                "host the VM runs on once it is over",
+                "enroll.vaik_migrating",
+                409,
+            )
         if binding is not None and key is not None:
             b, k = binding.json(), key.json()
             if b.get("cert_user") == _b64(cert_user) and k.get("generation") == b.get("generation"):
@@ -507,14 +513,33 @@ class EnrollmentService:
 
     # ---------------------------------------------------------------- bindings
 
-    def _load(self, vm_uuid: uuid.UUID) -> tuple[ActiveBinding, BootMarker] | None:
+    def _load(self, vm_uuid: uuid.UUID) -> tuple[ActiveBinding, BootMarker]:
+        """The VM's binding as the store holds it now (never cached: migration changes it).
+
+        Raises:
+            AttestRefused: none, inactive, or its vAIK is moving to or arriving from another host.
+        """
         binding = self.store.find("binding", str(vm_uuid))
         key = self.store.find("vaik", str(vm_uuid))
         if binding is None or key is None:
-            return None
+            raise AttestRefused(
+                f"VM {vm_uuid} has no enrollment on this host (a clone, or never enrolled): the "
+                "tenant must enroll it",
+                "attest.not_enrolled",
+            )
         b, k = binding.json(), key.json()
-        if not b.get("active") or b.get("generation") != k.get("generation"):
-            return None
+        if k.get("state"):  # "moving" (source) / "pending" (target) during a migration
+            raise AttestRefused(
+                f"the vAIK of VM {vm_uuid} is {k['state']} (migration {k.get('migration_id')}): "
+                "it signs on one host only, and not on this one now",
+                "attest.vaik_migrating",
+            )
+        if not b.get("active") or b.get("generation") != k.get("generation") or "boot" not in b:
+            raise AttestRefused(
+                f"VM {vm_uuid} was reset since its tenant enrolled: the tenant must authenticate "
+                "again (vtpm-verify enroll)",
+                "attest.reauth_required",
+            )
         vaik = WrappedKey.from_bytes(bytes.fromhex(k["key"]))
         cert_user = base64.b64decode(b["cert_user"])
         return (
@@ -522,79 +547,51 @@ class EnrollmentService:
             BootMarker.from_json(b["boot"]),
         )
 
-    def _deactivate(self, vm_uuid: uuid.UUID, why: str) -> None:
-        self._active.pop(vm_uuid, None)
-        record = self.store.find("binding", str(vm_uuid))
-        if record is None:
-            return
-        b = record.json()
-        if b.get("active"):
-            b["active"] = False
-            b["deactivated"] = why
-            with self.store.transaction() as tx:
-                tx.put("binding", str(vm_uuid), b)
-            log.info(
-                "enroll: VM %s binding inactive (%s) until the tenant enrolls again", vm_uuid, why
-            )
-
-    def _remark(self, vm_uuid: uuid.UUID, binding: ActiveBinding, marker: BootMarker) -> None:
-        record = self.store.find("binding", str(vm_uuid))
-        if record is not None:
-            b = record.json()
-            b["boot"] = marker.to_json()
-            with self.store.transaction() as tx:
-                tx.put("binding", str(vm_uuid), b)
-        self._active[vm_uuid] = (binding, marker)
+    def _update_binding(self, vm_uuid: uuid.UUID, **changes: Any) -> None:
+        with self.store.transaction() as tx:
+            record = tx.find("binding", str(vm_uuid))
+            if record is not None:
+                tx.put("binding", str(vm_uuid), {**record.json(), **changes})
 
     def active_binding(self, vm_uuid: uuid.UUID) -> ActiveBinding:
         """The binding to attest ``vm_uuid`` with (``attest.BindingSource``).
 
         Raises:
-            AttestRefused: ``attest.not_enrolled`` (none, or a clone: no binding for this UUID),
-                ``attest.reauth_required`` (the VM was reset since the tenant authenticated),
-                ``attest.vm_not_running``.
+            AttestRefused: ``attest.not_enrolled`` (none: never enrolled, or a clone, which has
+                another UUID), ``attest.reauth_required`` (the vTPM was reset since the tenant
+                authenticated), ``attest.vaik_migrating``, ``attest.vm_not_running``.
         """
         with self._lock:
-            cached = self._active.get(vm_uuid) or self._load(vm_uuid)
-            if cached is None:
-                raise AttestRefused(
-                    f"VM {vm_uuid} has no active enrollment on this host: the tenant must enroll "
-                    "(again, after a reboot)",
-                    "attest.not_enrolled",
-                )
-            binding, then = cached
+            binding, then = self._load(vm_uuid)
             now = self.boots.boot_marker(vm_uuid)
             if now is None:
                 raise AttestRefused(f"VM {vm_uuid} is not running", "attest.vm_not_running")
             transition = boot_transition(then, now)
             if transition == "reset":
-                self._deactivate(vm_uuid, "vTPM reset (reboot) since enrollment")
+                self._update_binding(
+                    vm_uuid, active=False, deactivated="vTPM reset (reboot) since enrollment"
+                )
+                log.info("enroll: VM %s was reset; its binding waits for the tenant", vm_uuid)
                 raise AttestRefused(
                     f"VM {vm_uuid} rebooted since its tenant enrolled: the tenant must "
                     "authenticate again (vtpm-verify enroll)",
                     "attest.reauth_required",
                 )
-            if transition == "restored" or vm_uuid not in self._active:
-                self._remark(vm_uuid, binding, now)
+            if transition == "restored":  # the same boot goes on in another QEMU session
+                self._update_binding(vm_uuid, boot=now.to_json())
             return binding
 
     def check_boots(self) -> list[uuid.UUID]:
         """Deactivate the bindings of running VMs reset since enrollment; returns those VMs."""
-        ids = [uuid.UUID(r) for r in self._binding_ids()]
         reset = []
-        for vm_uuid in ids:
-            with contextlib.suppress(AttestRefused):
+        for record_id in self.store.record_ids("binding"):
+            vm_uuid = uuid.UUID(record_id)
+            try:
                 self.active_binding(vm_uuid)
-                continue
-            with self._lock:
-                record = self.store.find("binding", str(vm_uuid))
-                if record is not None and record.json().get("deactivated"):
+            except AttestRefused as err:
+                if err.error_id == "attest.reauth_required":
                     reset.append(vm_uuid)
         return reset
-
-    def _binding_ids(self) -> list[str]:
-        ids = getattr(self.store, "record_ids", None)
-        return list(ids("binding")) if ids is not None else [str(u) for u in self._active]
 
     # ---------------------------------------------------------------- component
 

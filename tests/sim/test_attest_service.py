@@ -367,3 +367,16 @@ def test_host_side_attestation_takes_milliseconds(host: Host) -> None:
         times.append(time.perf_counter() - t0)
     times.sort()
     assert times[len(times) // 2] < 0.1  # bench/attest.py measures properly; this only guards
+
+
+def test_a_vaik_moving_in_a_migration_does_not_sign(host: Host) -> None:
+    vm = host.add_vm()
+    host.enroll_vm(vm)
+    record = host.store.get("vaik", str(vm.uuid)).json()
+    with host.store.transaction() as tx:  # what migration/source.py writes at step MOVING
+        tx.put("vaik", str(vm.uuid), {**record, "state": "moving", "migration_id": "m-1"})
+    _, answer = attest(host, vm)
+    assert answer["ok"] is False and answer["error"]["id"] == "attest.vaik_migrating"
+    with host.store.transaction() as tx:  # aborted: the source takes the vAIK back
+        tx.put("vaik", str(vm.uuid), record)
+    assert attest(host, vm)[1]["ok"] is True

@@ -1,0 +1,140 @@
+"""AttestService as a component of the real daemon: everything read from the daemon's state dir.
+
+The daemon owns the host TPM (a swtpm), the store and the hooks server; AttestService takes its
+identity, fleet policy key, approvals and owner policy from files, finds the VM's channel socket
+in its adoption record, and serves enrollment over HTTPS and quotes on the channel.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from evidence.verify import VAIK_POLICY_REF
+from guest_agent.quote import build_bundle
+from host_agent.config import AgentConfig, TpmConfig
+from host_agent.service.attest import AttestService
+from host_agent.service.daemon import Daemon
+from host_agent.service.enroll import fingerprint
+from host_agent.store.provision import ensure_store
+from host_agent.tpm.adapter import PytssHostTpm
+from tests.helpers.evidence_factory import NOW
+from tests.helpers.swtpm import Swtpm
+from tests.sim.test_attest_service import FLEET, TENANT, GuestEnd, _aik_certificate
+from tests.sim.test_bridge import QemuSide
+from tests.sim.test_daemon import VmBridge, wait_for
+from tests.sim.test_enroll import _tls_identity
+from verifier.commands.tenant import assess_bundle, enroll
+
+
+@pytest.fixture
+def state(swtpm_factory: Callable[..., Swtpm]) -> Iterator[AgentConfig]:
+    tpm = swtpm_factory("host")
+    root = Path(tempfile.mkdtemp(prefix="vad-", dir="/tmp"))
+    config = AgentConfig(state_dir=root, tpm=TpmConfig(tcti=tpm.tcti, state_dir=root / "tpm"))
+    port = PytssHostTpm(tpm.tcti, config.tpm.state_dir, root="software", connection="per-call")
+    try:
+        port.ensure_host_keys()
+        ensure_store(port, config)
+        ident = root / "identity"
+        ident.mkdir(exist_ok=True)
+        aik = _aik_certificate(port)
+        (ident / "aik.pem").write_bytes(_pem(aik))
+        (ident / "ca.pem").write_bytes(FLEET.certificate_pem)
+        certfile, keyfile = _tls_identity(root)
+        certfile.rename(ident / "tls.pem")
+        keyfile.rename(ident / "tls-key.pem")
+        approval = FLEET.approve_platform_policy(port.approved_sign_policy(), VAIK_POLICY_REF)
+    finally:
+        port.close()
+    (root / "attest").mkdir()
+    (root / "attest" / "fleet-policy-key.pem").write_bytes(
+        FLEET.policy_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    (root / "attest" / "settings.json").write_text(json.dumps({"listen": "127.0.0.1:0"}))
+    (root / "migration").mkdir()
+    (root / "migration" / "policy-approvals.json").write_text(
+        json.dumps(
+            {
+                "approvals": [
+                    {
+                        "approved_policy": approval.approved_policy.hex(),
+                        "policy_ref": approval.policy_ref.hex(),
+                        "signature": base64.b64encode(approval.signature).decode(),
+                    }
+                ]
+            }
+        )
+    )
+    yield config
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _pem(der: bytes) -> bytes:
+    from cryptography import x509
+
+    return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+
+
+def test_daemon_component_enrolls_and_attests(state: AgentConfig) -> None:
+    vm = VmBridge(state, "vm-attest")
+    vm_dir = state.state_dir / "vms" / vm.uuid
+    guest = GuestEnd(vm_dir / "attest.sock")
+    (vm_dir / "adoption.json").write_text(
+        json.dumps({"uuid": vm.uuid, "name": "vm-attest", "channel_socket": str(guest.path)})
+    )
+    (state.state_dir / "attest" / "owners.json").write_text(
+        json.dumps(
+            {"format": "vtpm-trust/owners/1", "vms": {vm.uuid: [fingerprint(TENANT.cert_user)]}}
+        )
+    )
+    service = AttestService(sync_interval=0.1)
+    daemon = Daemon(
+        state,
+        runtime_dir=state.state_dir / "bridges",
+        reap=False,
+        components=[service],
+        now=lambda: NOW,
+    )
+    daemon.start()
+    qemu = QemuSide(vm_dir / "ctrl.sock")
+    try:
+        qemu.boot()
+        wait_for(lambda: vm.uuid in daemon.hooks.bridges())
+        guest.accept()  # the component found the channel socket in the adoption record
+        enrollment = enroll(
+            service.server.url,
+            uuid.UUID(vm.uuid),
+            TENANT.cert_user,
+            TENANT.key,
+            [FLEET.certificate],
+            now=NOW,
+        )
+        nonce = secrets.token_bytes(32)
+        answer = guest.request(nonce)
+        assert answer["ok"] is True, answer
+        verdict, _ = assess_bundle(
+            build_bundle(answer["evidence"], nonce, None, None),
+            nonce,
+            enrollment,
+            now=NOW,
+            allow_missing_eventlog=True,
+            allow_missing_ima=True,
+        )
+        assert verdict.trusted, verdict.ids
+    finally:
+        qemu.close()
+        guest.close()
+        daemon.stop()
+        vm.close()
