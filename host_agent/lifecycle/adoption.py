@@ -37,6 +37,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid as uuid_mod
 import xml.etree.ElementTree as ET
@@ -608,6 +609,35 @@ class VmManager:
             raise
         return hv.info(ref)
 
+    def arm_incoming(self, vm: DomainRef | str) -> None:
+        """Get a stopped adopted VM ready for a restore or an incoming migration.
+
+        Its swtpm is restarted for incoming state (:meth:`SwtpmInstance.restart_for_incoming`:
+        no provisioning, QEMU pushes the state) and a fresh bridge listens; any plain client
+        (``virsh restore``, managedsave start, ``restoreFlags``) may then start QEMU. A swtpm on
+        an existing state serves a plain boot as well, so arming never breaks one.
+
+        Raises:
+            DomainNotFound; LifecycleError: not adopted, running, or the bridge did not listen;
+            SwtpmError.
+        """
+        hv = self.hypervisor
+        ref = hv.lookup(vm)
+        self._adopted(ref)
+        if hv.info(ref).active:
+            raise LifecycleError(f"domain {ref.name} is running: nothing to arm")
+        inst = self.swtpm(ref)
+        if inst.adopt():
+            inst.stop()
+        self._stop_bridge(ref)
+        inst.restart_for_incoming()
+        try:
+            self._start_bridge(ref, inst)
+        except BaseException:
+            with contextlib.suppress(VtpmError):
+                inst.stop()
+            raise
+
     def _bridge_command(self, ref: DomainRef, inst: SwtpmInstance) -> list[str]:
         layout = self.layout(ref.uuid)
         cmd = [
@@ -717,15 +747,21 @@ class VmManager:
             A function that stops following.
         """
 
+        def clean(ref: DomainRef) -> None:
+            try:
+                self.cleanup(ref)
+            except VtpmError as err:
+                log.error("cleaning up after %s stopped: %s", ref.name, err)
+
         def on_event(ev: LifecycleEvent) -> None:
             if ev.kind is not EventKind.STOPPED:
                 return
             if not self.layout(ev.vm.uuid).record.exists():
                 return
-            try:
-                self.cleanup(ev.vm)
-            except VtpmError as err:
-                log.error("cleaning up after %s stopped: %s", ev.vm.name, err)
+            # off the libvirt event thread: stopping a process may take seconds
+            threading.Thread(
+                target=clean, args=(ev.vm,), name=f"cleanup-{ev.vm.uuid[:8]}", daemon=True
+            ).start()
 
         return self.hypervisor.subscribe(on_event)
 

@@ -591,6 +591,26 @@ class Hypervisor:
         snap = self._call("snapshot", str(vm), dom.snapshotCreateXML, xml, 0)
         return str(self._call("snapshot", str(vm), snap.getName))
 
+    def snapshot_xml(self, vm: DomainRef | str, name: str) -> str:
+        """The XML of snapshot ``name`` of a domain.
+
+        Raises:
+            HypervisorError: no such snapshot (code VIR_ERR_NO_DOMAIN_SNAPSHOT) or domain.
+        """
+        dom = self._dom(vm)
+        snap = self._call(f"snapshot {name}", str(vm), dom.snapshotLookupByName, name, 0)
+        return str(self._call(f"snapshot {name}", str(vm), snap.getXMLDesc, 0))
+
+    def snapshot_memory_file(self, vm: DomainRef | str, name: str) -> Path | None:
+        """The external memory file of snapshot ``name``; None for a snapshot without one."""
+        import xml.etree.ElementTree as ET
+
+        tree = ET.fromstring(self.snapshot_xml(vm, name))
+        mem = tree.find("memory")
+        if mem is None or mem.get("snapshot") != "external" or not mem.get("file"):
+            return None
+        return Path(str(mem.get("file")))
+
     def pid(self, vm: DomainRef | str) -> int | None:
         """QEMU's pid from the embedded root's pid file (None when not running or not known)."""
         root = self.embedded_root

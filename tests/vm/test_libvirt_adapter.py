@@ -205,6 +205,8 @@ def test_domain_operations_and_their_lifecycle_events(
     snap_mem = root / "adapter1.snap1.mem"
     out = worker.call("snapshot", name, "snap1", memory_file=snap_mem)
     assert out["result"] == "snap1" and snap_mem.stat().st_size > 0
+    assert worker.ok("snapshot_memory_file", name, "snap1") == str(snap_mem)
+    assert worker.call("snapshot_xml", name, "nope")["error"] == "HypervisorError"
     timings["snapshot"] = out["seconds"]
     assert worker.ok("info", name)["state"] == "running"
 

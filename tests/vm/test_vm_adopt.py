@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -26,8 +27,10 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from xml.sax.saxutils import escape
 
 import pytest
@@ -373,3 +376,74 @@ def test_vm_create_boots_an_image_and_nothing_outlives_a_destroyed_vm(host: Host
     )
     (vm,) = [v for v in host.cli_json("list") if v["name"] == "made1"]  # type: ignore[union-attr]
     assert vm["state"] == "shutoff" and not vm["bridge_running"] and not vm["swtpm_running"]
+
+
+# ---------------------------------------------------------------------------- the daemon's hook
+# VmManager.supervise() runs where the embedded root is held (the daemon): here a spawned worker
+# holds it, since libvirt binds a process to its first embedded root (see test_libvirt_adapter).
+
+_W: dict[str, Any] = {}
+
+
+def _w_supervise(state: str, tcti: str) -> None:
+    from host_agent.lifecycle.adoption import VmManager, daemon_socket_of
+    from host_agent.lifecycle.embedded import embedded_uri
+    from host_agent.lifecycle.libvirt_adapter import Hypervisor
+    from host_agent.tpm.adapter import PytssHostTpm
+
+    hv = Hypervisor(embedded_uri(Path(state) / "libvirt"))
+    tpm = PytssHostTpm(tcti, Path(state) / "tpm", root="software")
+    events: list[Any] = []
+    hv.subscribe(events.append)
+    m = VmManager(
+        hypervisor=hv,
+        state_dir=Path(state),
+        sealer=lambda: tpm,
+        runtime_dir=Path(state) / "run" / "bridges",
+        daemon_socket=daemon_socket_of(Path(state)),
+    )
+    m.supervise()
+    _W.update(hv=hv, tpm=tpm, events=events, m=m)
+
+
+def _w_start_then_destroy(name: str, timeout: float) -> dict[str, Any]:
+    m, hv = _W["m"], _W["hv"]
+    info = m.start(name)
+    layout = m.layout(info.uuid)
+    pid_file_while_running = layout.bridge_pid.exists()
+    hv.destroy(name)  # not m.stop(): as if QEMU went away on its own
+    deadline = time.monotonic() + timeout
+    while layout.bridge_pid.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {
+        "uuid": info.uuid,
+        "pid_file_while_running": pid_file_while_running,
+        "pid_file_after": layout.bridge_pid.exists(),
+        "events": [e.name for e in _W["events"] if e.vm.uuid == info.uuid],
+    }
+
+
+def _w_close() -> None:
+    _W["hv"].close()
+    _W["tpm"].close()
+
+
+def test_supervise_cleans_up_after_a_vm_that_stops_on_its_own(host: Host) -> None:
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        pool.submit(_w_supervise, str(host.state), host.host_tpm.tcti).result(60)
+        out = pool.submit(_w_start_then_destroy, "made1", 20.0).result(120)
+        pool.submit(_w_close).result(30)
+    finally:
+        pool.shutdown(wait=True)
+    assert out["pid_file_while_running"] and not out["pid_file_after"]
+    assert "stopped.destroyed" in out["events"]
+    vm_uuid = out["uuid"]
+    _wait_for(
+        lambda: (
+            not _pids_under(host.state / "vtpm" / vm_uuid, "swtpm")
+            and not _pids_under(host.state / "vms" / vm_uuid, "host_agent.vtpm.bridge")
+        ),
+        15,
+        "swtpm and bridge to be gone",
+    )
