@@ -202,8 +202,8 @@ def _start(args: argparse.Namespace) -> int:
     if running is not None:
         print(f"unchanged: {args.name} running (supervisor pid {running})")
         return 0
-    if not args.command:
-        print("supervise.py: start needs a command after --", file=sys.stderr)
+    if not args.command or not args.logfile:
+        print("supervise.py: start needs --logfile and a command after --", file=sys.stderr)
         return 1
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     Path(args.logfile).parent.mkdir(parents=True, exist_ok=True)
@@ -285,14 +285,14 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--pidfile", required=True, help="the supervisor's pid file")
         p.add_argument("--name", default="service", help="name used in messages")
         p.add_argument("--timeout", type=float, default=20.0, help="seconds to wait on stop")
-        if action == "status":
-            p.add_argument("--json", action="store_true")
-        if action in ("start", "restart"):
-            p.add_argument("--logfile", required=True, help="command output is appended here")
-            p.add_argument("--cwd", default="/", help="working directory of the command")
-            p.add_argument("--env", action="append", default=[], metavar="K=V")
-            p.add_argument("--backoff-max", type=float, default=30.0, metavar="SECONDS")
-            p.add_argument("command", nargs=argparse.REMAINDER)
+        p.add_argument("--json", action="store_true", help="status: one JSON object")
+        # Every action takes the start options, so one argument list serves start, stop,
+        # restart and status (what the Ansible roles do); only start and restart use them.
+        p.add_argument("--logfile", help="command output is appended here (start, restart)")
+        p.add_argument("--cwd", default="/", help="working directory of the command")
+        p.add_argument("--env", action="append", default=[], metavar="K=V")
+        p.add_argument("--backoff-max", type=float, default=30.0, metavar="SECONDS")
+        p.add_argument("command", nargs=argparse.REMAINDER)
     return parser
 
 
