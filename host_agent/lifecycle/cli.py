@@ -15,18 +15,20 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import uuid as uuid_mod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import AgentConfig, load_config, with_state_dir
 from ..vtpm.cli import DEFAULT_RUNTIME_DIR
-from .adoption import AdoptResult, VmManager, daemon_socket_of, load_image_spec
-from .embedded import prepare_embedded_root
-from .libvirt_adapter import Hypervisor, embedded_root_of
+from .embedded import embedded_root_of, prepare_embedded_root
+
+if TYPE_CHECKING:  # libvirt is imported only when a command runs (see _manager)
+    from .adoption import AdoptResult, VmManager
 
 __all__ = ["register"]
 
@@ -159,6 +161,17 @@ def _config(args: argparse.Namespace) -> AgentConfig:
     return config
 
 
+def _libvirt_log_to(path: Path) -> None:
+    """Send the embedded driver's own log lines (version banner, "security driver none",
+    "tainted: high-privileges" …) to ``path`` instead of this command's stderr.
+
+    libvirt reads ``LIBVIRT_LOG_OUTPUTS`` once, when it is loaded: this runs before the first
+    ``import libvirt`` of the process, and leaves an operator's own setting alone.
+    """
+    if "libvirt" not in sys.modules and "LIBVIRT_LOG_OUTPUTS" not in os.environ:
+        os.environ["LIBVIRT_LOG_OUTPUTS"] = f"3:file:{path}"
+
+
 @contextmanager
 def _manager(args: argparse.Namespace) -> Iterator[VmManager]:
     config = _config(args)
@@ -166,6 +179,10 @@ def _manager(args: argparse.Namespace) -> Iterator[VmManager]:
     root = embedded_root_of(uri)
     if root is not None:
         prepare_embedded_root(root)
+        _libvirt_log_to(root / "log" / "libvirt.log")
+    from .adoption import VmManager, daemon_socket_of
+    from .libvirt_adapter import Hypervisor
+
     tpms: list[Any] = []
 
     def sealer() -> Any:
@@ -216,6 +233,8 @@ def _cmd_adopt(args: argparse.Namespace) -> int:
 
 
 def _cmd_create(args: argparse.Namespace) -> int:
+    from .adoption import load_image_spec
+
     image = load_image_spec(args.image)
     vm_uuid = str(uuid_mod.UUID(args.uuid)) if args.uuid else str(uuid_mod.uuid4())
     with _manager(args) as m:

@@ -9,7 +9,9 @@ libvirt 9.0's embedded driver needs, before its first connection (platform-notes
    package does (``groupadd -r``, ``useradd -r -g libvirt-qemu -G kvm -d /var/lib/libvirt -s
    /usr/sbin/nologin -M``);
 2. ``ROOT/etc/qemu.conf`` (:data:`QEMU_CONF`): QEMU and swtpm run as root, no cgroups, no
-   namespaces, no security driver, and ``stdio_handler = "file"`` (no virtlogd).
+   namespaces, no security driver, and ``stdio_handler = "file"`` (no virtlogd), as in
+   platform-notes §7; plus ``remember_owner = 0``, so libvirt's DAC code does not stamp
+   ``trusted.libvirt.security.*`` xattrs on files it only reads (the kernel in /boot, the image).
 
 :func:`prepare_embedded_root` does both, idempotently. The root's path must stay short: libvirt
 puts QEMU's monitor socket and swtpm's socket under it, and unix socket paths end at 107 bytes.
@@ -23,6 +25,7 @@ import pwd
 import subprocess
 from pathlib import Path
 from typing import ClassVar
+from urllib.parse import parse_qs, urlsplit
 
 from evidence.errors import VtpmError
 
@@ -31,6 +34,7 @@ __all__ = [
     "MAX_ROOT_LENGTH",
     "QEMU_CONF",
     "EmbeddedRootError",
+    "embedded_root_of",
     "embedded_uri",
     "ensure_libvirt_qemu_user",
     "prepare_embedded_root",
@@ -65,6 +69,15 @@ class EmbeddedRootError(VtpmError):
 def embedded_uri(root: Path) -> str:
     """``qemu:///embed?root=ROOT`` for an absolute root."""
     return f"qemu:///embed?root={Path(root)}"
+
+
+def embedded_root_of(uri: str) -> Path | None:
+    """The root of a ``qemu:///embed?root=…`` URI, None for any other URI."""
+    parts = urlsplit(uri)
+    if parts.scheme != "qemu" or parts.path != "/embed":
+        return None
+    roots = parse_qs(parts.query).get("root")
+    return Path(roots[0]) if roots else None
 
 
 def _user_exists(name: str) -> bool:
@@ -116,12 +129,12 @@ def ensure_libvirt_qemu_user() -> bool:
     return True
 
 
-def prepare_embedded_root(root: Path) -> Path:
+def prepare_embedded_root(root: Path, *, ensure_user: bool = True) -> Path:
     """Make ``root`` ready for ``qemu:///embed?root=ROOT``; safe to call every time.
 
     Creates the root (mode 0700) and ``ROOT/etc``, writes :data:`QEMU_CONF` to
     ``ROOT/etc/qemu.conf`` when the file is missing or differs (atomically), and ensures the
-    ``libvirt-qemu`` user exists.
+    ``libvirt-qemu`` user exists (unless ``ensure_user`` is false).
 
     Returns:
         The absolute root.
@@ -153,5 +166,6 @@ def prepare_embedded_root(root: Path) -> Path:
             os.replace(tmp, conf)
     except OSError as err:
         raise EmbeddedRootError(f"cannot prepare the embedded libvirt root {root}: {err}") from err
-    ensure_libvirt_qemu_user()
+    if ensure_user:
+        ensure_libvirt_qemu_user()
     return root

@@ -39,11 +39,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import parse_qs, urlsplit
 
 import libvirt
 
 from evidence.errors import VtpmError
+
+from .embedded import embedded_root_of
 
 __all__ = [
     "DomainInfo",
@@ -269,15 +270,6 @@ def start_event_loop() -> None:
 
         _loop_thread = threading.Thread(target=run, name="libvirt-events", daemon=True)
         _loop_thread.start()
-
-
-def embedded_root_of(uri: str) -> Path | None:
-    """The root of a ``qemu:///embed?root=…`` URI, None for any other URI."""
-    parts = urlsplit(uri)
-    if parts.scheme != "qemu" or parts.path != "/embed":
-        return None
-    roots = parse_qs(parts.query).get("root")
-    return Path(roots[0]) if roots else None
 
 
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
