@@ -21,6 +21,7 @@ import os
 import select
 import struct
 import time
+from typing import Any
 
 __all__ = ["DEFAULT_PORT_NAME", "MAX_FRAME", "FrameDecoder", "GuestAgentError", "Port"]
 
@@ -40,7 +41,7 @@ class GuestAgentError(Exception):
 # -- codec (keep identical in meaning to host_agent/service/attest.py) --------------------
 
 
-def encode_frame(obj: dict) -> bytes:
+def encode_frame(obj: dict[str, Any]) -> bytes:
     body = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
     if len(body) > MAX_FRAME:
         raise ValueError(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
@@ -56,7 +57,7 @@ class FrameDecoder:
     def feed(self, data: bytes) -> None:
         self._buf += data
 
-    def next_frame(self) -> dict | None:
+    def next_frame(self) -> dict[str, Any] | None:
         if len(self._buf) < 4:
             return None
         (size,) = _LEN.unpack_from(self._buf)
@@ -143,7 +144,7 @@ class Port:
             except OSError as err:
                 raise GuestAgentError(f"{self.path}: write failed: {err.strerror}", 3) from err
 
-    def receive(self, deadline: float) -> dict | None:
+    def receive(self, deadline: float) -> dict[str, Any] | None:
         """The next frame, or None when the host disconnected (EOF): the caller resends."""
         while (frame := self.decoder.next_frame()) is None:
             ev = self._wait(select.POLLIN, deadline)

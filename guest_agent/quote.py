@@ -25,6 +25,7 @@ import binascii
 import json
 import os
 import time
+from typing import Any
 
 from guest_agent.channel import GuestAgentError, Port, encode_frame
 
@@ -74,7 +75,7 @@ def read_optional(path: str) -> bytes | None:
     return data or None
 
 
-def request_quote(port: Port, nonce: bytes, *, timeout: float = 10.0) -> dict:
+def request_quote(port: Port, nonce: bytes, *, timeout: float = 10.0) -> dict[str, Any]:
     """Send a quote request on ``port`` and return the host's ``evidence`` object.
 
     Raises:
@@ -94,7 +95,7 @@ def request_quote(port: Port, nonce: bytes, *, timeout: float = 10.0) -> dict:
         # the host went away before answering: send again once it is back
 
 
-def _evidence(answer: dict) -> dict:
+def _evidence(answer: dict[str, Any]) -> dict[str, Any]:
     if answer.get("type") != "quote" or answer.get("version") != PROTOCOL_VERSION:
         raise GuestAgentError("channel: the host answered another protocol version", 3)
     if answer.get("ok") is not True:
@@ -109,7 +110,7 @@ def _evidence(answer: dict) -> dict:
 
 
 def build_bundle(
-    evidence: dict, nonce: bytes, event_log: bytes | None, ima_list: bytes | None
+    evidence: dict[str, Any], nonce: bytes, event_log: bytes | None, ima_list: bytes | None
 ) -> str:
     """The evidence bundle text (canonical JSON: sorted keys, no spaces, ASCII)."""
     try:

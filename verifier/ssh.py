@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import paramiko
+import paramiko  # type: ignore[import-untyped]
 
 from evidence.errors import VtpmError
 
@@ -67,7 +67,7 @@ class RemoteResult:
     stderr: bytes
 
 
-class _PinnedKey(paramiko.MissingHostKeyPolicy):
+class _PinnedKey(paramiko.MissingHostKeyPolicy):  # type: ignore[misc]
     def __init__(self, key_type: str, key_b64: str) -> None:
         self.key_type = key_type
         self.key_b64 = key_b64
@@ -143,17 +143,17 @@ def run_remote(
         chan.settimeout(command_timeout)
         chan.exec_command(command)
         deadline = time.monotonic() + command_timeout
-        out, err = bytearray(), bytearray()
+        out, errbuf = bytearray(), bytearray()
         while True:
             if chan.recv_ready():
                 out += chan.recv(1 << 16)
             elif chan.recv_stderr_ready():
-                err += chan.recv_stderr(1 << 16)
+                errbuf += chan.recv_stderr(1 << 16)
             elif chan.exit_status_ready():
                 while chan.recv_ready():
                     out += chan.recv(1 << 16)
                 while chan.recv_stderr_ready():
-                    err += chan.recv_stderr(1 << 16)
+                    errbuf += chan.recv_stderr(1 << 16)
                 break
             else:
                 if time.monotonic() > deadline:
@@ -161,9 +161,9 @@ def run_remote(
                         f"{target}: {command.split()[0]!r} did not finish in {command_timeout} s"
                     )
                 time.sleep(0.002)
-            if len(out) + len(err) > MAX_OUTPUT:
+            if len(out) + len(errbuf) > MAX_OUTPUT:
                 raise TransportError(f"{target}: more than {MAX_OUTPUT} bytes of output")
-        return RemoteResult(chan.recv_exit_status(), bytes(out), bytes(err))
+        return RemoteResult(chan.recv_exit_status(), bytes(out), bytes(errbuf))
     except (TimeoutError, paramiko.SSHException, OSError, EOFError) as err:
         raise TransportError(f"ssh {target}: {err or type(err).__name__}") from err
     finally:

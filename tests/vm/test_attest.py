@@ -300,16 +300,30 @@ def test_save_and_restore_stays_trusted_without_reenrollment(
         stop_vm(vm)
 
 
-def test_bundle_from_the_guest_validates_against_the_schema(
+def test_guest_waits_for_the_host_and_its_bundle_validates_against_the_schema(
     site: Site, boot_guest: GuestFactory
 ) -> None:
     import jsonschema
 
     vm = start_vm(site, boot_guest, "schema")
     try:
-        nonce = secrets.token_bytes(32)
         site.host.enroll_vm(vm)  # type: ignore[arg-type]
-        out = vm.guest.check(f"{FROM_REPO} quote --nonce {nonce.hex()}")
+        # the daemon is not connected: the guest's port reads EOF; the agent keeps it open
+        site.host.channels.remove_vm(vm.uuid)
+        nonce = secrets.token_bytes(32)
+        vm.guest.check(
+            f"({FROM_REPO} quote --nonce {nonce.hex()} --timeout 60 >/tmp/b.json 2>/tmp/e;"
+            " echo $? >/tmp/rc) >/dev/null 2>&1 &"
+        )
+        time.sleep(2)
+        assert vm.guest.run("cat /tmp/rc").status != 0  # still waiting
+        site.host.channels.add_vm(vm.uuid, vm.guest.vport_path(DEFAULT_PORT_NAME))
+        deadline = time.monotonic() + 60
+        while (rc := vm.guest.run("cat /tmp/rc")).status != 0:
+            assert time.monotonic() < deadline, vm.guest.run("cat /tmp/e").stdout
+            time.sleep(0.5)
+        assert rc.stdout.strip() == b"0", vm.guest.run("cat /tmp/e").stdout
+        out = vm.guest.check("cat /tmp/b.json")
         obj = json.loads(out)
         schema = json.loads((REPO / "docs" / "evidence-bundle.schema.json").read_text())
         jsonschema.validate(obj, schema)
