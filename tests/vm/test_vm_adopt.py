@@ -42,7 +42,10 @@ from vm_images.build import GuestImage
 
 REPO = Path(__file__).resolve().parents[2]
 BOOT_TIMEOUT = 120.0  # TCG on 2 shared cores: 5-8 s idle, far more when the machine is busy
-RUN = "vtpm.run='ls /dev/tpm0; cat /sys/class/tpm/tpm0/pcr-sha256/0' vtpm.poweroff=0"
+RUN = (
+    "vtpm.run='ls /dev/tpm0; cat /sys/class/tpm/tpm0/pcr-sha256/0; ls /dev/virtio-ports' "
+    "vtpm.poweroff=0"
+)
 SEABIOS_PCR0 = "E21B703EE69C77476BCCB43EC0336A9A1B2914B378944F7B00A10214CA8FEA93"
 
 
@@ -295,6 +298,11 @@ def test_vm_start_boots_the_adopted_domain_with_its_tpm_through_the_bridge(host:
     ready_s = time.monotonic() - t0
     assert "/dev/tpm0" in text and "No such file" not in text
     assert SEABIOS_PCR0 in text
+    assert DEFAULT_CHANNEL_NAME in text  # the attestation channel's port
+    # guest RAM is the shared memfd the agent reads (platform-notes, "Guest memory …")
+    (qemu,) = _pids_under(host.root, "qemu-system")
+    fds = [os.readlink(f) for f in Path(f"/proc/{qemu}/fd").iterdir() if f.is_symlink()]
+    assert any(f.startswith("/memfd:") for f in fds), fds
     (vm,) = [v for v in host.cli_json("list") if v["name"] == name]  # type: ignore[union-attr]
     assert vm["adopted"] and vm["state"] == "running"
     assert vm["bridge_running"] and vm["swtpm_running"]
@@ -357,7 +365,7 @@ def test_vm_create_boots_an_image_and_nothing_outlives_a_destroyed_vm(host: Host
     console = host.state / "vms" / vm_uuid / "console.log"
     host.cli_json("start", "made1")
     text = _wait_console(console, "VTPM-RUN-END")
-    assert "/dev/tpm0" in text and SEABIOS_PCR0 in text
+    assert "/dev/tpm0" in text and SEABIOS_PCR0 in text and DEFAULT_CHANNEL_NAME in text
     print(f"\nvm create (incl. swtpm_setup): {create_s:.2f} s")
 
     # QEMU goes away without the agent (virsh destroy): swtpm (--terminate) and the bridge
