@@ -433,7 +433,8 @@ class VmManager:
             DomainNotFound: no such domain.
             DomainXmlError, UnadoptableDomain: the definition cannot be adopted (unchanged).
             LifecycleError: the domain runs with libvirt's emulator TPM (its state is live).
-            HypervisorError: libvirt refused the new definition (the old one stays).
+            HypervisorError: libvirt refused the new definition (the old one stays, and a vTPM
+                this call made is removed again).
             SwtpmError, VtpmError: the vTPM could not be provisioned or carried over.
         """
         hv = self.hypervisor
@@ -468,7 +469,13 @@ class VmManager:
                 inst.stop()
         changed = _canonical(after) != _canonical(before)
         if changed:
-            hv.define(after)
+            try:
+                hv.define(after)
+            except VtpmError:
+                if vtpm_state != "existing":  # made by this call: leave nothing behind
+                    with contextlib.suppress(VtpmError):
+                        inst.remove()
+                raise
             after = hv.xml(ref, inactive=True)
         else:
             after = before  # libvirt's own text, as recorded the first time
