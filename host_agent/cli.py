@@ -27,6 +27,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "host_agent.service.daemon",
     "host_agent.lifecycle.cli",
     "host_agent.service.status",
+    "host_agent.migration.cli",
 )
 
 

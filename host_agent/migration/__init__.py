@@ -1,0 +1,105 @@
+"""Host-to-host migration of a VM's vAIK (patent 1-3 / 2-2; ARCHITECTURE.md §3, invariant 2).
+
+Layers: :mod:`.codec` (pure frames) → :mod:`.protocol` (typed messages) → :mod:`.channel`
+(mTLS, the fleet CA as only trust anchor) → :mod:`.verify` (pure checks of CertExgKey) →
+:mod:`.journal` (steps as store records) → :mod:`.source` / :mod:`.target` (the two state
+machines) → :mod:`.recovery` → :mod:`.service` (listener, recovery loop, control socket; a
+daemon component) → :mod:`.cli`. :mod:`.state` is the query the attestation service asks
+before every signature (:func:`signing_allowed`).
+
+Commit point and why a vAIK signs on at most one host, and ends up on exactly one
+---------------------------------------------------------------------------------
+**The source decides, and is authoritative until it commits.** The commit point is the store
+transaction on the source that writes its journal step COMMITTED *and* deletes its vAIK and
+binding records. Before it, the outcome is "abort" whenever anything goes wrong; after it, the
+outcome is "commit" forever (the store is rollback-protected, so the step cannot be undone by
+putting an old database back).
+
+Signing states (``vaik/<uuid>`` record ``state``, changed in the same transaction as the journal
+step that implies it):
+
+* source: ``active`` until MOVING; ``moving`` (does not sign) from MOVING, which is durable
+  *before* TPM2_Duplicate runs; back to ``active`` only with ABORTED; gone with COMMITTED.
+* target: ``pending`` (does not sign) from PENDING (durable before it tells the source it
+  imported); ``active`` only with ACTIVE, which it writes only on the source's commit.
+
+So the vAIK signs on the source only before MOVING or after ABORTED, and on the target only
+after the source's COMMITTED. ABORTED and COMMITTED exclude each other in the source's journal
+(:func:`~host_agent.migration.source.abort_source` refuses a committed entry), hence never on
+two hosts at once, whatever crashes where.
+
+How each side learns the outcome: live, the source sends ``Decision`` on the migration
+connection and the target answers ``Done``. After a crash or a broken connection, the source's
+recovery re-sends the decision of a COMMITTED entry until the target answers ``Done`` (then
+DONE); the target's recovery asks the source (``OutcomeQuery``) about a PENDING entry. The
+source answers from its journal: ``committed`` (COMMITTED, DONE), ``aborted`` (ABORTED, or no
+record: a source keeps a COMMITTED record until the target acknowledged, so no record never
+hides a commit), ``undecided`` (a live session still runs it; ask again). The source aborts
+instead of waiting whenever it is unsure *before* the commit point: a restart in STARTED or
+MOVING aborts (recovery table in :mod:`.recovery`).
+
+Exactly one after recovery: a source entry ends ABORTED (vAIK active on the source; the target
+then discards its copy, told or asking) or DONE (the target acknowledged ACTIVE). A target
+entry in EXGKEY is discarded at once (the source cannot have committed: it commits only after
+``Imported``, sent only after PENDING is durable). While the source is unreachable a PENDING
+target waits, and a committed source keeps telling the target: the vAIK then signs nowhere
+for that while, which invariant 2 allows ("at most one at any moment"); it is lost by neither.
+
+Not built yet (issue 8 steps 3/4): libvirt migrating the VM and the vAIK-signed record of the
+stream's memory root, vPCRs and state digests. ``SourceMigration(between=…)`` is where they go:
+after ``Imported``, before the commit point, so a refusal by the target aborts and the source
+keeps the VM and the vAIK.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    CertExgKeyInvalid,
+    CertExgKeyNonce,
+    ExgKeyAttributes,
+    ExgKeyPolicy,
+    FrameError,
+    MigrationError,
+    MigrationInDoubt,
+    PeerAborted,
+    PeerProtocolError,
+    PeerUnavailable,
+    TargetIdentityMismatch,
+    TargetNotAdmitted,
+    TargetRefused,
+    VaikNotMovable,
+)
+from .journal import JournalEntry, SourceStep, StoreJournal, TargetStep
+from .state import (
+    VaikNotSignable,
+    VaikState,
+    require_signing_allowed,
+    signing_allowed,
+    vaik_state,
+)
+
+__all__ = [
+    "CertExgKeyInvalid",
+    "CertExgKeyNonce",
+    "ExgKeyAttributes",
+    "ExgKeyPolicy",
+    "FrameError",
+    "JournalEntry",
+    "MigrationError",
+    "MigrationInDoubt",
+    "PeerAborted",
+    "PeerProtocolError",
+    "PeerUnavailable",
+    "SourceStep",
+    "StoreJournal",
+    "TargetIdentityMismatch",
+    "TargetNotAdmitted",
+    "TargetRefused",
+    "TargetStep",
+    "VaikNotMovable",
+    "VaikNotSignable",
+    "VaikState",
+    "require_signing_allowed",
+    "signing_allowed",
+    "vaik_state",
+]

@@ -1,0 +1,87 @@
+"""Recovery: settle every open journal entry (at start, then periodically).
+
+What each side does with each open journal state (the reasoning is in
+:mod:`host_agent.migration`):
+
+=========  ==========  ===================================================================
+side       step        recovery
+=========  ==========  ===================================================================
+source     STARTED     ABORTED (nothing left this host; the vAIK never stopped signing)
+source     MOVING      ABORTED + vAIK ``active`` again, then tell the target (best effort)
+source     COMMITTED   tell the target "commit" until it answers Done, then DONE
+target     EXGKEY      DISCARDED (no vAIK arrived: the source cannot have committed)
+target     PENDING     ask the source: committed → ACTIVE, aborted → DISCARDED,
+                       undecided or unreachable → ask again later (signs nowhere meanwhile)
+=========  ==========  ===================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from evidence.errors import VtpmError
+
+from .channel import PeerChannel
+from .host import MigrationHost
+from .journal import JournalEntry, SourceStep, TargetStep
+from .protocol import Outcome, OutcomeQuery
+from .source import abort_source, send_decision
+from .target import apply_decision
+
+__all__ = ["resolve_open_entries"]
+
+log = logging.getLogger("host_agent.migration.recovery")
+
+Connect = Callable[[str, str], PeerChannel]
+
+
+def _ask_source(host: MigrationHost, entry: JournalEntry, connect: Connect) -> str:
+    try:
+        channel = connect(entry.peer, entry.peer_address)
+    except VtpmError as err:
+        log.info("migration %s: source %s unreachable: %s", entry.migration_id, entry.peer, err)
+        return "undecided"
+    try:
+        channel.send(OutcomeQuery(entry.migration_id))
+        answer = channel.receive(host.timeout)
+    except VtpmError as err:
+        log.info("migration %s: outcome query failed: %s", entry.migration_id, err)
+        return "undecided"
+    finally:
+        channel.close()
+    if not isinstance(answer, Outcome) or answer.migration_id != entry.migration_id:
+        return "undecided"
+    return answer.outcome
+
+
+def resolve_open_entries(host: MigrationHost, connect: Connect) -> list[str]:
+    """One pass over the open journal entries not run by a live session; returns what was done."""
+    done: list[str] = []
+    with host.lock:
+        entries = [e for e in host.j.open_entries() if e.migration_id not in host.live]
+    for entry in entries:
+        mid = entry.migration_id
+        if entry.side == "source":
+            if entry.step in (SourceStep.STARTED, SourceStep.MOVING):
+                aborted = abort_source(host, entry, "the source restarted before the commit point")
+                done.append(f"{mid}: source aborted (vAIK active here)")
+                if entry.step is SourceStep.MOVING:
+                    send_decision(host, aborted, None, connect)
+            elif entry.step is SourceStep.COMMITTED and send_decision(host, entry, None, connect):
+                done.append(f"{mid}: target acknowledged the commit")
+        elif entry.step is TargetStep.EXGKEY:
+            with host.lock:
+                host.j.write(entry.at(TargetStep.DISCARDED, reason="no vAIK arrived"))
+            done.append(f"{mid}: target discarded its ExgKey")
+        elif entry.step is TargetStep.PENDING:
+            outcome = _ask_source(host, entry, connect)
+            if outcome == "committed":
+                apply_decision(host, mid, "commit")
+                done.append(f"{mid}: target activated the vAIK (source committed)")
+            elif outcome == "aborted":
+                apply_decision(host, mid, "abort")
+                done.append(f"{mid}: target discarded the pending vAIK (source aborted)")
+    for line in done:
+        log.info("migration recovery: %s", line)
+    return done

@@ -1,0 +1,331 @@
+"""The migration service: the peer listener, the recovery loop and the local control socket.
+
+It runs inside whatever process owns the host's store (the store admits one writer): the
+daemon, as the component :class:`MigrationComponent`, or standalone with
+``vtpm-host migration serve`` (what the sim and e2e tests run as each host's process, so a
+SIGKILL of it is a real crash). ``vtpm-host vm migrate`` asks it over
+``<state_dir>/run/migration.sock`` (one JSON line each way).
+
+Start order: listener (outcome queries are answered from the journal at once: an entry left
+open by a crash reads ``undecided`` until recovery settled it) → one recovery pass
+(:func:`~host_agent.migration.recovery.resolve_open_entries`) → the recovery loop (every
+``resolve_interval`` seconds, for peers that were unreachable) → the control socket.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import enum
+import json
+import logging
+import os
+import socket
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, ClassVar
+
+from evidence.errors import VtpmError
+from evidence.tpm2_policy import PolicyApproval
+from host_agent.errors import StateError
+
+from .channel import MtlsListener, MtlsPeerChannel, TlsIdentity, parse_address
+from .errors import MigrationError
+from .host import MigrationHost
+from .recovery import resolve_open_entries
+from .source import MigrationResult, migrate_vaik
+from .target import serve_peer
+
+__all__ = [
+    "DEFAULT_PORT",
+    "MigrationComponent",
+    "MigrationService",
+    "ServiceRunState",
+    "control_call",
+    "load_approvals",
+]
+
+log = logging.getLogger("host_agent.migration.service")
+
+DEFAULT_PORT = 7787
+
+
+def load_approvals(path: Path) -> list[PolicyApproval]:
+    """Fleet approvals from a file in the registrar's ``GET /v1/policy-approvals`` format
+    (signatures are checked per migration against each vAIK's own fleet key). A missing file
+    is no approval: every target is then refused."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as err:
+        raise MigrationError(f"fleet approvals {path}: {err}") from err
+    out = []
+    for item in doc.get("approvals", []) if isinstance(doc, dict) else []:
+        try:
+            signature = base64.b64decode(item["signature"], validate=True)
+            out.append(
+                PolicyApproval(
+                    bytes.fromhex(item["approved_policy"]),
+                    bytes.fromhex(item["policy_ref"]),
+                    signature,
+                )
+            )
+        except (KeyError, TypeError, ValueError):
+            log.warning("fleet approvals %s: skipping a malformed entry", path)
+    return out
+
+
+class ServiceRunState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class MigrationService:
+    """See the module docstring.
+
+    Args:
+        host: this host's migration context.
+        listen: where the peer listener binds (port 0 picks one; :attr:`address`).
+        control_socket: the local control socket path, or None for none.
+        resolve_interval: seconds between recovery passes.
+    """
+
+    def __init__(
+        self,
+        host: MigrationHost,
+        *,
+        listen: tuple[str, int] = ("0.0.0.0", DEFAULT_PORT),
+        control_socket: Path | None = None,
+        resolve_interval: float = 2.0,
+    ) -> None:
+        self.host = host
+        self.listen = listen
+        self.control_socket = control_socket
+        self.resolve_interval = resolve_interval
+        self.run_state = ServiceRunState.CREATED
+        self._listener: MtlsListener | None = None
+        self._control: socket.socket | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def _require(self, what: str, *states: ServiceRunState) -> None:
+        if self.run_state not in states:
+            raise StateError(self.run_state.value, [s.value for s in states], f"migration: {what}")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._listener is not None
+        return self._listener.address
+
+    def connect(self, peer: str, address: str) -> MtlsPeerChannel:
+        return MtlsPeerChannel.connect(
+            self.host.identity,
+            parse_address(address, DEFAULT_PORT),
+            peer,
+            timeout=self.host.timeout,
+        )
+
+    def _thread(self, target: Any, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def start(self, daemon: Any = None) -> MigrationService:
+        """Listener, one recovery pass, recovery loop, control socket (see the module docstring)."""
+        del daemon
+        self._require("start()", ServiceRunState.CREATED)
+        self._listener = MtlsListener(self.host.identity, self.listen)
+        try:
+            if not self.host.advertise:
+                host, port = self._listener.address
+                self.host.advertise = f"{host}:{port}"
+            listener = self._listener
+            self._thread(
+                lambda: listener.serve(lambda ch: serve_peer(self.host, ch)), "migration-listen"
+            )
+            self.recover()
+            self._thread(self._resolve_loop, "migration-recovery")
+            if self.control_socket is not None:
+                self._start_control(self.control_socket)
+        except BaseException:
+            self._listener.close()
+            raise
+        self.run_state = ServiceRunState.RUNNING
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            self._listener.close()
+        if self._control is not None:
+            with contextlib.suppress(OSError):
+                self._control.close()
+            if self.control_socket is not None:
+                with contextlib.suppress(OSError):
+                    self.control_socket.unlink()
+        for t in self._threads:
+            t.join(2)
+        self.run_state = ServiceRunState.STOPPED
+
+    def recover(self) -> list[str]:
+        """One recovery pass (also run at start)."""
+        return resolve_open_entries(self.host, self.connect)
+
+    def _resolve_loop(self) -> None:
+        while not self._stop.wait(self.resolve_interval):
+            try:
+                self.recover()
+            except Exception:  # the loop must survive one bad pass; logged
+                log.exception("migration recovery pass failed")
+
+    def migrate(self, vm_uuid: uuid.UUID, to: str, address: str) -> MigrationResult:
+        """Move ``vm_uuid``'s vAIK to host ``to`` at ``address`` (see ``SourceMigration.run``)."""
+        self._require("migrate()", ServiceRunState.RUNNING, ServiceRunState.CREATED)
+        return migrate_vaik(self.host, vm_uuid, to, address, connect=self.connect)
+
+    # ---------------------------------------------------------------- control socket
+
+    def _start_control(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(8)
+        self._control = sock
+
+        def accept() -> None:
+            while not self._stop.is_set():
+                try:
+                    conn, _ = sock.accept()
+                except OSError:
+                    return
+                threading.Thread(target=self._serve_control, args=(conn,), daemon=True).start()
+
+        self._thread(accept, "migration-control")
+
+    def _serve_control(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                buf = b""
+                while b"\n" not in buf:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                req = json.loads(buf.split(b"\n", 1)[0])
+                reply = {"ok": True, "value": self._control_op(req)}
+            except VtpmError as err:
+                reply = {"ok": False, "error_id": err.id, "message": str(err)}
+            except (ValueError, TypeError, KeyError) as err:
+                reply = {"ok": False, "error_id": "migration.bad_request", "message": str(err)}
+            with contextlib.suppress(OSError):
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def _control_op(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "migrate":
+            result = self.migrate(uuid.UUID(req["vm_uuid"]), str(req["to"]), str(req["address"]))
+            return result.to_json()
+        if op == "recover":
+            return {"done": self.recover()}
+        if op == "journal":
+            return {"entries": [e.to_json() for e in self.host.j.entries()]}
+        raise ValueError(f"unknown op {op!r}")
+
+
+class RemoteMigrationError(MigrationError):
+    """The migration service refused a control request; ``remote_id`` is its error id."""
+
+    id: ClassVar[str] = "migration.failed"
+
+    def __init__(self, remote_id: str, message: str) -> None:
+        self.remote_id = remote_id
+        self.remote_message = message
+        super().__init__(f"[{remote_id}] {message}")
+
+
+def control_call(path: Path, request: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
+    """One request to a migration service's control socket.
+
+    Raises:
+        MigrationError: the service is not running, or the request failed (its error id kept).
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        buf = b""
+        while b"\n" not in buf:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise EOFError("the migration service closed the connection")
+            buf += chunk
+    except (OSError, EOFError) as err:
+        raise MigrationError(
+            f"cannot reach the migration service at {path}: {err} (is it running?)"
+        ) from err
+    finally:
+        sock.close()
+    reply = json.loads(buf.split(b"\n", 1)[0])
+    if not reply.get("ok"):
+        raise RemoteMigrationError(str(reply.get("error_id")), str(reply.get("message")))
+    value = reply.get("value")
+    return value if isinstance(value, dict) else {}
+
+
+class MigrationComponent:
+    """The service as a daemon component.
+
+    ``vtpm-host daemon --component host_agent.migration.service:MigrationComponent``.
+
+    Settings come from ``<state_dir>/migration/settings.json`` when present:
+    ``{"listen": "HOST:PORT", "advertise": "HOST:PORT", "approvals": "PATH"}``; defaults: listen
+    on ``0.0.0.0:7787``, approvals from ``<state_dir>/migration/policy-approvals.json``.
+    """
+
+    name: ClassVar[str] = "migration"
+
+    def __init__(self) -> None:
+        self.service: MigrationService | None = None
+
+    def start(self, daemon: Any) -> None:
+        from .host import load_identity_certificates
+
+        state_dir = Path(daemon.paths.state_dir)
+        settings_path = state_dir / "migration" / "settings.json"
+        settings: dict[str, Any] = {}
+        if settings_path.is_file():
+            settings = json.loads(settings_path.read_text())
+        approvals_path = Path(
+            settings.get("approvals", state_dir / "migration" / "policy-approvals.json")
+        )
+        fleet_ca, aik_cert = load_identity_certificates(state_dir)
+        host = MigrationHost(
+            tpm=daemon.tpm,
+            store=daemon.store,
+            identity=TlsIdentity.under(state_dir),
+            host_id=TlsIdentity.under(state_dir).host_id(),
+            fleet_ca=fleet_ca,
+            aik_certificate=aik_cert,
+            approvals=lambda: load_approvals(approvals_path),
+            advertise=str(settings.get("advertise", "")),
+            now=daemon.now,
+        )
+        self.service = MigrationService(
+            host,
+            listen=parse_address(
+                str(settings.get("listen", f"0.0.0.0:{DEFAULT_PORT}")), DEFAULT_PORT
+            ),
+            control_socket=state_dir / "run" / "migration.sock",
+        ).start()
+        daemon.migration = self.service
+
+    def stop(self) -> None:
+        if self.service is not None:
+            self.service.stop()

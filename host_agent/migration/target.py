@@ -1,0 +1,213 @@
+"""The target side: certify an ExgKey, import the vAIK as pending, activate on the commit.
+
+:func:`serve_peer` handles one incoming connection: a migration (``Offer``), a source's
+decision re-sent by its recovery (``Decision``), or an outcome query from a target in recovery
+(``OutcomeQuery``, answered from this host's *source* journal). The target never decides: it
+activates only on the source's commit, and discards on its abort (see :mod:`host_agent.migration`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from typing import Any
+
+from evidence.errors import VtpmError
+from host_agent.tpm.port import DuplicationBlob, WrappedKey
+
+from .channel import PeerChannel
+from .errors import MigrationError, PeerProtocolError
+from .host import MigrationHost
+from .journal import JournalEntry, SourceStep, TargetStep
+from .protocol import (
+    Decision,
+    Done,
+    ErrorMessage,
+    ExgKeyOffer,
+    Imported,
+    Offer,
+    Outcome,
+    OutcomeQuery,
+    Transfer,
+)
+
+__all__ = ["apply_decision", "outcome_of", "serve_peer"]
+
+log = logging.getLogger("host_agent.migration.target")
+
+
+def outcome_of(host: MigrationHost, migration_id: uuid.UUID) -> str:
+    """This host's answer, as the source, to an outcome query.
+
+    ``committed`` for COMMITTED/DONE; ``undecided`` while a session is still running it
+    (STARTED/MOVING); ``aborted`` for ABORTED and for a migration it has no record of (a source
+    keeps its COMMITTED record until the target acknowledged, so "unknown" never hides a commit).
+    """
+    entry = host.j.get(migration_id, "source")
+    if entry is None or entry.step is SourceStep.ABORTED:
+        return "aborted"
+    if entry.step in (SourceStep.COMMITTED, SourceStep.DONE):
+        return "committed"
+    return "undecided"
+
+
+def apply_decision(host: MigrationHost, migration_id: uuid.UUID, decision: str) -> JournalEntry:
+    """Journal ACTIVE (vAIK signs here from now on) or DISCARDED (pending copy deleted).
+
+    Idempotent; a decision for a terminal entry returns it unchanged.
+
+    Raises:
+        MigrationError: no target journal for ``migration_id``, or a commit of one that never
+            reached PENDING (the source cannot have committed it).
+    """
+    with host.lock:
+        entry = host.j.get(migration_id, "target")
+        if entry is None:
+            raise MigrationError(f"no incoming migration {migration_id} on this host")
+        if entry.terminal:
+            return entry
+        vm = str(entry.vm_uuid)
+        mid = str(migration_id)
+        if decision == "commit":
+            if entry.step is not TargetStep.PENDING:
+                raise MigrationError(f"migration {mid}: commit before the vAIK was imported")
+
+            def activate(tx: Any) -> None:
+                record = tx.find("vaik", vm)
+                if record is not None and record.json().get("migration_id") == mid:
+                    value = record.json()
+                    value.pop("state", None)
+                    value.pop("migration_id", None)
+                    tx.put("vaik", vm, value)
+
+            log.info("migration %s: vAIK of VM %s active here", mid, vm)
+            return host.j.write(entry.at(TargetStep.ACTIVE), activate)
+
+        def discard(tx: Any) -> None:
+            record = tx.find("vaik", vm)
+            if record is not None and record.json().get("migration_id") == mid:
+                tx.delete("vaik", vm)
+                tx.delete("binding", vm, missing_ok=True)
+
+        log.info("migration %s: pending vAIK of VM %s discarded", mid, vm)
+        return host.j.write(entry.at(TargetStep.DISCARDED), discard)
+
+
+def _refuse(channel: PeerChannel, error_id: str, message: str) -> None:
+    with contextlib.suppress(VtpmError):
+        channel.send(ErrorMessage(error_id, message))
+
+
+def serve_peer(host: MigrationHost, channel: PeerChannel) -> None:
+    """Handle one connection (see the module docstring). Never raises."""
+    try:
+        first = channel.receive(host.timeout)
+        if isinstance(first, OutcomeQuery):
+            channel.send(Outcome(first.migration_id, outcome_of(host, first.migration_id)))  # type: ignore[arg-type]
+        elif isinstance(first, Decision):
+            apply_decision(host, first.migration_id, first.decision)
+            channel.send(Done(first.migration_id))
+        elif isinstance(first, Offer):
+            _incoming(host, channel, first)
+        else:
+            _refuse(channel, "migration.peer.protocol", f"unexpected {type(first).__name__}")
+    except VtpmError as err:
+        log.warning("migration peer %s: %s", channel.peer_id, err)
+        _refuse(channel, err.id, str(err))
+
+
+def _incoming(host: MigrationHost, channel: PeerChannel, offer: Offer) -> None:
+    vm = str(offer.vm_uuid)
+    mid = offer.migration_id
+    with host.lock:
+        if host.store.find("vaik", vm) is not None:
+            _refuse(channel, "migration.vaik.exists", f"this host already holds a vAIK for VM {vm}")
+            return
+        if host.j.get(mid, "target") is not None:
+            _refuse(channel, "migration.duplicate", f"migration {mid} was offered before")
+            return
+        host.live.add(mid)
+    try:
+        exgkey = host.tpm.create_exgkey()
+        cert = host.tpm.certify(exgkey, "aik", offer.nonce)
+        assert exgkey.policy.pcr_digest is not None
+        with host.lock:
+            entry = host.j.write(
+                JournalEntry(
+                    mid,
+                    "target",
+                    TargetStep.EXGKEY,
+                    offer.vm_uuid,
+                    channel.peer_id,
+                    offer.source_address,
+                    {"exgkey_name": exgkey.name.hex()},
+                )
+            )
+        channel.send(
+            ExgKeyOffer(
+                mid,
+                exgkey.public,
+                exgkey.policy.pcr_digest,
+                exgkey.policy.locality,
+                cert.attest,
+                cert.signature,
+                host.aik_certificate,
+            )
+        )
+        try:
+            transfer = channel.receive(host.timeout)
+            if not isinstance(transfer, Transfer) or transfer.migration_id != mid:
+                raise PeerProtocolError(f"expected the Transfer of {mid}")
+            blob = DuplicationBlob.from_bytes(transfer.duplication)
+            imported = host.tpm.import_key(blob, exgkey)
+        except VtpmError:
+            with host.lock:
+                host.j.write(entry.at(TargetStep.DISCARDED, reason="no vAIK arrived"))
+            raise
+        _pending(host, entry, imported, transfer)
+        channel.send(Imported(mid))
+        decision = channel.receive(host.timeout)
+        if not isinstance(decision, Decision) or decision.migration_id != mid:
+            raise PeerProtocolError(f"expected the Decision on {mid}")
+        apply_decision(host, mid, decision.decision)
+        channel.send(Done(mid))
+    finally:
+        host.live.discard(mid)
+
+
+def _pending(
+    host: MigrationHost, entry: JournalEntry, imported: WrappedKey, transfer: Transfer
+) -> JournalEntry:
+    """Journal PENDING with the imported vAIK (state ``pending``: not signing) and the binding."""
+    vm = str(entry.vm_uuid)
+    mid = str(entry.migration_id)
+    binding = dict(transfer.binding)
+    generation = binding.get("generation", 1)
+
+    def store(tx: Any) -> None:
+        tx.put(
+            "vaik",
+            vm,
+            {
+                "generation": generation,
+                "key": imported.to_bytes().hex(),
+                "state": "pending",
+                "migration_id": mid,
+            },
+        )
+        if binding:
+            tx.put(
+                "binding",
+                vm,
+                {
+                    **binding,
+                    # A new bridge whose one session starts with SET_STATEBLOB reads as
+                    # "restored" against this marker (host_agent.service.enroll.boot_transition).
+                    "boot": {"bridge_pid": 0, "sessions": 0, "inits": 0, "set_stateblobs": 0},
+                    "migrated_from": entry.peer,
+                },
+            )
+
+    with host.lock:
+        return host.j.write(entry.at(TargetStep.PENDING), store)

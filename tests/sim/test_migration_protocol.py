@@ -1,0 +1,321 @@
+"""Issue 8, protocol steps (1), (2), (5) between two real hosts, and the refusals of step (1).
+
+Real: two software-root swtpms, two stores, identities issued by one registrar, mTLS on
+loopback. The happy path runs each host as its own ``vtpm-host migration serve`` process and
+drives it with ``vtpm-host vm migrate --json``; the refusals run both services in this process,
+the target's TPM or identity wrapped so that it misbehaves in exactly one way (a fault-injecting
+wrapper round the real adapter, never a fake TPM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from evidence.tpm2 import TpmtPublic, TpmtSignature, verify_signature
+from host_agent.config import AgentConfig, with_state_dir
+from host_agent.migration import (
+    CertExgKeyNonce,
+    ExgKeyAttributes,
+    ExgKeyPolicy,
+    SourceStep,
+    TargetNotAdmitted,
+    TargetRefused,
+    TargetStep,
+    VaikState,
+    signing_allowed,
+)
+from host_agent.migration.channel import TlsIdentity
+from host_agent.migration.host import MigrationHost, load_identity_certificates
+from host_agent.migration.service import MigrationService, load_approvals
+from host_agent.store.provision import open_store
+from host_agent.tpm.discovery import open_host_tpm
+from host_agent.tpm.port import Certification, KeyPolicy, WrappedKey
+from tests.sim.test_migration_hosts import (
+    VM,
+    Fleet,
+    HostProcess,
+    Hosts,
+    fresh_hosts,
+    inspect_host,
+    session_fleet,
+)
+
+
+@pytest.fixture(scope="session")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
+    return session_fleet(tmp_path_factory)
+
+
+@pytest.fixture
+def hosts(fleet: Fleet, tmp_path: Path) -> Iterator[Hosts]:
+    yield from fresh_hosts(fleet, tmp_path)
+
+
+# ---------------------------------------------------------------- the happy path, two processes
+
+
+def test_migrate_moves_the_vaik_and_the_target_signs_with_the_same_key(
+    fleet: Fleet, hosts: Hosts
+) -> None:
+    a = HostProcess(hosts.a, hosts.approvals).start()
+    b = HostProcess(hosts.b, hosts.approvals).start()
+    try:
+        done = a.migrate(VM, "host-b", b.address)
+        assert done.returncode == 0, done.stderr + a.log_text()[-2000:]
+        result = json.loads(done.stdout)
+        assert result["outcome"] == "committed" and result["acknowledged"] is True
+        assert result["target"] == "host-b" and result["vm_uuid"] == str(VM)
+    finally:
+        a.stop()
+        b.stop()
+    src, tgt = inspect_host(hosts.a), inspect_host(hosts.b)
+    assert src.state is VaikState.ABSENT  # (5) the source deleted vAIK (and its binding)
+    assert tgt.state is VaikState.ACTIVE
+    assert [e.step for e in src.journal] == [SourceStep.DONE]
+    assert [e.step for e in tgt.journal] == [TargetStep.ACTIVE]
+    assert src.journal[0].data["exgkey_name"] == tgt.journal[0].data["exgkey_name"]
+
+    # The target really holds the vAIK: its TPM signs with the same public key.
+    config = with_state_dir(AgentConfig(), hosts.b)
+    tpm = open_host_tpm(config.tpm)
+    try:
+        store = open_store(config, tpm, read_only=True)
+        record = store.find("vaik", str(VM)).json()
+        binding = store.find("binding", str(VM)).json()
+        store.close()
+        key = WrappedKey.from_bytes(bytes.fromhex(record["key"]))
+        assert key.public == fleet.vaik_public and key.parent is not None
+        assert key.parent.kind == "exgkey"
+        assert binding["migrated_from"] == "host-a"
+        message = b"vtpm-trust test message signed after migration"
+        signature = tpm.sign(key, message, fleet.approval)
+    finally:
+        tpm.close()
+    verify_signature(message, TpmtSignature.unmarshal(signature), TpmtPublic.unmarshal(key.public))
+    # The source has nothing left to sign with.
+    config_a = with_state_dir(AgentConfig(), hosts.a)
+    tpm_a = open_host_tpm(config_a.tpm)
+    try:
+        store_a = open_store(config_a, tpm_a, read_only=True)
+        assert store_a.find("vaik", str(VM)) is None
+        assert store_a.find("binding", str(VM)) is None
+        assert not signing_allowed(store_a, VM)
+        store_a.close()
+    finally:
+        tpm_a.close()
+
+
+def test_a_second_migration_of_the_same_vm_is_refused_on_the_source(hosts: Hosts) -> None:
+    a = HostProcess(hosts.a, hosts.approvals).start()
+    b = HostProcess(hosts.b, hosts.approvals).start()
+    try:
+        assert a.migrate(VM, "host-b", b.address).returncode == 0
+        again = a.migrate(VM, "host-b", b.address)
+        assert again.returncode == 2
+        assert "[migration.vaik.not_movable]" in again.stderr
+        back = b.migrate(VM, "host-a", a.address)  # and it can move back
+        assert back.returncode == 0, back.stderr + b.log_text()[-2000:]
+    finally:
+        a.stop()
+        b.stop()
+    assert inspect_host(hosts.a).state is VaikState.ACTIVE
+    assert inspect_host(hosts.b).state is VaikState.ABSENT
+
+
+# ---------------------------------------------------------------- refusals, in process
+
+
+class _Tpm:
+    """Delegates to the real adapter; tests override one method."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@dataclasses.dataclass
+class Pair:
+    source: MigrationService
+    target: MigrationService
+    hosts: Hosts
+
+    def migrate(self) -> Any:
+        host, port = self.target.address
+        return self.source.migrate(VM, self.target.host.host_id, f"{host}:{port}")
+
+
+def _host(state: Path, approvals: Path, tpm: Any, store: Any) -> MigrationHost:
+    fleet_ca, aik = load_identity_certificates(state)
+    identity = TlsIdentity.under(state)
+    return MigrationHost(
+        tpm=tpm,
+        store=store,
+        identity=identity,
+        host_id=identity.host_id(),
+        fleet_ca=fleet_ca,
+        aik_certificate=aik,
+        approvals=lambda: load_approvals(approvals),
+        timeout=20,
+    )
+
+
+@pytest.fixture
+def pair_factory(hosts: Hosts) -> Iterator[Callable[..., Pair]]:
+    opened: list[Any] = []
+
+    def make(
+        *,
+        target_tpm: Callable[[Any], Any] = lambda t: t,
+        target_aik: bytes | None = None,
+        approvals: Path | None = None,
+    ) -> Pair:
+        services = []
+        for state, wrap, appr in (
+            (hosts.a, lambda t: t, approvals or hosts.approvals),
+            (hosts.b, target_tpm, hosts.approvals),
+        ):
+            config = with_state_dir(AgentConfig(), state)
+            tpm = open_host_tpm(config.tpm)
+            opened.append(tpm)
+            store = open_store(config, tpm)
+            opened.append(store)
+            host = _host(state, appr, wrap(tpm), store)
+            if state == hosts.b and target_aik is not None:
+                host.aik_certificate = target_aik
+            service = MigrationService(host, listen=("127.0.0.1", 0), resolve_interval=3600)
+            opened.append(service)
+            services.append(service.start())
+        return Pair(services[0], services[1], hosts)
+
+    yield make
+    for thing in reversed(opened):
+        if isinstance(thing, MigrationService):
+            thing.stop()
+    for thing in reversed(opened):
+        if not isinstance(thing, MigrationService):
+            thing.close()
+
+
+def _nothing_left(pair: Pair) -> None:
+    """The refusal came before any key left: the source never reached MOVING."""
+    src_store, tgt_store = pair.source.host.store, pair.target.host.store
+    assert signing_allowed(src_store, VM)
+    [entry] = pair.source.host.j.entries()
+    assert entry.step is SourceStep.ABORTED
+    assert "exgkey_name" not in entry.data  # MOVING (and TPM2_Duplicate) never happened
+    assert tgt_store.find("vaik", str(VM)) is None
+    assert [e.step for e in pair.target.host.j.entries()] in ([TargetStep.DISCARDED], [])
+
+
+def _rogue_aik_certificate(state: Path) -> bytes:
+    """The target's own AIK certificate, re-signed by a CA that is not the fleet's."""
+    real = x509.load_pem_x509_certificate((state / "identity" / "aik.pem").read_bytes())
+    rogue = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(real.subject)
+        .issuer_name(real.issuer)  # claims the fleet CA's name
+        .public_key(real.public_key())
+        .serial_number(real.serial_number)
+        .not_valid_before(real.not_valid_before_utc)
+        .not_valid_after(real.not_valid_after_utc)
+    )
+    for ext in real.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    return builder.sign(rogue, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def test_refused_a_target_whose_aik_certificate_is_not_from_the_fleet_ca(
+    pair_factory: Callable[..., Pair], hosts: Hosts
+) -> None:
+    pair = pair_factory(target_aik=_rogue_aik_certificate(hosts.b))
+    with pytest.raises(TargetNotAdmitted) as info:
+        pair.migrate()
+    assert info.value.id == "migration.target.not_admitted"
+    assert "does not chain to the fleet CA" in str(info.value)
+    _nothing_left(pair)
+
+
+class _AikAsExgKey(_Tpm):
+    """The target offers its AIK (a signing key) as the ExgKey; the TPM certifies it honestly."""
+
+    def create_exgkey(self) -> WrappedKey:
+        real = self._real.create_exgkey()
+        aik = self._real._host_key("aik")
+        return WrappedKey("exgkey", aik.public, aik.private, real.policy)
+
+
+def test_refused_an_exgkey_with_wrong_attributes(pair_factory: Callable[..., Pair]) -> None:
+    pair = pair_factory(target_tpm=_AikAsExgKey)
+    with pytest.raises(ExgKeyAttributes) as info:
+        pair.migrate()
+    assert "SIGN_ENCRYPT" in str(info.value) and "DECRYPT" in str(info.value)
+    _nothing_left(pair)
+
+
+class _ClaimsAnotherState(_Tpm):
+    """The ExgKey is genuine, but the target claims it is bound to another (approved?) state."""
+
+    def create_exgkey(self) -> WrappedKey:
+        real = self._real.create_exgkey()
+        policy = dataclasses.replace(real.policy, pcr_digest=bytes(range(32)))
+        return dataclasses.replace(real, policy=policy)
+
+
+def test_refused_an_exgkey_whose_policy_is_not_the_claimed_host_state(
+    pair_factory: Callable[..., Pair],
+) -> None:
+    pair = pair_factory(target_tpm=_ClaimsAnotherState)
+    with pytest.raises(ExgKeyPolicy) as info:
+        pair.migrate()
+    assert "authPolicy is not PolicyPCR" in str(info.value)
+    _nothing_left(pair)
+
+
+def test_refused_an_exgkey_bound_to_a_host_state_the_fleet_did_not_approve(
+    pair_factory: Callable[..., Pair], hosts: Hosts
+) -> None:
+    pair = pair_factory(approvals=hosts.no_approvals)
+    with pytest.raises(ExgKeyPolicy) as info:
+        pair.migrate()
+    assert info.value.id == "migration.target.exgkey_policy"
+    assert "not approved" in str(info.value)
+    _nothing_left(pair)
+
+
+class _OtherNonce(_Tpm):
+    """CertExgKey made over another nonce (e.g. replayed from an earlier migration)."""
+
+    def certify(self, obj: Any, signer: Any, qualifying_data: bytes) -> Certification:
+        return self._real.certify(obj, signer, bytes(32))
+
+
+def test_refused_a_certexgkey_over_another_nonce(pair_factory: Callable[..., Pair]) -> None:
+    pair = pair_factory(target_tpm=_OtherNonce)
+    with pytest.raises(CertExgKeyNonce) as info:
+        pair.migrate()
+    assert isinstance(info.value, TargetRefused)
+    assert "another nonce" in str(info.value) and "0" * 64 in str(info.value)
+    _nothing_left(pair)
+
+
+def test_in_process_pair_migrates(pair_factory: Callable[..., Pair]) -> None:
+    pair = pair_factory()
+    result = pair.migrate()
+    assert result.outcome == "committed" and result.acknowledged
+    assert pair.source.host.store.find("vaik", str(VM)) is None
+    assert signing_allowed(pair.target.host.store, VM)
+    assert KeyPolicy  # the imported key keeps the vAIK's policy (checked in the process test)
+    assert uuid.UUID(str(result.migration_id))
