@@ -42,8 +42,8 @@ from host_agent.lifecycle.seal import (
     PERMANENT,
     VOLATILE,
     BridgeCalls,
+    RamHasher,
     SealedState,
-    hash_qemu_ram,
     list_sealed,
     load_leaves,
     qemu_pid_of,
@@ -122,7 +122,7 @@ class Restorer:
         store: the trusted store holding the sealed records.
         bridges: the hooks server (QEMU's pid).
         host_id: this host's id; records sealed elsewhere are refused.
-        workers: hashing threads.
+        hasher: hashes the loaded guest RAM (default: in this process).
         clock: monotonic clock for timings.
     """
 
@@ -132,13 +132,13 @@ class Restorer:
         bridges: BridgeCalls,
         *,
         host_id: str,
-        workers: int | None = None,
+        hasher: RamHasher | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.bridges = bridges
         self.host_id = host_id
-        self._workers = workers
+        self._hasher = hasher or RamHasher(1)
         self._clock = clock
         self._lock = threading.Lock()
         self._verified: dict[str, SealedState] = {}
@@ -176,7 +176,7 @@ class Restorer:
         if not candidates:
             return Veto(self._no_record_reason(vm, call.sha256, same_digest))
         pid = qemu_pid_of(self.bridges, vm)
-        loaded = hash_qemu_ram(pid, workers=self._workers)
+        loaded = self._hasher.hash(pid)
         first: tuple[SealedState, str] | None = None
         for sealed in candidates:
             verdict = compare_memory(

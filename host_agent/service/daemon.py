@@ -69,7 +69,7 @@ from evidence.errors import VtpmError
 from host_agent.config import AgentConfig, load_config, with_state_dir
 from host_agent.errors import StateError
 from host_agent.lifecycle.restore import Restorer
-from host_agent.lifecycle.seal import Sealer
+from host_agent.lifecycle.seal import RamHasher, Sealer
 from host_agent.service.vm_registry import VmRegistry
 from host_agent.store import TrustedStore
 from host_agent.store.provision import open_store
@@ -157,7 +157,7 @@ class Daemon:
         open_tpm: ``TpmConfig -> HostTpm`` (default: discovery's ``open_host_tpm``).
         now: wall clock (records' times).
         clock: monotonic clock.
-        hash_workers: memory hashing threads (default: one per core).
+        hash_workers: memory hashing processes (default: one per core).
         reap: stop the swtpms of VMs that no longer exist at start.
     """
 
@@ -188,6 +188,7 @@ class Daemon:
         self.hooks: HooksServer | None = None
         self.sealer: Sealer | None = None
         self.restorer: Restorer | None = None
+        self.hasher: RamHasher | None = None
         self.registry = VmRegistry(
             self.paths.state_dir, self.paths.runtime_dir, swtpm_factory=self._swtpm_of
         )
@@ -255,6 +256,7 @@ class Daemon:
         attached = self.registry.attach_swtpms(live)
         if attached:
             log.info("took over the running swtpm of %d VM(s): %s", len(attached), attached)
+        self.hasher = RamHasher(self.hash_workers).start()
         self.hooks = HooksServer(self.paths.hooks_socket).start()
         self.sealer = Sealer(
             self.store,
@@ -264,11 +266,10 @@ class Daemon:
             vm_name=self.registry.name_of,
             domain_xml_sha256=self._domain_xml_sha256,
             workers=self.hash_workers,
+            hasher=self.hasher,
             clock=self.clock,
         )
-        self.restorer = Restorer(
-            self.store, self.hooks, host_id=self.host_id, workers=self.hash_workers
-        )
+        self.restorer = Restorer(self.store, self.hooks, host_id=self.host_id, hasher=self.hasher)
         self.hooks.on_get_stateblob = self.sealer.on_get_stateblob
         self.hooks.on_set_stateblob = self.restorer.on_set_stateblob
         self._control = _ControlServer(self.paths.control_socket, self._control_op).start()
@@ -309,6 +310,9 @@ class Daemon:
         if self.hooks is not None:
             self.hooks.close()
             self.hooks = None
+        if self.hasher is not None:
+            self.hasher.close()
+            self.hasher = None
         if self.store is not None:
             with contextlib.suppress(VtpmError):
                 self.store.close()
@@ -352,7 +356,9 @@ class Daemon:
         return 0
 
     def sync(self) -> None:
-        """Refresh the registry from the hooks server (which bridges are connected now)."""
+        """Refresh the registry: adoption records and registered bridges (VMs adopted or started
+        since), and which bridges are connected to the hooks server now."""
+        self.registry.load()
         if self.hooks is not None:
             self.registry.sync_bridges(self.hooks.bridges())
 
@@ -570,7 +576,7 @@ def register(subparsers: Any) -> None:
         metavar="MODULE:CALLABLE",
         help="load a service into the daemon (repeatable)",
     )
-    p.add_argument("--hash-workers", type=int, help="memory hashing threads (default: cores)")
+    p.add_argument("--hash-workers", type=int, help="memory hashing processes (default: cores)")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_cmd_daemon)
 
