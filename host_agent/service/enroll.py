@@ -35,8 +35,9 @@ command, ``sessions``) and its pid. :func:`boot_transition` reads a reset from t
 CMD_INIT in the same QEMU session is a guest reboot; a new session that starts without
 SET_STATEBLOB is a cold boot; a new session that starts with SET_STATEBLOB and exactly one INIT
 is a restore (the same boot continues, the daemon's restore path having checked the sealed
-state). :meth:`EnrollmentService.check_boots` (polled) and every attestation deactivate a
-binding whose VM was reset. What the bridge should add so no poll is needed and a reboot before
+state). Nothing is judged while the vTPM is not running (QEMU gone, a restore half done).
+:meth:`EnrollmentService.check_boots` (polled) and every attestation deactivate a binding whose
+VM was reset. What the bridge should add so no poll is needed and a reboot before
 a save cannot go unseen: a ``boot`` event on every CMD_INIT not preceded by SET_STATEBLOB, or a
 ``read_clock`` op (TPM2_ReadClock's resetCount, which a restore brings back and a reboot
 increments).
@@ -207,12 +208,17 @@ class PolicyFileOwners:
 
 @dataclass(frozen=True)
 class BootMarker:
-    """Where a VM's vTPM is in its life, as its bridge's counters show it."""
+    """Where a VM's vTPM is in its life, as its bridge's counters show it.
+
+    ``running``: the TPM is initialised and QEMU attached now (the bridge's ``status.tpm``); the
+    counters are judged only then (a restore in progress has a new session but no INIT yet).
+    """
 
     bridge_pid: int
     sessions: int
     inits: int
     set_stateblobs: int
+    running: bool = True
 
     def to_json(self) -> dict[str, int]:
         return {
@@ -232,20 +238,24 @@ class BootMarker:
         )
 
 
-def boot_transition(then: BootMarker, now: BootMarker) -> Literal["same", "restored", "reset"]:
+def boot_transition(
+    then: BootMarker, now: BootMarker
+) -> Literal["same", "restored", "reset", "starting"]:
     """What happened to the vTPM between two markers (rules in the module docstring).
 
     ``restored``: the boot of ``then`` continues after a restore (or an incoming migration);
-    ``reset``: a reboot, a cold boot, or anything these counters cannot tell from one.
+    ``reset``: a reboot, a cold boot, or anything these counters cannot tell from one;
+    ``starting``: no judgement yet, the TPM is not running now (QEMU gone, or a restore or boot
+    in progress): attest nothing, deactivate nothing.
     """
+    if not now.running:
+        return "starting"
     if now.bridge_pid == then.bridge_pid:
-        if now.inits == then.inits and now.sessions == then.sessions:
-            return "same"
-        if (
-            now.sessions - then.sessions == 1
-            and now.inits - then.inits == 1
-            and now.set_stateblobs > then.set_stateblobs
-        ):
+        new_sessions = now.sessions - then.sessions
+        new_inits = now.inits - then.inits
+        if new_sessions == 0:
+            return "same" if new_inits == 0 else "reset"
+        if new_sessions == 1 and new_inits == 1 and now.set_stateblobs > then.set_stateblobs:
             return "restored"
         return "reset"
     # another bridge (one per QEMU process): its whole life must be one restore
@@ -282,6 +292,7 @@ class BridgeBootMarkers:
             sessions=int(stats.get("sessions", 0)),
             inits=int(ctrl.get("CMD_INIT", 0)),
             set_stateblobs=int(ctrl.get("CMD_SET_STATEBLOB", 0)),
+            running=status.get("tpm") == "running" and bool(status.get("data_channel")),
         )
 
 
@@ -438,9 +449,10 @@ class EnrollmentService:
                 "enroll.not_owner",
             )
         marker = self.boots.boot_marker(vm_uuid)
-        if marker is None:
+        if marker is None or not marker.running:
             raise EnrollmentError(
-                f"VM {vm_uuid} is not running (its bridge is not connected): start it first",
+                f"VM {vm_uuid} is not running (no bridge, or its vTPM is not initialised): "
+                "start it first",
                 "enroll.vm_not_running",
                 409,
             )
@@ -567,6 +579,11 @@ class EnrollmentService:
             if now is None:
                 raise AttestRefused(f"VM {vm_uuid} is not running", "attest.vm_not_running")
             transition = boot_transition(then, now)
+            if transition == "starting":
+                raise AttestRefused(
+                    f"the vTPM of VM {vm_uuid} is not running now (starting, restoring)",
+                    "attest.vm_not_running",
+                )
             if transition == "reset":
                 self._update_binding(
                     vm_uuid, active=False, deactivated="vTPM reset (reboot) since enrollment"

@@ -36,19 +36,16 @@ from tests.sim.test_enroll import _tls_identity
 from verifier.commands.tenant import assess_bundle, enroll
 
 
-@pytest.fixture
-def state(swtpm_factory: Callable[..., Swtpm]) -> Iterator[AgentConfig]:
-    tpm = swtpm_factory("host")
-    root = Path(tempfile.mkdtemp(prefix="vad-", dir="/tmp"))
-    config = AgentConfig(state_dir=root, tpm=TpmConfig(tcti=tpm.tcti, state_dir=root / "tpm"))
-    port = PytssHostTpm(tpm.tcti, config.tpm.state_dir, root="software", connection="per-call")
+def prepare_attest_state(root: Path, tcti: str, listen: str = "127.0.0.1:0") -> AgentConfig:
+    """An agent state dir with a store, host keys, identity and the attest files (no owners)."""
+    config = AgentConfig(state_dir=root, tpm=TpmConfig(tcti=tcti, state_dir=root / "tpm"))
+    port = PytssHostTpm(tcti, config.tpm.state_dir, root="software", connection="per-call")
     try:
         port.ensure_host_keys()
         ensure_store(port, config)
         ident = root / "identity"
         ident.mkdir(exist_ok=True)
-        aik = _aik_certificate(port)
-        (ident / "aik.pem").write_bytes(_pem(aik))
+        (ident / "aik.pem").write_bytes(_pem(_aik_certificate(port)))
         (ident / "ca.pem").write_bytes(FLEET.certificate_pem)
         certfile, keyfile = _tls_identity(root)
         certfile.rename(ident / "tls.pem")
@@ -62,7 +59,7 @@ def state(swtpm_factory: Callable[..., Swtpm]) -> Iterator[AgentConfig]:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
-    (root / "attest" / "settings.json").write_text(json.dumps({"listen": "127.0.0.1:0"}))
+    (root / "attest" / "settings.json").write_text(json.dumps({"listen": listen}))
     (root / "migration").mkdir()
     (root / "migration" / "policy-approvals.json").write_text(
         json.dumps(
@@ -77,7 +74,20 @@ def state(swtpm_factory: Callable[..., Swtpm]) -> Iterator[AgentConfig]:
             }
         )
     )
-    yield config
+    return config
+
+
+def write_owners(config: AgentConfig, owners: dict[str, list[str]]) -> None:
+    (config.state_dir / "attest" / "owners.json").write_text(
+        json.dumps({"format": "vtpm-trust/owners/1", "vms": owners})
+    )
+
+
+@pytest.fixture
+def state(swtpm_factory: Callable[..., Swtpm]) -> Iterator[AgentConfig]:
+    tpm = swtpm_factory("host")
+    root = Path(tempfile.mkdtemp(prefix="vad-", dir="/tmp"))
+    yield prepare_attest_state(root, tpm.tcti)
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -94,11 +104,7 @@ def test_daemon_component_enrolls_and_attests(state: AgentConfig) -> None:
     (vm_dir / "adoption.json").write_text(
         json.dumps({"uuid": vm.uuid, "name": "vm-attest", "channel_socket": str(guest.path)})
     )
-    (state.state_dir / "attest" / "owners.json").write_text(
-        json.dumps(
-            {"format": "vtpm-trust/owners/1", "vms": {vm.uuid: [fingerprint(TENANT.cert_user)]}}
-        )
-    )
+    write_owners(state, {vm.uuid: [fingerprint(TENANT.cert_user)]})
     service = AttestService(sync_interval=0.1)
     daemon = Daemon(
         state,

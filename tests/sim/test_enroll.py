@@ -291,7 +291,10 @@ def test_owner_policy_file(tmp_path: Path) -> None:
         ((7, 1, 1, 0), (9, 1, 1, 3), "restored"),  # a new bridge whose QEMU was restored
         ((7, 1, 1, 0), (9, 1, 1, 0), "reset"),  # a new bridge, cold boot
         ((7, 1, 1, 0), (9, 1, 2, 3), "reset"),  # restored, then rebooted
+        ((7, 1, 1, 0), (7, 2, 1, 0, False), "starting"),  # an incoming QEMU, INIT not yet
+        ((7, 1, 1, 0), (7, 2, 1, 2, False), "starting"),  # state pushed, INIT not yet
+        ((7, 1, 1, 0), (9, 0, 0, 0, False), "starting"),  # a new bridge, no QEMU yet
     ],
 )
-def test_boot_transitions(then: tuple[int, ...], now: tuple[int, ...], expected: str) -> None:
+def test_boot_transitions(then: tuple[Any, ...], now: tuple[Any, ...], expected: str) -> None:
     assert boot_transition(BootMarker(*then), BootMarker(*now)) == expected
