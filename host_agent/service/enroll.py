@@ -639,6 +639,7 @@ class EnrollmentService:
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: _HttpServer
     protocol_version = "HTTP/1.1"
+    timeout = 15  # per connection, TLS handshake included: a silent client holds one thread only
 
     def log_message(self, fmt: str, *args: Any) -> None:
         log.debug("enroll http: " + fmt, *args)
@@ -721,7 +722,10 @@ class EnrollmentServer:
         ctx.load_cert_chain(str(certfile), str(keyfile))
         self._httpd = _HttpServer(listen, _Handler)
         self._httpd.service = service
-        self._httpd.socket = ctx.wrap_socket(self._httpd.socket, server_side=True)
+        # the handshake runs in the connection's own thread, not in the accept loop
+        self._httpd.socket = ctx.wrap_socket(
+            self._httpd.socket, server_side=True, do_handshake_on_connect=False
+        )
         self._thread: threading.Thread | None = None
 
     @property

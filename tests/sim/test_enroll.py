@@ -8,6 +8,7 @@ code behind ``vtpm-verify enroll`` / ``attest``) — only SSH and QEMU are left 
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import shutil
 import tempfile
@@ -298,3 +299,80 @@ def test_owner_policy_file(tmp_path: Path) -> None:
 )
 def test_boot_transitions(then: tuple[Any, ...], now: tuple[Any, ...], expected: str) -> None:
     assert boot_transition(BootMarker(*then), BootMarker(*now)) == expected
+
+
+# --------------------------------------------------------------------------------------------
+# the tenant CLI's edges
+
+
+def test_a_silent_client_does_not_block_enrollment(site: tuple[Host, EnrollmentServer]) -> None:
+    import socket
+
+    host, server = site
+    silent = socket.create_connection(server.address)  # connects, never says a word
+    try:
+        vm = host.add_vm()
+        assert tenant_enroll(server, vm.uuid).vm_uuid == vm.uuid
+    finally:
+        silent.close()
+
+
+def test_ssh_targets_parse_strictly() -> None:
+    from verifier.ssh import SshTarget, parse_target
+
+    assert parse_target("root@10.0.0.5") == SshTarget("root", "10.0.0.5", 22)
+    assert parse_target("me@host.example:2222") == SshTarget("me", "host.example", 2222)
+    assert parse_target("me@[::1]:22") == SshTarget("me", "::1", 22)
+    for bad in ("host", "me@", "me@host:0", "me@host:99999", "me@host:x"):
+        with pytest.raises(ValueError):
+            parse_target(bad)
+
+
+def test_attest_without_an_enrollment_or_reachable_guest_is_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from verifier import cli
+
+    key = tmp_path / "id"
+    key.write_text("not a key")
+    argv = ["attest", "--ssh", "root@127.0.0.1:9", "--identity", str(key)]
+    assert cli.main([*argv, "--state-dir", str(tmp_path)]) == 2
+    assert "enroll" in capsys.readouterr().err
+    enrollment = Enrollment(
+        vm_uuid=uuid.uuid4(),
+        host="https://h",
+        cert_user=TENANT.cert_user,
+        fleet_ca=(FLEET.certificate.public_bytes(serialization.Encoding.DER),),
+        vaik_public=b"",
+        authkey_policies=frozenset({bytes(32)}),
+        fleet_policy_key_name=b"\x00\x0b" + bytes(32),
+    )
+    save_enrollment(tmp_path, enrollment)
+    assert cli.main([*argv, "--state-dir", str(tmp_path), "--host-key", "ssh-ed25519 AAAA"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "vtpm-verify: error" in err
+    assert cli.main(["attest", "--ssh", "nonsense", "--identity", str(key),
+                     "--state-dir", str(tmp_path)]) == 2  # fmt: skip
+
+
+def test_policy_learn_refuses_a_bundle_that_does_not_verify(
+    site: tuple[Host, EnrollmentServer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from verifier import cli
+
+    host, server = site
+    vm = host.add_vm()
+    save_enrollment(tmp_path, tenant_enroll(server, vm.uuid))
+    nonce, answer = attest(host, vm)
+    good = tmp_path / "good.json"
+    good.write_text(bundle_of(nonce, answer))
+    out = tmp_path / "refs.json"
+    argv = ["policy", "learn", "--state-dir", str(tmp_path), "--allow-missing-eventlog",
+            "--allow-missing-ima"]  # fmt: skip
+    assert cli.main([*argv, str(good), "-o", str(out)]) == 0
+    assert '"format":"vtpm-trust/reference-values/1"' in out.read_text().replace(" ", "")
+    raw = parse_bundle(good.read_text())
+    other = tmp_path / "other.json"
+    other.write_text(encode_bundle(dataclasses.replace(raw, vm_uuid=uuid.uuid4())))
+    assert cli.main([*argv, "--vm", str(vm.uuid), str(other)]) == 1
+    assert "refusing to learn" in capsys.readouterr().err
