@@ -172,6 +172,7 @@ def host(guest_image: GuestImage) -> Iterator[Host]:
     finally:
         port.close()
     prepare_embedded_root(h.root)
+    (h.root / "log").mkdir(parents=True, exist_ok=True)  # vm commands log libvirt there
     h.start_daemon()
     yield h
     with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
@@ -283,5 +284,26 @@ def test_external_snapshot_then_vm_revert_is_verified(
     assert host.domstate("sr") == "running", "the VM keeps running after the snapshot"
     assert len(host.records(vm["uuid"])) == n + 1, "the snapshot is sealed"
     host.vm("revert", "sr", "snap1")
+    assert host.domstate("sr") == "running"
+    assert host.pcrs("sr") == pcrs
+
+
+def test_vm_revert_to_a_changed_snapshot_is_refused_like_a_restore(
+    host: Host, vm: dict[str, str], tmp_path: Path
+) -> None:
+    pcrs = json.loads(vm["pcrs"])
+    mem = tmp_path / "snap2.mem"
+    host.virsh("snapshot-create-as", "sr", "snap2", "--memspec", f"file={mem},snapshot=external")
+    good = tmp_path / "snap2.good"
+    shutil.copy2(mem, good)
+    flipped_copy(good, mem)  # the snapshot's memory file, changed on disk
+
+    refused = host.vm("revert", "sr", "snap2", check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert "lifecycle.restore_refused" in refused.stderr and "1 page(s)" in refused.stderr
+    assert host.domstate("sr") == "shut off", "the changed state never runs"
+
+    shutil.copy2(good, mem)  # the operator puts the genuine file back
+    host.vm("revert", "sr", "snap2")
     assert host.domstate("sr") == "running"
     assert host.pcrs("sr") == pcrs
