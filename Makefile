@@ -40,6 +40,7 @@ unit: venv
 # The vm-tier test guest (vm_images/README.md); tests build it on demand through the same cache.
 images: venv
 	$(BIN)/python -m vm_images.build
+disk-image: venv ; $(BIN)/python -m vm_images.disk
 
 demo: venv
 	$(BIN)/python scripts/demo.py
