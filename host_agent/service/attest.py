@@ -290,6 +290,10 @@ class Attestor:
             raise AttestRefused(
                 f"the bridge of VM {vm_uuid} did not answer", "attest.vpcrs_unavailable"
             ) from err
+        # A reboot between the first check and the PCR read would have the new boot's vPCRs
+        # signed under the old binding: check again now that the values are read.
+        if self.bindings.active_binding(vm_uuid).generation != binding.generation:
+            raise AttestRefused(f"VM {vm_uuid} was enrolled again meanwhile", "attest.retry")
         message = encode_attestation_message(AttestationMessage(vm_uuid, nonce, SHA256, vpcrs))
         signature = self.tpm.sign(binding.vaik, message, self.approval())
         return {

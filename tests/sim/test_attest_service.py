@@ -380,3 +380,23 @@ def test_a_vaik_moving_in_a_migration_does_not_sign(host: Host) -> None:
     with host.store.transaction() as tx:  # aborted: the source takes the vAIK back
         tx.put("vaik", str(vm.uuid), record)
     assert attest(host, vm)[1]["ok"] is True
+
+
+def test_a_reboot_while_the_vpcrs_are_read_is_caught_before_signing(host: Host) -> None:
+    vm = host.add_vm()
+    host.enroll_vm(vm)
+    real = host.attestor.pcrs
+
+    class RebootFirst:
+        """A fault-injecting PcrReader: the guest reboots just before its vPCRs are read."""
+
+        def read_pcrs(self, vm_uuid: str, bank: str = "sha256", timeout: float = 30.0) -> Any:
+            vm.reboot()
+            return real.read_pcrs(vm_uuid, bank, timeout)
+
+    host.attestor.pcrs = RebootFirst()
+    try:
+        _, answer = attest(host, vm)
+    finally:
+        host.attestor.pcrs = real
+    assert answer["ok"] is False and answer["error"]["id"] == "attest.reauth_required"
