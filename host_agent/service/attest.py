@@ -272,15 +272,24 @@ class Attestor:
         if not isinstance(nonce, bytes) or not 16 <= len(nonce) <= 64:
             raise ValueError("nonce must be 16..64 bytes")
         binding = self.bindings.active_binding(vm_uuid)
-        # The bridge round trip overlaps the two certifications on the TPM thread.
-        pcr_future = self._pool.submit(
-            self.pcrs.read_pcrs, str(vm_uuid), "sha256", self.pcr_timeout
-        )
+
+        # The bridge's work (read the vPCRs, then check the binding again: a reboot between the
+        # first check and the read would have the new boot's vPCRs signed under the old
+        # binding) overlaps the two certifications on the TPM thread.
+        def read_and_recheck() -> dict[int, bytes]:
+            values = self.pcrs.read_pcrs(str(vm_uuid), "sha256", self.pcr_timeout)
+            if self.bindings.active_binding(vm_uuid).generation != binding.generation:
+                raise AttestRefused(f"VM {vm_uuid} was enrolled again meanwhile", "attest.retry")
+            return values
+
+        pcr_future = self._pool.submit(read_and_recheck)
         qualifying = hashlib.sha256(binding.cert_user + nonce).digest()
         cert_authkey = self.tpm.certify("authkey", "aik", qualifying)
         cert_vaik = self.tpm.certify(binding.vaik, "authkey", qualifying)
         try:
-            vpcrs = pcr_future.result(self.pcr_timeout + 1)
+            vpcrs = pcr_future.result(self.pcr_timeout + 5)
+        except AttestRefused:
+            raise
         except VtpmError as err:
             raise AttestRefused(
                 f"cannot read the vPCRs of VM {vm_uuid} through its bridge: {err}",
@@ -290,10 +299,6 @@ class Attestor:
             raise AttestRefused(
                 f"the bridge of VM {vm_uuid} did not answer", "attest.vpcrs_unavailable"
             ) from err
-        # A reboot between the first check and the PCR read would have the new boot's vPCRs
-        # signed under the old binding: check again now that the values are read.
-        if self.bindings.active_binding(vm_uuid).generation != binding.generation:
-            raise AttestRefused(f"VM {vm_uuid} was enrolled again meanwhile", "attest.retry")
         message = encode_attestation_message(AttestationMessage(vm_uuid, nonce, SHA256, vpcrs))
         signature = self.tpm.sign(binding.vaik, message, self.approval())
         return {
