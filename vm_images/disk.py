@@ -69,6 +69,7 @@ __all__ = [
     "main",
     "mirror_release_date",
     "parse_size",
+    "prune_disk_cache",
 ]
 
 FORMAT = "vtpm-trust/disk-image/1"
@@ -775,6 +776,7 @@ def build_disk_image(
         manifest = {
             "format": FORMAT,
             "key": key,
+            "base_key": base_key,
             "inputs": inputs,
             "base_inputs": base_inputs,
             "apt_source": {"uri": source.uri, "suite": suite, "from": source.origin},
@@ -822,6 +824,24 @@ def build_disk_image(
     return image
 
 
+def prune_disk_cache(
+    root: Path, keep: set[str], *, now: float, progress: Progress | None = None
+) -> list[Path]:
+    """Delete disk and base entries whose directory name is not in ``keep``, and build leftovers
+    older than an hour. The debootstrap package cache (``debs/``) stays. Returns what went."""
+    removed = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if not path.is_dir() or path.name in keep or path.name == "debs":
+            continue
+        entry = (path / "manifest.json").is_file() and not path.name.startswith(".")
+        leftover = path.name.startswith(".") and now - path.stat().st_mtime > 3600
+        if entry or leftover:
+            _remove_tree(path, progress)
+            removed.append(path)
+            _log(progress, f"pruned {path}")
+    return removed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m vm_images.disk",
@@ -833,6 +853,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel-release", help="kernel release (default: newest installed)")
     parser.add_argument("--force", action="store_true", help="rebuild both stages")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument(
+        "--prune", action="store_true", help="then delete every other disk and base entry"
+    )
     args = parser.parse_args(argv)
     try:
         size = parse_size(args.size)
@@ -846,6 +869,14 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
             progress=None if args.quiet else _stderr_progress,
         )
+        if args.prune:
+            base = f"base-{image.manifest['base_key']}"
+            prune_disk_cache(
+                image.directory.parent,
+                {image.key, base},
+                now=time.time(),
+                progress=None if args.quiet else _stderr_progress,
+            )
     except ImageBuildError as err:
         print(f"vm_images.disk: error: {err}", file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -246,3 +247,14 @@ def test_second_build_is_a_noop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     )
     assert third.built and third.key != first.key, "another size is another image"
     assert sorted(p.name for p in cache.iterdir()) == sorted([first.key, third.key])
+
+
+def test_prune_keeps_the_current_entries_and_the_package_cache(tmp_path: Path) -> None:
+    for name in ("aaaa", "bbbb", "base-1111", "base-2222", "debs", ".cccc.tmp", ".dddd.tmp"):
+        (tmp_path / name).mkdir()
+    for name in ("aaaa", "bbbb", "base-1111", "base-2222"):
+        (tmp_path / name / "manifest.json").write_text("{}")
+    os.utime(tmp_path / ".cccc.tmp", (0, 0))  # an interrupted build from long ago
+    removed = disk.prune_disk_cache(tmp_path, {"aaaa", "base-1111"}, now=time.time())
+    assert sorted(p.name for p in removed) == [".cccc.tmp", "base-2222", "bbbb"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".dddd.tmp", "aaaa", "base-1111", "debs"]
