@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -243,9 +243,10 @@ def _aik_certificate(tpm: PytssHostTpm) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
-def make_host(root: Path) -> Host:
+def make_host(root: Path, connection: Literal["persistent", "per-call"] = "persistent") -> Host:
+    """A host; ``connection="per-call"`` is how the daemon uses the software root (discovery)."""
     hw = start_swtpm(root / "host-swtpm")
-    tpm = PytssHostTpm(hw.tcti, root / "host-keys")
+    tpm = PytssHostTpm(hw.tcti, root / "host-keys", connection=connection)
     tpm.ensure_host_keys()
     values = tpm.pcr_values(AUTHKEY_PCRS)
     policies = authkey_policy_digests(
