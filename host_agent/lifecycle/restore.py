@@ -51,7 +51,7 @@ from host_agent.lifecycle.seal import (
 from host_agent.memory.merkle import LeafSet, diff
 from host_agent.store import TrustedStore
 from host_agent.vtpm.daemon_link import HookCall
-from host_agent.vtpm.hooks_server import Decision, Replace, Veto
+from host_agent.vtpm.hooks_server import Decision, HookHandler, Replace, Veto
 
 __all__ = ["MemoryVerdict", "RestoreRefused", "Restorer", "compare_memory", "format_ranges"]
 
@@ -142,14 +142,29 @@ class Restorer:
         self._clock = clock
         self._lock = threading.Lock()
         self._verified: dict[str, SealedState] = {}
+        self._delegates: dict[str, HookHandler] = {}
         self.last_veto: dict[str, str] = {}
         self.last_verify_seconds: dict[str, float] = {}
+
+    def delegate(self, vm_uuid: str, handler: HookHandler | None) -> None:
+        """Route this VM's SET_STATEBLOB hooks to ``handler`` instead of the sealed-record check
+        (an incoming migration verifies against the record its source signed), until called
+        with None. The handler's vetoes are recorded in :attr:`last_veto` like ours."""
+        with self._lock:
+            if handler is None:
+                self._delegates.pop(vm_uuid, None)
+            else:
+                self._delegates[vm_uuid] = handler
 
     def on_set_stateblob(self, call: HookCall) -> Decision:
         """Hook handler: verify at PERMANENT, check VOLATILE, install the sealed blobs."""
         vm = call.vm_uuid
+        with self._lock:
+            delegate = self._delegates.get(vm)
         try:
-            if call.blob_type == PERMANENT:
+            if delegate is not None:
+                decision = delegate(call)
+            elif call.blob_type == PERMANENT:
                 decision = self._permanent(call)
             elif call.blob_type == VOLATILE:
                 decision = self._volatile(call)

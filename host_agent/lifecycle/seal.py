@@ -59,7 +59,7 @@ from host_agent.memory.merkle import (
 from host_agent.memory.sources import file_extents, find_qemu_memfd, hash_source
 from host_agent.store import TrustedStore
 from host_agent.vtpm.daemon_link import HookCall
-from host_agent.vtpm.hooks_server import Allow, Decision, Veto
+from host_agent.vtpm.hooks_server import Allow, Decision, HookHandler, Veto
 
 __all__ = [
     "LEAVES_RECORD",
@@ -425,7 +425,17 @@ class Sealer:
         self._lock = threading.Lock()
         self._saves: dict[str, _Save] = {}
         self._tracking: dict[str, _Tracking] = {}
+        self._delegates: dict[str, HookHandler] = {}
         self.last_pause: dict[str, float] = {}  # VM → seconds from PERMANENT to sealed
+
+    def delegate(self, vm_uuid: str, handler: HookHandler | None) -> None:
+        """Route this VM's GET_STATEBLOB hooks to ``handler`` instead of sealing (an outgoing
+        migration, which sends its own signed record to the target), until called with None."""
+        with self._lock:
+            if handler is None:
+                self._delegates.pop(vm_uuid, None)
+            else:
+                self._delegates[vm_uuid] = handler
 
     # ------------------------------------------------------------------ background pass
 
@@ -478,6 +488,10 @@ class Sealer:
     def on_get_stateblob(self, call: HookCall) -> Decision:
         """Hook handler: keep the blob; seal at the last one. A failure vetoes the save."""
         vm = call.vm_uuid
+        with self._lock:
+            delegate = self._delegates.get(vm)
+        if delegate is not None:
+            return delegate(call)
         blob = SealedBlob(call.blob_type, call.blob, call.state_flags, call.result)
         if len(call.blob) != call.length:
             return Veto(f"the bridge sent {len(call.blob)} of the blob's {call.length} bytes")

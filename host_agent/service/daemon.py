@@ -34,14 +34,19 @@ A component is any object with two methods (:class:`Component`)::
     stop() -> None                  # before they go down; must not raise
 
 It may use ``daemon.store``, ``daemon.tpm``, ``daemon.hooks`` (``read_pcrs(uuid)``,
-``call(uuid, op)``), ``daemon.registry``, ``daemon.config``, ``daemon.paths``, ``daemon.host_id``
-and ``daemon.now()``. Components start in list order and stop in reverse; one that fails to start
-stops the ones started before it and the daemon does not run. The attestation helper's services
-(``host_agent.service.attest``: the guest channel server; ``host_agent.service.enroll``: the
-enrollment API) plug in here, either programmatically (``Daemon(config, components=[…])``) or by
-name: ``vtpm-host daemon --component host_agent.service.attest:AttestService`` (a
-``module:callable`` that returns a component when called with no arguments); the names listed in
-:data:`DEFAULT_COMPONENTS` are loaded when their module exists.
+``call(uuid, op)``), ``daemon.registry`` (also ``daemon.vms``), ``daemon.config``,
+``daemon.paths``, ``daemon.host_id``, ``daemon.now()``, and take over one VM's state-transfer
+hooks for a while: ``daemon.sealer.delegate(uuid, handler)`` (GET_STATEBLOB, e.g. an outgoing
+migration) and ``daemon.restorer.delegate(uuid, handler)`` (SET_STATEBLOB, e.g. an incoming one);
+``delegate(uuid, None)`` gives them back. Components start in list order and stop in reverse;
+one that fails to start stops the ones started before it and the daemon does not run.
+
+The attestation side's services (``host_agent.service.attest``: the guest channel server;
+``host_agent.service.enroll``: the enrollment API) and the status/metrics components plug in
+here, programmatically (``Daemon(config, components=[…])``) or by name:
+``vtpm-host daemon --component host_agent.service.status:StatusComponent`` (a
+``module:callable`` that returns a component when called with no arguments). The names listed in
+:data:`DEFAULT_COMPONENTS` are loaded whenever their module exists.
 """
 
 from __future__ import annotations

@@ -143,3 +143,32 @@ def test_ram_hasher_pool_equals_an_in_process_hash_of_a_memfd() -> None:
     finally:
         hasher.close()
         os.close(fd)
+
+
+def test_a_delegate_takes_over_one_vms_hooks_until_given_back(store: TrustedStore) -> None:
+    from host_agent.lifecycle.restore import Restorer
+    from host_agent.lifecycle.seal import Sealer
+    from host_agent.vtpm.daemon_link import HookCall
+    from host_agent.vtpm.hooks_server import Allow, Veto
+
+    class NoBridges:
+        def call(self, vm_uuid: str, op: str, timeout: float = 30.0, **args: object) -> dict:  # type: ignore[type-arg]
+            raise AssertionError("a delegated hook must not reach the bridge")
+
+        def read_pcrs(self, vm_uuid: str, bank: str = "sha256", timeout: float = 30.0) -> dict:  # type: ignore[type-arg]
+            raise AssertionError("a delegated hook must not reach the bridge")
+
+    restorer = Restorer(store, NoBridges(), host_id="hv01")
+    sealer = Sealer(store, NoBridges(), host_id="hv01", now=lambda: datetime.now(UTC))
+    set_call = HookCall.for_blob(1, VM, "set_stateblob", 1, b"perm", include_blob=True)
+    get_call = HookCall.for_blob(2, VM, "get_stateblob", 1, b"perm", include_blob=True)
+    restorer.delegate(VM, lambda c: Veto("migration: the source's record is not signed"))
+    sealer.delegate(VM, lambda c: Allow())
+    assert restorer.on_set_stateblob(set_call) == Veto(
+        "migration: the source's record is not signed"
+    )
+    assert restorer.last_veto[VM] == "migration: the source's record is not signed"
+    assert sealer.on_get_stateblob(get_call) == Allow()
+    restorer.delegate(VM, None)
+    back = restorer.on_set_stateblob(set_call)
+    assert isinstance(back, Veto) and "no sealed record" in back.reason
