@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from evidence import tpm2_policy
 from evidence.bundle import encode_bundle, parse_bundle
 from evidence.tpm2 import TpmtSignature
 from host_agent.service.enroll import (
@@ -376,3 +377,21 @@ def test_policy_learn_refuses_a_bundle_that_does_not_verify(
     other.write_text(encode_bundle(dataclasses.replace(raw, vm_uuid=uuid.uuid4())))
     assert cli.main([*argv, "--vm", str(vm.uuid), str(other)]) == 1
     assert "refusing to learn" in capsys.readouterr().err
+
+
+def test_enrollment_pins_the_fleet_policy_key_when_given(
+    site: tuple[Host, EnrollmentServer],
+) -> None:
+    host, server = site
+    vm = host.add_vm()
+    ok = enroll(
+        server.url, vm.uuid, TENANT.cert_user, TENANT.key, [FLEET.certificate], now=NOW,
+        fleet_policy_key=FLEET.policy_key.public_key(),
+    )  # fmt: skip
+    assert ok.fleet_policy_key_name == tpm2_policy.fleet_key_name(FLEET.policy_key.public_key())
+    other_fleet = ec.generate_private_key(ec.SECP256R1()).public_key()
+    with pytest.raises(EnrollmentRefused, match="fleet policy key"):
+        enroll(
+            server.url, vm.uuid, TENANT.cert_user, TENANT.key, [FLEET.certificate], now=NOW,
+            fleet_policy_key=other_fleet,
+        )  # fmt: skip

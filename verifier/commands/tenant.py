@@ -12,7 +12,9 @@ in the tenant's state directory (``--state-dir``, default ``~/.local/share/vtpm-
                                   "vaik_policy_ref" (hex), "generation", "enrolled_at"}
 
 The AuthKey policy and the fleet policy key Name are pinned at enrollment (what the host showed,
-certified by its fleet-issued AIK) unless ``--trust FILE`` gives the fleet's own lists.
+certified by its fleet-issued AIK; the vAIK's authPolicy must bind that key) unless the fleet's
+own values are given: ``--fleet-policy-key PEM`` (the registrar's ``GET /v1/policy-key``) and
+``--trust FILE`` (``{"authkey_policies": [hex], "fleet_policy_key_name": hex}``).
 
 ``attest --ssh USER@HOST[:PORT] --identity KEY`` runs ``vtpm-guest quote --nonce HEX`` in the
 guest with a fresh nonce, parses and verifies the bundle against the enrollment and, with
@@ -68,11 +70,13 @@ from evidence.tpm2 import (
     object_name,
     verify_attest_signature,
 )
+from evidence.tpm2_policy import fleet_key_name
 from evidence.verdict import Finding, Severity, Verdict, finding_from_error
 from evidence.verify import (
     VAIK_POLICY_REF,
     AttestedVm,
     VerifyOptions,
+    expected_vaik_policy,
     verify_bundle,
 )
 from verifier._cli import emit_json, read_input
@@ -301,6 +305,14 @@ def check_enrollment_answer(
         platform = dict(answer["platform"])
         if bytes.fromhex(platform["authkey_policy"]) != authkey.auth_policy:
             raise EnrollmentRefused("the platform policy named is not AuthKey's authPolicy")
+        want = expected_vaik_policy(
+            bytes.fromhex(platform["fleet_policy_key_name"]),
+            bytes.fromhex(platform.get("vaik_policy_ref", VAIK_POLICY_REF.hex())),
+        )
+        if vaik.auth_policy != want:
+            raise EnrollmentRefused(
+                "the vAIK's authPolicy does not bind the fleet policy key the host named"
+            )
         return vaik, platform
     except (KeyError, TypeError, ValueError) as err:
         raise EnrollmentRefused(f"malformed enrollment answer: {err!r}") from err
@@ -315,6 +327,7 @@ def enroll(
     *,
     tls_ca: Sequence[x509.Certificate] | None = None,
     trust: dict[str, Any] | None = None,
+    fleet_policy_key: ec.EllipticCurvePublicKey | None = None,
     now: datetime | None = None,
     nonce: bytes | None = None,
     timeout: float = 60.0,
@@ -352,6 +365,13 @@ def enroll(
     )
     policies = {bytes.fromhex(platform["authkey_policy"])}
     fleet_name = bytes.fromhex(platform["fleet_policy_key_name"])
+    if fleet_policy_key is not None:
+        pinned = fleet_key_name(fleet_policy_key)
+        if pinned != fleet_name:
+            raise EnrollmentRefused(
+                f"the host's vAIK binds fleet policy key {fleet_name.hex()}, not the fleet's "
+                f"{pinned.hex()} (--fleet-policy-key)"
+            )
     if trust is not None:
         policies = {bytes.fromhex(p) for p in trust["authkey_policies"]}
         fleet_name = bytes.fromhex(trust["fleet_policy_key_name"])
@@ -375,6 +395,12 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     key = serialization.load_pem_private_key(read_input(args.key), password=None)
     fleet_ca = _load_pem_or_der_certs(read_input(args.fleet_ca))
     trust = json.loads(read_input(args.trust)) if args.trust else None
+    policy_key: ec.EllipticCurvePublicKey | None = None
+    if args.fleet_policy_key:
+        loaded = serialization.load_pem_public_key(read_input(args.fleet_policy_key))
+        if not isinstance(loaded, ec.EllipticCurvePublicKey):
+            raise ValueError("--fleet-policy-key must be the fleet's ECC P-256 policy key")
+        policy_key = loaded
     enrollment = enroll(
         args.host,
         uuid.UUID(args.vm),
@@ -382,6 +408,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
         key,
         fleet_ca,
         trust=trust,
+        fleet_policy_key=policy_key,
     )
     path = save_enrollment(Path(args.state_dir), enrollment)
     if args.json:
@@ -566,6 +593,11 @@ def register(subparsers: Any) -> None:
         "--trust",
         metavar="FILE",
         help='{"authkey_policies": [hex], "fleet_policy_key_name": hex} from the fleet',
+    )
+    p.add_argument(
+        "--fleet-policy-key",
+        metavar="PEM",
+        help="the fleet policy key (registrar GET /v1/policy-key): the vAIK must bind it",
     )
     p.add_argument("--json", action="store_true")
     _state(p)
