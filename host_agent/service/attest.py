@@ -51,7 +51,9 @@ __all__ = [
     "MAX_FRAME",
     "MAX_PENDING",
     "ActiveBinding",
+    "AttestConfigError",
     "AttestRefused",
+    "AttestService",
     "Attestor",
     "BindingSource",
     "FrameDecoder",
@@ -189,6 +191,12 @@ class AttestRefused(VtpmError):
     def __init__(self, message: str, error_id: str = "attest.refused") -> None:
         super().__init__(message)
         self.error_id = error_id
+
+
+class AttestConfigError(VtpmError):
+    """The attestation component lacks a file it needs (identity, fleet key) or one is bad."""
+
+    id: ClassVar[str] = "attest.config"
 
 
 @dataclass(frozen=True)
@@ -593,7 +601,7 @@ def _pem_der(path: Path) -> list[bytes]:
     try:
         certs = x509.load_pem_x509_certificates(path.read_bytes())
     except (OSError, ValueError) as err:
-        raise AttestRefused(f"{path}: {err}", "attest.config") from err
+        raise AttestConfigError(f"{path}: {err}") from err
     return [c.public_bytes(serialization.Encoding.DER) for c in certs]
 
 
@@ -669,7 +677,7 @@ class AttestService:
                 serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
             )
         except (OSError, ValueError) as err:
-            raise AttestRefused(f"fleet policy key: {err}", "attest.config") from err
+            raise AttestConfigError(f"fleet policy key: {err}") from err
         self._approvals_path = state / "migration" / "policy-approvals.json"
         owners: Any = en.PolicyFileOwners(state / "attest" / "owners.json")
         uri = getattr(getattr(daemon.config, "libvirt", None), "uri", None)
