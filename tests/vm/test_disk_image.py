@@ -73,6 +73,8 @@ def _pcr(guest: Guest, index: int) -> bytes:
 def test_boots_from_the_ext4_root_to_ready(disk_guest: Guest, disk_image: DiskImage) -> None:
     line = disk_guest.wait_for_console("VTPM-GUEST-READY", timeout=1)
     assert f"image={disk_image.key}" in line
+    ima_at_ready = int(line.rsplit("ima=", 1)[1])
+    assert ima_at_ready > 20, "the boot alone measures init, sshd, libraries and modules"
     assert "IMA policy loaded" in disk_guest.console_text()
     source, fstype = disk_guest.check("findmnt -n -o SOURCE,FSTYPE /").decode().split()
     assert (source, fstype) == ("/dev/vda", "ext4")
