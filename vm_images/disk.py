@@ -756,8 +756,10 @@ def build_disk_image(
     steps = _Steps(progress)
     # Deterministic per key, so the IMA policy's fsuuid and the image agree across rebuilds.
     root_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"vtpm-trust-disk:{key}"))
+    # The stage lives in the cache root (hard links to the base need the same file system) and
+    # starts with a dot, so --prune clears it if a build is killed.
     try:
-        with tempfile.TemporaryDirectory(prefix="vtpm-disk-", dir=root) as tmp:
+        with tempfile.TemporaryDirectory(prefix=f".stage-{key}.", dir=root) as tmp:
             stage = Path(tmp) / "rootfs"
             with steps("copy base tree"):
                 # Hard links: ~1 s instead of ~12 s for a full copy; every write into the
