@@ -258,3 +258,34 @@ def test_prune_keeps_the_current_entries_and_the_package_cache(tmp_path: Path) -
     removed = disk.prune_disk_cache(tmp_path, {"aaaa", "base-1111"}, now=time.time())
     assert sorted(p.name for p in removed) == [".cccc.tmp", "base-2222", "bbbb"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".dddd.tmp", "aaaa", "base-1111", "debs"]
+
+
+def test_a_failed_debootstrap_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unmounted: list[Path] = []
+
+    def failing_debootstrap(target: Path, **kw: Any) -> None:
+        (target / "proc").mkdir(parents=True)
+        raise ImageBuildError("debootstrap exited 1")
+
+    monkeypatch.setattr(disk, "_debootstrap", failing_debootstrap)
+    monkeypatch.setattr(disk, "_unmount_all", lambda path, progress: unmounted.append(path))
+    with pytest.raises(ImageBuildError, match="exited 1"):
+        disk.build_base(
+            cache_root=tmp_path,
+            base_key="k" * 20,
+            inputs={},
+            suite="bookworm",
+            source=disk.AptSource("http://mirror.invalid/debian", "bookworm", None, "test"),
+            packages=["python3"],
+            progress=None,
+        )
+    assert [p.name for p in tmp_path.iterdir()] == [], "the work directory is removed"
+    assert unmounted and unmounted[0].name.startswith(".base-kkkk"), "mounts are undone first"
+
+
+def test_mounts_under_reads_mountinfo_deepest_first(tmp_path: Path) -> None:
+    # Whatever is mounted on this machine, nothing is under a fresh temporary directory.
+    assert disk._mounts_under(tmp_path) == []
+    assert disk._mounts_under(Path("/"))[-1] == Path("/")
