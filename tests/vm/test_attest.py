@@ -187,8 +187,26 @@ def test_enroll_attest_reboot_reenroll_and_the_rejections(
         rc, report = attest(vm, mine, "--policy", str(tmp_path / "refs.json"))
         assert rc == 0 and report["trusted"] is True, report
 
-        # replayed: the old bundle against a fresh nonce
+        # a program nobody listed runs: IMA measures it, the allowlist does not know it
+        vm.guest.check("cp /bin/busybox /tmp/true && /tmp/true")  # busybox runs as argv[0]
+        rc, report = attest(vm, mine, "--policy", str(tmp_path / "refs.json"))
+        assert rc == 1 and "ima.entry.unknown_file" in errors(report), report
+        assert any("/tmp/true" in f["message"] for f in report["findings"]), report
+
+        # one edited IMA entry (the file digest of the first entry after boot_aggregate)
         enrollment = load_enrollment(mine, vm.uuid)
+        raw = parse_bundle((tmp_path / "b1.json").read_bytes())
+        assert raw.ima_list is not None and raw.ima_list_bytes is not None
+        entry = raw.ima_list.entries[1]
+        digest = entry.digest
+        data = bytearray(raw.ima_list_bytes)
+        at = data.index(digest, entry.location)
+        data[at] ^= 0x01
+        edited = dataclasses.replace(raw, ima_list_bytes=bytes(data))
+        verdict, _ = assess_bundle(encode_bundle(edited), raw.nonce, enrollment)
+        assert verdict.ids == ("verify.replay.ima",), verdict.ids
+
+        # replayed: the old bundle against a fresh nonce
         old = (tmp_path / "b1.json").read_bytes()
         verdict, _ = assess_bundle(old, secrets.token_bytes(32), enrollment)
         assert verdict.ids == ("verify.nonce",)
