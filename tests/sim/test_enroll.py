@@ -26,6 +26,7 @@ from cryptography.x509.oid import NameOID
 
 from evidence import tpm2_policy
 from evidence.bundle import encode_bundle, parse_bundle
+from evidence.errors import VtpmError
 from evidence.tpm2 import TpmtSignature
 from host_agent.service.enroll import (
     OWNER_NS,
@@ -395,3 +396,27 @@ def test_enrollment_pins_the_fleet_policy_key_when_given(
             server.url, vm.uuid, TENANT.cert_user, TENANT.key, [FLEET.certificate], now=NOW,
             fleet_policy_key=other_fleet,
         )  # fmt: skip
+
+
+def test_an_aik_certificate_from_another_ca_is_rejected(
+    site: tuple[Host, EnrollmentServer],
+) -> None:
+    from tests.helpers.evidence_factory import make_fleet
+
+    host, server = site
+    vm = host.add_vm()
+    enrollment = tenant_enroll(server, vm.uuid)
+    nonce, answer = attest(host, vm)
+    text = bundle_of(nonce, answer)
+    rogue_fleet = make_fleet(0xBAD0, "some other fleet CA")
+    # the tenant trusts only its fleet's CA: evidence from a host admitted elsewhere fails
+    theirs = dataclasses.replace(
+        enrollment,
+        fleet_ca=(rogue_fleet.certificate.public_bytes(serialization.Encoding.DER),),
+    )
+    verdict, _ = assess_bundle(text, nonce, theirs, now=NOW, **LENIENT)
+    assert verdict.ids == ("verify.chain.aik_issuer",)
+    with pytest.raises(VtpmError):  # enrolling against it fails too (TLS, then the AIK chain)
+        enroll(
+            server.url, vm.uuid, TENANT.cert_user, TENANT.key, [rogue_fleet.certificate], now=NOW
+        )
