@@ -162,6 +162,14 @@ class MtlsPeerChannel:
     def peer_id(self) -> str:
         return self._peer_id
 
+    @property
+    def peer_host(self) -> str:
+        """The peer's IP address as this connection sees it."""
+        try:
+            return str(self._sock.getpeername()[0])
+        except OSError:
+            return ""
+
     def send(self, message: Message) -> None:
         try:
             self._sock.sendall(encode_frame(message.to_frame()))

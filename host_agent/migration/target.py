@@ -140,7 +140,7 @@ def _incoming(host: MigrationHost, channel: PeerChannel, offer: Offer) -> None:
                     TargetStep.EXGKEY,
                     offer.vm_uuid,
                     channel.peer_id,
-                    offer.source_address,
+                    _reachable(offer.source_address, channel),
                     {"exgkey_name": exgkey.name.hex()},
                 )
             )
@@ -174,6 +174,15 @@ def _incoming(host: MigrationHost, channel: PeerChannel, offer: Offer) -> None:
         channel.send(Done(mid))
     finally:
         host.live.discard(mid)
+
+
+def _reachable(advertised: str, channel: PeerChannel) -> str:
+    """The source's listener address, with a wildcard host replaced by the connection's peer."""
+    host, sep, port = advertised.rpartition(":")
+    seen = getattr(channel, "peer_host", "")
+    if sep and seen and host.strip("[]") in ("0.0.0.0", "::", ""):
+        return f"[{seen}]:{port}" if ":" in seen else f"{seen}:{port}"
+    return advertised
 
 
 def _pending(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -216,6 +217,11 @@ def _nothing_left(pair: Pair) -> None:
     assert entry.step is SourceStep.ABORTED
     assert "exgkey_name" not in entry.data  # MOVING (and TPM2_Duplicate) never happened
     assert tgt_store.find("vaik", str(VM)) is None
+    # The target's session learns of the refusal on its own thread: give it a moment.
+    deadline = time.monotonic() + 10
+    while [e.step for e in pair.target.host.j.entries()] == [TargetStep.EXGKEY]:
+        assert time.monotonic() < deadline, "the target did not discard its ExgKey"
+        time.sleep(0.05)
     assert [e.step for e in pair.target.host.j.entries()] in ([TargetStep.DISCARDED], [])
 
 
