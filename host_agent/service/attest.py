@@ -374,6 +374,8 @@ class GuestChannelService:
         reconnect_interval: seconds between connection attempts to an absent socket.
         workers: threads answering requests (the TPM serialises its part anyway).
         clock: monotonic clock (tests may pass their own).
+        observer: called with (VM UUID, answer frame) after each answer, e.g. to feed the
+            daemon's status board and metrics; its exceptions are logged, never raised.
     """
 
     def __init__(
@@ -383,8 +385,10 @@ class GuestChannelService:
         reconnect_interval: float = 0.5,
         workers: int = 8,
         clock: Callable[[], float] = time.monotonic,
+        observer: Callable[[uuid.UUID, Mapping[str, Any]], None] | None = None,
     ) -> None:
         self.attestor = attestor
+        self.observer = observer
         self.reconnect_interval = reconnect_interval
         self.clock = clock
         self._workers = workers
@@ -572,6 +576,11 @@ class GuestChannelService:
                 with ch.send_lock:
                     ch.pending -= 1
             self._send(ch, sock, answer)
+            if self.observer is not None:
+                try:
+                    self.observer(ch.vm_uuid, answer)
+                except Exception:  # bookkeeping never breaks attestation
+                    log.exception("attest: observer failed")
 
         self._pool.submit(work)
 
@@ -702,7 +711,19 @@ class AttestService:
         self.attestor = Attestor(
             tpm, daemon.hooks, self.enroll, lambda: self._current_approval(tpm), aik
         )
-        self.channels = GuestChannelService(self.attestor).start()
+
+        def observe(vm: uuid.UUID, answer: Mapping[str, Any]) -> None:
+            """Feed the status and metrics components when they run (looked up per answer)."""
+            error = answer.get("error") or {}
+            result = "ok" if answer.get("ok") else str(error.get("id", "attest.refused"))
+            board = getattr(daemon, "status_board", None)
+            if board is not None:
+                board.attested(str(vm), daemon.now(), result)
+            metrics = getattr(daemon, "metrics", None)
+            if metrics is not None:
+                metrics.attestation(ok=result == "ok", reason=None if result == "ok" else result)
+
+        self.channels = GuestChannelService(self.attestor, observer=observe).start()
         try:
             self.server = en.EnrollmentServer(
                 self.enroll, listen or DEFAULT_LISTEN, ident / "tls.pem", ident / "tls-key.pem"

@@ -25,6 +25,7 @@ from host_agent.config import AgentConfig, TpmConfig
 from host_agent.service.attest import AttestService
 from host_agent.service.daemon import Daemon
 from host_agent.service.enroll import fingerprint
+from host_agent.service.metrics import MetricsComponent
 from host_agent.store.provision import ensure_store
 from host_agent.tpm.adapter import PytssHostTpm
 from tests.helpers.evidence_factory import NOW
@@ -106,11 +107,12 @@ def test_daemon_component_enrolls_and_attests(state: AgentConfig) -> None:
     )
     write_owners(state, {vm.uuid: [fingerprint(TENANT.cert_user)]})
     service = AttestService(sync_interval=0.1)
+    metrics = MetricsComponent()
     daemon = Daemon(
         state,
         runtime_dir=state.state_dir / "bridges",
         reap=False,
-        components=[service],
+        components=[service, metrics],
         now=lambda: NOW,
     )
     daemon.start()
@@ -139,6 +141,8 @@ def test_daemon_component_enrolls_and_attests(state: AgentConfig) -> None:
             allow_missing_ima=True,
         )
         assert verdict.trusted, verdict.ids
+        # the daemon's metrics count it (fed by the component, looked up per answer)
+        assert 'vtpm_attestations_total{result="ok"} 1' in metrics.metrics.exposition()
     finally:
         qemu.close()
         guest.close()
