@@ -162,6 +162,8 @@ class MigrationService:
             self._listener.close()
         if self._control is not None:
             with contextlib.suppress(OSError):
+                self._control.shutdown(socket.SHUT_RDWR)  # wakes the accept() thread
+            with contextlib.suppress(OSError):
                 self._control.close()
             if self.control_socket is not None:
                 with contextlib.suppress(OSError):
