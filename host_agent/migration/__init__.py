@@ -45,10 +45,14 @@ entry in EXGKEY is discarded at once (the source cannot have committed: it commi
 target waits, and a committed source keeps telling the target: the vAIK then signs nowhere
 for that while, which invariant 2 allows ("at most one at any moment"); it is lost by neither.
 
-Not built yet (issue 8 steps 3/4): libvirt migrating the VM and the vAIK-signed record of the
-stream's memory root, vPCRs and state digests. ``SourceMigration(between=…)`` is where they go:
-after ``Imported``, before the commit point, so a refusal by the target aborts and the source
-keeps the VM and the vAIK.
+Steps (3)/(4) (:mod:`.record`): after ``Imported`` and before the commit point the source sends
+a record signed by the vAIK (memory root of the stream, vPCRs, state digests; from
+``MigrationHost.record_source``) and the target checks the signature with the imported vAIK's
+public key, then the loaded VM (``MigrationHost.record_check``); a veto aborts, so the source
+keeps the VM and the vAIK. Not built yet: the adapters that feed these two hooks from libvirt's
+live migration (the outgoing GET_STATEBLOB via ``daemon.sealer.delegate`` with the stream's
+Merkle root, the incoming SET_STATEBLOB via ``daemon.restorer.delegate``), so the protocol does
+not yet start or wait for ``virsh migrate --live`` itself.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ from .errors import (
     VaikNotMovable,
 )
 from .journal import JournalEntry, SourceStep, StoreJournal, TargetStep
+from .record import MigrationRecord, RecordRefused
 from .state import (
     VaikNotSignable,
     VaikState,
@@ -87,9 +92,11 @@ __all__ = [
     "JournalEntry",
     "MigrationError",
     "MigrationInDoubt",
+    "MigrationRecord",
     "PeerAborted",
     "PeerProtocolError",
     "PeerUnavailable",
+    "RecordRefused",
     "SourceStep",
     "StoreJournal",
     "TargetIdentityMismatch",

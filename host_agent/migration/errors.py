@@ -19,6 +19,7 @@ the target sent::
         ├── PeerUnavailable            migration.peer.unavailable (connect/TLS/IO failed)
         ├── PeerAborted                migration.peer.aborted   (the peer said no, with its reason)
         ├── VaikNotMovable             migration.vaik.not_movable (no active vAIK for this VM here)
+        ├── RecordRefused              migration.record.refused (record.py: VM state vetoed)
         └── MigrationInDoubt           migration.in_doubt (the outcome is not known yet)
 """
 

@@ -21,6 +21,7 @@ from host_agent.tpm.port import HostTpm, KeyPolicy
 
 from .channel import TlsIdentity
 from .journal import Journal, StoreJournal
+from .record import MigrationRecord
 
 __all__ = ["MigrationHost", "approved_sign_policies", "load_identity_certificates"]
 
@@ -77,6 +78,10 @@ class MigrationHost:
         now, random_bytes: clock and randomness (the edge supplies the real ones).
         live: migrations a session of this process is running right now (the resolver leaves
             them alone).
+        record_source: source, steps (3)/(4): ``(migration_id, vm_uuid) → MigrationRecord`` at
+            the VM's final stop (the outgoing GET_STATEBLOB hook); None: no record is sent.
+        record_check: target: raise ``RecordRefused`` unless the loaded VM matches the
+            (signature-checked) record (the incoming SET_STATEBLOB hook); None: accept.
     """
 
     tpm: HostTpm
@@ -93,6 +98,8 @@ class MigrationHost:
     live: set[uuid.UUID] = field(default_factory=set)
     lock: threading.RLock = field(default_factory=threading.RLock)
     timeout: float = 60.0
+    record_source: Callable[[uuid.UUID, uuid.UUID], MigrationRecord] | None = None
+    record_check: Callable[[MigrationRecord], None] | None = None
 
     def __post_init__(self) -> None:
         if self.journal is None:

@@ -10,7 +10,8 @@ an outcome query is a second, short connection from the target to the source (re
       │  journal MOVING + vAIK state "moving"            │
       │ Transfer(duplication blob, binding)  ──────────►│  (2) import under ExgKey,
       │◄────────────────────────── Imported             │      journal PENDING (not signing)
-      │  [ (3)/(4): VM + sealed record — not built yet ] │
+      │ StateRecord(vAIK-signed record) ───────────────►│  (3)/(4) check signature, then
+      │◄──────────────────── Verdict(ok | veto, reason)  │  loaded memory + vPCRs (hook)
       │  journal COMMITTED + delete vAIK  (commit point) │
       │ Decision(commit)  ─────────────────────────────►│  (5) journal ACTIVE, vAIK signs
       │◄────────────────────────── Done                 │
@@ -47,7 +48,9 @@ __all__ = [
     "Offer",
     "Outcome",
     "OutcomeQuery",
+    "StateRecord",
     "Transfer",
+    "Verdict",
     "parse_message",
 ]
 
@@ -192,6 +195,35 @@ class Imported:
 
 
 @dataclass(frozen=True)
+class StateRecord:
+    """(3) source → target: the vAIK-signed migration record (:mod:`.record`)."""
+
+    migration_id: uuid.UUID
+    record: bytes
+    signature: bytes
+
+    def to_frame(self) -> Frame:
+        return Frame(
+            "state_record",
+            {"migration_id": str(self.migration_id)},
+            {"record": self.record, "signature": self.signature},
+        )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """(4) target → source: the VM's state checked (``ok``) or vetoed, with the reason."""
+
+    migration_id: uuid.UUID
+    ok: bool
+    reason: str = ""
+
+    def to_frame(self) -> Frame:
+        fields = {"migration_id": str(self.migration_id), "ok": self.ok, "reason": self.reason}
+        return Frame("verdict", fields)
+
+
+@dataclass(frozen=True)
 class Decision:
     """(5) source → target: ``commit`` (activate) or ``abort`` (discard), with a reason."""
 
@@ -261,6 +293,8 @@ Message = (
     | ExgKeyOffer
     | Transfer
     | Imported
+    | StateRecord
+    | Verdict
     | Decision
     | Done
     | OutcomeQuery
@@ -308,6 +342,21 @@ def parse_message(frame: Frame) -> Message:
         return Transfer(
             _uuid(frame, "migration_id"), _blob(frame, "duplication", 1, 1 << 16), binding
         )
+    if t == "state_record":
+        _exact(frame, {"migration_id"}, {"record", "signature"})
+        return StateRecord(
+            _uuid(frame, "migration_id"),
+            _blob(frame, "record", 1, 1 << 16),
+            _blob(frame, "signature", 1, 1024),
+        )
+    if t == "verdict":
+        _exact(frame, {"migration_id", "ok", "reason"}, set())
+        ok, reason = frame.fields["ok"], frame.fields["reason"]
+        if not isinstance(ok, bool):
+            raise _fail("verdict.ok", "true or false", ok)
+        if not isinstance(reason, str) or len(reason) > 2000:
+            raise _fail("verdict.reason", "a string of at most 2000 characters", reason)
+        return Verdict(_uuid(frame, "migration_id"), ok, reason)
     if t in ("imported", "done"):
         _exact(frame, {"migration_id"}, set())
         cls = Imported if t == "imported" else Done

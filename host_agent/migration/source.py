@@ -22,7 +22,18 @@ from .channel import PeerChannel
 from .errors import MigrationError, PeerProtocolError, PeerUnavailable, VaikNotMovable
 from .host import MigrationHost, approved_sign_policies
 from .journal import JournalEntry, SourceStep
-from .protocol import Decision, Done, ErrorMessage, ExgKeyOffer, Imported, Offer, Transfer
+from .protocol import (
+    Decision,
+    Done,
+    ErrorMessage,
+    ExgKeyOffer,
+    Imported,
+    Offer,
+    StateRecord,
+    Transfer,
+    Verdict,
+)
+from .record import RecordRefused, encode_record
 from .state import VaikState, vaik_state
 from .verify import VerifiedExgKey, verify_exgkey_offer
 
@@ -232,6 +243,8 @@ class SourceMigration:
                 self.run_state = SourceRunState.VERIFIED
                 self._move(channel)
                 self.run_state = SourceRunState.TRANSFERRED
+                if host.record_source is not None:
+                    self._send_record(channel)
                 if self.between is not None:
                     assert self.entry is not None
                     self.between(channel, self.entry)
@@ -286,6 +299,36 @@ class SourceMigration:
         binding = {**binding, "generation": record.get("generation", binding.get("generation"))}
         channel.send(Transfer(self._entry.migration_id, blob.to_bytes(), binding))
         _expect(channel, Imported, host.timeout)
+
+    def _send_record(self, channel: PeerChannel) -> None:
+        """Steps (3)/(4): the vAIK signs the record of the VM's final state; the target checks
+        it before the VM runs and answers with a Verdict (a veto aborts: we keep everything)."""
+        host = self.host
+        assert host.record_source is not None
+        mid = self._entry.migration_id
+        record = host.record_source(mid, self.vm_uuid)
+        if record.migration_id != mid or record.vm_uuid != self.vm_uuid:
+            raise ValueError("record_source returned a record of another migration or VM")
+        key = WrappedKey.from_bytes(bytes.fromhex(_vaik_record(host, self.vm_uuid)["key"]))
+        current = host.tpm.approved_sign_policy()
+        approval = next(
+            (
+                a
+                for a in host.approvals()
+                if a.approved_policy == current and a.policy_ref == key.policy.policy_ref
+            ),
+            None,
+        )
+        if approval is None:
+            raise MigrationError(
+                "the fleet has not approved this host's platform state: the vAIK cannot sign the "
+                f"migration record (sign policy {current.hex()})"
+            )
+        data = encode_record(record)
+        channel.send(StateRecord(mid, data, host.tpm.sign(key, data, approval)))
+        verdict = _expect(channel, Verdict, host.timeout)
+        if not verdict.ok:
+            raise RecordRefused(f"the target refused the VM's state: {verdict.reason}")
 
     def _abort(self, channel: PeerChannel | None, err: BaseException) -> None:
         host = self.host

@@ -29,8 +29,11 @@ from .protocol import (
     Offer,
     Outcome,
     OutcomeQuery,
+    StateRecord,
     Transfer,
+    Verdict,
 )
+from .record import RecordRefused, verify_record
 
 __all__ = ["apply_decision", "outcome_of", "serve_peer"]
 
@@ -168,12 +171,29 @@ def _incoming(host: MigrationHost, channel: PeerChannel, offer: Offer) -> None:
         _pending(host, entry, imported, transfer)
         channel.send(Imported(mid))
         decision = channel.receive(host.timeout)
+        if isinstance(decision, StateRecord) and decision.migration_id == mid:
+            channel.send(_check_record(host, decision, blob.public))
+            decision = channel.receive(host.timeout)
         if not isinstance(decision, Decision) or decision.migration_id != mid:
             raise PeerProtocolError(f"expected the Decision on {mid}")
         apply_decision(host, mid, decision.decision)
         channel.send(Done(mid))
     finally:
         host.live.discard(mid)
+
+
+def _check_record(host: MigrationHost, message: StateRecord, vaik_public: bytes) -> Verdict:
+    """Steps (3)/(4) on the target: the vAIK signature, then the loaded VM (``record_check``)."""
+    try:
+        record = verify_record(
+            message.record, message.signature, vaik_public, migration_id=message.migration_id
+        )
+        if host.record_check is not None:
+            host.record_check(record)
+    except RecordRefused as err:
+        log.warning("migration %s: VM state refused: %s", message.migration_id, err)
+        return Verdict(message.migration_id, False, str(err)[:2000])
+    return Verdict(message.migration_id, True)
 
 
 def _reachable(advertised: str, channel: PeerChannel) -> str:

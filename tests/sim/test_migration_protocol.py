@@ -37,6 +37,7 @@ from host_agent.migration import (
 )
 from host_agent.migration.channel import TlsIdentity
 from host_agent.migration.host import MigrationHost, load_identity_certificates
+from host_agent.migration.record import MigrationRecord, RecordRefused
 from host_agent.migration.service import MigrationService, load_approvals
 from host_agent.store.provision import open_store
 from host_agent.tpm.discovery import open_host_tpm
@@ -181,6 +182,8 @@ def pair_factory(hosts: Hosts) -> Iterator[Callable[..., Pair]]:
         target_tpm: Callable[[Any], Any] = lambda t: t,
         target_aik: bytes | None = None,
         approvals: Path | None = None,
+        record_source: Any = None,
+        record_check: Any = None,
     ) -> Pair:
         services = []
         for state, wrap, appr in (
@@ -193,8 +196,12 @@ def pair_factory(hosts: Hosts) -> Iterator[Callable[..., Pair]]:
             store = open_store(config, tpm)
             opened.append(store)
             host = _host(state, appr, wrap(tpm), store)
-            if state == hosts.b and target_aik is not None:
-                host.aik_certificate = target_aik
+            if state == hosts.b:
+                host.record_check = record_check
+                if target_aik is not None:
+                    host.aik_certificate = target_aik
+            else:
+                host.record_source = record_source
             service = MigrationService(host, listen=("127.0.0.1", 0), resolve_interval=3600)
             opened.append(service)
             services.append(service.start())
@@ -325,3 +332,61 @@ def test_in_process_pair_migrates(pair_factory: Callable[..., Pair]) -> None:
     assert signing_allowed(pair.target.host.store, VM)
     assert KeyPolicy  # the imported key keeps the vAIK's policy (checked in the process test)
     assert uuid.UUID(str(result.migration_id))
+
+
+# ---------------------------------------------------------------- steps (3)/(4): the signed record
+
+ROOT = bytes.fromhex("aa" * 32)
+
+
+def _record(mid: uuid.UUID, vm: uuid.UUID) -> MigrationRecord:
+    return MigrationRecord(
+        mid, vm, ROOT, {0: bytes(32), 10: b"\x0a" * 32}, {"permanent": b"p" * 32}
+    )
+
+
+def test_the_target_checks_the_vaik_signed_record_before_the_commit(
+    pair_factory: Callable[..., Pair],
+) -> None:
+    seen: list[MigrationRecord] = []
+    pair = pair_factory(record_source=_record, record_check=seen.append)
+    result = pair.migrate()
+    assert result.acknowledged
+    [record] = seen  # signature checked with the imported vAIK's public key first
+    assert (record.memory_root, record.vm_uuid) == (ROOT, VM)
+    assert signing_allowed(pair.target.host.store, VM)
+
+
+def test_state_changed_in_flight_the_target_refuses_and_the_source_keeps_the_vaik(
+    pair_factory: Callable[..., Pair],
+) -> None:
+    """Test hook: the target's loaded memory differs from the root the source signed."""
+
+    def loaded_memory_differs(record: MigrationRecord) -> None:
+        loaded = dataclasses.replace(record, memory_root=bytes(32), vpcrs={0: bytes(32)})
+        raise RecordRefused("loaded VM differs: " + ", ".join(record.differences(loaded)))
+
+    pair = pair_factory(record_source=_record, record_check=loaded_memory_differs)
+    with pytest.raises(RecordRefused) as info:
+        pair.migrate()
+    assert "memory root" in str(info.value) and "vPCR 10" in str(info.value)
+    assert signing_allowed(pair.source.host.store, VM)  # the source keeps it, vAIK included
+    [entry] = pair.source.host.j.entries()
+    assert entry.step is SourceStep.ABORTED and "exgkey_name" in entry.data  # after the move
+    deadline = time.monotonic() + 10
+    while pair.target.host.store.find("vaik", str(VM)) is not None:
+        assert time.monotonic() < deadline, "the target kept its pending copy"
+        time.sleep(0.05)
+    assert [e.step for e in pair.target.host.j.entries()] == [TargetStep.DISCARDED]
+
+
+def test_a_record_not_signed_by_the_vaik_is_refused(pair_factory: Callable[..., Pair]) -> None:
+    class _ForgedSignature(_Tpm):
+        def sign(self, key: WrappedKey, message: bytes, approval: Any) -> bytes:
+            return self._real.sign(key, message.replace(b"aa", b"bb", 1), approval)
+
+    pair = pair_factory(record_source=_record)
+    pair.source.host.tpm = _ForgedSignature(pair.source.host.tpm)
+    with pytest.raises(RecordRefused, match="not signed by the VM's vAIK"):
+        pair.migrate()
+    assert signing_allowed(pair.source.host.store, VM)

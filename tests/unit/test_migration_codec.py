@@ -22,8 +22,16 @@ from host_agent.migration.protocol import (
     Offer,
     Outcome,
     OutcomeQuery,
+    StateRecord,
     Transfer,
+    Verdict,
     parse_message,
+)
+from host_agent.migration.record import (
+    RECORD_PREFIX,
+    MigrationRecord,
+    encode_record,
+    parse_record,
 )
 
 _json = st.recursive(
@@ -124,6 +132,8 @@ MESSAGES = [
     Done(M),
     OutcomeQuery(M),
     Outcome(M, "undecided"),
+    StateRecord(M, b"record", b"sig"),
+    Verdict(M, False, "memory root differs"),
     ErrorMessage("migration.target.nonce", "CertExgKey over another nonce"),
 ]
 
@@ -159,3 +169,21 @@ def test_schema_violations_are_frame_errors(frame: Frame, what: str) -> None:
     with pytest.raises(FrameError) as info:
         parse_message(frame)
     assert what in str(info.value)
+
+
+def test_migration_records_round_trip_and_refuse_other_encodings() -> None:
+    record = MigrationRecord(
+        M, M, b"r" * 32, {0: b"z" * 32, 10: b"y" * 32}, {"permanent": b"p" * 32}
+    )
+    data = encode_record(record)
+    assert data.startswith(RECORD_PREFIX) and data[:4] != b"\xffTCG"
+    assert parse_record(data) == record
+    for bad in (data[len(RECORD_PREFIX) :], data.replace(b'":"', b'": "', 1), data[:-1]):
+        with pytest.raises(FrameError):
+            parse_record(bad)
+    other = MigrationRecord(M, M, b"s" * 32, {0: b"z" * 32}, {})
+    assert record.differences(other) == [
+        f"memory root {(b'r' * 32).hex()} ≠ {(b's' * 32).hex()}",
+        "vPCR 10",
+        "vTPM state permanent",
+    ]
