@@ -1,191 +1,846 @@
 #!/usr/bin/env python3
-"""``make demo``: replay every real firmware event log in the shared corpus and check it.
+"""``make demo``: vtpm-trust end to end on one machine, with nothing but the embedded defaults.
 
-What it does, honestly: parses each TCG event log under ``../shared/corpus`` with
-``evidence.eventlog``, replays it, and verifies the replay with ``replay_eventlog`` against the
-expected PCR values that ship with the corpus (``../shared/corpus/SOURCES.md``):
+Acts (each prints a heading and one-line results; a summary table ends the run):
 
-* go-tpm-tools logs: ``extracted/expected_pcrs.json``;
-* tpm2-tools logs: the ``pcrs:`` block of the expected ``tpm2_eventlog`` YAML;
-* go-attestation JSON dumps: the TPM's real PCR values (``Log.PCRs``) for the PCRs the log extends;
-* go-attestation raw logs come without expected values: parsed and replayed only.
+0. corpus replay — the shared corpus's real firmware event logs replay to their PCR values;
+1. host init — ``vtpm-host init``: software root TPM (DEVELOPMENT ONLY), embedded registrar,
+   trusted store; the fleet approves the host's platform state for vAIK signing;
+2. boot — the test guest image (built through its cache), ``vtpm-host daemon`` with the
+   attestation component, ``vtpm-host vm create`` + ``vm start`` (an adopted VM: memfd RAM,
+   external vTPM behind a bridge, attestation channel) under libvirt's embedded driver;
+3. enroll — a tenant key and self-signed ``cert_user`` made on the fly, ``vtpm-verify enroll``;
+4. attest — ``vtpm-verify attest --ssh`` (paramiko into the guest, guest agent, host daemon,
+   full verification): trusted;
+5. save — ``vtpm-host vm save`` (the daemon seals memory and vTPM state), ``image verify``;
+6. tamper — one byte of guest RAM flipped in a copy of the save image: ``image verify`` names the
+   page, ``vm restore`` of it is refused and the VM stays off;
+7. restore — ``vm restore`` of the genuine image (verified), vPCRs unchanged, attest: trusted.
 
-Exit status: 0 when every expected value matches, 1 when any mismatches or a log fails to parse.
+Every act runs the real thing; an act whose prerequisite failed is reported as not run. Exit 0
+only when every act gave the expected outcome (trusted where trust is expected, refused where a
+refusal is expected), 1 otherwise, 2 on bad usage. ``--json`` prints one JSON document on stdout
+(the narrative goes to stderr). All state lives in a temporary directory (or ``--state-dir``);
+every listener binds 127.0.0.1. Whatever happens, the VM, its swtpm and bridge, the daemon, the
+software root and the registrar child are stopped, and the directory is removed unless ``--keep``.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
+import contextlib
+import io
 import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
 import sys
-from collections.abc import Iterator
+import tarfile
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, TextIO
 
 REPO = Path(__file__).resolve().parent.parent
-CORPUS = REPO.parent / "shared" / "corpus"
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
-from evidence.errors import ParseError, ReplayError  # noqa: E402
-from evidence.eventlog import RawEventLog, parse_tcg2_log, replay_eventlog, replay_pcrs  # noqa: E402
+VM_NAME = "demo"
+GUEST_AGENT_DIR = "/tmp/vtpm"
+GUEST_COMMAND = f"PYTHONPATH={GUEST_AGENT_DIR} python3 -m guest_agent.cli"
+# IMA on: Debian's kernel with the tcb policy, plus a rule that measures every program the
+# guest runs from its initramfs (tmpfs is not covered by tcb).
+IMA_CMDLINE = 'ima_policy=tcb ima_hash=sha256 vtpm.ima_policy="measure func=BPRM_CHECK"'
+MARK = b"VTPM-DEMO-MARKER" * 256  # one 4 KiB page of guest RAM the demo can find in a save image
+BOOT_TIMEOUT = 180.0
+COMMAND_TIMEOUT = 300.0
 
-Banks = dict[str, dict[int, bytes]]
 
-GO_TPM_TOOLS = CORPUS / "go-tpm-tools"
-TPM2_TOOLS = CORPUS / "tpm2-tools" / "test" / "integration" / "fixtures"
-GO_ATTESTATION = CORPUS / "go-attestation" / "attest" / "testdata"
+class DemoFailure(Exception):
+    """An act did not give its expected outcome (message: what was expected, what came)."""
+
+
+class Skipped(Exception):
+    """An act cannot run because a piece it needs is missing (message: what is missing)."""
 
 
 @dataclass
-class Row:
-    log: str
-    format: str = "-"
-    events: int = 0
-    banks: list[str] = field(default_factory=list)
-    has_expected: bool = False
-    checked: int = 0
-    result: str = ""
-    invalid_pcrs: list[int] = field(default_factory=list)
-    ok: bool = True
+class Act:
+    number: int
+    title: str
+    expected: str
+    result: str = "not run"
+    ok: bool = False
+    status: str = "not run"  # passed | failed | skipped | not run
+    seconds: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
 
 
-# --- where the logs and their expected values are ----------------------------------------------
+# --------------------------------------------------------------------------------------------
+# output
 
 
-def _go_tpm_tools() -> Iterator[tuple[str, bytes, Banks | None]]:
-    table = json.loads((GO_TPM_TOOLS / "extracted" / "expected_pcrs.json").read_text())["logs"]
-    by_file = {entry["file"]: entry["pcrs"] for entry in table.values()}
-    for path in sorted((GO_TPM_TOOLS / "internal" / "test" / "eventlogs").glob("*.bin")):
-        pcrs = by_file.get(str(path.relative_to(GO_TPM_TOOLS)))
-        expected = (
-            {b.lower(): {int(i): bytes.fromhex(v) for i, v in p.items()} for b, p in pcrs.items()}
-            if pcrs
-            else None
+class Narrator:
+    """Headings, one-line results and progress; to stdout, or to stderr under ``--json``."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.out = stream
+        self.color = stream.isatty() and os.environ.get("NO_COLOR") is None
+
+    def _c(self, code: str, text: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.color else text
+
+    def heading(self, act: Act) -> None:
+        self.out.write(f"\n{self._c('1', f'== Act {act.number}: {act.title} ==')}\n")
+        self.out.flush()
+
+    def step(self, text: str) -> None:
+        self.out.write(f"   … {text}\n")
+        self.out.flush()
+
+    def info(self, text: str) -> None:
+        self.out.write(f"     {text}\n")
+        self.out.flush()
+
+    def result(self, act: Act) -> None:
+        mark = {"passed": self._c("32", "OK  "), "skipped": self._c("33", "SKIP")}.get(
+            act.status, self._c("31", "FAIL")
         )
-        yield f"go-tpm-tools/{path.name}", path.read_bytes(), expected
+        self.out.write(f"   {mark} {act.result}  ({act.seconds:.1f} s)\n")
+        self.out.flush()
+
+    def notice(self, text: str) -> None:
+        self.out.write(self._c("33;1", f"   !! {text}") + "\n")
+        self.out.flush()
 
 
-def _tpm2_tools() -> Iterator[tuple[str, bytes, Banks | None]]:
+# --------------------------------------------------------------------------------------------
+# processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pids_mentioning(text: str, *names: str) -> list[int]:
+    """Live processes whose command line mentions ``text`` and one of ``names``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and text in argv and any(n in argv for n in names):
+            found.append(int(proc.name))
+    return found
+
+
+class Demo:
+    def __init__(self, state: Path, narrator: Narrator) -> None:
+        self.state = state
+        self.say = narrator
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+        self.env.pop("VTPM_TPM_TCTI", None)  # the embedded default: no TPM configured
+        self.runtime = state / "run" / "bridges"
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.daemon_log = state / "daemon.log"
+        self.vm_uuid = str(uuid.uuid4())
+        self.enroll_port = free_port()
+        self.ssh_port = free_port()
+        self.tenant = state / "tenant"
+        self.image: dict[str, Any] = {}
+        self.vm_created = False
+        self.pcrs_before_save: dict[str, str] | None = None
+
+    # ---- commands
+
+    def run(
+        self, argv: list[str], *, check: bool = True, timeout: float = COMMAND_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=self.env
+        )
+        if check and proc.returncode != 0:
+            tail = (proc.stderr.strip() or proc.stdout.strip())[-1500:]
+            raise DemoFailure(f"`{' '.join(argv[2:5])} …` exited {proc.returncode}: {tail}")
+        return proc
+
+    def host(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.run(
+            [sys.executable, "-m", "host_agent.cli", *args, "--state-dir", str(self.state)],
+            check=check,
+        )
+
+    def vm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.host("vm", *args, "--runtime-dir", str(self.runtime), check=check)
+
+    def verify(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.run([sys.executable, "-m", "verifier.cli", *args], check=check)
+
+    def vm_state(self) -> str:
+        vms = json.loads(self.vm("list", "--json").stdout)
+        for v in vms:
+            if v.get("name") == VM_NAME:
+                return str(v.get("state"))
+        return "absent"
+
+    def vm_off(self) -> bool:
+        return self.vm_state().replace(" ", "") in ("shutoff", "absent")
+
+    def vm_pcrs(self) -> dict[str, str]:
+        out = self.run(
+            [sys.executable, "-m", "host_agent.cli", "vm", "pcrs", VM_NAME, "--json",
+             "--runtime-dir", str(self.runtime)]
+        ).stdout  # fmt: skip
+        pcrs: dict[str, str] = json.loads(out)["pcrs"]
+        return pcrs
+
+    # ---- the daemon
+
+    def start_daemon(self) -> None:
+        from host_agent.service.daemon import ControlClient
+
+        with open(self.daemon_log, "ab") as log:
+            self.daemon = subprocess.Popen(
+                [sys.executable, "-m", "host_agent.cli", "daemon",
+                 "--state-dir", str(self.state), "--runtime-dir", str(self.runtime),
+                 "--component", "host_agent.service.attest:AttestService"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self.env, cwd=REPO, start_new_session=True,
+            )  # fmt: skip
+        control = ControlClient(self.state / "run" / "control.sock")
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(Exception):
+                if control.call("status")["run_state"] == "running":
+                    break
+            if self.daemon.poll() is not None:
+                raise DemoFailure(f"the daemon exited {self.daemon.returncode}: {self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise DemoFailure(f"the daemon did not come up in 60 s: {self.log_tail()}")
+            time.sleep(0.2)
+        # the enrollment API answers once the attestation component started
+        deadline = time.monotonic() + 30
+        while True:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.enroll_port), timeout=1),
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise DemoFailure(
+                    f"the enrollment API is not listening on 127.0.0.1:{self.enroll_port}: "
+                    f"{self.log_tail()}"
+                )
+            time.sleep(0.2)
+
+    def log_tail(self, limit: int = 1500) -> str:
+        try:
+            return self.daemon_log.read_text(errors="replace")[-limit:]
+        except OSError:
+            return ""
+
+    # ---- guest (operator side: deploy the agent, write a marker page)
+
+    def guest_ssh(self, command: str, stdin: bytes | None = None, timeout: float = 60.0) -> str:
+        import paramiko
+
+        key_type, key_b64 = self.image["ssh_host_public_key"].split()[:2]
+
+        class Pinned(paramiko.MissingHostKeyPolicy):  # type: ignore[misc]
+            def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+                if key.get_name() != key_type or key.get_base64() != key_b64:
+                    raise paramiko.SSHException(f"{hostname}: host key differs from the image's")
+
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(Pinned())
+        try:
+            client.connect(
+                "127.0.0.1",
+                port=self.ssh_port,
+                username=self.image["ssh_user"],
+                key_filename=str(self.image_dir / self.image["ssh_private_key"]),
+                look_for_keys=False,
+                allow_agent=False,
+                timeout=15,
+                banner_timeout=30,
+                auth_timeout=30,
+            )
+            chan_in, chan_out, chan_err = client.exec_command(command, timeout=timeout)
+            if stdin is not None:
+                chan_in.write(stdin)
+            chan_in.channel.shutdown_write()
+            out = chan_out.read().decode(errors="replace")
+            err = chan_err.read().decode(errors="replace")
+            rc = chan_out.channel.recv_exit_status()
+        finally:
+            client.close()
+        if rc != 0:
+            raise DemoFailure(f"guest command {command!r} exited {rc}: {err.strip()[-500:]}")
+        return out
+
+    @property
+    def image_dir(self) -> Path:
+        return Path(self.image["manifest"]).parent
+
+    # ---- cleanup
+
+    def cleanup(self) -> list[str]:
+        """Stop everything this run started; return what was stopped (for the narrative)."""
+        done: list[str] = []
+        if self.vm_created and (self.state / "libvirt").exists():
+            with contextlib.suppress(Exception):
+                if not self.vm_off():
+                    self.vm("stop", VM_NAME, check=False)
+                    done.append(f"VM {VM_NAME}")
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.send_signal(signal.SIGTERM)
+            try:
+                self.daemon.wait(20)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait()
+            done.append("daemon")
+        # Anything of ours still alive (a QEMU, swtpm, bridge or registrar whose parent died):
+        # processes are ours when their command line names this run's state directory.
+        for pid in _pids_mentioning(
+            str(self.state), "qemu-system", "swtpm", "host_agent", "verifier", "registrar"
+        ):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+                done.append(f"pid {pid}")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _pids_mentioning(
+            str(self.state), "qemu-system", "swtpm", "host_agent", "verifier", "registrar"
+        ):
+            time.sleep(0.1)
+        for pid in _pids_mentioning(
+            str(self.state), "qemu-system", "swtpm", "host_agent", "verifier", "registrar"
+        ):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return done
+
+
+# --------------------------------------------------------------------------------------------
+# the acts
+
+
+def act_corpus(demo: Demo, act: Act) -> str:
+    import demo_corpus
+
+    ok, line = demo_corpus.summary()
+    if not ok:
+        if "not found" in line:
+            raise Skipped(line)
+        raise DemoFailure(line)
+    return line
+
+
+def _fleet_approval(demo: Demo) -> str:
+    """The embedded registrar approves this host's platform state; the host keeps the result.
+
+    What the ansible role does against a fleet registrar (roles/vtpm_host/tasks/attest.yml):
+    read the host's PolicyPCR digest for vAIK signing, ``registrar approve`` it, fetch
+    ``GET /v1/policy-approvals`` and write the fleet policy key and the approvals.
+    """
+    from host_agent.config import load_config
+    from host_agent.tpm.discovery import open_host_tpm
+
+    config = load_config(None, {**os.environ, "VTPM_STATE_DIR": str(demo.state)})
+    logging.disable(logging.WARNING)  # init printed the software root notice already
     try:
-        import yaml
-    except ImportError:  # PyYAML comes with the dev extras that `make demo` installs
-        yaml = None
-    for path in sorted(TPM2_TOOLS.glob("*.bin")):
-        data = path.read_bytes()
-        candidates = [
-            TPM2_TOOLS / "event-raw" / f"{path.name}.yaml",
-            TPM2_TOOLS / f"{path.name}.yaml",
-        ]
-        source = next((c for c in candidates if c.is_file()), None)
-        expected = None
-        if source is not None and yaml is not None:
-            pcrs = yaml.safe_load(source.read_text()).get("pcrs") or {}
-            sizes = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64, "sm3_256": 32}
-            expected = {
-                bank: {int(i): int(v).to_bytes(sizes[bank], "big") for i, v in values.items()}
-                for bank, values in pcrs.items()
-            }
-        yield f"tpm2-tools/{path.name}", data, expected
+        tpm = open_host_tpm(config.tpm)
+        try:
+            policy = tpm.approved_sign_policy().hex()
+        finally:
+            tpm.close()
+    finally:
+        logging.disable(logging.NOTSET)
+    registrar = demo.state / "registrar"
+    from evidence.verify import VAIK_POLICY_REF
+
+    # vAIKs bind the policyRef VAIK_POLICY_REF: an approval for another (or no) policyRef does
+    # not authorise them (the registrar's --policy-ref defaults to empty).
+    demo.verify("registrar", "approve", "--state-dir", str(registrar), "--pcr-policy", policy,
+                "--policy-ref", VAIK_POLICY_REF.decode(), "--json")  # fmt: skip
+    approvals = _fetch_approvals(demo, registrar)
+    (demo.state / "attest").mkdir(mode=0o700, exist_ok=True)
+    (demo.state / "migration").mkdir(mode=0o700, exist_ok=True)
+    (demo.state / "attest" / "fleet-policy-key.pem").write_text(approvals["policy_key"]["pem"])
+    (demo.state / "migration" / "policy-approvals.json").write_text(json.dumps(approvals))
+    (demo.state / "attest" / "settings.json").write_text(
+        json.dumps({"listen": f"127.0.0.1:{demo.enroll_port}"})
+    )
+    return policy
 
 
-def _go_attestation() -> Iterator[tuple[str, bytes, Banks | None]]:
-    for path in sorted(GO_ATTESTATION.glob("*_eventlog")):
-        yield f"go-attestation/{path.name}", path.read_bytes(), None
-    for path in sorted(GO_ATTESTATION.glob("*.json")):
-        doc = json.loads(path.read_text())
-        data = base64.b64decode(doc["Log"]["Raw"])
-        pcrs = {p["Index"]: base64.b64decode(p["Digest"]) for p in doc["Log"]["PCRs"]}
-        # The real PCR values of the machine; the firmware log explains those it extends.
-        extended = set(replay_pcrs(parse_tcg2_log(data)).get("sha1", {}))
-        yield f"go-attestation/{path.name}", data, {"sha1": {i: pcrs[i] for i in sorted(extended)}}
+def _fetch_approvals(demo: Demo, registrar: Path) -> dict[str, Any]:
+    """``GET /v1/policy-approvals`` from the embedded registrar, run for just this request."""
+    import select
+    import urllib.request
 
-
-# --- checking -----------------------------------------------------------------------------------
-
-
-def check(name: str, data: bytes, expected: Banks | None) -> Row:
-    row = Row(name)
+    with open(demo.state / "registrar.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "verifier.cli", "registrar", "serve", "--state-dir",
+             str(registrar), "--listen", "127.0.0.1:0", "--json"],
+            stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True,
+            env=demo.env, cwd=REPO,
+        )  # fmt: skip
     try:
-        log: RawEventLog = parse_tcg2_log(data)
-    except ParseError as err:
-        row.result, row.ok = f"ERROR {err}", False
-        return row
-    row.format, row.events = log.format, len(log.events)
-    row.banks = [bank for bank, values in replay_pcrs(log).items() if values]
-    if log.quirks:
-        row.result = f"quirk {', '.join(log.quirks)}; "
-    if expected is None:
-        row.result += "parsed (no expected values shipped)"
-        return row
-    row.has_expected = True
-    row.checked = sum(len(values) for values in expected.values())
-    if row.checked == 0:
-        row.result += "match (expected: no PCR extended)"
-        if any(replay_pcrs(log).values()):
-            row.result, row.ok = "MISMATCH (log extends PCRs the expected output lacks)", False
-        return row
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        if not ready:
+            raise DemoFailure("the embedded registrar did not report its URL within 30 s")
+        url = json.loads(proc.stdout.readline())["url"]
+        context = ssl.create_default_context(cafile=str(demo.state / "identity" / "ca.pem"))
+        context.check_hostname = False  # the fleet CA is pinned; it serves on 127.0.0.1
+        with urllib.request.urlopen(f"{url}/v1/policy-approvals", context=context) as resp:
+            approvals: dict[str, Any] = json.loads(resp.read())
+        return approvals
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def act_init(demo: Demo, act: Act) -> str:
+    demo.say.step("vtpm-host init (no TPM configured: the software root is provisioned)")
+    proc = demo.host("init")
+    notice = next(
+        (line for line in proc.stderr.splitlines() if "DEVELOPMENT ONLY" in line),
+        None,
+    )
+    if notice is None:
+        raise DemoFailure("init printed no DEVELOPMENT ONLY notice for the software root")
+    demo.say.notice(notice)
+    for line in proc.stdout.splitlines():
+        if line.startswith(("created", "registered")):
+            demo.say.info(line)
+    if not (demo.state / "identity" / "aik.pem").is_file():
+        raise DemoFailure("init left no AIK certificate (identity/aik.pem)")
+    demo.say.step("the fleet approves this host's platform state (PCR0-8) for vAIK signing")
+    policy = _fleet_approval(demo)
+    act.details.update(sign_policy=policy, development_only_notice=notice)
+    return (
+        f"host admitted by the embedded registrar (AIK certificate from the fleet CA), store "
+        f"created, platform policy {policy[:16]}… approved"
+    )
+
+
+def act_boot(demo: Demo, act: Act) -> str:
+    demo.say.step("guest image (python -m vm_images.build, cached)")
+    t0 = time.monotonic()
+    build = subprocess.run(
+        [sys.executable, "-m", "vm_images.build", "--json"],
+        stdout=subprocess.PIPE, stderr=demo.say.out, text=True, cwd=REPO, env=demo.env,
+        timeout=1800,
+    )  # fmt: skip
+    if build.returncode != 0:
+        raise DemoFailure(f"vm_images.build exited {build.returncode}")
+    built = json.loads(build.stdout)
+    demo.image = {**json.loads(Path(built["manifest"]).read_text()), **built}
+    demo.say.info(f"image {demo.image['key']} ready in {time.monotonic() - t0:.1f} s")
+    act.details["image"] = demo.image["key"]
+
+    # The owner policy: this VM belongs to the tenant whose certificate act 3 makes.
+    _make_tenant(demo)
+    from host_agent.service.enroll import fingerprint
+
+    cert_der = (demo.tenant / "cert.der").read_bytes()
+    (demo.state / "attest" / "owners.json").write_text(
+        json.dumps(
+            {"format": "vtpm-trust/owners/1", "vms": {demo.vm_uuid: [fingerprint(cert_der)]}}
+        )
+    )
+
+    demo.say.step("vtpm-host daemon --component host_agent.service.attest:AttestService")
+    demo.start_daemon()
+    demo.say.info(f"daemon up; enrollment API on https://127.0.0.1:{demo.enroll_port}")
+
+    # The vm commands send libvirt's own log to <root>/log/libvirt.log, and libvirt fails a
+    # command when that directory is missing on a fresh root (as tests/vm do, make it first).
+    (demo.state / "libvirt" / "log").mkdir(parents=True, exist_ok=True)
+    demo.say.step(f"vtpm-host vm create {VM_NAME} --image … (adopted: memfd RAM, vTPM bridge)")
+    made = json.loads(
+        demo.vm(
+            "create", VM_NAME, "--image", str(demo.image_dir), "--memory", "256",
+            "--uuid", demo.vm_uuid, "--cmdline-extra", IMA_CMDLINE,
+            "--qemu-arg=-netdev",
+            f"--qemu-arg=user,id=n0,hostfwd=tcp:127.0.0.1:{demo.ssh_port}-:22",
+            "--qemu-arg=-device", "--qemu-arg=virtio-net-pci,netdev=n0,addr=0x10",
+            "--json",
+        ).stdout
+    )  # fmt: skip
+    demo.vm_created = True
+    act.details["vm_uuid"] = made.get("uuid", demo.vm_uuid)
+    demo.say.step(f"vtpm-host vm start {VM_NAME} (swtpm, bridge, then QEMU under TCG)")
+    t0 = time.monotonic()
+    demo.vm("start", VM_NAME)
+    console = demo.state / "vms" / demo.vm_uuid / "console.log"
+    marker = str(demo.image.get("ready_marker", "VTPM-GUEST-READY"))
+    while marker not in (console.read_text(errors="replace") if console.exists() else ""):
+        if time.monotonic() - t0 > BOOT_TIMEOUT:
+            raise DemoFailure(f"the guest printed no {marker} within {BOOT_TIMEOUT:.0f} s")
+        time.sleep(0.5)
+    boot = time.monotonic() - t0
+    demo.say.info(f"guest ready after {boot:.1f} s; state {demo.vm_state()}")
+    demo.say.step("deploy the guest agent (standard library only) into the guest over SSH")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for path in sorted((REPO / "guest_agent").glob("*.py")):
+            tar.add(path, arcname=f"guest_agent/{path.name}")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            demo.guest_ssh(
+                f"mkdir -p {GUEST_AGENT_DIR} && tar -x -C {GUEST_AGENT_DIR}", stdin=buf.getvalue()
+            )
+            break
+        except DemoFailure:
+            raise
+        except Exception as err:  # SSH not up yet
+            if time.monotonic() > deadline:
+                raise DemoFailure(f"no SSH into the guest: {err}") from err
+            time.sleep(1)
+    act.details["boot_seconds"] = round(boot, 1)
+    return f"VM {VM_NAME} ({demo.vm_uuid}) running, adopted, booted in {boot:.1f} s"
+
+
+def _make_tenant(demo: Demo) -> None:
+    """The tenant's key and self-signed certificate (cert_user), made on the fly."""
+    if (demo.tenant / "cert.der").exists():
+        return
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    demo.tenant.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "demo tenant")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    (demo.tenant / "cert.der").write_bytes(cert.public_bytes(serialization.Encoding.DER))
+    keyfile = demo.tenant / "key.pem"
+    keyfile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    keyfile.chmod(0o600)
+
+
+def act_enroll(demo: Demo, act: Act) -> str:
+    _make_tenant(demo)
+    demo.say.step("vtpm-verify enroll (proves possession of cert_user's key over HTTPS)")
+    proc = demo.verify(
+        "enroll", "--host", f"https://127.0.0.1:{demo.enroll_port}", "--vm", demo.vm_uuid,
+        "--cert", str(demo.tenant / "cert.der"), "--key", str(demo.tenant / "key.pem"),
+        "--fleet-ca", str(demo.state / "identity" / "ca.pem"),
+        "--fleet-policy-key", str(demo.state / "attest" / "fleet-policy-key.pem"),
+        "--state-dir", str(demo.tenant / "state"), "--json",
+    )  # fmt: skip
+    with contextlib.suppress(ValueError):
+        act.details["enrollment"] = json.loads(proc.stdout)
+    return (
+        "vAIK created and bound to this VM and cert_user; chain CertvAIK → CertAuthKey → "
+        "AIK certificate → fleet CA checked"
+    )
+
+
+def _attest(demo: Demo, act: Act, label: str) -> str:
+    bundle = demo.state / f"bundle-{label}.json"
+    demo.say.step("vtpm-verify attest --ssh root@127.0.0.1:… (paramiko → vtpm-guest quote)")
+    proc = demo.verify(
+        "attest", "--ssh", f"{demo.image['ssh_user']}@127.0.0.1:{demo.ssh_port}",
+        "--identity", str(demo.image_dir / demo.image["ssh_private_key"]),
+        "--host-key", demo.image["ssh_host_public_key"],
+        "--state-dir", str(demo.tenant / "state"), "--vm", demo.vm_uuid,
+        "--guest-command", GUEST_COMMAND, "--save-bundle", str(bundle), "--json",
+        check=False,
+    )  # fmt: skip
     try:
-        replay_eventlog(log, expected)
-    except ReplayError as err:
-        row.invalid_pcrs = list(err.invalid_pcrs)
-        row.result += f"MISMATCH on PCR {', '.join(map(str, err.invalid_pcrs))}"
-        row.ok = False
-        return row
-    row.result += "match"
-    return row
+        verdict = json.loads(proc.stdout)
+    except ValueError as err:
+        raise DemoFailure(
+            f"attest exited {proc.returncode} without a verdict: {proc.stderr.strip()[-800:]}"
+        ) from err
+    findings = verdict.get("findings", [])
+    act.details.update(trusted=verdict.get("trusted"), findings=findings)
+    for f in findings:
+        demo.say.info(f"[{f['severity']}] {f['id']}: {f['message'][:150]}")
+    if proc.returncode != 0 or verdict.get("trusted") is not True:
+        raise DemoFailure(f"NOT TRUSTED (exit {proc.returncode}), {len(findings)} finding(s)")
+    summary = _vpcr_summary(bundle)
+    act.details["vpcrs"] = summary
+    demo.say.info(summary["text"])
+    return f"TRUSTED — {len(findings)} finding(s); {summary['short']}"
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 3, 10] -> "0-3, 10"."""
+    out: list[str] = []
+    for i in sorted(indices):
+        if out and out[-1].split("-")[-1] == str(i - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{i}"
+        else:
+            out.append(str(i))
+    return ", ".join(out) or "none"
+
+
+def _vpcr_summary(path: Path) -> dict[str, Any]:
+    from evidence.bundle import parse_bundle
+
+    raw = parse_bundle(path.read_bytes())
+    pcrs = raw.message.pcrs
+    # PCRs 17-22 start at all-ones (locality reset); neither they nor all-zero ones were touched
+    nonzero = [i for i, v in pcrs.items() if v.strip(b"\x00") and v.strip(b"\xff")]
+    events = len(raw.event_log.events) if raw.event_log is not None else 0
+    ima = len(raw.ima_list.entries) if raw.ima_list is not None else 0
+    text = "signed vPCRs: " + ", ".join(f"{i}={pcrs[i].hex()[:12]}…" for i in nonzero)
+    short = (
+        f"{len(pcrs)} vPCRs signed, extended: {_ranges(nonzero)}; {events} firmware events and "
+        f"{ima} IMA entries replayed to them"
+    )
+    return {
+        "text": text,
+        "short": short,
+        "pcrs": {str(i): v.hex() for i, v in pcrs.items()},
+        "eventlog_events": events,
+        "ima_entries": ima,
+    }
+
+
+def act_attest(demo: Demo, act: Act) -> str:
+    return _attest(demo, act, "boot")
+
+
+def act_save(demo: Demo, act: Act) -> str:
+    demo.say.step("the guest writes one recognisable page into its RAM (for act 6)")
+    demo.guest_ssh(
+        "printf 'VTPM-DEMO-MARKER%.0s' $(seq 1 256) > /tmp/mark && sync && wc -c < /tmp/mark"
+    )
+    demo.pcrs_before_save = demo.vm_pcrs()
+    image = demo.state / "demo.save"
+    demo.say.step("vtpm-host vm save (the daemon hashes every page and seals a record)")
+    t0 = time.monotonic()
+    saved = json.loads(demo.vm("save", VM_NAME, str(image), "--json").stdout)
+    took = time.monotonic() - t0
+    if not demo.vm_off():
+        raise DemoFailure(f"after the save the VM is {demo.vm_state()!r}, expected shut off")
+    demo.say.step("vtpm-host image verify (offline: the image against its sealed record)")
+    check = json.loads(demo.host("image", "verify", str(image), "--json").stdout)
+    if check.get("verdict") != "match":
+        raise DemoFailure(f"image verify says {check.get('verdict')!r} for the genuine image")
+    act.details.update(record=saved.get("record"), save_seconds=round(took, 2), verify=check)
+    rec = str(saved.get("record"))
+    return f"saved in {took:.1f} s, sealed record {rec[:16]}…; image verify: match; VM off"
+
+
+def act_tamper(demo: Demo, act: Act) -> str:
+    good = demo.state / "demo.save"
+    bad = demo.state / "demo-tampered.save"
+    data = bytearray(good.read_bytes())
+    at = data.find(MARK)
+    if at < 0:
+        raise DemoFailure("the guest's marker page is not in the save image")
+    data[at + 100] ^= 0x01
+    bad.write_bytes(bytes(data))
+    demo.say.info(f"flipped one bit at byte {at + 100} of a copy of the save image")
+    demo.say.step("vtpm-host image verify on the tampered copy")
+    proc = demo.host("image", "verify", str(bad), "--json", check=False)
+    try:
+        check = json.loads(proc.stdout)
+    except ValueError as err:
+        raise DemoFailure(f"image verify printed no verdict: {proc.stderr.strip()[-500:]}") from err
+    pages = check.get("differing_pages") or []
+    if check.get("verdict") != "mismatch" or not pages:
+        raise DemoFailure(f"image verify says {check.get('verdict')!r}, expected a mismatch")
+    page = pages[0][0] if isinstance(pages[0], list) else pages[0]
+    demo.say.info(f"image verify: mismatch, {len(pages)} page(s) differ, first: page {page}")
+    demo.say.step("vtpm-host vm restore on the tampered copy")
+    refused = demo.vm("restore", str(bad), check=False)
+    line = next(
+        (ln for ln in refused.stderr.splitlines() if "restore_refused" in ln),
+        refused.stderr.strip().splitlines()[-1] if refused.stderr.strip() else "",
+    )
+    demo.say.info(line[:200])
+    state = demo.vm_state()
+    act.details.update(differing_pages=pages, restore_exit=refused.returncode, vm_state=state)
+    if refused.returncode == 0 or "restore_refused" not in refused.stderr:
+        raise DemoFailure(f"the tampered image was not refused (exit {refused.returncode})")
+    if state.replace(" ", "") not in ("shutoff", "absent"):
+        raise DemoFailure(f"after a refused restore the VM is {state!r}, expected shut off")
+    return f"REFUSED as expected — page {page} differs; VM {state}"
+
+
+def act_restore(demo: Demo, act: Act) -> str:
+    demo.say.step("vtpm-host vm restore of the genuine image (verified before the VM runs)")
+    t0 = time.monotonic()
+    demo.vm("restore", str(demo.state / "demo.save"))
+    took = time.monotonic() - t0
+    state = demo.vm_state()
+    if state != "running":
+        raise DemoFailure(f"after the restore the VM is {state!r}")
+    if "matches sealed record" not in demo.log_tail(100_000):
+        raise DemoFailure("the daemon logged no verified restore ('matches sealed record')")
+    pcrs = demo.vm_pcrs()
+    if pcrs != demo.pcrs_before_save:
+        raise DemoFailure("the restored VM's vPCRs differ from those before the save")
+    demo.say.info(f"restored and verified in {took:.1f} s; vPCRs identical to before the save")
+    act.details["restore_seconds"] = round(took, 2)
+    return f"verified restore in {took:.1f} s; " + _attest(demo, act, "restored")
+
+
+ACTS: list[tuple[str, str, Callable[[Demo, Act], str], bool]] = [
+    # title, expected outcome, function, needed by the acts after it
+    ("Corpus replay (real firmware event logs)", "all values reproduced", act_corpus, False),
+    ("Host init: software root, embedded registrar, store", "host admitted", act_init, True),
+    ("Boot an adopted VM with the daemon running", "VM running", act_boot, True),
+    ("Tenant enrollment", "enrolled", act_enroll, True),
+    ("Attest over SSH", "trusted", act_attest, True),
+    ("Save (sealed)", "sealed, image matches", act_save, True),
+    ("Tampered save image", "refused, VM not running", act_tamper, False),
+    ("Restore (verified), attest again", "verified, trusted", act_restore, True),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# main
+
+
+def _summary_table(acts: list[Act], total: float, say: Narrator) -> None:
+    say.out.write("\n" + say._c("1", "== Summary ==") + "\n")
+    width = max(len(a.title) for a in acts)
+    for a in acts:
+        status = {"passed": "OK", "failed": "FAIL", "skipped": "SKIPPED"}.get(a.status, "not run")
+        say.out.write(f"  {a.number}  {a.title:<{width}}  {status:<8} {a.seconds:6.1f} s\n")
+    ok = all(a.status == "passed" or (a.number == 0 and a.status == "skipped") for a in acts)
+    verdict = "every act gave its expected outcome" if ok else "NOT every act gave its outcome"
+    say.out.write(f"  total {total:.1f} s — {verdict}\n")
+    say.out.flush()
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGTERM/SIGHUP end the run through the same ``finally`` as Ctrl-C."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--json", action="store_true", help="print one JSON document instead of a table"
-    )
+    parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    parser.add_argument("--state-dir", type=Path, help="use (and create) this directory")
+    parser.add_argument("--keep", action="store_true", help="keep the state directory")
     args = parser.parse_args(argv)
-    if not (CORPUS / "SOURCES.md").is_file():
-        print(f"demo: shared corpus not found at {CORPUS}", file=sys.stderr)
-        return 2
 
-    rows = [
-        check(*case)
-        for source in (_go_tpm_tools, _tpm2_tools, _go_attestation)
-        for case in source()
-    ]
-    checked = sum(r.checked for r in rows if r.ok)
-    failed = [r for r in rows if not r.ok]
-    with_expected = sum(1 for r in rows if r.has_expected)
-
+    say = Narrator(sys.stderr if args.json else sys.stdout)
+    if args.state_dir is not None:
+        state = args.state_dir.resolve()
+        if state.exists() and any(state.iterdir()):
+            parser.error(f"--state-dir {state} is not empty")
+        state.mkdir(parents=True, exist_ok=True)
+    else:
+        # short: unix socket paths (QEMU monitor, swtpm, bridges) end at 107 bytes
+        state = Path(tempfile.mkdtemp(prefix="vtpm-demo-", dir="/tmp"))
+    state.chmod(0o700)
+    demo = Demo(state, say)
+    acts = [Act(i, title, expected) for i, (title, expected, _, _) in enumerate(ACTS)]
+    say.out.write(f"vtpm-trust demo — state in {state}\n")
+    started = time.monotonic()
+    blocked: str | None = None
+    interrupted = False
+    try:
+        with _signals_raise():
+            for act, (_, _, fn, needed) in zip(acts, ACTS, strict=True):
+                say.heading(act)
+                if blocked is not None:
+                    act.result = f"not run: {blocked}"
+                    say.out.write(f"   ---- {act.result}\n")
+                    continue
+                t0 = time.monotonic()
+                try:
+                    act.result = fn(demo, act)
+                    act.status, act.ok = "passed", True
+                except Skipped as err:
+                    act.status, act.result = "skipped", f"SKIPPED: {err}"
+                except DemoFailure as err:
+                    act.status, act.result = "failed", f"FAILED: {err}"
+                except Exception as err:  # a crash of a piece is a failed act, not a traceback
+                    act.status, act.result = "failed", f"FAILED: {type(err).__name__}: {err}"
+                act.seconds = time.monotonic() - t0
+                say.result(act)
+                if act.status != "passed" and needed:
+                    blocked = f"act {act.number} ({act.title}) did not succeed"
+    except KeyboardInterrupt:
+        interrupted = True
+        say.out.write("\ninterrupted: cleaning up\n")
+    finally:
+        say.out.write("\n== Cleanup ==\n")
+        stopped = demo.cleanup()
+        say.out.write(f"   stopped: {', '.join(stopped) or 'nothing left running'}\n")
+        if args.keep:
+            say.out.write(f"   kept {state} (--keep)\n")
+        else:
+            shutil.rmtree(state, ignore_errors=True)
+            say.out.write(f"   removed {state}\n")
+    total = time.monotonic() - started
+    _summary_table(acts, total, say)
+    ok = not interrupted and all(
+        a.status == "passed" or (a.number == 0 and a.status == "skipped") for a in acts
+    )
     if args.json:
         doc = {
-            "logs": [asdict(r) for r in rows],
-            "values_matched": checked,
-            "failures": len(failed),
-            "ok": not failed,
+            "ok": ok,
+            "total_seconds": round(total, 1),
+            "state_dir": str(state),
+            "kept": bool(args.keep),
+            "acts": [{**asdict(a), "seconds": round(a.seconds, 2)} for a in acts],
         }
-        print(json.dumps(doc, indent=2))
-        return 1 if failed else 0
-
-    width = max(len(r.log) for r in rows)
-    bwidth = max(len(",".join(r.banks)) for r in rows)
-    print(f"Firmware event logs in {CORPUS}\n")
-    print(
-        f"{'log':<{width}}  {'format':<12} {'events':>6}  {'banks':<{bwidth}}  {'PCRs':>4}  result"
-    )
-    for r in rows:
-        banks = ",".join(r.banks) or "-"
-        head = f"{r.log:<{width}}  {r.format:<12} {r.events:>6}  {banks:<{bwidth}}  {r.checked:>4}"
-        print(f"{head}  {r.result}")
-    print()
-    if failed:
-        print(f"FAIL: {len(failed)} of {len(rows)} logs did not reproduce their expected values.")
-        return 1
-    print(
-        f"OK: {len(rows)} logs parsed and replayed; {checked} expected PCR values in "
-        f"{with_expected} logs reproduced exactly, 0 mismatches."
-    )
-    return 0
+        print(json.dumps(doc, indent=2, default=str))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

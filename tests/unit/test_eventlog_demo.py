@@ -1,4 +1,4 @@
-"""``scripts/demo.py`` (what ``make demo`` runs) reports honestly, and fails on a mismatch."""
+"""``scripts/demo_corpus.py`` (act 0 of ``make demo``) reports honestly, and fails on a mismatch."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from tests.conftest import REPO
 
 
 def _demo() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("vtpm_demo", REPO / "scripts" / "demo.py")
+    spec = importlib.util.spec_from_file_location(
+        "vtpm_demo_corpus", REPO / "scripts" / "demo_corpus.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -46,3 +48,8 @@ def test_demo_table(corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _demo().main([]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1].startswith("OK: 35 logs parsed and replayed; 391 expected PCR values")
+
+
+def test_demo_summary_line(corpus: Path) -> None:
+    ok, line = _demo().summary()
+    assert ok and line.startswith("35 real firmware event logs") and "391 expected" in line
