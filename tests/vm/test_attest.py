@@ -232,8 +232,7 @@ def test_enroll_attest_reboot_reenroll_and_the_rejections(
         vm.guest.wait_for_console("VTPM-GUEST-READY", start=console, timeout=120)
         vm.guest._ssh = None
         rc, report = attest(vm, mine)
-        assert rc == 1 and ids(report) == ["attest.host_refused"], report
-        assert "attest.reauth_required" in report["findings"][0]["message"]
+        assert rc == 1 and ids(report) == ["attest.reauth_required"], report
         enroll(site, vm, mine)
         rc, report = attest(vm, mine)
         assert rc == 0 and report["trusted"] is True, report
@@ -258,8 +257,7 @@ def test_a_clone_gets_no_vaik(site: Site, boot_guest: GuestFactory, tmp_path: Pa
             # the tenant is pointed at the clone: its host has no binding for it
             clone_as_vm = dataclasses.replace(clone, uuid=vm.uuid)
             rc, report = attest(clone_as_vm, tmp_path)
-            assert rc == 1 and ids(report) == ["attest.host_refused"], report
-            assert "attest.not_enrolled" in report["findings"][0]["message"]
+            assert rc == 1 and ids(report) == ["attest.not_enrolled"], report
         finally:
             stop_vm(clone)
         rc, report = attest(vm, tmp_path)

@@ -19,8 +19,10 @@ own values are given: ``--fleet-policy-key PEM`` (the registrar's ``GET /v1/poli
 ``attest --ssh USER@HOST[:PORT] --identity KEY`` runs ``vtpm-guest quote --nonce HEX`` in the
 guest with a fresh nonce, parses and verifies the bundle against the enrollment and, with
 ``--policy``, evaluates reference values. Exit 0 trusted, 1 untrusted, 2 error (transport, no
-enrollment, bad arguments). ``--json`` prints ``{"trusted", "vm", "findings": [{"id",
-"severity", "message"}]}``; a failed check is one finding with its stable id (docs/findings.md).
+enrollment, bad arguments). When the host refuses (the guest agent exits 1), the finding's id is
+the host's (``attest.reauth_required`` after a reboot, ``attest.not_enrolled`` for a clone…).
+``--json`` prints ``{"trusted", "vm", "findings": [{"id", "severity", "message"}]}``; a failed
+check is one finding with its stable id (docs/findings.md).
 
 ``policy learn BUNDLE`` verifies a known-good bundle against the enrollment (its own nonce, since
 freshness is not the question) and writes reference values that accept exactly it.
@@ -33,6 +35,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import secrets
 import shlex
 import ssl
@@ -91,6 +94,7 @@ __all__ = [
 ]
 
 EXIT_TRUSTED, EXIT_UNTRUSTED, EXIT_ERROR = 0, 1, 2
+_REFUSAL = re.compile(r"host refused \[((?:attest|enroll)\.[a-z0-9_.]+)\]")
 ENROLLMENT_FORMAT = "vtpm-trust/tenant-enrollment/1"
 
 
@@ -504,7 +508,8 @@ def _cmd_attest(args: argparse.Namespace) -> int:
     if result.exit_status != 0:
         message = result.stderr.decode(errors="replace").strip() or f"exit {result.exit_status}"
         if result.exit_status == 1:  # the host refused: not enrolled now, or rebooted
-            finding = Finding("attest.host_refused", Severity.ERROR, message)
+            m = _REFUSAL.search(message)  # the host's own id, e.g. attest.reauth_required
+            finding = Finding(m[1] if m else "attest.host_refused", Severity.ERROR, message)
             return _report(args, enrollment.vm_uuid, Verdict((finding,)))
         raise TransportError(f"{shlex.split(args.guest_command)[0]} failed: {message}")
     verdict, _ = assess_bundle(
