@@ -28,12 +28,20 @@ and is kept in :attr:`Restorer.last_veto` for the CLI to report.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from evidence.errors import VtpmError
@@ -50,10 +58,20 @@ from host_agent.lifecycle.seal import (
 )
 from host_agent.memory.merkle import LeafSet, diff
 from host_agent.store import TrustedStore
+from host_agent.vtpm.bridge_link import registration_path
 from host_agent.vtpm.daemon_link import HookCall
 from host_agent.vtpm.hooks_server import Decision, HookHandler, Replace, Veto
+from host_agent.vtpm.swtpm import SwtpmInstance
 
-__all__ = ["MemoryVerdict", "RestoreRefused", "Restorer", "compare_memory", "format_ranges"]
+__all__ = [
+    "ArmSpec",
+    "MemoryVerdict",
+    "RestoreRefused",
+    "Restorer",
+    "arm_vm",
+    "compare_memory",
+    "format_ranges",
+]
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +162,7 @@ class Restorer:
         self._verified: dict[str, SealedState] = {}
         self._delegates: dict[str, HookHandler] = {}
         self.last_veto: dict[str, str] = {}
+        self.vetoes: dict[str, int] = {}  # VM → how many restores were refused (a new one shows)
         self.last_verify_seconds: dict[str, float] = {}
 
     def delegate(self, vm_uuid: str, handler: HookHandler | None) -> None:
@@ -176,6 +195,7 @@ class Restorer:
             with self._lock:
                 self._verified.pop(vm, None)
                 self.last_veto[vm] = decision.reason
+                self.vetoes[vm] = self.vetoes.get(vm, 0) + 1
             log.error("restore of VM %s refused: %s", vm, decision.reason)
         return decision
 
@@ -247,3 +267,145 @@ class Restorer:
                 f"(sha256 {call.sha256[:16]}… instead of {blob.sha256[:16]}…)"
             )
         return Replace(blob.blob, blob.flags)
+
+
+# ---------------------------------------------------------------------------- arming
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """What arming one VM needs (the layout of ``host_agent.lifecycle.adoption``).
+
+    Attributes:
+        vm_uuid, vm_name: the VM.
+        vm_dir: ``<state_dir>/vms/<uuid>`` (``bridge.pid``, ``bridge.log``, ``arm.lock``).
+        bridge_socket: the domain's ``<tpm><backend type='external'>`` socket.
+        runtime_dir: where bridges register themselves.
+        daemon_socket: the daemon's hooks socket.
+        listen_gid: group allowed on the bridge socket (system libvirtd), None for the embedded
+            driver.
+        python: the interpreter that runs the bridge.
+        hook_timeout: the bridge's ``--hook-timeout``.
+    """
+
+    vm_uuid: str
+    vm_name: str
+    vm_dir: Path
+    bridge_socket: Path
+    runtime_dir: Path
+    daemon_socket: Path
+    listen_gid: int | None = None
+    python: str = sys.executable
+    hook_timeout: float = 10.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return state != "Z"
+
+
+def _bridge_pid(spec: ArmSpec) -> int | None:
+    """The pid in ``bridge.pid`` if it is a live bridge of this VM."""
+    try:
+        pid = int((spec.vm_dir / "bridge.pid").read_text().strip())
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    ok = b"host_agent.vtpm.bridge" in argv and spec.vm_uuid.encode() in argv
+    return pid if ok and _pid_alive(pid) else None
+
+
+def _stop_pid(pid: int, timeout: float = 5.0) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.01)
+    if _pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def arm_vm(spec: ArmSpec, swtpm: SwtpmInstance, *, timeout: float = 10.0) -> int:
+    """Make a stopped VM ready for an incoming QEMU (restore, managedsave start, revert).
+
+    Its swtpm is restarted on the VM's state without swtpm_setup (it serves a plain boot just as
+    well), and a fresh bridge (``--once``) listens on the domain's TPM socket, so that whoever
+    starts the incoming QEMU — ``vtpm-host vm restore``, a plain ``virsh restore`` — goes through
+    the daemon's verification. A VM already armed (its bridge alive and registered, its swtpm
+    running) is left as it is. Serialised per VM with ``arm.lock`` (the daemon and a command may
+    arm the same VM at once).
+
+    Returns:
+        The bridge's pid.
+
+    Raises:
+        RestoreRefused: the bridge did not come up; SwtpmError, VtpmError: swtpm failed.
+    """
+    spec.vm_dir.mkdir(parents=True, exist_ok=True)
+    with open(spec.vm_dir / "arm.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        reg = registration_path(spec.runtime_dir, spec.vm_uuid)
+        pid = _bridge_pid(spec)
+        if pid is not None and swtpm.state.value != "running":
+            swtpm.adopt()
+        if pid is not None and swtpm.state.value == "running":
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(reg.read_text()).get("pid") == pid:
+                    return pid
+        if pid is not None:
+            _stop_pid(pid)
+        if swtpm.state.value in ("new", "stopped", "failed"):
+            swtpm.adopt()
+        swtpm.restart_for_incoming()
+        return _start_bridge(spec, swtpm, reg, timeout)
+
+
+def _start_bridge(spec: ArmSpec, swtpm: SwtpmInstance, reg: Path, timeout: float) -> int:
+    cmd = [
+        spec.python, "-m", "host_agent.vtpm.bridge",
+        "--vm-uuid", spec.vm_uuid, "--vm-name", spec.vm_name,
+        "--listen", str(spec.bridge_socket), "--swtpm-ctrl", str(swtpm.ctrl_socket),
+        "--daemon-sock", str(spec.daemon_socket), "--runtime-dir", str(spec.runtime_dir),
+        "--hook-timeout", str(spec.hook_timeout), "--once",
+    ]  # fmt: skip
+    if spec.listen_gid is not None:
+        cmd += ["--listen-mode", "660", "--listen-gid", str(spec.listen_gid)]
+    with contextlib.suppress(FileNotFoundError):
+        reg.unlink()
+    log_path = spec.vm_dir / "bridge.log"
+    try:
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,  # outlives its starter, like QEMU (invariant 6)
+            )
+    except OSError as err:
+        swtpm.stop()
+        raise RestoreRefused(f"cannot run the bridge of VM {spec.vm_uuid}: {err}") from err
+    (spec.vm_dir / "bridge.pid").write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(reg.read_text()).get("pid") == proc.pid:
+                log.info("VM %s armed for an incoming QEMU (bridge %d)", spec.vm_uuid, proc.pid)
+                return proc.pid
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(5)
+            swtpm.stop()
+            tail = log_path.read_text(errors="replace")[-400:]
+            raise RestoreRefused(f"the bridge of VM {spec.vm_uuid} did not come up: {tail}")
+        time.sleep(0.01)

@@ -177,45 +177,55 @@ def _manager(args: argparse.Namespace, config: AgentConfig) -> Iterator[Any]:
 
 
 def _arm(m: Any, ref: Any) -> None:
-    """The VM's swtpm restarted for incoming state and a fresh bridge listening (for a restore).
+    """Arm the VM for an incoming QEMU (:func:`host_agent.lifecycle.restore.arm_vm`)."""
+    from host_agent.lifecycle.restore import ArmSpec, RestoreRefused, arm_vm
 
-    A swtpm on an existing state serves a plain boot as well, so arming a VM never breaks one.
-    """
-    inst = m.swtpm(ref)
-    if inst.adopt():
-        inst.stop()
-    m._stop_bridge(ref)
-    inst.restart_for_incoming()
-    try:
-        m._start_bridge(ref, inst)
-    except BaseException:
-        inst.stop()
-        raise
+    record = m.record(ref.uuid)
+    if record is None:
+        raise RestoreRefused(f"domain {ref.name} is not adopted: run `vtpm-host vm adopt` first")
+    gid = None
+    if m.hypervisor.embedded_root is None:  # system libvirtd: QEMU runs as libvirt-qemu
+        import grp
+
+        with contextlib.suppress(KeyError):
+            gid = grp.getgrnam("libvirt-qemu").gr_gid
+    spec = ArmSpec(
+        vm_uuid=ref.uuid,
+        vm_name=ref.name,
+        vm_dir=m.layout(ref.uuid).vm_dir,
+        bridge_socket=Path(record.bridge_socket),
+        runtime_dir=m.runtime_dir,
+        daemon_socket=m.daemon_socket,
+        listen_gid=gid,
+    )
+    arm_vm(spec, m.swtpm(ref))
 
 
-def _veto_of(config: AgentConfig, vm_uuid: str) -> str | None:
+def _veto_of(config: AgentConfig, vm_uuid: str) -> tuple[int, str | None]:
+    """(how many restores of the VM the daemon refused, the last reason)."""
     from host_agent.service.daemon import DaemonError, control_client
 
     try:
-        reason = control_client(config).call("last_veto", vm_uuid=vm_uuid).get("reason")
+        value = control_client(config).call("last_veto", vm_uuid=vm_uuid)
     except DaemonError:
-        return None
-    return str(reason) if reason else None
+        return -1, None
+    reason = value.get("reason")
+    return int(value.get("count", 0)), str(reason) if reason else None
 
 
 def _restore(args: argparse.Namespace, config: AgentConfig, m: Any, ref: Any, file: Path) -> Any:
     from host_agent.lifecycle.libvirt_adapter import HypervisorError
     from host_agent.lifecycle.restore import RestoreRefused
 
-    before = _veto_of(config, ref.uuid)
+    before, _ = _veto_of(config, ref.uuid)
     _arm(m, ref)
     try:
         m.hypervisor.restore(file, paused=args.paused)
     except HypervisorError as err:
         m.cleanup(ref)
-        reason = _veto_of(config, ref.uuid)
-        if reason is None or reason == before:
-            reason = "the daemon gave no reason (is it running?)"
+        count, reason = _veto_of(config, ref.uuid)
+        if reason is None or count <= before:
+            reason = "the daemon refused nothing (is it running?)"
         raise RestoreRefused(f"restore of {ref.name} from {file} refused: {reason}; {err}") from err
     return m.hypervisor.info(ref)
 

@@ -426,7 +426,15 @@ class Sealer:
         self._saves: dict[str, _Save] = {}
         self._tracking: dict[str, _Tracking] = {}
         self._delegates: dict[str, HookHandler] = {}
+        self._sealed_since: dict[str, float] = {}
         self.last_pause: dict[str, float] = {}  # VM → seconds from PERMANENT to sealed
+
+    def take_sealed(self) -> dict[str, float]:
+        """VMs whose save was sealed since the last call, with the (monotonic) time: the daemon
+        arms them for the restore that usually follows once their QEMU has gone."""
+        with self._lock:
+            out, self._sealed_since = self._sealed_since, {}
+        return out
 
     def delegate(self, vm_uuid: str, handler: HookHandler | None) -> None:
         """Route this VM's GET_STATEBLOB hooks to ``handler`` instead of sealing (an outgoing
@@ -522,6 +530,8 @@ class Sealer:
             log.error("save of VM %s not sealed: %s", vm, err)
             return Veto(f"save not sealed: {err}")
         self.last_pause[vm] = self._clock() - save.started
+        with self._lock:
+            self._sealed_since[vm] = self._clock()
         log.info(
             "VM %s: save sealed as %s (memory %s, %d pages, %s; hash %.3f s, vPCRs %.3f s, "
             "record %.3f s; pause %.3f s)",

@@ -164,7 +164,11 @@ class Daemon:
         clock: monotonic clock.
         hash_workers: memory hashing processes (default: one per core).
         reap: stop the swtpms of VMs that no longer exist at start.
+        auto_arm: after a sealed save of an adopted VM, arm it for its restore (:meth:`sync`).
     """
+
+    #: Seconds after a sealed save within which the VM's QEMU must have gone for it to be armed.
+    ARM_WINDOW = 60.0
 
     def __init__(
         self,
@@ -177,6 +181,7 @@ class Daemon:
         clock: Callable[[], float] = time.monotonic,
         hash_workers: int | None = None,
         reap: bool = True,
+        auto_arm: bool = True,
     ) -> None:
         self.config = config
         self.paths = DaemonPaths(Path(config.state_dir), Path(runtime_dir))
@@ -198,6 +203,8 @@ class Daemon:
             self.paths.state_dir, self.paths.runtime_dir, swtpm_factory=self._swtpm_of
         )
         self._control: _ControlServer | None = None
+        self._arm_pending: dict[str, float] = {}
+        self.auto_arm = auto_arm
         self._started: list[Component] = []
         self._stop_requested = threading.Event()
         self._lock = threading.RLock()
@@ -362,10 +369,68 @@ class Daemon:
 
     def sync(self) -> None:
         """Refresh the registry: adoption records and registered bridges (VMs adopted or started
-        since), and which bridges are connected to the hooks server now."""
+        since), and which bridges are connected to the hooks server now; then arm the adopted
+        VMs whose save was sealed and whose QEMU has gone (:meth:`_arm_saved`)."""
         self.registry.load()
         if self.hooks is not None:
             self.registry.sync_bridges(self.hooks.bridges())
+        if self.auto_arm and self.sealer is not None:
+            self._arm_saved()
+
+    def _arm_saved(self) -> None:
+        """After a save (``virsh save``, managedsave, ``vm save``) the VM's QEMU, bridge and
+        swtpm go away; arm the VM again (swtpm for incoming state + a listening bridge), so that
+        a plain ``virsh restore`` of the image goes through the same verification as ``vtpm-host
+        vm restore``. A VM whose bridge is still there after ``ARM_WINDOW`` seconds kept running
+        (a live snapshot) and is left alone; a VM shut down or destroyed without a save is never
+        armed."""
+        assert self.sealer is not None
+        now = self.clock()
+        for vm, at in self.sealer.take_sealed().items():
+            self._arm_pending.setdefault(vm, at)
+        for vm, at in list(self._arm_pending.items()):
+            entry = self.registry.get(vm)
+            if entry is None or entry.adoption is None or not entry.adoption.get("bridge_socket"):
+                del self._arm_pending[vm]
+                continue
+            if now - at > self.ARM_WINDOW:
+                del self._arm_pending[vm]
+                continue
+            if entry.bridge_connected or any(r.vm_uuid == vm for r in self._live_bridges()):
+                continue
+            del self._arm_pending[vm]
+            threading.Thread(
+                target=self._arm, args=(entry,), name=f"arm-{vm[:8]}", daemon=True
+            ).start()
+
+    def _live_bridges(self) -> list[Any]:
+        from host_agent.vtpm.bridge_link import registered_bridges
+
+        return list(registered_bridges(self.paths.runtime_dir))
+
+    def _arm(self, entry: Any) -> None:
+        from host_agent.lifecycle.restore import ArmSpec, arm_vm
+
+        gid = None
+        uri = self.config.libvirt.uri_for(self.config.state_dir)
+        if not uri.startswith("qemu:///embed"):  # system libvirtd: QEMU runs as libvirt-qemu
+            import grp
+
+            with contextlib.suppress(KeyError):
+                gid = grp.getgrnam("libvirt-qemu").gr_gid
+        spec = ArmSpec(
+            vm_uuid=entry.uuid,
+            vm_name=entry.name or entry.uuid,
+            vm_dir=self.paths.state_dir / "vms" / entry.uuid,
+            bridge_socket=Path(str(entry.adoption["bridge_socket"])),
+            runtime_dir=self.paths.runtime_dir,
+            daemon_socket=self.paths.hooks_socket,
+            listen_gid=gid,
+        )
+        try:
+            arm_vm(spec, self._swtpm_of(entry.uuid, entry.name or entry.uuid))
+        except VtpmError as err:
+            log.error("cannot arm VM %s for its restore: %s", entry.uuid, err)
 
     # ------------------------------------------------------------------ control
 
@@ -403,7 +468,10 @@ class Daemon:
             }  # fmt: skip
         if op == "last_veto":
             vm = _arg(args, "vm_uuid")
-            return {"reason": self.restorer.last_veto.get(vm)}
+            return {
+                "reason": self.restorer.last_veto.get(vm),
+                "count": self.restorer.vetoes.get(vm, 0),
+            }
         if op == "adopt_state":
             from host_agent.lifecycle.image_verify import adopt_image_state
 

@@ -115,6 +115,18 @@ class Host:
         pcrs: dict[str, str] = json.loads(out)["pcrs"]
         return pcrs
 
+    def wait_armed(self, vm_uuid: str, timeout: float = 30.0) -> None:
+        """Until a bridge of the VM is registered and alive (the daemon armed it)."""
+        reg = self.runtime / f"{vm_uuid}.json"
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                pid = json.loads(reg.read_text())["pid"]
+                if Path(f"/proc/{pid}").exists():
+                    return
+            assert time.monotonic() < deadline, f"VM {vm_uuid} was not armed\n{self.logs_tail()}"
+            time.sleep(0.1)
+
     def records(self, vm_uuid: str) -> list[dict[str, str]]:
         recs: list[dict[str, str]] = self.control.call("records", vm_uuid=vm_uuid)["records"]
         return recs
@@ -241,24 +253,30 @@ def test_plain_virsh_save_and_restore_behave_the_same(
     image = tmp_path / "virsh.save"
     host.virsh("save", "sr", str(image))
     assert len(host.records(vm["uuid"])) == n + 1, "a plain virsh save is sealed too"
-    bad = flipped_copy(image, tmp_path / "flipped.save")
-    digest = hashlib.sha256(bad.read_bytes()).hexdigest()
+    host.wait_armed(vm["uuid"])  # the daemon arms a saved VM for its restore
+    host.virsh("restore", str(image))  # no agent command at all
+    assert host.domstate("sr") == "running"
+    assert host.pcrs("sr") == pcrs
 
+    image2 = tmp_path / "virsh2.save"
+    host.virsh("save", "sr", str(image2))
+    bad = flipped_copy(image2, tmp_path / "flipped.save")
+    digest = hashlib.sha256(bad.read_bytes()).hexdigest()
+    host.wait_armed(vm["uuid"])
+    plain = host.virsh("restore", str(bad), check=False)
+    assert plain.returncode != 0 and host.domstate("sr") == "shut off"
     refused = host.vm("restore", str(bad), check=False)
     assert refused.returncode == 2, refused.stderr
     assert "lifecycle.restore_refused" in refused.stderr and "1 page(s)" in refused.stderr
     assert host.domstate("sr") == "shut off"
-    host.vm("arm", "sr")
-    plain = host.virsh("restore", str(bad), check=False)
-    assert plain.returncode != 0 and host.domstate("sr") == "shut off"
     assert hashlib.sha256(bad.read_bytes()).hexdigest() == digest, "the image is untouched"
     out = json.loads(host.cli("image", "verify", str(bad), "--json", check=False).stdout)
     assert out["verdict"] == "mismatch" and len(out["differing_pages"]) == 1
     page = out["differing_pages"][0][0]
     assert f": {page} (" in refused.stderr
 
-    host.vm("arm", "sr")
-    host.virsh("restore", str(image))
+    host.vm("arm", "sr")  # nothing was sealed since: an operator arms it for a plain restore
+    host.virsh("restore", str(image2))
     assert host.domstate("sr") == "running"
     assert host.pcrs("sr") == pcrs
 
@@ -268,10 +286,11 @@ def test_managedsave_then_vm_start_is_verified(host: Host, vm: dict[str, str]) -
     n = len(host.records(vm["uuid"]))
     host.virsh("managedsave", "sr")
     assert len(host.records(vm["uuid"])) == n + 1
+    host.wait_armed(vm["uuid"])
     host.vm("start", "sr")
     assert host.domstate("sr") == "running"
     assert host.pcrs("sr") == pcrs
-    assert host.log_text().count("matches sealed record") == 3, "vm restore, virsh restore, start"
+    assert host.log_text().count("matches sealed record") == 4, "vm/virsh restores, start"
 
 
 def test_external_snapshot_then_vm_revert_is_verified(
