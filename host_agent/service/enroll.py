@@ -385,7 +385,8 @@ class EnrollmentService:
         self.monotonic = monotonic
         self.random_bytes = random_bytes
         self._challenges: dict[bytes, tuple[uuid.UUID, float]] = {}
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # challenges
+        self._vm_locks: dict[uuid.UUID, threading.RLock] = {}
         self._watch: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -456,7 +457,7 @@ class EnrollmentService:
                 "enroll.vm_not_running",
                 409,
             )
-        with self._lock:
+        with self._vm_lock(vm_uuid):
             vaik, generation = self._vaik_for(vm_uuid, cert_user)
             binding = {
                 "vm_uuid": str(vm_uuid),
@@ -504,6 +505,11 @@ class EnrollmentService:
                 "vaik_policy_ref": vaik.policy.policy_ref.hex(),
             },
         }
+
+    def _vm_lock(self, vm_uuid: uuid.UUID) -> threading.RLock:
+        """One lock per VM: VMs' binding checks (a bridge round trip each) do not queue."""
+        with self._lock:
+            return self._vm_locks.setdefault(vm_uuid, threading.RLock())
 
     def _vaik_for(self, vm_uuid: uuid.UUID, cert_user: bytes) -> tuple[WrappedKey, int]:
         """The same tenant keeps the VM's vAIK; anyone else (or nobody yet) gets a new one."""
@@ -573,7 +579,7 @@ class EnrollmentService:
                 another UUID), ``attest.reauth_required`` (the vTPM was reset since the tenant
                 authenticated), ``attest.vaik_migrating``, ``attest.vm_not_running``.
         """
-        with self._lock:
+        with self._vm_lock(vm_uuid):
             binding, then = self._load(vm_uuid)
             now = self.boots.boot_marker(vm_uuid)
             if now is None:

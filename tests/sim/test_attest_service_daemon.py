@@ -25,7 +25,7 @@ from host_agent.config import AgentConfig, TpmConfig
 from host_agent.service.attest import AttestService
 from host_agent.service.daemon import Daemon
 from host_agent.service.enroll import fingerprint
-from host_agent.service.metrics import MetricsComponent
+from host_agent.service.metrics import MetricsComponent, MetricsConfig
 from host_agent.store.provision import ensure_store
 from host_agent.tpm.adapter import PytssHostTpm
 from tests.helpers.evidence_factory import NOW
@@ -107,7 +107,7 @@ def test_daemon_component_enrolls_and_attests(state: AgentConfig) -> None:
     )
     write_owners(state, {vm.uuid: [fingerprint(TENANT.cert_user)]})
     service = AttestService(sync_interval=0.1)
-    metrics = MetricsComponent()
+    metrics = MetricsComponent(config=MetricsConfig(port=0))  # no fixed port: tests run in parallel
     daemon = Daemon(
         state,
         runtime_dir=state.state_dir / "bridges",
