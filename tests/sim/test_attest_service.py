@@ -401,3 +401,43 @@ def test_a_reboot_while_the_vpcrs_are_read_is_caught_before_signing(host: Host) 
     finally:
         host.attestor.pcrs = real
     assert answer["ok"] is False and answer["error"]["id"] == "attest.reauth_required"
+
+
+def test_a_flooding_guest_gets_busy_refusals_not_a_queue(host: Host) -> None:
+    import base64
+
+    from host_agent.service.attest import MAX_PENDING
+
+    vm = host.add_vm()
+    host.enroll_vm(vm)
+    real = host.attestor.pcrs
+
+    class Slow:
+        def read_pcrs(self, vm_uuid: str, bank: str = "sha256", timeout: float = 30.0) -> Any:
+            time.sleep(0.3)
+            return real.read_pcrs(vm_uuid, bank, timeout)
+
+    host.attestor.pcrs = Slow()
+    try:
+        assert vm.guest.conn is not None
+        n = MAX_PENDING + 3
+        for i in range(n):
+            nonce = base64.b64encode(secrets.token_bytes(32)).decode()
+            vm.guest.conn.sendall(
+                guest_channel.encode_frame(
+                    {"type": "quote", "version": 1, "id": f"f{i}", "nonce": nonce}
+                )
+            )
+        answers = []
+        while len(answers) < n:
+            frame = vm.guest.decoder.next_frame()
+            if frame is None:
+                vm.guest.decoder.feed(vm.guest.conn.recv(65536))
+                continue
+            answers.append(frame)
+    finally:
+        host.attestor.pcrs = real
+    busy = [a for a in answers if not a["ok"] and a["error"]["id"] == "attest.busy"]
+    assert len(busy) == n - MAX_PENDING
+    assert sum(1 for a in answers if a["ok"]) == MAX_PENDING
+    assert {a["id"] for a in answers} == {f"f{i}" for i in range(n)}
