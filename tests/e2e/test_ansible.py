@@ -16,6 +16,7 @@ The second run must change nothing (PLAY RECAP ``changed=0``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -27,11 +28,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from tests.helpers import postgres
+from vm_images.build import GuestImage, build_image
 
 pytestmark = pytest.mark.e2e
 
@@ -81,21 +89,40 @@ def _snapshot_source(dest: Path) -> None:
             shutil.copy2(src, dest / part)
 
 
-def _define_domain(root: Path) -> None:
-    """A plain libvirt domain (no TPM yet) for the role to adopt."""
+GUEST_AGENT = "PYTHONPATH=/mnt/repo python3 -m guest_agent.cli"
+IMA = 'ima_policy=tcb ima_hash=sha256 vtpm.ima_policy="measure func=BPRM_CHECK"'
+
+
+def _define_domain(prefix: Path, image: GuestImage, ssh_port: int) -> None:
+    """A plain libvirt domain booting the test guest (no TPM, no attestation channel yet: the
+    role's adoption adds them), with the checkout shared read-only at /mnt/repo for the guest
+    agent and the guest's SSH forwarded to ``ssh_port``."""
     from host_agent.lifecycle.embedded import embedded_uri, prepare_embedded_root
 
+    root = prefix / "var/lib/vtpm-trust/libvirt"
     prepare_embedded_root(root)
-    kernels = sorted(Path("/boot").glob("vmlinuz-*"))
-    kernel = kernels[-1] if kernels else Path("/boot/vmlinuz")
-    xml = f"""<domain type='qemu'>
+    console = prefix / "console.log"
+    xml = f"""<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{VM_NAME}</name><uuid>{VM_UUID}</uuid>
-  <memory unit='MiB'>128</memory><vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{kernel}</kernel></os>
-  <features><apic/></features>
-  <devices><memballoon model='none'/></devices>
+  <memory unit='MiB'>256</memory><vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{image.kernel}</kernel>
+      <initrd>{image.initramfs}</initrd><cmdline>{escape(f"{image.cmdline} {IMA}")}</cmdline></os>
+  <features><acpi/><apic/></features>
+  <on_reboot>destroy</on_reboot>
+  <devices>
+    <serial type='file'><source path='{console}' append='on'/><target port='0'/></serial>
+    <filesystem type='mount' accessmode='passthrough'>
+      <source dir='{prefix / "src"}'/><target dir='repo'/><readonly/>
+    </filesystem>
+    <memballoon model='none'/>
+  </devices>
+  <qemu:commandline>
+    <qemu:arg value='-netdev'/>
+    <qemu:arg value='user,id=n0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22'/>
+    <qemu:arg value='-device'/><qemu:arg value='virtio-net-pci,netdev=n0,addr=0x10'/>
+  </qemu:commandline>
 </domain>"""
-    xml_file = root.parent / "domain.xml"
+    xml_file = prefix / "domain.xml"
     xml_file.write_text(xml)
     subprocess.run(
         ["virsh", "-q", "-c", embedded_uri(root), "define", str(xml_file)],
@@ -105,7 +132,47 @@ def _define_domain(root: Path) -> None:
     )
 
 
-def _inventory(prefix: Path, pg: postgres.Postgres, registrar_port: int) -> Path:
+def _tenant(directory: Path) -> tuple[Path, Path, str]:
+    """A tenant certificate (self-signed P-256) and key; returns their paths and fingerprint."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tenant-ansible")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    der = cert.public_bytes(serialization.Encoding.DER)
+    cert_path, key_path = directory / "tenant.der", directory / "tenant.key"
+    cert_path.write_bytes(der)
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path, "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def _wait_ready(console: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        text = console.read_text(errors="replace") if console.exists() else ""
+        if "VTPM-GUEST-READY" in text:
+            return
+        assert time.monotonic() < deadline, f"guest not ready:\n{text[-3000:]}"
+        time.sleep(0.2)
+
+
+def _inventory(
+    prefix: Path, pg: postgres.Postgres, registrar_port: int, enroll_port: int, owner: str
+) -> Path:
     host = {
         "ansible_connection": "local",
         "ansible_python_interpreter": "/usr/bin/python3",
@@ -125,6 +192,9 @@ def _inventory(prefix: Path, pg: postgres.Postgres, registrar_port: int) -> Path
         # host
         "vtpm_host_allow_software_root": True,
         "vtpm_host_vms": [VM_NAME],
+        "vtpm_host_approve_platform": True,
+        "vtpm_host_enroll_listen": f"127.0.0.1:{enroll_port}",
+        "vtpm_host_vm_owners": {VM_UUID: [owner]},
     }
     inventory = {
         "all": {
@@ -146,6 +216,7 @@ def _run_playbook(inventory: Path, log: Path) -> tuple[subprocess.CompletedProce
         "ANSIBLE_HOME": str(inventory.parent / "ansible-home"),
         "ANSIBLE_LOCAL_TEMP": str(inventory.parent / "ansible-tmp"),
         "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_LOG_PATH": os.environ.get("VTPM_ANSIBLE_LOG", str(log.with_suffix(".timed.log"))),
         "ANSIBLE_FORCE_COLOR": "0",
         "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
     }
@@ -234,9 +305,13 @@ def test_site_yml_deploys_registrar_and_host_then_changes_nothing(
 ) -> None:
     if os.geteuid() != 0:
         pytest.fail("the roles install system users and services: run the e2e tier as root")
+    image = build_image()
     _snapshot_source(prefix / "src")
-    _define_domain(prefix / "var/lib/vtpm-trust/libvirt")
-    inventory = _inventory(prefix, pg, _free_port())
+    ssh_port = _free_port()
+    _define_domain(prefix, image, ssh_port)
+    cert, key, owner = _tenant(prefix)
+    enroll_port = _free_port()
+    inventory = _inventory(prefix, pg, _free_port(), enroll_port, owner)
     log = prefix / "ansible.log"
 
     first, first_s = _run_playbook(inventory, log)
@@ -287,6 +362,47 @@ def test_site_yml_deploys_registrar_and_host_then_changes_nothing(
 
     with urllib.request.urlopen("http://127.0.0.1:9477/metrics", timeout=10) as resp:
         assert "vtpm_attestations_total" in resp.read().decode()
+
+    # The adopted VM boots on the agent's bridge, the tenant enrolls it and it attests trusted.
+    config = ["--config", str(prefix / "etc/vtpm-trust/agent.toml")]
+    runtime = ["--runtime-dir", str(prefix / "run/vtpm-trust/bridges")]
+    start = subprocess.run(
+        [str(venv / "bin/vtpm-host"), "vm", "start", VM_NAME, *config, *runtime],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert start.returncode == 0, start.stderr[-3000:]
+    try:
+        _wait_ready(prefix / "console.log")
+        tenant_state = prefix / "tenant"
+        enroll = subprocess.run(
+            [str(venv / "bin/vtpm-verify"), "enroll", "--host", f"https://127.0.0.1:{enroll_port}",
+             "--vm", VM_UUID, "--cert", str(cert), "--key", str(key),
+             "--fleet-ca", str(prefix / "var/lib/vtpm-trust/identity/ca.pem"),
+             "--state-dir", str(tenant_state), "--json"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert enroll.returncode == 0, enroll.stdout[-2000:] + enroll.stderr[-3000:]
+        attest = subprocess.run(
+            [str(venv / "bin/vtpm-verify"), "attest", "--ssh", f"root@127.0.0.1:{ssh_port}",
+             "--identity", str(image.ssh_private_key), "--host-key", image.ssh_host_public_key,
+             "--state-dir", str(tenant_state), "--vm", VM_UUID, "--guest-command", GUEST_AGENT,
+             "--json"],
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert attest.returncode == 0, attest.stdout[-3000:] + attest.stderr[-3000:]
+        report = json.loads(attest.stdout)
+        assert report["trusted"] is True, report
+        after = subprocess.run(
+            [str(venv / "bin/vtpm-host"), "status", "--json", *config, *runtime],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        (vm,) = json.loads(after.stdout)["vms"]
+        assert vm["vaik"] == "bound" and vm["bridge"] == "connected", vm
+    finally:
+        subprocess.run(
+            [str(venv / "bin/vtpm-host"), "vm", "stop", VM_NAME, *config, *runtime],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
 
     second, second_s = _run_playbook(inventory, log)
     assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-2000:]
