@@ -42,8 +42,10 @@ images: venv
 	$(BIN)/python -m vm_images.build
 disk-image: venv ; $(BIN)/python -m vm_images.disk
 
-demo: venv
-	$(BIN)/python scripts/demo.py
+# The whole product on one machine with the embedded defaults (scripts/demo.py); the guest
+# image comes through its cache (`images`), the demo cleans up whatever it started.
+demo: venv images
+	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
 bench: venv
 	$(BIN)/python bench/replay.py

@@ -80,6 +80,7 @@ class Act:
     result: str = "not run"
     ok: bool = False
     status: str = "not run"  # passed | failed | skipped | not run
+    outcome: str = ""  # a few words for the summary table
     seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -347,6 +348,7 @@ def act_corpus(demo: Demo, act: Act) -> str:
         if "not found" in line:
             raise Skipped(line)
         raise DemoFailure(line)
+    act.outcome = "replayed: " + line.split(";")[1].strip().replace("expected PCR ", "")
     return line
 
 
@@ -440,6 +442,7 @@ def act_init(demo: Demo, act: Act) -> str:
     demo.say.step("the fleet approves this host's platform state (PCR0-8) for vAIK signing")
     policy = _fleet_approval(demo)
     act.details.update(sign_policy=policy, development_only_notice=notice)
+    act.outcome = "admitted (software root: DEVELOPMENT ONLY)"
     return (
         f"host admitted by the embedded registrar (AIK certificate from the fleet CA), store "
         f"created, platform policy {policy[:16]}… approved"
@@ -522,6 +525,7 @@ def act_boot(demo: Demo, act: Act) -> str:
                 raise DemoFailure(f"no SSH into the guest: {err}") from err
             time.sleep(1)
     act.details["boot_seconds"] = round(boot, 1)
+    act.outcome = f"running (boot {boot:.1f} s)"
     return f"VM {VM_NAME} ({demo.vm_uuid}) running, adopted, booted in {boot:.1f} s"
 
 
@@ -573,6 +577,7 @@ def act_enroll(demo: Demo, act: Act) -> str:
     )  # fmt: skip
     with contextlib.suppress(ValueError):
         act.details["enrollment"] = json.loads(proc.stdout)
+    act.outcome = "enrolled (vAIK bound)"
     return (
         "vAIK created and bound to this VM and cert_user; chain CertvAIK → CertAuthKey → "
         "AIK certificate → fleet CA checked"
@@ -604,6 +609,7 @@ def _attest(demo: Demo, act: Act, label: str) -> str:
         raise DemoFailure(f"NOT TRUSTED (exit {proc.returncode}), {len(findings)} finding(s)")
     summary = _vpcr_summary(bundle)
     act.details["vpcrs"] = summary
+    act.outcome = f"TRUSTED, {len(findings)} finding(s)"
     demo.say.info(summary["text"])
     return f"TRUSTED — {len(findings)} finding(s); {summary['short']}"
 
@@ -665,6 +671,7 @@ def act_save(demo: Demo, act: Act) -> str:
         raise DemoFailure(f"image verify says {check.get('verdict')!r} for the genuine image")
     act.details.update(record=saved.get("record"), save_seconds=round(took, 2), verify=check)
     rec = str(saved.get("record"))
+    act.outcome = f"sealed in {took:.1f} s; image: match"
     return f"saved in {took:.1f} s, sealed record {rec[:16]}…; image verify: match; VM off"
 
 
@@ -702,7 +709,8 @@ def act_tamper(demo: Demo, act: Act) -> str:
         raise DemoFailure(f"the tampered image was not refused (exit {refused.returncode})")
     if state.replace(" ", "") not in ("shutoff", "absent"):
         raise DemoFailure(f"after a refused restore the VM is {state!r}, expected shut off")
-    return f"REFUSED as expected — page {page} differs; VM {state}"
+    act.outcome = f"REFUSED (page {page}); VM off"
+    return f"REFUSED as expected — page {page} differs; the VM stays off ({state})"
 
 
 def act_restore(demo: Demo, act: Act) -> str:
@@ -720,14 +728,16 @@ def act_restore(demo: Demo, act: Act) -> str:
         raise DemoFailure("the restored VM's vPCRs differ from those before the save")
     demo.say.info(f"restored and verified in {took:.1f} s; vPCRs identical to before the save")
     act.details["restore_seconds"] = round(took, 2)
-    return f"verified restore in {took:.1f} s; " + _attest(demo, act, "restored")
+    line = _attest(demo, act, "restored")
+    act.outcome = f"verified in {took:.1f} s; {act.outcome}"
+    return f"verified restore in {took:.1f} s; {line}"
 
 
 ACTS: list[tuple[str, str, Callable[[Demo, Act], str], bool]] = [
     # title, expected outcome, function, needed by the acts after it
-    ("Corpus replay (real firmware event logs)", "all values reproduced", act_corpus, False),
-    ("Host init: software root, embedded registrar, store", "host admitted", act_init, True),
-    ("Boot an adopted VM with the daemon running", "VM running", act_boot, True),
+    ("Corpus replay (real firmware logs)", "all values reproduced", act_corpus, False),
+    ("Host init (root, registrar, store)", "host admitted", act_init, True),
+    ("Boot an adopted VM, daemon running", "VM running", act_boot, True),
     ("Tenant enrollment", "enrolled", act_enroll, True),
     ("Attest over SSH", "trusted", act_attest, True),
     ("Save (sealed)", "sealed, image matches", act_save, True),
@@ -743,9 +753,14 @@ ACTS: list[tuple[str, str, Callable[[Demo, Act], str], bool]] = [
 def _summary_table(acts: list[Act], total: float, say: Narrator) -> None:
     say.out.write("\n" + say._c("1", "== Summary ==") + "\n")
     width = max(len(a.title) for a in acts)
+    owidth = max(len(a.outcome) for a in acts)
+    say.out.write(f"  #  {'step':<{width}}  {'':<4}  {'result':<{owidth}}  {'time':>8}\n")
     for a in acts:
-        status = {"passed": "OK", "failed": "FAIL", "skipped": "SKIPPED"}.get(a.status, "not run")
-        say.out.write(f"  {a.number}  {a.title:<{width}}  {status:<8} {a.seconds:6.1f} s\n")
+        status = {"passed": "OK", "failed": "FAIL", "skipped": "SKIP"}.get(a.status, "-")
+        say.out.write(
+            f"  {a.number}  {a.title:<{width}}  {status:<4}  {a.outcome:<{owidth}}  "
+            f"{a.seconds:6.1f} s\n"
+        )
     ok = all(a.status == "passed" or (a.number == 0 and a.status == "skipped") for a in acts)
     verdict = "every act gave its expected outcome" if ok else "NOT every act gave its outcome"
     say.out.write(f"  total {total:.1f} s — {verdict}\n")
@@ -797,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
             for act, (_, _, fn, needed) in zip(acts, ACTS, strict=True):
                 say.heading(act)
                 if blocked is not None:
-                    act.result = f"not run: {blocked}"
+                    act.result, act.outcome = f"not run: {blocked}", "not run"
                     say.out.write(f"   ---- {act.result}\n")
                     continue
                 t0 = time.monotonic()
@@ -811,6 +826,9 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as err:  # a crash of a piece is a failed act, not a traceback
                     act.status, act.result = "failed", f"FAILED: {type(err).__name__}: {err}"
                 act.seconds = time.monotonic() - t0
+                if act.status != "passed":
+                    act.outcome = act.result.split(":")[0]
+                    act.details["daemon_log_tail"] = demo.log_tail(3000)
                 say.result(act)
                 if act.status != "passed" and needed:
                     blocked = f"act {act.number} ({act.title}) did not succeed"
