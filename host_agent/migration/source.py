@@ -221,17 +221,21 @@ class SourceMigration:
             migration_id = uuid.UUID(bytes=host.random_bytes(16), version=4)
             nonce = host.random_bytes(32)
             host.live.add(migration_id)
-            self.entry = host.j.write(
-                JournalEntry(
-                    migration_id,
-                    "source",
-                    SourceStep.STARTED,
-                    self.vm_uuid,
-                    self.target,
-                    self.address,
-                    {"nonce": nonce.hex()},
+            try:
+                self.entry = host.j.write(
+                    JournalEntry(
+                        migration_id,
+                        "source",
+                        SourceStep.STARTED,
+                        self.vm_uuid,
+                        self.target,
+                        self.address,
+                        {"nonce": nonce.hex()},
+                    )
                 )
-            )
+            except BaseException:
+                host.live.discard(migration_id)
+                raise
         channel: PeerChannel | None = None
         try:
             try:
@@ -285,6 +289,8 @@ class SourceMigration:
         mid = str(self._entry.migration_id)
         with host.lock:
             record = _vaik_record(host, self.vm_uuid)
+            if record.get("state", "active") != "active":
+                raise VaikNotMovable(f"VM {vm}: its vAIK became {record['state']} meanwhile")
             binding_record = host.store.find("binding", vm)
             binding = binding_record.json() if binding_record is not None else {}
 
