@@ -734,15 +734,30 @@ class AttestService:
             raise
         registry = daemon.registry
 
+        def channel_of(entry: Any) -> str | None:
+            """The adoption record's channel socket; read from disk for a VM adopted after the
+            daemon started (the registry loads adoption records at start only)."""
+            record = entry.adoption
+            if record is None:
+                try:
+                    record = json.loads((state / "vms" / entry.uuid / "adoption.json").read_text())
+                except (OSError, ValueError):
+                    return None
+            path = record.get("channel_socket") if isinstance(record, dict) else None
+            return str(path) if path else None
+
         def sync() -> None:
             known: dict[uuid.UUID, str] = {}
             while True:
-                for entry in registry.entries():
-                    path = (entry.adoption or {}).get("channel_socket")
-                    vm = uuid.UUID(entry.uuid)
-                    if path and known.get(vm) != path and self.channels is not None:
-                        self.channels.add_vm(vm, Path(path))
-                        known[vm] = path
+                try:
+                    for entry in registry.entries():
+                        path = channel_of(entry)
+                        vm = uuid.UUID(entry.uuid)
+                        if path and known.get(vm) != path and self.channels is not None:
+                            self.channels.add_vm(vm, Path(path))
+                            known[vm] = path
+                except Exception:  # the loop must survive one bad entry
+                    log.exception("attest: channel sync failed")
                 if self._stop.wait(self.sync_interval):
                     return
 

@@ -102,9 +102,6 @@ def test_daemon_component_enrolls_and_attests(state: AgentConfig) -> None:
     vm = VmBridge(state, "vm-attest")
     vm_dir = state.state_dir / "vms" / vm.uuid
     guest = GuestEnd(vm_dir / "attest.sock")
-    (vm_dir / "adoption.json").write_text(
-        json.dumps({"uuid": vm.uuid, "name": "vm-attest", "channel_socket": str(guest.path)})
-    )
     write_owners(state, {vm.uuid: [fingerprint(TENANT.cert_user)]})
     service = AttestService(sync_interval=0.1)
     metrics = MetricsComponent(config=MetricsConfig(port=0))  # no fixed port: tests run in parallel
@@ -116,6 +113,10 @@ def test_daemon_component_enrolls_and_attests(state: AgentConfig) -> None:
         now=lambda: NOW,
     )
     daemon.start()
+    # adopted after the daemon started: the component still finds its channel
+    (vm_dir / "adoption.json").write_text(
+        json.dumps({"uuid": vm.uuid, "name": "vm-attest", "channel_socket": str(guest.path)})
+    )
     qemu = QemuSide(vm_dir / "ctrl.sock")
     try:
         qemu.boot()
