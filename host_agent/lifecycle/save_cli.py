@@ -19,7 +19,9 @@ whoever opens it, so the daemon does not hold it):
   a fresh bridge listening), then ``virDomainRestoreFlags``; a refusal is reported with the
   daemon's reason (differing pages …), and the VM's swtpm and bridge are stopped again.
 - ``vtpm-host vm arm DOMAIN``: only the arming, so that a plain ``virsh restore`` (or managedsave
-  start, or ``restoreFlags`` from any client) goes through the same verified path.
+  start, or ``restoreFlags`` from any client) goes through the same verified path. The daemon
+  arms a VM by itself after each sealed save; this is for the other cases (an image copied in,
+  a restore refused earlier).
 - ``vtpm-host vm revert DOMAIN SNAPSHOT``: libvirt 9.0 cannot revert external snapshots; stop the
   domain if it runs and restore from the snapshot's memory file through the same verified path.
   (Disks are not reverted: the snapshot's disk overlays stay as they are.)

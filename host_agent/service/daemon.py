@@ -14,7 +14,12 @@ What it owns (ARCHITECTURE.md §1):
   ops: ``status``, ``prepare_save`` (start the background hashing pass of a VM), ``adopt_state``
   (seal a record for an image made without the agent), ``records`` (sealed records, newest
   first), ``last_veto`` (why a restore was refused);
-- the ``components``: other services that live inside the daemon.
+- the ``components``: other services that live inside the daemon;
+- arming after a save: once an adopted VM's save is sealed and its QEMU has gone, the daemon
+  restarts its swtpm for incoming state and starts a bridge on its TPM socket, so that a plain
+  ``virsh restore`` (or managedsave start) goes through the same verification
+  (:meth:`Daemon.sync`). The libvirt connection itself stays with the ``vtpm-host vm`` commands:
+  the embedded driver's root is locked by the process that opens it.
 
 Start order: TPM → store → registry (adoption records, bridge registry) → reap the swtpms of
 VMs that are gone, take over those of VMs that still run → hooks server → control socket →
