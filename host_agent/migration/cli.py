@@ -2,7 +2,7 @@
 
 ``vm migrate DOMAIN --to HOST [--address HOST:PORT] [--json]`` asks this host's migration
 service (the daemon's component, or ``migration serve``) over ``<state>/run/migration.sock``
-to move DOMAIN's vAIK to HOST. DOMAIN is the VM UUID (name lookup needs the libvirt adapter).
+to move DOMAIN's vAIK to HOST. DOMAIN is the VM's UUID or the name it was adopted under.
 Exit status 0 when committed, 2 with ``vtpm-host: error [id]`` when refused or aborted.
 
 ``migration serve --listen HOST:PORT [--approvals FILE]`` runs the service standalone in the
@@ -74,7 +74,7 @@ def register(subparsers: Any) -> None:
             "activates it when this host commits; this host then deletes its copy."
         ),
     )
-    p.add_argument("domain", metavar="DOMAIN", help="the VM's UUID")
+    p.add_argument("domain", metavar="DOMAIN", help="the VM's UUID or adopted name")
     p.add_argument("--to", required=True, metavar="HOST", help="the target's host id")
     p.add_argument(
         "--address",
@@ -104,12 +104,30 @@ def _socket(config: AgentConfig) -> Path:
     return Path(config.state_dir) / "run" / "migration.sock"
 
 
+def _resolve(config: AgentConfig, domain: str) -> uuid.UUID | None:
+    """DOMAIN as a UUID, or the UUID of the adopted VM of that name (the VM registry)."""
+    try:
+        return uuid.UUID(domain)
+    except ValueError:
+        pass
+    from host_agent.service.vm_registry import VmRegistry
+    from host_agent.vtpm.cli import DEFAULT_RUNTIME_DIR
+
+    registry = VmRegistry(Path(config.state_dir), DEFAULT_RUNTIME_DIR)
+    registry.load()
+    entry = registry.find(domain)
+    return None if entry is None else uuid.UUID(entry.uuid)
+
+
 def _cmd_migrate(args: argparse.Namespace) -> int:
     config = _config(args)
-    try:
-        vm_uuid = uuid.UUID(args.domain)
-    except ValueError:
-        print(f"vtpm-host: DOMAIN must be the VM's UUID, got {args.domain!r}", file=sys.stderr)
+    vm_uuid = _resolve(config, args.domain)
+    if vm_uuid is None:
+        print(
+            f"vtpm-host: error [migration.unknown_vm]: no adopted VM is named {args.domain!r} "
+            "(give its UUID, or adopt it first)",
+            file=sys.stderr,
+        )
         return 2
     address = args.address or f"{args.to}:{DEFAULT_PORT}"
     try:

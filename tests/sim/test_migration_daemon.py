@@ -104,3 +104,9 @@ def test_vm_migrate_through_the_daemons_migration_component(hosts: Hosts) -> Non
     assert (src.state, tgt.state) == (VaikState.ABSENT, VaikState.ACTIVE)
     assert [e.step for e in src.journal] == [SourceStep.DONE]
     assert [e.step for e in tgt.journal] == [TargetStep.ACTIVE]
+
+
+def test_vm_migrate_names_an_unknown_domain(hosts: Hosts) -> None:
+    done = HostProcess(hosts.a, hosts.approvals).migrate_name("no-such-vm", "host-b", "x:1")
+    assert done.returncode == 2
+    assert "[migration.unknown_vm]" in done.stderr

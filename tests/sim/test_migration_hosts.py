@@ -269,12 +269,15 @@ class HostProcess:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def migrate(self, vm: uuid.UUID, to: str, address: str) -> subprocess.CompletedProcess[str]:
+        return self.migrate_name(str(vm), to, address)
+
+    def migrate_name(self, vm: str, to: str, address: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [
                 *HOST_CLI,
                 "vm",
                 "migrate",
-                str(vm),
+                vm,
                 "--to",
                 to,
                 "--address",
