@@ -1,0 +1,114 @@
+"""``make demo`` end to end: ``python scripts/demo.py --json`` with real everything.
+
+The embedded defaults only (software root, embedded registrar, SQLite store, libvirt's embedded
+driver, the test guest image through its cache): each act must give its expected outcome, the run
+must fit in five minutes once the image is cached, and nothing it started may outlive it. A
+second run is interrupted with SIGTERM while its VM runs, and must clean up all the same.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = [sys.executable, str(REPO / "scripts" / "demo.py")]
+
+
+def _ours(state: Path) -> list[str]:
+    """Command lines of live processes that name the demo's state directory."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            status = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if status != "Z" and str(state) in argv:
+            found.append(f"{proc.name}: {argv[:200]}")
+    return found
+
+
+def test_demo_runs_every_act_for_real_and_leaves_nothing_behind() -> None:
+    t0 = time.monotonic()
+    proc = subprocess.run([*DEMO, "--json"], capture_output=True, text=True, timeout=900, cwd=REPO)
+    took = time.monotonic() - t0
+    assert proc.stdout.strip(), proc.stderr[-5000:]
+    doc: dict[str, Any] = json.loads(proc.stdout)
+    acts = {a["number"]: a for a in doc["acts"]}
+    report = "\n".join(f"{n} {a['status']}: {a['result']}" for n, a in acts.items())
+    assert proc.returncode == 0 and doc["ok"] is True, report + "\n" + proc.stderr[-5000:]
+    assert [a["status"] for a in doc["acts"]] == ["passed"] * 8, report
+
+    assert "DEVELOPMENT ONLY" in acts[1]["details"]["development_only_notice"]
+    assert acts[2]["details"]["vm_uuid"]
+    # attest over SSH: trusted, nothing to report, firmware log and IMA list replayed
+    for n in (4, 7):
+        assert acts[n]["details"]["trusted"] is True and acts[n]["details"]["findings"] == []
+        vpcrs = acts[n]["details"]["vpcrs"]
+        assert vpcrs["eventlog_events"] > 0 and vpcrs["ima_entries"] > 0
+    assert acts[7]["details"]["vpcrs"]["pcrs"] == acts[4]["details"]["vpcrs"]["pcrs"]
+    # save: sealed, and the genuine image matches its record
+    assert acts[5]["details"]["record"] and acts[5]["details"]["verify"]["verdict"] == "match"
+    # tamper: one page named, the restore refused (exit 2), the VM not running
+    tamper = acts[6]["details"]
+    assert len(tamper["differing_pages"]) == 1 and tamper["restore_exit"] == 2
+    assert tamper["vm_state"].replace(" ", "") == "shutoff"
+    assert "REFUSED" in acts[6]["result"]
+    # restore: verified, then trusted again
+    assert "verified restore" in acts[7]["result"] and "TRUSTED" in acts[7]["result"]
+
+    print(f"\ndemo: {doc['total_seconds']} s ({took:.1f} s with the interpreter)")
+    assert doc["total_seconds"] <= 300, report
+    state = Path(doc["state_dir"])
+    assert not state.exists(), "the state directory is removed"
+    assert _ours(state) == [], "every process the demo started is gone"
+
+
+def test_demo_interrupted_while_its_vm_runs_cleans_up() -> None:
+    state = Path(tempfile.mkdtemp(prefix="vtpm-demo-int-", dir="/tmp")) / "s"
+    proc = subprocess.Popen(
+        [*DEMO, "--json", "--state-dir", str(state)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.stderr is not None and proc.stdout is not None
+    seen = ""
+    try:
+        deadline = time.monotonic() + 300
+        while "guest ready" not in seen:
+            assert proc.poll() is None, seen[-3000:]
+            assert time.monotonic() < deadline, seen[-3000:]
+            ready, _, _ = select.select([proc.stderr], [], [], 1)
+            if ready:
+                seen += proc.stderr.readline()
+        assert any("qemu-system" in p for p in _ours(state)), "the VM runs"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err[-3000:]
+    assert "interrupted: cleaning up" in seen + err
+    doc = json.loads(out)
+    assert doc["ok"] is False
+    assert not state.exists(), "the state directory is removed"
+    assert _ours(state) == [], "every process the demo started is gone"
+    shutil.rmtree(state.parent, ignore_errors=True)
