@@ -156,6 +156,10 @@ def prepare_embedded_root(root: Path, *, ensure_user: bool = True) -> Path:
     try:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         conf.parent.mkdir(mode=0o755, exist_ok=True)
+        # libvirt opens <root>/log/libvirt.log (LIBVIRT_LOG_OUTPUTS, set by the vm CLI) when its
+        # module loads, before the driver would create the directory: a missing one makes
+        # `import libvirt` itself fail on a fresh root.
+        (root / "log").mkdir(mode=0o700, exist_ok=True)
         try:
             current = conf.read_text()
         except FileNotFoundError:
