@@ -575,12 +575,12 @@ class GuestChannelService:
             finally:
                 with ch.send_lock:
                     ch.pending -= 1
-            self._send(ch, sock, answer)
-            if self.observer is not None:
+            if self.observer is not None:  # before the answer: whoever has it sees it counted
                 try:
                     self.observer(ch.vm_uuid, answer)
                 except Exception:  # bookkeeping never breaks attestation
                     log.exception("attest: observer failed")
+            self._send(ch, sock, answer)
 
         self._pool.submit(work)
 
