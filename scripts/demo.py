@@ -671,8 +671,9 @@ def act_save(demo: Demo, act: Act) -> str:
         raise DemoFailure(f"image verify says {check.get('verdict')!r} for the genuine image")
     act.details.update(record=saved.get("record"), save_seconds=round(took, 2), verify=check)
     rec = str(saved.get("record"))
+    demo.say.info(f"sealed record {rec}: memory root, vPCRs and vTPM state digests")
     act.outcome = f"sealed in {took:.1f} s; image: match"
-    return f"saved in {took:.1f} s, sealed record {rec[:16]}…; image verify: match; VM off"
+    return f"saved in {took:.1f} s and sealed; image verify: match; the VM is off"
 
 
 def act_tamper(demo: Demo, act: Act) -> str:
@@ -702,15 +703,23 @@ def act_tamper(demo: Demo, act: Act) -> str:
         (ln for ln in refused.stderr.splitlines() if "restore_refused" in ln),
         refused.stderr.strip().splitlines()[-1] if refused.stderr.strip() else "",
     )
-    demo.say.info(line[:200])
+    head, sep, reason = line.partition(" refused: ")
+    demo.say.info(f"{head}{sep.rstrip()}")
+    if reason:
+        demo.say.info(f"  {reason.split('; restore ')[0][:240]}")  # not libvirt's own words
     state = demo.vm_state()
-    act.details.update(differing_pages=pages, restore_exit=refused.returncode, vm_state=state)
+    act.details.update(
+        differing_pages=pages, restore_exit=refused.returncode, vm_state=state, refusal=line
+    )
     if refused.returncode == 0 or "restore_refused" not in refused.stderr:
         raise DemoFailure(f"the tampered image was not refused (exit {refused.returncode})")
+    if f": {page} (" not in line and f": {page}-" not in line:
+        raise DemoFailure(f"the refusal does not name page {page}: {line[:300]}")
     if state.replace(" ", "") not in ("shutoff", "absent"):
         raise DemoFailure(f"after a refused restore the VM is {state!r}, expected shut off")
     act.outcome = f"REFUSED (page {page}); VM off"
-    return f"REFUSED as expected — page {page} differs; the VM stays off ({state})"
+    shown = "shut off" if state == "shutoff" else state
+    return f"REFUSED as expected — page {page} differs; the VM stays {shown}"
 
 
 def act_restore(demo: Demo, act: Act) -> str:
