@@ -636,10 +636,16 @@ class AttestService:
     """
 
     def __init__(
-        self, *, listen: tuple[str, int] | None = None, sync_interval: float = 2.0
+        self,
+        *,
+        listen: tuple[str, int] | None = None,
+        sync_interval: float = 2.0,
+        boot_poll_interval: float = 1.0,
     ) -> None:
         self.listen = listen
         self.sync_interval = sync_interval
+        self.boot_poll_interval = boot_poll_interval
+        self._hooks: tuple[Any, Any, Any] | None = None
         self.enroll: Any = None
         self.server: Any = None
         self.attestor: Attestor | None = None
@@ -728,10 +734,11 @@ class AttestService:
             self.server = en.EnrollmentServer(
                 self.enroll, listen or DEFAULT_LISTEN, ident / "tls.pem", ident / "tls-key.pem"
             ).start()
-            self.enroll.start()
+            self.enroll.start(interval=self.boot_poll_interval)
         except BaseException:
             self.channels.stop()
             raise
+        self._watch_saves(daemon.hooks)
         registry = daemon.registry
 
         def channel_of(entry: Any) -> str | None:
@@ -765,8 +772,36 @@ class AttestService:
         self._sync.start()
         log.info("attest: enrollment API on %s, guest channels served", self.server.url)
 
+    def _watch_saves(self, hooks: Any) -> None:
+        """Judge each VM's boot when a save (or snapshot, or outgoing migration) begins.
+
+        The boot poll runs every ``boot_poll_interval``; a guest that reboots and is saved
+        within one interval would otherwise leave its binding active in the saved state, and a
+        restore into a new bridge (one per QEMU) could not tell. So the first GET_STATEBLOB
+        (PERMANENT) of a save checks the binding first (a bridge status call; a reset
+        deactivates it), then the daemon's own handler runs. Never vetoes: a refusal here only
+        records what the counters show.
+        """
+        original = hooks.on_get_stateblob
+
+        def on_get_stateblob(call: Any) -> Any:
+            if call.blob_type == 1:
+                try:
+                    if self.enroll is not None:
+                        self.enroll.active_binding(uuid.UUID(call.vm_uuid))
+                except (VtpmError, ValueError):
+                    pass  # not enrolled, reset (now recorded), migrating: the save goes on
+            return original(call)
+
+        hooks.on_get_stateblob = on_get_stateblob
+        self._hooks = (hooks, original, on_get_stateblob)
+
     def stop(self) -> None:
         self._stop.set()
+        if self._hooks is not None:
+            hooks, original, ours = self._hooks
+            if hooks.on_get_stateblob is ours:
+                hooks.on_get_stateblob = original
         for part in (self.server, self.enroll, self.channels):
             if part is not None:
                 with contextlib.suppress(Exception):

@@ -37,10 +37,11 @@ SET_STATEBLOB is a cold boot; a new session that starts with SET_STATEBLOB and e
 is a restore (the same boot continues, the daemon's restore path having checked the sealed
 state). Nothing is judged while the vTPM is not running (QEMU gone, a restore half done).
 :meth:`EnrollmentService.check_boots` (polled) and every attestation deactivate a binding whose
-VM was reset. What the bridge should add so no poll is needed and a reboot before
-a save cannot go unseen: a ``boot`` event on every CMD_INIT not preceded by SET_STATEBLOB, or a
-``read_clock`` op (TPM2_ReadClock's resetCount, which a restore brings back and a reboot
-increments).
+VM was reset, and so does the start of every save (``attest.AttestService`` checks the binding
+on the first GET_STATEBLOB), so a reboot just before a save is recorded before the state leaves.
+What the bridge could add so that no poll is needed: a ``boot`` event on every CMD_INIT not
+preceded by SET_STATEBLOB, or a ``read_clock`` op (TPM2_ReadClock's resetCount, which a restore
+brings back and a reboot increments).
 
 Clones and rollback. Bindings are keyed by VM UUID, so a clone (another UUID) has none; they live
 in the trusted store (rollback-protected), never in the swtpm state, so restoring an older VM

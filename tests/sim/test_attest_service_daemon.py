@@ -149,3 +149,46 @@ def test_daemon_component_enrolls_and_attests(state: AgentConfig) -> None:
         guest.close()
         daemon.stop()
         vm.close()
+
+
+def test_a_reboot_just_before_a_save_is_recorded_by_the_save(state: AgentConfig) -> None:
+    from host_agent.vtpm import ctrl_codec as cc
+    from tests.sim.test_bridge import STARTUP_CLEAR
+
+    vm = VmBridge(state, "vm-save")
+    vm_dir = state.state_dir / "vms" / vm.uuid
+    guest = GuestEnd(vm_dir / "attest.sock")
+    write_owners(state, {vm.uuid: [fingerprint(TENANT.cert_user)]})
+    (vm_dir / "adoption.json").write_text(
+        json.dumps({"uuid": vm.uuid, "name": "vm-save", "channel_socket": str(guest.path)})
+    )
+    # no boot poll during the test: only the save can notice the reboot
+    service = AttestService(sync_interval=0.1, boot_poll_interval=3600)
+    daemon = Daemon(
+        state, runtime_dir=state.state_dir / "bridges", reap=False, components=[service],
+        now=lambda: NOW,
+    )  # fmt: skip
+    daemon.start()
+    qemu = QemuSide(vm_dir / "ctrl.sock")
+    try:
+        qemu.boot()
+        wait_for(lambda: vm.uuid in daemon.hooks.bridges())
+        guest.accept()
+        enroll(service.server.url, uuid.UUID(vm.uuid), TENANT.cert_user, TENANT.key,
+               [FLEET.certificate], now=NOW)  # fmt: skip
+        assert guest.request(secrets.token_bytes(32))["ok"] is True
+        # the guest reboots, and is saved before anything attests or polls
+        assert qemu.request(cc.Stop()).result == 0
+        assert qemu.request(cc.SetBufferSize(0xF80)).result == 0
+        assert qemu.request(cc.Init(0)).result == 0
+        qemu.tpm(STARTUP_CLEAR)
+        qemu.request(cc.GetStateBlob(cc.BlobType.PERMANENT))  # sealed or vetoed: either way
+        binding = daemon.store.find("binding", vm.uuid)
+        assert binding is not None and binding.json()["active"] is False
+        answer = guest.request(secrets.token_bytes(32))
+        assert answer["ok"] is False and answer["error"]["id"] == "attest.reauth_required"
+    finally:
+        qemu.close()
+        guest.close()
+        daemon.stop()
+        vm.close()
