@@ -192,3 +192,17 @@ def test_a_reboot_just_before_a_save_is_recorded_by_the_save(state: AgentConfig)
         guest.close()
         daemon.stop()
         vm.close()
+
+
+def test_a_missing_fleet_policy_key_stops_the_daemon_with_attest_config(
+    state: AgentConfig,
+) -> None:
+    from host_agent.service.attest import AttestConfigError
+
+    (state.state_dir / "attest" / "fleet-policy-key.pem").unlink()
+    daemon = Daemon(
+        state, runtime_dir=state.state_dir / "bridges", reap=False, components=[AttestService()]
+    )
+    with pytest.raises(AttestConfigError, match="fleet policy key") as info:
+        daemon.start()
+    assert info.value.id == "attest.config"
