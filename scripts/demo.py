@@ -165,6 +165,7 @@ class Demo:
         self.image: dict[str, Any] = {}
         self.vm_created = False
         self.pcrs_before_save: dict[str, str] | None = None
+        self.last_output = ""  # of the last command that failed
 
     # ---- commands
 
@@ -175,8 +176,10 @@ class Demo:
             argv, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=self.env
         )
         if check and proc.returncode != 0:
-            tail = (proc.stderr.strip() or proc.stdout.strip())[-1500:]
-            raise DemoFailure(f"`{' '.join(argv[2:5])} …` exited {proc.returncode}: {tail}")
+            output = proc.stderr.strip() or proc.stdout.strip()
+            self.last_output = output[-3000:]  # the whole story goes to --json
+            last = output.splitlines()[-1] if output else "no output"
+            raise DemoFailure(f"`{' '.join(argv[2:5])} …` exited {proc.returncode}: {last}")
         return proc
 
     def host(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -284,7 +287,7 @@ class Demo:
             if stdin is not None:
                 chan_in.write(stdin)
             chan_in.channel.shutdown_write()
-            out = chan_out.read().decode(errors="replace")
+            out: str = chan_out.read().decode(errors="replace")
             err = chan_err.read().decode(errors="replace")
             rc = chan_out.channel.recv_exit_status()
         finally:
@@ -838,6 +841,7 @@ def main(argv: list[str] | None = None) -> int:
                 if act.status != "passed":
                     act.outcome = act.result.split(":")[0]
                     act.details["daemon_log_tail"] = demo.log_tail(3000)
+                    act.details["command_output"] = demo.last_output
                 say.result(act)
                 if act.status != "passed" and needed:
                     blocked = f"act {act.number} ({act.title}) did not succeed"
