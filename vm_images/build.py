@@ -10,8 +10,8 @@ stderr, one line per step. The cache directory is ``$VTPM_IMAGE_CACHE/<key>/`` o
 source, the kernel release and the Debian package versions the image is made from), so a second
 build with the same inputs is a no-op that says so.
 
-This module uses the standard library only and imports nothing of ours, so it also runs as a
-plain script with Debian's Python.
+This module uses the standard library only and imports nothing of ours but
+``vm_images/_common.py`` (likewise), so it also runs as a plain script with Debian's Python.
 """
 
 from __future__ import annotations
@@ -30,9 +30,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: python vm_images/build.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vm_images._common import (  # shared with disk.py
+    ImageBuildError,
+    Progress,
+    cache_key,
+    env_cache_dir,
+    prune_entries,
+    publish_entry,
+    work_dir,
+)
+from vm_images._common import log as _log
+from vm_images._common import run_step as _run
 
 __all__ = [
     "FORMAT",
@@ -150,12 +165,6 @@ PY_SSL_EXTENSIONS = ("_hashlib", "_ssl")
 
 LIBDIR = "lib/x86_64-linux-gnu"
 
-Progress = Callable[[str], None]
-
-
-class ImageBuildError(RuntimeError):
-    """A build step failed; the message names the step, the command and its output."""
-
 
 @dataclass(frozen=True)
 class GuestImage:
@@ -199,10 +208,7 @@ class GuestImage:
 
 def default_cache_root(environ: Mapping[str, str] | None = None) -> Path:
     """``$VTPM_IMAGE_CACHE`` if set, else ``~/.cache/vtpm-trust/images``."""
-    env = os.environ if environ is None else environ
-    if env.get("VTPM_IMAGE_CACHE"):
-        return Path(env["VTPM_IMAGE_CACHE"]).expanduser()
-    return Path(env.get("HOME", str(Path.home()))) / ".cache" / "vtpm-trust" / "images"
+    return env_cache_dir(environ, "VTPM_IMAGE_CACHE", "images")
 
 
 def _version_key(release: str) -> list[object]:
@@ -258,12 +264,6 @@ def collect_inputs(
         "packages": dict(sorted(package_versions.items())),
         "with_ssl": with_ssl,
     }
-
-
-def cache_key(inputs: Mapping[str, object]) -> str:
-    """A short, stable hash of :func:`collect_inputs`'s result."""
-    blob = json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:20]
 
 
 # ----------------------------------------------------------------------------- modules
@@ -381,18 +381,6 @@ class _Cpio:
 
 
 # ----------------------------------------------------------------------------- build steps
-
-
-def _run(step: str, cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    except OSError as err:
-        raise ImageBuildError(f"{step}: cannot run {cmd[0]}: {err}") from err
-    if proc.returncode != 0:
-        raise ImageBuildError(
-            f"{step}: {' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}{proc.stderr}"
-        )
-    return proc
 
 
 def _shared_libraries(step: str, binaries: Iterable[Path]) -> set[Path]:
@@ -597,11 +585,6 @@ def _stage_etc(stage: Path, source_dir: Path, key: str, release: str) -> None:
     (etc / "vtpm" / "kernel-release").write_text(release + "\n")
 
 
-def _log(progress: Progress | None, msg: str) -> None:
-    if progress is not None:
-        progress(msg)
-
-
 def _stderr_progress(msg: str) -> None:
     print(f"vm_images: {msg}", file=sys.stderr, flush=True)
 
@@ -678,9 +661,7 @@ def build_image(
         raise ImageBuildError(f"kernel {kernel} not found")
 
     _log(progress, f"building key {key} for kernel {release} into {final}")
-    root.mkdir(parents=True, exist_ok=True)
-    out = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
-    out.chmod(0o755)
+    out = work_dir(root, key)
     try:
         with tempfile.TemporaryDirectory(prefix="vtpm-guest-stage-") as tmp:
             details = _assemble(Path(tmp), out, key, release, source_dir, with_ssl, progress)
@@ -701,18 +682,8 @@ def build_image(
             **details,
             "build_seconds": round(time.monotonic() - t0, 2),
         }
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if force and final.exists():
-            shutil.rmtree(final)
-        try:
-            out.rename(final)
-        except OSError:
-            # Another build of the same key won the race: theirs is as good as ours.
-            if not (final / "manifest.json").is_file():
-                raise
-            shutil.rmtree(out, ignore_errors=True)
-            _log(progress, f"another build finished {final} first; using it")
-            return load_image(final)
+        if not publish_entry(out, final, manifest, force=force, progress=progress):
+            return load_image(final)  # another build of the same key won the race
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -809,18 +780,11 @@ def prune_cache(
     Only directories that look like ours are touched: an entry has a ``manifest.json``; a
     leftover of an interrupted build is named ``.<key>.<random>``. Returns what was removed.
     """
-    keep = set(keep)
-    removed = []
-    for path in sorted(root.iterdir()) if root.is_dir() else []:
-        if not path.is_dir() or path.name in keep:
-            continue
-        entry = (path / "manifest.json").is_file() and not path.name.startswith(".")
-        leftover = path.name.startswith(".") and now - path.stat().st_mtime > 3600
-        if entry or leftover:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-            _log(progress, f"pruned {path}")
-    return removed
+    return prune_entries(root, keep, now=now, remove=_discard, progress=progress)
+
+
+def _discard(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

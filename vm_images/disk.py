@@ -36,16 +36,26 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: python vm_images/disk.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vm_images._common import (
+    ImageBuildError,
+    Progress,
+    cache_key,
+    env_cache_dir,
+    prune_entries,
+    publish_entry,
+    run_step,
+    work_dir,
+)
+from vm_images._common import log as _log
 from vm_images.build import (  # the cpio writer and busybox staging are shared with build.py
     READY_MARKER,
-    ImageBuildError,
     _Cpio,
     _stage_busybox,
     default_kernel_release,
@@ -103,9 +113,6 @@ DRIVE_OPTIONS = "format=raw,if=virtio,snapshot=on"
 # Host packages whose versions are part of the disk key.
 HOST_PACKAGES = ("busybox-static", "debootstrap", "e2fsprogs")
 
-Progress = Callable[[str], None]
-
-
 # ----------------------------------------------------------------------------- results
 
 
@@ -155,10 +162,7 @@ class DiskImage:
 
 def default_disk_cache_root(environ: Mapping[str, str] | None = None) -> Path:
     """``$VTPM_DISK_CACHE`` if set, else ``~/.cache/vtpm-trust/disks``."""
-    env = os.environ if environ is None else environ
-    if env.get("VTPM_DISK_CACHE"):
-        return Path(env["VTPM_DISK_CACHE"]).expanduser()
-    return Path(env.get("HOME", str(Path.home()))) / ".cache" / "vtpm-trust" / "disks"
+    return env_cache_dir(environ, "VTPM_DISK_CACHE", "disks")
 
 
 def parse_size(text: str) -> int:
@@ -328,34 +332,16 @@ def collect_disk_inputs(
     }
 
 
-def cache_key(inputs: Mapping[str, object]) -> str:
-    blob = json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:20]
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-def _log(progress: Progress | None, msg: str) -> None:
-    if progress is not None:
-        progress(msg)
 
 
 def _stderr_progress(msg: str) -> None:
     print(f"vm_images.disk: {msg}", file=sys.stderr, flush=True)
 
 
-def _run(step: str, cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
-    except OSError as err:
-        raise ImageBuildError(f"{step}: cannot run {cmd[0]}: {err}") from err
-    if proc.returncode != 0:
-        raise ImageBuildError(
-            f"{step}: {' '.join(cmd)} exited {proc.returncode}\n"
-            f"{proc.stdout[-4000:]}{proc.stderr[-4000:]}"
-        )
-    return proc  # type: ignore[no-any-return]
+def _run(step: str, cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    """A build tool's run; a failure's message keeps the last 4000 characters of its output."""
+    return run_step(step, cmd, tail=4000)
 
 
 def _mounts_under(path: Path) -> list[Path]:
@@ -750,9 +736,7 @@ def build_disk_image(
         progress=progress,
         force=force,
     )
-    root.mkdir(parents=True, exist_ok=True)
-    out = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
-    out.chmod(0o755)
+    out = work_dir(root, key)
     steps = _Steps(progress)
     # Deterministic per key, so the IMA policy's fsuuid and the image agree across rebuilds.
     root_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"vtpm-trust-disk:{key}"))
@@ -803,17 +787,8 @@ def build_disk_image(
             "step_seconds": steps.seconds,
             "build_seconds": round(time.monotonic() - t0, 1),
         }
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if force and final.exists():
-            shutil.rmtree(final)
-        try:
-            out.rename(final)
-        except OSError:
-            if not (final / "manifest.json").is_file():
-                raise
-            shutil.rmtree(out, ignore_errors=True)
-            _log(progress, f"another build finished {final} first; using it")
-            return load_disk_image(final)
+        if not publish_entry(out, final, manifest, force=force, progress=progress):
+            return load_disk_image(final)  # another build of the same key won the race
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -831,17 +806,13 @@ def prune_disk_cache(
 ) -> list[Path]:
     """Delete disk and base entries whose directory name is not in ``keep``, and build leftovers
     older than an hour. The debootstrap package cache (``debs/``) stays. Returns what went."""
-    removed = []
-    for path in sorted(root.iterdir()) if root.is_dir() else []:
-        if not path.is_dir() or path.name in keep or path.name == "debs":
-            continue
-        entry = (path / "manifest.json").is_file() and not path.name.startswith(".")
-        leftover = path.name.startswith(".") and now - path.stat().st_mtime > 3600
-        if entry or leftover:
-            _remove_tree(path, progress)
-            removed.append(path)
-            _log(progress, f"pruned {path}")
-    return removed
+    return prune_entries(
+        root,
+        {*keep, "debs"},
+        now=now,
+        remove=lambda path: _remove_tree(path, progress),
+        progress=progress,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
