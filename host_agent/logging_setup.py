@@ -1,7 +1,10 @@
 """Logging for the daemon's edge: readable text (default) or one JSON object per line.
 
 The daemon calls :func:`setup_logging` once, at its edge, before anything logs; library code
-only ever does ``logging.getLogger(__name__)``.
+only ever does ``logging.getLogger(__name__)``. Until the daemon's command line has a log-format
+option, :class:`JsonLogs` does it as a daemon component (``vtpm-host daemon --component
+host_agent.logging_setup:JsonLogs``, listed first): the daemon's own start-up lines, before the
+components start, stay in text.
 
 JSON lines carry ``ts`` (ISO-8601 UTC, milliseconds), ``level``, ``logger`` and ``message``,
 then every *extra* field the caller attached (``log.info("sealed", extra={"vm_uuid": u,
@@ -18,7 +21,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-__all__ = ["LOG_FORMATS", "JsonFormatter", "setup_logging"]
+__all__ = ["LOG_FORMATS", "JsonFormatter", "JsonLogs", "setup_logging"]
 
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -96,3 +99,34 @@ def setup_logging(
     root.addHandler(handler)
     root.setLevel(level)
     return handler
+
+
+class JsonLogs:
+    """Daemon component: switch the process's logs to JSON lines on ``start``, back on ``stop``.
+
+    Keeps the root logger's level and the stream of its first stream handler (stderr if none).
+    """
+
+    def __init__(self) -> None:
+        self._previous: list[logging.Handler] | None = None
+
+    def start(self, daemon: object = None) -> None:
+        del daemon
+        root = logging.getLogger()
+        self._previous = list(root.handlers)
+        stream: TextIO = sys.stderr
+        for handler in self._previous:
+            if isinstance(handler, logging.StreamHandler):
+                stream = handler.stream
+                break
+        setup_logging("json", root.level, stream)
+
+    def stop(self) -> None:
+        if self._previous is None:
+            return
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in self._previous:
+            root.addHandler(handler)
+        self._previous = None

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import logging
 import math
 import threading
@@ -36,7 +37,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
+
+from evidence.errors import VtpmError
 
 __all__ = [
     "CONTENT_TYPE",
@@ -46,7 +50,9 @@ __all__ = [
     "MetricFamily",
     "MetricsComponent",
     "MetricsConfig",
+    "MetricsSettingsError",
     "Sample",
+    "load_metrics_settings",
     "render_exposition",
 ]
 
@@ -258,6 +264,12 @@ class AgentMetrics:
 # ---------------------------------------------------------------------------- the endpoint
 
 
+class MetricsSettingsError(VtpmError):
+    """The metrics endpoint's settings file is malformed."""
+
+    id: ClassVar[str] = "metrics.settings"
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     """Where the metrics endpoint listens. ``port`` 0 picks a free port; None disables it."""
@@ -279,6 +291,38 @@ class MetricsConfig:
                     f"metrics host {self.host!r} is not a loopback address "
                     "(set allow_non_loopback to publish metrics beyond this machine)"
                 )
+
+
+def load_metrics_settings(path: Path, default: MetricsConfig) -> MetricsConfig:
+    """:class:`MetricsConfig` from a JSON file ``{"port": 9477, "host": "127.0.0.1",
+    "allow_non_loopback": false}`` (every key optional; ``"port": null`` disables the endpoint),
+    or ``default`` when the file does not exist.
+
+    Raises:
+        MetricsSettingsError: unreadable or malformed file, unknown key, bad value.
+    """
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+    except (OSError, ValueError) as err:
+        raise MetricsSettingsError(f"metrics settings {path}: {err}") from err
+    allowed = {"port", "host", "allow_non_loopback"}
+    if not isinstance(obj, dict) or set(obj) - allowed:
+        raise MetricsSettingsError(
+            f"metrics settings {path}: expected an object with keys among {sorted(allowed)}, "
+            f"got {obj!r}"
+        )
+    port, host = obj.get("port", default.port), obj.get("host", default.host)
+    allow = obj.get("allow_non_loopback", default.allow_non_loopback)
+    if not (port is None or (isinstance(port, int) and not isinstance(port, bool))):
+        raise MetricsSettingsError(f"metrics settings {path}: port must be an integer or null")
+    if not isinstance(host, str) or not isinstance(allow, bool):
+        raise MetricsSettingsError(f"metrics settings {path}: host is a string, allow_* a bool")
+    try:
+        return MetricsConfig(port=port, host=host, allow_non_loopback=allow)
+    except ValueError as err:
+        raise MetricsSettingsError(f"metrics settings {path}: {err}") from err
 
 
 class _Server(ThreadingHTTPServer):
@@ -317,7 +361,9 @@ class MetricsComponent:
     Started by a daemon, it offers its :class:`AgentMetrics` to the other components as
     ``daemon.metrics`` (unless one is there already), counts VMs from ``daemon.registry``, and
     takes its :class:`MetricsConfig` from ``daemon.config.metrics`` when the agent configuration
-    has such a section; otherwise from the constructor (default ``127.0.0.1:9477``).
+    has such a section, else from ``<state_dir>/metrics/settings.json``
+    (:func:`load_metrics_settings`, what the Ansible role writes), else from the constructor
+    (default ``127.0.0.1:9477``).
     """
 
     def __init__(
@@ -342,6 +388,12 @@ class MetricsComponent:
                     host=configured.host,
                     allow_non_loopback=getattr(configured, "allow_non_loopback", False),
                 )
+            else:
+                state_dir = getattr(getattr(daemon, "config", None), "state_dir", None)
+                if state_dir is not None:
+                    self.config = load_metrics_settings(
+                        Path(state_dir) / "metrics" / "settings.json", self.config
+                    )
             if getattr(daemon, "metrics", None) is None:
                 with contextlib.suppress(AttributeError):
                     daemon.metrics = self.metrics

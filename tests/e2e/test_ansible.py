@@ -171,7 +171,10 @@ def _wait_ready(console: Path, timeout: float = 120.0) -> None:
 
 
 def _inventory(
-    prefix: Path, pg: postgres.Postgres, registrar_port: int, enroll_port: int, owner: str
+    prefix: Path,
+    pg: postgres.Postgres,
+    ports: dict[str, int],
+    owner: str,
 ) -> Path:
     host = {
         "ansible_connection": "local",
@@ -181,7 +184,7 @@ def _inventory(
         "vtpm_prefix": str(prefix),
         # registrar
         "vtpm_registrar_listen_host": "127.0.0.1",
-        "vtpm_registrar_port": registrar_port,
+        "vtpm_registrar_port": ports["registrar"],
         "vtpm_registrar_public_name": "localhost",
         "vtpm_registrar_trust_swtpm_localca": True,
         "vtpm_registrar_db_password": "not-a-secret",
@@ -193,7 +196,8 @@ def _inventory(
         "vtpm_host_allow_software_root": True,
         "vtpm_host_vms": [VM_NAME],
         "vtpm_host_approve_platform": True,
-        "vtpm_host_enroll_listen": f"127.0.0.1:{enroll_port}",
+        "vtpm_host_enroll_listen": f"127.0.0.1:{ports['enroll']}",
+        "vtpm_host_metrics_port": ports["metrics"],
         "vtpm_host_vm_owners": {VM_UUID: [owner]},
     }
     inventory = {
@@ -310,8 +314,9 @@ def test_site_yml_deploys_registrar_and_host_then_changes_nothing(
     ssh_port = _free_port()
     _define_domain(prefix, image, ssh_port)
     cert, key, owner = _tenant(prefix)
-    enroll_port = _free_port()
-    inventory = _inventory(prefix, pg, _free_port(), enroll_port, owner)
+    ports = {"registrar": _free_port(), "enroll": _free_port(), "metrics": _free_port()}
+    enroll_port = ports["enroll"]
+    inventory = _inventory(prefix, pg, ports, owner)
     log = prefix / "ansible.log"
 
     first, first_s = _run_playbook(inventory, log)
@@ -357,11 +362,18 @@ def test_site_yml_deploys_registrar_and_host_then_changes_nothing(
     )  # fmt: skip
     assert sup.returncode == 0 and json.loads(sup.stdout)["child_pid"] == doc["daemon"]["pid"]
 
-    # Metrics on loopback.
+    # Metrics on loopback, at the configured port; the agent logs JSON lines.
     import urllib.request
 
-    with urllib.request.urlopen("http://127.0.0.1:9477/metrics", timeout=10) as resp:
-        assert "vtpm_attestations_total" in resp.read().decode()
+    url = f"http://127.0.0.1:{ports['metrics']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert 'vtpm_vms{bridge="down"} 1' in resp.read().decode()
+    json_lines = [
+        json.loads(line)
+        for line in agent_log.read_text(errors="replace").splitlines()
+        if line.startswith("{")
+    ]
+    assert any(doc.get("logger", "").startswith("host_agent") for doc in json_lines)
 
     # The adopted VM boots on the agent's bridge, the tenant enrolls it and it attests trusted.
     config = ["--config", str(prefix / "etc/vtpm-trust/agent.toml")]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from host_agent.logging_setup import JsonFormatter, setup_logging
+from host_agent.logging_setup import JsonFormatter, JsonLogs, setup_logging
 
 
 @pytest.fixture(autouse=True)
@@ -85,3 +85,16 @@ def test_bad_format_or_level() -> None:
         setup_logging("xml")
     with pytest.raises(ValueError, match="unknown log level"):
         setup_logging("json", "loud")
+
+
+def test_json_logs_component_switches_and_restores() -> None:
+    out = io.StringIO()
+    setup_logging("text", "info", out)
+    comp = JsonLogs()
+    comp.start(None)
+    logging.getLogger("t").info("as json", extra={"vm_uuid": "u"})
+    comp.stop()
+    logging.getLogger("t").info("as text")
+    first, second = out.getvalue().splitlines()
+    assert json.loads(first)["vm_uuid"] == "u"
+    assert second.endswith("INFO t: as text")

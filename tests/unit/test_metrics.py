@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +15,9 @@ from host_agent.service.metrics import (
     MetricFamily,
     MetricsComponent,
     MetricsConfig,
+    MetricsSettingsError,
     Sample,
+    load_metrics_settings,
     render_exposition,
 )
 
@@ -127,3 +130,41 @@ def test_disabled_endpoint_binds_nothing() -> None:
     comp.start(None)
     assert comp.port is None
     comp.stop()
+
+
+def test_settings_file_is_read_strictly(tmp_path: Path) -> None:
+    default = MetricsConfig()
+    assert load_metrics_settings(tmp_path / "absent.json", default) == default
+    path = tmp_path / "settings.json"
+    path.write_text('{"port": 9555}')
+    assert load_metrics_settings(path, default) == MetricsConfig(port=9555)
+    path.write_text('{"port": null}')
+    assert load_metrics_settings(path, default).port is None
+    for bad in ('{"port": "x"}', '{"prot": 1}', '{"host": "10.0.0.1"}', "[", '{"port": true}'):
+        path.write_text(bad)
+        with pytest.raises(MetricsSettingsError):
+            load_metrics_settings(path, default)
+
+
+def test_component_takes_its_port_from_the_state_dir_and_offers_its_metrics(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "settings.json").write_text('{"port": 0}')
+
+    class Config:
+        state_dir = tmp_path
+
+    class Daemon:
+        config = Config()
+        metrics = None
+        registry = None
+
+    daemon = Daemon()
+    comp = MetricsComponent()
+    comp.start(daemon)
+    try:
+        assert comp.port not in (None, 9477)
+        assert daemon.metrics is comp.metrics
+    finally:
+        comp.stop()
