@@ -49,10 +49,30 @@ Steps (3)/(4) (:mod:`.record`): after ``Imported`` and before the commit point t
 a record signed by the vAIK (memory root of the stream, vPCRs, state digests; from
 ``MigrationHost.record_source``) and the target checks the signature with the imported vAIK's
 public key, then the loaded VM (``MigrationHost.record_check``); a veto aborts, so the source
-keeps the VM and the vAIK. Not built yet: the adapters that feed these two hooks from libvirt's
-live migration (the outgoing GET_STATEBLOB via ``daemon.sealer.delegate`` with the stream's
-Merkle root, the incoming SET_STATEBLOB via ``daemon.restorer.delegate``), so the protocol does
-not yet start or wait for ``virsh migrate --live`` itself.
+keeps the VM and the vAIK.
+
+Not built yet (issue 8, what is missing and where it goes):
+
+* the adapters that feed those two hooks from libvirt's live migration: on the source,
+  ``daemon.sealer.delegate(uuid, handler)`` for the final GET_STATEBLOB (vPCRs and state-blob
+  digests) plus the Merkle root of the migration *stream* (a tee of the stream into
+  ``host_agent.memory``, docs/NOTES.md: the source memfd can differ from the stream by a few
+  pages), returned by ``record_source``; on the target, ``daemon.restorer.delegate`` for the
+  incoming SET_STATEBLOB, comparing the loaded memory's root and the vPCRs with the verified
+  record, answering ``record_check`` and vetoing the VM's start on a mismatch. The libvirt
+  adapter has no ``migrate`` yet, and two embedded libvirt roots cannot live in one process,
+  so the two-host VM test needs a libvirtd per namespace;
+* starting ``virsh migrate --live`` from ``vtpm-host vm migrate`` (today it moves the vAIK and
+  its binding only), and running the protocol when libvirt starts the migration (hooks);
+* ``bench/migrate.py``'s libvirt ratio (it measures the protocol's own costs today);
+* the fleet-approved ``PolicyDuplicationSelect(Name(ExgKey))`` of docs/NOTES.md: it changes the
+  vAIK policy in ``host_agent/tpm`` and ``evidence.tpm2_policy.vaik_policy`` and needs an
+  online registrar approval per migration, so it is not contained in this package; the
+  source's checks here (:func:`~host_agent.migration.verify.verify_exgkey_offer`) are what
+  stands between the vAIK and a parent of an attacker's choice until then;
+* journal records stay after they are terminal (a source may forget DONE/ABORTED records at
+  will, answering "aborted" stays right; a target must keep ACTIVE ones until its source is
+  DONE, or the source's re-sent commit finds nothing to acknowledge).
 """
 
 from __future__ import annotations
@@ -72,6 +92,7 @@ from .errors import (
     TargetNotAdmitted,
     TargetRefused,
     VaikNotMovable,
+    VaikRefused,
 )
 from .journal import JournalEntry, SourceStep, StoreJournal, TargetStep
 from .record import MigrationRecord, RecordRefused
@@ -105,6 +126,7 @@ __all__ = [
     "TargetStep",
     "VaikNotMovable",
     "VaikNotSignable",
+    "VaikRefused",
     "VaikState",
     "require_signing_allowed",
     "signing_allowed",

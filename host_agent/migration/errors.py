@@ -19,6 +19,7 @@ the target sent::
         ├── PeerUnavailable            migration.peer.unavailable (connect/TLS/IO failed)
         ├── PeerAborted                migration.peer.aborted   (the peer said no, with its reason)
         ├── VaikNotMovable             migration.vaik.not_movable (no active vAIK for this VM here)
+        ├── VaikRefused                migration.vaik.refused (the target: not a vAIK)
         ├── RecordRefused              migration.record.refused (record.py: VM state vetoed)
         └── MigrationInDoubt           migration.in_doubt (the outcome is not known yet)
 """
@@ -44,6 +45,7 @@ __all__ = [
     "TargetNotAdmitted",
     "TargetRefused",
     "VaikNotMovable",
+    "VaikRefused",
 ]
 
 
@@ -133,6 +135,13 @@ class PeerAborted(MigrationError):
     def __init__(self, remote_id: str, message: str) -> None:
         self.remote_id = remote_id
         super().__init__(f"the peer refused [{remote_id}]: {message}")
+
+
+class VaikRefused(MigrationError):
+    """The target refuses what arrived as a vAIK: not a restricted, movable signing key whose
+    authPolicy is the vAIK policy its duplication blob claims."""
+
+    id: ClassVar[str] = "migration.vaik.refused"
 
 
 class VaikNotMovable(MigrationError):

@@ -34,6 +34,7 @@ from .protocol import (
     Verdict,
 )
 from .record import RecordRefused, verify_record
+from .verify import check_vaik_public
 
 __all__ = ["apply_decision", "outcome_of", "serve_peer"]
 
@@ -163,6 +164,7 @@ def _incoming(host: MigrationHost, channel: PeerChannel, offer: Offer) -> None:
             if not isinstance(transfer, Transfer) or transfer.migration_id != mid:
                 raise PeerProtocolError(f"expected the Transfer of {mid}")
             blob = DuplicationBlob.from_bytes(transfer.duplication)
+            check_vaik_public(blob.public, blob.policy.fleet_key, blob.policy.policy_ref)
             imported = host.tpm.import_key(blob, exgkey)
         except VtpmError:
             with host.lock:

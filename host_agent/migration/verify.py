@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from evidence.aik_cert import verify_aik_certificate
@@ -26,6 +27,7 @@ from evidence.tpm2 import (
     TpmtPublic,
     TpmtSignature,
     object_name,
+    public_key,
     verify_attest_signature,
 )
 from evidence.tpm2_policy import (
@@ -35,6 +37,7 @@ from evidence.tpm2_policy import (
     policy_command_code,
     policy_locality,
     policy_pcr,
+    vaik_policy,
 )
 
 from .errors import (
@@ -44,12 +47,14 @@ from .errors import (
     ExgKeyPolicy,
     TargetIdentityMismatch,
     TargetNotAdmitted,
+    VaikRefused,
 )
 from .protocol import ExgKeyOffer
 
 __all__ = [
     "EXGKEY_REQUIRED",
     "VerifiedExgKey",
+    "check_vaik_public",
     "exgkey_policy_digest",
     "sign_policy_of_state",
     "verify_exgkey_offer",
@@ -94,6 +99,45 @@ def exgkey_policy_digest(pcr_digest: bytes, locality: int | None) -> bytes:
 def sign_policy_of_state(pcr_digest: bytes) -> bytes:
     """The vAIK sign policy the fleet approves for a host state (``vaik_sign_policy``)."""
     return policy_command_code(policy_pcr(empty_digest(), HOST_PCRS, pcr_digest), TPM_CC_SIGN)
+
+
+def check_vaik_public(public: bytes, fleet_key_public: bytes | None, policy_ref: bytes) -> None:
+    """The target's check of what arrives as a vAIK, before TPM2_Import.
+
+    Checks: the TPMT_PUBLIC parses; restricted, sign, sensitiveDataOrigin; not fixedTPM, not
+    fixedParent (a vAIK moves), no userWithAuth (only its policy authorizes it); its authPolicy
+    is :func:`evidence.tpm2_policy.vaik_policy` of the fleet key and policyRef the blob names.
+
+    Raises:
+        VaikRefused: a check failed.
+    """
+    try:
+        pub = TpmtPublic.unmarshal(public)
+        fleet = None if fleet_key_public is None else TpmtPublic.unmarshal(fleet_key_public)
+    except VtpmError as err:
+        raise VaikRefused(f"the vAIK public area does not parse: {err}") from err
+    attrs = TpmaObject(pub.object_attributes)
+    need = TpmaObject.RESTRICTED | TpmaObject.SIGN_ENCRYPT | TpmaObject.SENSITIVEDATAORIGIN
+    never = TpmaObject.FIXEDTPM | TpmaObject.FIXEDPARENT | TpmaObject.USERWITHAUTH
+    if need & ~attrs or attrs & never:
+        raise VaikRefused(
+            f"not a vAIK: objectAttributes 0x{pub.object_attributes:08x} (expected {need!r}, "
+            f"none of {never!r})"
+        )
+    if fleet is None:
+        raise VaikRefused("the duplication blob names no fleet key for the vAIK policy")
+    key = public_key(fleet)
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise VaikRefused("the vAIK's fleet key is not an ECC key")
+    try:
+        expected = vaik_policy(key, policy_ref)
+    except ValueError as err:
+        raise VaikRefused(f"the vAIK's fleet key or policyRef is unusable: {err}") from err
+    if not hmac.compare_digest(pub.auth_policy, expected):
+        raise VaikRefused(
+            f"the vAIK's authPolicy {pub.auth_policy.hex()} is not the vAIK policy of its fleet "
+            f"key and policyRef ({expected.hex()})"
+        )
 
 
 def _cn(cert: x509.Certificate) -> str:

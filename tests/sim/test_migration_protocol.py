@@ -28,6 +28,7 @@ from host_agent.migration import (
     CertExgKeyNonce,
     ExgKeyAttributes,
     ExgKeyPolicy,
+    PeerAborted,
     SourceStep,
     TargetNotAdmitted,
     TargetRefused,
@@ -390,3 +391,22 @@ def test_a_record_not_signed_by_the_vaik_is_refused(pair_factory: Callable[..., 
     with pytest.raises(RecordRefused, match="not signed by the VM's vAIK"):
         pair.migrate()
     assert signing_allowed(pair.source.host.store, VM)
+
+
+def test_the_target_refuses_a_key_that_is_not_the_vaik_its_blob_claims(
+    pair_factory: Callable[..., Pair],
+) -> None:
+    class _OtherPolicyRef(_Tpm):
+        def duplicate(self, key: WrappedKey, new_parent_public: bytes) -> Any:
+            blob = self._real.duplicate(key, new_parent_public)
+            policy = dataclasses.replace(blob.policy, policy_ref=b"another/ref")
+            return dataclasses.replace(blob, policy=policy)
+
+    pair = pair_factory()
+    pair.source.host.tpm = _OtherPolicyRef(pair.source.host.tpm)
+    with pytest.raises(PeerAborted) as info:
+        pair.migrate()
+    assert info.value.remote_id == "migration.vaik.refused"
+    assert "is not the vAIK policy" in str(info.value)
+    assert signing_allowed(pair.source.host.store, VM)
+    assert pair.target.host.store.find("vaik", str(VM)) is None
