@@ -63,7 +63,16 @@ Not built yet (issue 8, what is missing and where it goes):
   adapter has no ``migrate`` yet, and two embedded libvirt roots cannot live in one process,
   so the two-host VM test needs a libvirtd per namespace;
 * starting ``virsh migrate --live`` from ``vtpm-host vm migrate`` (today it moves the vAIK and
-  its binding only), and running the protocol when libvirt starts the migration (hooks);
+  its binding only), and running the protocol when libvirt starts the migration (hooks). The
+  intended order, all before the source's commit point: steps 1-2 (vAIK pending on the
+  target) → the source starts libvirt's migration with the stream tee'd into the hasher →
+  libvirt's final stop calls the source's GET_STATEBLOB delegate, which completes
+  ``record_source`` (blocking the protocol session until then) → StateRecord → the target's
+  SET_STATEBLOB delegate, already waiting for the record, hashes the loaded memory, reads the
+  vPCRs from the incoming blobs and answers ``record_check`` / the Verdict before QEMU
+  resumes the VM → libvirt's migration completes on both sides → COMMITTED. A veto or a
+  failed libvirt migration aborts: the target QEMU never runs, the source resumes the VM and
+  keeps the vAIK;
 * ``bench/migrate.py``'s libvirt ratio (it measures the protocol's own costs today);
 * the fleet-approved ``PolicyDuplicationSelect(Name(ExgKey))`` of docs/NOTES.md: it changes the
   vAIK policy in ``host_agent/tpm`` and ``evidence.tpm2_policy.vaik_policy`` and needs an
