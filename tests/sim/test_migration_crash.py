@@ -163,6 +163,41 @@ def test_inv2_vaik_on_one_host_after_crash(
         b.stop()
 
 
+def test_inv2_both_hosts_crash_around_the_commit_and_restart_together(hosts: Hosts) -> None:
+    """The source dies right after COMMITTED, then the target (PENDING, asking a dead source)
+    dies too; both come back at once and settle it between them: the vAIK ends on B."""
+    killer = [PY, "-m", "tests.sim.test_migration_crash", "--kill", "source:committed"]
+    a = HostProcess(hosts.a, hosts.approvals, killer).start()
+    b = HostProcess(hosts.b, hosts.approvals).start()
+    addresses = (a.address, b.address)
+    try:
+        client = threading.Thread(target=lambda: a.migrate(VM, "host-b", b.address))
+        client.start()
+        assert a.wait_dead(90) == -signal.SIGKILL
+        client.join(90)
+        assert b.proc is not None
+        b.proc.send_signal(signal.SIGKILL)
+        b.wait_dead(30)
+        states = _owners(hosts)
+        assert states == {"a": VaikState.ABSENT, "b": VaikState.PENDING}, states
+        a.stop()
+        b.stop()
+        a = HostProcess(hosts.a, hosts.approvals)
+        b = HostProcess(hosts.b, hosts.approvals)
+        first = threading.Thread(target=a.start, kwargs={"listen": addresses[0]})
+        first.start()
+        b.start(listen=addresses[1])
+        first.join(60)
+        deadline = time.monotonic() + 60
+        while (states := _owners(hosts)) != {"a": VaikState.ABSENT, "b": VaikState.ACTIVE}:
+            _at_most_one(states, "after both restarted")
+            assert time.monotonic() < deadline, (states, b.log_text()[-2000:])
+            time.sleep(0.3)
+    finally:
+        a.stop()
+        b.stop()
+
+
 # ---------------------------------------------------------------- the crashing worker
 
 
