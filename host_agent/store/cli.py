@@ -10,27 +10,16 @@ never touches the counter.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from host_agent.config import AgentConfig, load_config, with_state_dir
+from host_agent._cli_common import TCTI_HELP, add_agent_args, build_config
+from host_agent.config import AgentConfig
 from host_agent.store.provision import open_store, store_settings
 
 __all__ = ["register"]
-
-
-def _config(args: argparse.Namespace) -> AgentConfig:
-    config = load_config(args.config, os.environ)
-    if args.state_dir is not None:
-        config = with_state_dir(config, args.state_dir.resolve())
-    if args.tcti:
-        config = dataclasses.replace(config, tpm=dataclasses.replace(config.tpm, tcti=args.tcti))
-    return config
 
 
 def check(config: AgentConfig) -> dict[str, Any]:
@@ -58,7 +47,7 @@ def check(config: AgentConfig) -> dict[str, Any]:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    summary = check(_config(args))
+    summary = check(build_config(args))
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -91,13 +80,5 @@ def register(subparsers: Any) -> None:
             "agent would refuse to start with (a rolled-back or tampered database)."
         ),
     )
-    chk.add_argument("--config", type=Path, metavar="FILE", help="agent configuration (TOML)")
-    chk.add_argument(
-        "--state-dir",
-        type=Path,
-        metavar="DIR",
-        help="agent state directory (default /var/lib/vtpm-trust, or VTPM_STATE_DIR)",
-    )
-    chk.add_argument("--tcti", metavar="TCTI", help="TPM TCTI, e.g. device:/dev/tpmrm0")
-    chk.add_argument("--json", action="store_true", help="one JSON document")
+    add_agent_args(chk, tcti_help=TCTI_HELP, json_help="one JSON document")
     chk.set_defaults(func=_cmd_check)

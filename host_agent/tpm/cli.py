@@ -9,12 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
-from ..config import AgentConfig, load_config, with_state_dir
+from .._cli_common import TCTI_HELP, add_agent_args, build_config
 from .provision import InitStep, init_host, tpm_info
 
 __all__ = ["INIT_STEPS", "register"]
@@ -35,28 +33,6 @@ _DISCOVERY_HELP = (
 )
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, metavar="FILE", help="agent configuration (TOML)")
-    p.add_argument(
-        "--state-dir",
-        type=Path,
-        metavar="DIR",
-        help="agent state directory (default /var/lib/vtpm-trust, or VTPM_STATE_DIR)",
-    )
-    p.add_argument("--tcti", metavar="TCTI", help="TPM TCTI, e.g. device:/dev/tpmrm0")
-
-
-def _config(args: argparse.Namespace) -> AgentConfig:
-    import dataclasses
-
-    config = load_config(args.config, os.environ)
-    if args.state_dir is not None:
-        config = with_state_dir(config, args.state_dir.resolve())
-    if args.tcti:
-        config = dataclasses.replace(config, tpm=dataclasses.replace(config.tpm, tcti=args.tcti))
-    return config
-
-
 def _steps() -> list[InitStep]:
     steps: list[InitStep] = []
     for spec in INIT_STEPS:
@@ -66,7 +42,7 @@ def _steps() -> list[InitStep]:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    report = init_host(_config(args), steps=_steps())
+    report = init_host(build_config(args), steps=_steps())
     if report.root == "software":
         print("WARNING: software root (embedded swtpm): for development only", file=sys.stderr)
     if report.changed:
@@ -91,7 +67,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    info = tpm_info(_config(args))
+    info = tpm_info(build_config(args))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -129,7 +105,7 @@ def register(subparsers: Any) -> None:
             "steps. A second run changes nothing and says 'nothing to do'. " + _DISCOVERY_HELP
         ),
     )
-    _common(init)
+    add_agent_args(init, tcti_help=TCTI_HELP)
     init.set_defaults(func=_cmd_init)
 
     tpm = subparsers.add_parser(
@@ -147,6 +123,5 @@ def register(subparsers: Any) -> None:
             "the sha256 bank."
         ),
     )
-    _common(info)
-    info.add_argument("--json", action="store_true", help="one JSON document")
+    add_agent_args(info, tcti_help=TCTI_HELP, json_help="one JSON document")
     info.set_defaults(func=_cmd_info)
