@@ -14,6 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from host_agent.migration import (
     ExgKeyAttributes,
     ExgKeyPolicy,
     PeerAborted,
+    PeerUnavailable,
     SourceStep,
     TargetNotAdmitted,
     TargetRefused,
@@ -36,8 +38,9 @@ from host_agent.migration import (
     VaikState,
     signing_allowed,
 )
-from host_agent.migration.channel import TlsIdentity
+from host_agent.migration.channel import MtlsPeerChannel, TlsIdentity
 from host_agent.migration.host import MigrationHost, load_identity_certificates
+from host_agent.migration.protocol import OutcomeQuery
 from host_agent.migration.record import MigrationRecord, RecordRefused
 from host_agent.migration.service import MigrationService, load_approvals
 from host_agent.store.provision import open_store
@@ -410,3 +413,48 @@ def test_the_target_refuses_a_key_that_is_not_the_vaik_its_blob_claims(
     assert "is not the vAIK policy" in str(info.value)
     assert signing_allowed(pair.source.host.store, VM)
     assert pair.target.host.store.find("vaik", str(VM)) is None
+
+
+# ---------------------------------------------------------------- the mTLS channel
+
+
+def test_the_channel_trusts_only_the_fleet_ca_and_checks_the_peer_host_id(
+    pair_factory: Callable[..., Pair], tmp_path: Path
+) -> None:
+    pair = pair_factory()
+    address = pair.target.address
+    # The right host id over the fleet's mTLS works …
+    pair.source.connect("host-b", f"{address[0]}:{address[1]}").close()
+    # … another host id at that address is refused by the client …
+    with pytest.raises(PeerUnavailable, match="is 'host-b', not 'host-c'"):
+        pair.source.connect("host-c", f"{address[0]}:{address[1]}")
+    # … and a client whose certificate is not from the fleet CA never gets a channel.
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "host-a")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(7)
+        .not_valid_before(datetime.now(UTC) - timedelta(days=1))
+        .not_valid_after(datetime.now(UTC) + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    rogue = tmp_path / "rogue"
+    rogue.mkdir()
+    (rogue / "tls.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (rogue / "tls-key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    identity = TlsIdentity(
+        rogue / "tls.pem", rogue / "tls-key.pem", pair.hosts.a / "identity" / "ca.pem"
+    )
+    with pytest.raises(PeerUnavailable):
+        channel = MtlsPeerChannel.connect(identity, address, "host-b", timeout=10)
+        channel.send(OutcomeQuery(uuid.uuid4()))  # TLS 1.3: the server's refusal shows here
+        channel.receive(10)
