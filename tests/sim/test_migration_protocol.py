@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,6 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from evidence.tpm2 import TpmtPublic, TpmtSignature, verify_signature
+from evidence.tpm2_policy import pcr_composite_digest
+from evidence.verify import VerifyOptions, authkey_policy_digests, verify_bundle
 from host_agent.config import AgentConfig, with_state_dir
 from host_agent.migration import (
     CertExgKeyNonce,
@@ -46,6 +49,7 @@ from host_agent.migration.service import MigrationService, load_approvals
 from host_agent.store.provision import open_store
 from host_agent.tpm.discovery import open_host_tpm
 from host_agent.tpm.port import Certification, KeyPolicy, WrappedKey
+from tests.helpers.evidence_factory import assemble_bundle, tenant_certificate
 from tests.sim.test_migration_hosts import (
     VM,
     Fleet,
@@ -105,9 +109,13 @@ def test_migrate_moves_the_vaik_and_the_target_signs_with_the_same_key(
         assert binding["migrated_from"] == "host-a"
         message = b"vtpm-trust test message signed after migration"
         signature = tpm.sign(key, message, fleet.approval)
+        attested = _attest(tpm, key, fleet, hosts.b)
     finally:
         tpm.close()
     verify_signature(message, TpmtSignature.unmarshal(signature), TpmtPublic.unmarshal(key.public))
+    # A tenant's verifier trusts the attestation made on B: same vAIK, chain through B's AIK.
+    assert attested.vm_uuid == VM
+    assert attested.host.aik_certificate.subject.rfc4514_string() == "CN=host-b"
     # The source has nothing left to sign with.
     config_a = with_state_dir(AgentConfig(), hosts.a)
     tpm_a = open_host_tpm(config_a.tpm)
@@ -119,6 +127,52 @@ def test_migrate_moves_the_vaik_and_the_target_signs_with_the_same_key(
         store_a.close()
     finally:
         tpm_a.close()
+
+
+def _attest(tpm: Any, vaik: WrappedKey, fleet: Fleet, state: Path) -> Any:
+    """What the attestation service on ``state``'s host answers, verified as a tenant would
+    (evidence.verify.verify_bundle; no VM here, so no measurement lists)."""
+    tenant = ec.generate_private_key(ec.SECP256R1())
+    cert_user = tenant_certificate(tenant, "tenant")
+    nonce = secrets.token_bytes(32)
+    aik_der = x509.load_pem_x509_certificate((state / "identity" / "aik.pem").read_bytes())
+    ca_der = x509.load_pem_x509_certificate((state / "identity" / "ca.pem").read_bytes())
+
+    def certify(obj: Any, signer: str) -> Callable[[bytes], tuple[bytes, bytes]]:
+        def run(qd: bytes) -> tuple[bytes, bytes]:
+            c = tpm.certify(obj, signer, qd)
+            return c.attest, c.signature
+
+        return run
+
+    raw = assemble_bundle(
+        vm_uuid=VM,
+        nonce=nonce,
+        cert_user=cert_user,
+        vpcrs={i: bytes(32) for i in range(24)},
+        aik_certificates=[aik_der.public_bytes(serialization.Encoding.DER)],
+        authkey_public=tpm.host_key_public("authkey"),
+        vaik_public=vaik.public,
+        certify_authkey=certify("authkey", "aik"),
+        certify_vaik=certify(vaik, "authkey"),
+        sign=lambda m: tpm.sign(vaik, m, fleet.approval),
+        event_log=None,
+        ima_list=None,
+    )
+    assert vaik.policy.fleet_key_name is not None
+    opts = VerifyOptions(
+        nonce=nonce,
+        now=datetime.now(UTC),
+        fleet_ca_certs=[ca_der],
+        cert_user=cert_user,
+        vm_uuid=VM,
+        authkey_policies=authkey_policy_digests(pcr_composite_digest([bytes(32)] * 9)),
+        fleet_policy_key_name=vaik.policy.fleet_key_name,
+        vaik_public=fleet.vaik_public,  # the vAIK the tenant enrolled on host A
+        allow_missing_eventlog=True,
+        allow_missing_ima=True,
+    )
+    return verify_bundle(raw, opts)
 
 
 def test_a_second_migration_of_the_same_vm_is_refused_on_the_source(hosts: Hosts) -> None:
