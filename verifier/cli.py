@@ -32,9 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vtpm-verify",
         description=(
-            "Verify what a TPM-measured VM reports: replay firmware event logs and IMA "
-            "measurement lists, and (later) enroll VMs and verify their attestation evidence. "
-            "Exit status: 0 ok/trusted, 1 untrusted, 2 error."
+            "Verify what a TPM-measured VM reports: enroll a VM you rent, attest it over SSH, "
+            "replay firmware event logs and IMA measurement lists, manage reference values, and "
+            "run the fleet registrar. Exit status: 0 ok/trusted, 1 untrusted, 2 error."
         ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
