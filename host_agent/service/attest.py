@@ -72,6 +72,8 @@ MAX_FRAME: Final = 1 << 20
 """Largest frame either side accepts (a request is ~150 bytes, an answer ~6 KiB)."""
 MAX_PENDING: Final = 4
 """Requests one VM may have in flight; more are refused (``attest.busy``)."""
+SEND_TIMEOUT: Final = 2.0
+"""Seconds an answer may take to leave; a guest that does not read is disconnected."""
 PROTOCOL_VERSION: Final = 1
 SHA256: Final = 0x000B
 _LEN: Final = struct.Struct(">I")
@@ -356,8 +358,10 @@ class _Channel:
         self.path = path
         self.sock: socket.socket | None = None
         self.decoder = FrameDecoder()
-        self.send_lock = threading.Lock()
+        self.send_lock = threading.Lock()  # one answer on the socket at a time
+        self.pending_lock = threading.Lock()  # never held while sending
         self.pending = 0
+        self.busy_queued = False  # one attest.busy refusal on its way at most
         self.next_attempt = 0.0
         self.connects = 0
         self.answers = 0
@@ -508,7 +512,7 @@ class GuestChannelService:
                     sock.close()
                     ch.next_attempt = now + self.reconnect_interval
                     continue
-                sock.settimeout(5.0)  # answers are sent whole from worker threads
+                sock.settimeout(SEND_TIMEOUT)  # answers are sent whole from worker threads
                 ch.sock = sock
                 ch.connects += 1
                 self._sel.register(sock, selectors.EVENT_READ, ch)
@@ -546,22 +550,30 @@ class GuestChannelService:
                 self._disconnect(ch)
 
     def _dispatch(self, ch: _Channel, sock: socket.socket, frame: dict[str, Any]) -> None:
+        """Hand one request to the pool; the loop thread itself never sends (a guest that does
+        not read could otherwise stall every VM's channel)."""
         assert self._pool is not None and self.attestor is not None
-        with ch.send_lock:
+        with ch.pending_lock:
             busy = ch.pending >= MAX_PENDING
             if not busy:
                 ch.pending += 1
+            refuse = busy and not ch.busy_queued
+            if refuse:
+                ch.busy_queued = True
+        rid = frame.get("id")
+        request_id = rid if isinstance(rid, str) else ""
         if busy:
-            rid = frame.get("id")
-            self._send(
-                ch,
-                sock,
-                refusal(
-                    rid if isinstance(rid, str) else "",
-                    "attest.busy",
-                    f"at most {MAX_PENDING} requests in flight per VM",
-                ),
-            )
+            if refuse:  # more are dropped until this one left: a flood ties up one worker
+                message = f"at most {MAX_PENDING} requests in flight per VM"
+
+                def tell_busy() -> None:
+                    try:
+                        self._send(ch, sock, refusal(request_id, "attest.busy", message))
+                    finally:
+                        with ch.pending_lock:
+                            ch.busy_queued = False
+
+                self._pool.submit(tell_busy)
             return
         attestor = self.attestor
 
@@ -570,10 +582,9 @@ class GuestChannelService:
                 answer = attestor.answer(ch.vm_uuid, frame)
             except Exception as err:
                 log.exception("attest: VM %s", ch.vm_uuid)
-                rid = frame.get("id")
-                answer = refusal(rid if isinstance(rid, str) else "", "attest.internal", repr(err))
+                answer = refusal(request_id, "attest.internal", repr(err))
             finally:
-                with ch.send_lock:
+                with ch.pending_lock:
                     ch.pending -= 1
             if self.observer is not None:  # before the answer: whoever has it sees it counted
                 try:
@@ -586,14 +597,25 @@ class GuestChannelService:
 
     def _send(self, ch: _Channel, sock: socket.socket, answer: dict[str, Any]) -> None:
         data = encode_frame(answer)
-        with ch.send_lock:
+        if not ch.send_lock.acquire(timeout=SEND_TIMEOUT):
+            self._drop_stuck(ch, sock, "an earlier answer is still stuck")
+            return
+        try:
             if ch.sock is not sock:
                 return  # the connection this request came on is gone; the guest resends
-            try:
-                sock.sendall(data)
-                ch.answers += 1
-            except OSError as err:
-                log.info("attest: VM %s: answer lost (%s)", ch.vm_uuid, err)
+            sock.sendall(data)
+            ch.answers += 1
+        except OSError as err:
+            self._drop_stuck(ch, sock, str(err) or type(err).__name__)
+        finally:
+            ch.send_lock.release()
+
+    def _drop_stuck(self, ch: _Channel, sock: socket.socket, why: str) -> None:
+        """A guest that does not read its answers (or a full port): drop the connection. The
+        loop sees EOF and reconnects; the guest's agent resends its request."""
+        log.info("attest: VM %s: answer not delivered (%s); reconnecting", ch.vm_uuid, why)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 # --------------------------------------------------------------------------------------------
