@@ -6,9 +6,11 @@ Acts (each prints a heading and one-line results; a summary table ends the run):
 0. corpus replay — the shared corpus's real firmware event logs replay to their PCR values;
 1. host init — ``vtpm-host init``: software root TPM (DEVELOPMENT ONLY), embedded registrar,
    trusted store; the fleet approves the host's platform state for vAIK signing;
-2. boot — the test guest image (built through its cache), ``vtpm-host daemon`` with the
-   attestation component, ``vtpm-host vm create`` + ``vm start`` (an adopted VM: memfd RAM,
-   external vTPM behind a bridge, attestation channel) under libvirt's embedded driver;
+2. boot — the guest image (built through its cache: by default the Debian disk image, whose
+   IMA policy measures its ext4 root so the IMA list is real; ``--guest initramfs`` for the
+   small test initramfs), ``vtpm-host daemon`` with the attestation component, ``vtpm-host vm
+   create`` + ``vm start`` (an adopted VM: memfd RAM, external vTPM behind a bridge, attestation
+   channel) under libvirt's embedded driver;
 3. enroll — a tenant key and self-signed ``cert_user`` made on the fly, ``vtpm-verify enroll``;
 4. attest — ``vtpm-verify attest --ssh`` (paramiko into the guest, guest agent, host daemon,
    full verification): trusted;
@@ -150,7 +152,7 @@ def _pids_mentioning(text: str, *names: str) -> list[int]:
 
 
 class Demo:
-    def __init__(self, state: Path, narrator: Narrator) -> None:
+    def __init__(self, state: Path, narrator: Narrator, guest: str = "disk") -> None:
         self.state = state
         self.say = narrator
         self.env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
@@ -166,6 +168,12 @@ class Demo:
         self.vm_created = False
         self.pcrs_before_save: dict[str, str] | None = None
         self.last_output = ""  # of the last command that failed
+        self.guest = guest
+        self.boot_manifest = Path()
+        self.memory_mib = 256
+        self.cmdline_extra = ""
+        self.extra_qemu_args: list[str] = []
+        self.guest_command = GUEST_COMMAND
 
     # ---- commands
 
@@ -276,7 +284,7 @@ class Demo:
                 "127.0.0.1",
                 port=self.ssh_port,
                 username=self.image["ssh_user"],
-                key_filename=str(self.image_dir / self.image["ssh_private_key"]),
+                key_filename=self.image["ssh_private_key"],
                 look_for_keys=False,
                 allow_agent=False,
                 timeout=15,
@@ -295,10 +303,6 @@ class Demo:
         if rc != 0:
             raise DemoFailure(f"guest command {command!r} exited {rc}: {err.strip()[-500:]}")
         return out
-
-    @property
-    def image_dir(self) -> Path:
-        return Path(self.image["manifest"]).parent
 
     # ---- cleanup
 
@@ -452,20 +456,84 @@ def act_init(demo: Demo, act: Act) -> str:
     )
 
 
-def act_boot(demo: Demo, act: Act) -> str:
-    demo.say.step("guest image (python -m vm_images.build, cached)")
-    t0 = time.monotonic()
+def _build(demo: Demo, module: str) -> dict[str, Any]:
+    """``python -m MODULE --json`` through its cache; its progress lines go to the narrative."""
     build = subprocess.run(
-        [sys.executable, "-m", "vm_images.build", "--json"],
+        [sys.executable, "-m", module, "--json"],
         stdout=subprocess.PIPE, stderr=demo.say.out, text=True, cwd=REPO, env=demo.env,
         timeout=1800,
     )  # fmt: skip
     if build.returncode != 0:
-        raise DemoFailure(f"vm_images.build exited {build.returncode}")
-    built = json.loads(build.stdout)
-    demo.image = {**json.loads(Path(built["manifest"]).read_text()), **built}
+        raise DemoFailure(f"{module} exited {build.returncode}")
+    built: dict[str, Any] = json.loads(build.stdout)
+    return built
+
+
+def _initramfs_image(demo: Demo) -> None:
+    """The test initramfs: the guest agent is copied in over SSH after boot."""
+    demo.say.step("guest image: the test initramfs (python -m vm_images.build, cached)")
+    built = _build(demo, "vm_images.build")
+    manifest = json.loads(Path(built["manifest"]).read_text())
+    demo.image = {
+        **manifest,
+        **built,
+        "ssh_private_key": str(Path(built["manifest"]).parent / manifest["ssh_private_key"]),
+    }
+    demo.boot_manifest = Path(built["manifest"])
+    demo.memory_mib = 256
+    demo.cmdline_extra = IMA_CMDLINE
+    demo.extra_qemu_args = []
+    demo.guest_command = GUEST_COMMAND
+
+
+def _disk_image(demo: Demo) -> None:
+    """The Debian disk image: ext4 root, IMA measuring it, the guest agent installed.
+
+    ``vtpm-host vm create`` boots a kernel + initramfs manifest (``vtpm-trust/guest-image/1``);
+    the disk's kernel, initrd and command line go into one such manifest in the state
+    directory, and its root disk is attached as a QEMU drive (``snapshot=on``: the cached image
+    is never written, and writes of the guest are discarded when its QEMU exits).
+    """
+    demo.say.step("guest image: the Debian disk with IMA (python -m vm_images.disk, cached)")
+    built = _build(demo, "vm_images.disk")
+    boot = demo.state / "disk-boot"
+    boot.mkdir(exist_ok=True)
+    demo.boot_manifest = boot / "manifest.json"
+    demo.boot_manifest.write_text(
+        json.dumps(
+            {
+                "format": "vtpm-trust/guest-image/1",
+                "kernel": built["kernel"],
+                "initramfs": built["initrd"],
+                "cmdline": built["cmdline"],
+            }
+        )
+    )
+    demo.image = {
+        **built,
+        "ssh_private_key": built["ssh_key"],
+        "ready_marker": "VTPM-GUEST-READY",
+    }
+    demo.memory_mib = 512
+    demo.cmdline_extra = ""
+    # The image's drive options with if=virtio would take the PCI slot libvirt gives its own
+    # devices: the disk gets an explicit one, like the NIC.
+    drive = str(built["qemu_drive"][-1]).replace("if=virtio", "if=none,id=vdisk")
+    demo.extra_qemu_args = [
+        "--qemu-arg=-drive", f"--qemu-arg={drive}",
+        "--qemu-arg=-device", "--qemu-arg=virtio-blk-pci,drive=vdisk,addr=0x11",
+    ]  # fmt: skip
+    demo.guest_command = "vtpm-guest"
+
+
+def act_boot(demo: Demo, act: Act) -> str:
+    t0 = time.monotonic()
+    if demo.guest == "disk":
+        _disk_image(demo)
+    else:
+        _initramfs_image(demo)
     demo.say.info(f"image {demo.image['key']} ready in {time.monotonic() - t0:.1f} s")
-    act.details["image"] = demo.image["key"]
+    act.details["image"] = {"kind": demo.guest, "key": demo.image["key"]}
 
     # The owner policy: this VM belongs to the tenant whose certificate act 3 makes.
     _make_tenant(demo)
@@ -488,8 +556,10 @@ def act_boot(demo: Demo, act: Act) -> str:
     demo.say.step(f"vtpm-host vm create {VM_NAME} --image … (adopted: memfd RAM, vTPM bridge)")
     made = json.loads(
         demo.vm(
-            "create", VM_NAME, "--image", str(demo.image_dir), "--memory", "256",
-            "--uuid", demo.vm_uuid, "--cmdline-extra", IMA_CMDLINE,
+            "create", VM_NAME, "--image", str(demo.boot_manifest),
+            "--memory", str(demo.memory_mib), "--uuid", demo.vm_uuid,
+            *(["--cmdline-extra", demo.cmdline_extra] if demo.cmdline_extra else []),
+            *demo.extra_qemu_args,
             "--qemu-arg=-netdev",
             f"--qemu-arg=user,id=n0,hostfwd=tcp:127.0.0.1:{demo.ssh_port}-:22",
             "--qemu-arg=-device", "--qemu-arg=virtio-net-pci,netdev=n0,addr=0x10",
@@ -509,17 +579,21 @@ def act_boot(demo: Demo, act: Act) -> str:
         time.sleep(0.5)
     boot = time.monotonic() - t0
     demo.say.info(f"guest ready after {boot:.1f} s; state {demo.vm_state()}")
-    demo.say.step("deploy the guest agent (standard library only) into the guest over SSH")
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for path in sorted((REPO / "guest_agent").glob("*.py")):
-            tar.add(path, arcname=f"guest_agent/{path.name}")
+    if demo.guest == "disk":
+        demo.say.step("SSH into the guest (the image has the guest agent installed)")
+        command, payload = "command -v vtpm-guest", None
+    else:
+        demo.say.step("deploy the guest agent (standard library only) into the guest over SSH")
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for path in sorted((REPO / "guest_agent").glob("*.py")):
+                tar.add(path, arcname=f"guest_agent/{path.name}")
+        command = f"mkdir -p {GUEST_AGENT_DIR} && tar -x -C {GUEST_AGENT_DIR}"
+        payload = buf.getvalue()
     deadline = time.monotonic() + 60
     while True:
         try:
-            demo.guest_ssh(
-                f"mkdir -p {GUEST_AGENT_DIR} && tar -x -C {GUEST_AGENT_DIR}", stdin=buf.getvalue()
-            )
+            demo.guest_ssh(command, stdin=payload)
             break
         except DemoFailure:
             raise
@@ -592,10 +666,10 @@ def _attest(demo: Demo, act: Act, label: str) -> str:
     demo.say.step("vtpm-verify attest --ssh root@127.0.0.1:… (paramiko → vtpm-guest quote)")
     proc = demo.verify(
         "attest", "--ssh", f"{demo.image['ssh_user']}@127.0.0.1:{demo.ssh_port}",
-        "--identity", str(demo.image_dir / demo.image["ssh_private_key"]),
+        "--identity", demo.image["ssh_private_key"],
         "--host-key", demo.image["ssh_host_public_key"],
         "--state-dir", str(demo.tenant / "state"), "--vm", demo.vm_uuid,
-        "--guest-command", GUEST_COMMAND, "--save-bundle", str(bundle), "--json",
+        "--guest-command", demo.guest_command, "--save-bundle", str(bundle), "--json",
         check=False,
     )  # fmt: skip
     try:
@@ -801,6 +875,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
     parser.add_argument("--state-dir", type=Path, help="use (and create) this directory")
     parser.add_argument("--keep", action="store_true", help="keep the state directory")
+    parser.add_argument(
+        "--guest",
+        choices=("initramfs", "disk"),
+        default="disk",
+        help="the Debian disk image with real IMA lists (default), or the test initramfs",
+    )
     args = parser.parse_args(argv)
 
     say = Narrator(sys.stderr if args.json else sys.stdout)
@@ -813,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
         # short: unix socket paths (QEMU monitor, swtpm, bridges) end at 107 bytes
         state = Path(tempfile.mkdtemp(prefix="vtpm-demo-", dir="/tmp"))
     state.chmod(0o700)
-    demo = Demo(state, say)
+    demo = Demo(state, say, args.guest)
     acts = [Act(i, title, expected) for i, (title, expected, _, _) in enumerate(ACTS)]
     say.out.write(f"vtpm-trust demo — state in {state}\n")
     started = time.monotonic()
