@@ -492,7 +492,9 @@ def _disk_image(demo: Demo) -> None:
     ``vtpm-host vm create`` boots a kernel + initramfs manifest (``vtpm-trust/guest-image/1``);
     the disk's kernel, initrd and command line go into one such manifest in the state
     directory, and its root disk is attached as a QEMU drive (``snapshot=on``: the cached image
-    is never written, and writes of the guest are discarded when its QEMU exits).
+    is never written, and writes of the guest are discarded when its QEMU exits, so a restored
+    guest finds the pristine image under its page cache: fine for the minutes of a demo, not for
+    a tenant's VM, whose disk libvirt would manage).
     """
     demo.say.step("guest image: the Debian disk with IMA (python -m vm_images.disk, cached)")
     built = _build(demo, "vm_images.disk")
@@ -550,9 +552,6 @@ def act_boot(demo: Demo, act: Act) -> str:
     demo.start_daemon()
     demo.say.info(f"daemon up; enrollment API on https://127.0.0.1:{demo.enroll_port}")
 
-    # The vm commands send libvirt's own log to <root>/log/libvirt.log, and libvirt fails a
-    # command when that directory is missing on a fresh root (as tests/vm do, make it first).
-    (demo.state / "libvirt" / "log").mkdir(parents=True, exist_ok=True)
     demo.say.step(f"vtpm-host vm create {VM_NAME} --image … (adopted: memfd RAM, vTPM bridge)")
     made = json.loads(
         demo.vm(
