@@ -47,8 +47,18 @@ def _verify_ids() -> set[str]:
     return ids | {c.id for c in extra}
 
 
+# The ids a host answers a tenant with (a refusal instead of a signature) are API too.
+_HOST_SOURCES = ("host_agent/service/attest.py", "host_agent/service/enroll.py")
+_HOST_SOURCES += ("verifier/commands/tenant.py",)
+
+
+def _host_ids() -> set[str]:
+    text = "".join((REPO / p).read_text() for p in _HOST_SOURCES)
+    return set(re.findall(r'"((?:attest|enroll)\.[a-z0-9_.]+)"', text))
+
+
 def test_every_id_is_documented_and_every_documented_id_exists() -> None:
-    produced = _policy_ids() | _verify_ids()
+    produced = _policy_ids() | _verify_ids() | _host_ids()
     assert len(_policy_ids()) == 14
     assert produced == _documented()
 
