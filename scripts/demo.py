@@ -572,9 +572,14 @@ def act_boot(demo: Demo, act: Act) -> str:
     demo.vm("start", VM_NAME)
     console = demo.state / "vms" / demo.vm_uuid / "console.log"
     marker = str(demo.image.get("ready_marker", "VTPM-GUEST-READY"))
+    shown = 0
     while marker not in (console.read_text(errors="replace") if console.exists() else ""):
-        if time.monotonic() - t0 > BOOT_TIMEOUT:
+        waited = time.monotonic() - t0
+        if waited > BOOT_TIMEOUT:
             raise DemoFailure(f"the guest printed no {marker} within {BOOT_TIMEOUT:.0f} s")
+        if waited >= shown + 10:  # TCG boots take a while: show that it is moving
+            shown += 10
+            demo.say.info(f"booting under TCG… {shown} s")
         time.sleep(0.5)
     boot = time.monotonic() - t0
     demo.say.info(f"guest ready after {boot:.1f} s; state {demo.vm_state()}")
