@@ -1,5 +1,6 @@
 """What the ``vtpm-host`` command modules share: the agent configuration arguments (``--config``,
-``--state-dir``, ``--tcti``, ``--json``) and the one builder of the configuration from them.
+``--state-dir``, ``--tcti``, ``--json``), the one builder of the configuration from them, and the
+``vm`` command's sub-command action that several modules add to.
 """
 
 from __future__ import annotations
@@ -8,10 +9,11 @@ import argparse
 import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 from host_agent.config import AgentConfig, load_config, with_state_dir
 
-__all__ = ["STATE_DIR_HELP", "TCTI_HELP", "add_agent_args", "build_config"]
+__all__ = ["STATE_DIR_HELP", "TCTI_HELP", "add_agent_args", "build_config", "vm_subparsers"]
 
 STATE_DIR_HELP = "agent state directory (default /var/lib/vtpm-trust, or VTPM_STATE_DIR)"
 TCTI_HELP = "TPM TCTI, e.g. device:/dev/tpmrm0"
@@ -51,3 +53,15 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
             config, libvirt=dataclasses.replace(config.libvirt, uri=args.uri)
         )
     return config
+
+
+def vm_subparsers(subparsers: Any) -> Any:
+    """The ``vm`` command's sub-command action, made by whichever module registers first."""
+    vm = subparsers.choices.get("vm")
+    if vm is None:
+        vm = subparsers.add_parser("vm", help="per-VM operations")
+        return vm.add_subparsers(dest="vm_command", metavar="VM_COMMAND", required=True)
+    for action in vm._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return vm.add_subparsers(dest="vm_command", metavar="VM_COMMAND", required=True)

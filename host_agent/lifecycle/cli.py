@@ -18,53 +18,28 @@ import os
 import sys
 import uuid as uuid_mod
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import AgentConfig, load_config, with_state_dir
+from .._cli_common import add_agent_args, build_config, vm_subparsers
+from ..config import AgentConfig
 from ..vtpm.cli import DEFAULT_RUNTIME_DIR
 from .embedded import embedded_root_of, prepare_embedded_root
 
 if TYPE_CHECKING:  # libvirt is imported only when a command runs (see _manager)
     from .adoption import AdoptResult, VmManager
 
-__all__ = ["register"]
-
-
-def _vm_subparsers(subparsers: Any) -> Any:
-    """The ``vm`` command's sub-command action: ``vtpm-host vm pcrs`` may have made it already."""
-    vm = subparsers.choices.get("vm")
-    if vm is None:
-        vm = subparsers.add_parser("vm", help="per-VM operations")
-        return vm.add_subparsers(dest="vm_command", metavar="VM_COMMAND", required=True)
-    for action in vm._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return vm.add_subparsers(dest="vm_command", metavar="VM_COMMAND", required=True)
+__all__ = ["add_libvirt_args", "register", "vm_manager"]
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--config", type=Path, metavar="FILE", help="agent configuration (TOML)")
-    p.add_argument(
-        "--state-dir",
-        type=Path,
-        metavar="DIR",
-        help="agent state directory (default /var/lib/vtpm-trust, or VTPM_STATE_DIR)",
-    )
-    p.add_argument(
-        "--uri",
-        metavar="URI",
-        help="libvirt URI (default: libvirt.uri, else qemu:///embed?root=<state-dir>/libvirt)",
-    )
-    p.add_argument("--tcti", metavar="TCTI", help="host TPM TCTI (seals the VMs' state keys)")
-    p.add_argument(
-        "--runtime-dir",
-        type=Path,
-        default=DEFAULT_RUNTIME_DIR,
-        help=f"where bridges register themselves (default {DEFAULT_RUNTIME_DIR})",
+    add_agent_args(p)
+    add_libvirt_args(
+        p,
+        uri_help="libvirt URI (default: libvirt.uri, else qemu:///embed?root=<state-dir>/libvirt)",
     )
     p.add_argument(
         "--daemon-sock",
@@ -73,8 +48,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_libvirt_args(p: argparse.ArgumentParser, *, uri_help: str) -> None:
+    """``--uri``, ``--tcti`` (the host TPM that seals the VMs' state keys) and ``--runtime-dir``,
+    for :func:`vm_manager`."""
+    p.add_argument("--uri", metavar="URI", help=uri_help)
+    p.add_argument("--tcti", metavar="TCTI", help="host TPM TCTI (seals the VMs' state keys)")
+    p.add_argument(
+        "--runtime-dir",
+        type=Path,
+        default=DEFAULT_RUNTIME_DIR,
+        help=f"where bridges register themselves (default {DEFAULT_RUNTIME_DIR})",
+    )
+
+
 def register(subparsers: Any) -> None:
-    sub = _vm_subparsers(subparsers)
+    sub = vm_subparsers(subparsers)
 
     p = sub.add_parser(
         "adopt",
@@ -148,19 +136,6 @@ def register(subparsers: Any) -> None:
 # ---------------------------------------------------------------------------- plumbing
 
 
-def _config(args: argparse.Namespace) -> AgentConfig:
-    config = load_config(args.config, os.environ)
-    if args.state_dir is not None:
-        config = with_state_dir(config, args.state_dir.resolve())
-    if args.tcti:
-        config = dataclasses.replace(config, tpm=dataclasses.replace(config.tpm, tcti=args.tcti))
-    if args.uri:
-        config = dataclasses.replace(
-            config, libvirt=dataclasses.replace(config.libvirt, uri=args.uri)
-        )
-    return config
-
-
 def _libvirt_log_to(path: Path) -> None:
     """Send the embedded driver's own log lines (version banner, "security driver none",
     "tainted: high-privileges" …) to ``path`` instead of this command's stderr.
@@ -173,13 +148,25 @@ def _libvirt_log_to(path: Path) -> None:
 
 
 @contextmanager
-def _manager(args: argparse.Namespace) -> Iterator[VmManager]:
-    config = _config(args)
+def vm_manager(
+    config: AgentConfig,
+    *,
+    runtime_dir: Path,
+    daemon_socket: Path | None = None,
+    libvirt_log: bool = True,
+) -> Iterator[VmManager]:
+    """A :class:`~host_agent.lifecycle.adoption.VmManager` on ``config``'s libvirt connection.
+
+    An embedded driver's root is prepared first (and, with ``libvirt_log``, the driver's own log
+    goes to ``<root>/log/libvirt.log``). The host TPM is opened only if the manager seals a
+    state key, and closed on the way out. ``daemon_socket`` defaults to the state directory's.
+    """
     uri = config.libvirt.uri_for(config.state_dir)
     root = embedded_root_of(uri)
     if root is not None:
         prepare_embedded_root(root)
-        _libvirt_log_to(root / "log" / "libvirt.log")
+        if libvirt_log:
+            _libvirt_log_to(root / "log" / "libvirt.log")
     from .adoption import VmManager, daemon_socket_of
     from .libvirt_adapter import Hypervisor
 
@@ -198,12 +185,18 @@ def _manager(args: argparse.Namespace) -> Iterator[VmManager]:
                 hypervisor=hv,
                 state_dir=config.state_dir,
                 sealer=sealer,
-                runtime_dir=args.runtime_dir,
-                daemon_socket=args.daemon_sock or daemon_socket_of(config.state_dir),
+                runtime_dir=runtime_dir,
+                daemon_socket=daemon_socket or daemon_socket_of(config.state_dir),
             )
         finally:
             for tpm in tpms:
                 tpm.close()
+
+
+def _manager(args: argparse.Namespace) -> AbstractContextManager[VmManager]:
+    return vm_manager(
+        build_config(args), runtime_dir=args.runtime_dir, daemon_socket=args.daemon_sock
+    )
 
 
 def _adopt_output(args: argparse.Namespace, result: AdoptResult, verb: str) -> None:

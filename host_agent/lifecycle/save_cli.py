@@ -31,38 +31,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
-import os
 import re
 import uuid as uuid_mod
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 from evidence.errors import VtpmError
-from host_agent.config import AgentConfig, load_config, with_state_dir
-from host_agent.vtpm.cli import DEFAULT_RUNTIME_DIR
+from host_agent._cli_common import add_agent_args, build_config, vm_subparsers
+from host_agent.config import AgentConfig
+from host_agent.lifecycle.cli import add_libvirt_args, vm_manager
 
 __all__ = ["register"]
 
 
-def _vm_subparsers(subparsers: Any) -> Any:
-    vm = subparsers.choices.get("vm")
-    if vm is None:
-        vm = subparsers.add_parser("vm", help="per-VM operations")
-        return vm.add_subparsers(dest="vm_command", metavar="VM_COMMAND", required=True)
-    for action in vm._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return vm.add_subparsers(dest="vm_command", metavar="VM_COMMAND", required=True)
-
-
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--config", type=Path, metavar="FILE", help="agent configuration (TOML)")
-    p.add_argument("--state-dir", type=Path, metavar="DIR", help="agent state directory")
+    add_agent_args(p, state_dir_help="agent state directory")
 
 
 class SnapshotNotFound(VtpmError):
@@ -72,14 +58,7 @@ class SnapshotNotFound(VtpmError):
 
 
 def _libvirt_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--uri", metavar="URI", help="libvirt URI (default: libvirt.uri, else embed)")
-    p.add_argument("--tcti", metavar="TCTI", help="host TPM TCTI (seals the VMs' state keys)")
-    p.add_argument(
-        "--runtime-dir",
-        type=Path,
-        default=DEFAULT_RUNTIME_DIR,
-        help=f"where bridges register themselves (default {DEFAULT_RUNTIME_DIR})",
-    )
+    add_libvirt_args(p, uri_help="libvirt URI (default: libvirt.uri, else embed)")
 
 
 def register(subparsers: Any) -> None:
@@ -91,7 +70,7 @@ def register(subparsers: Any) -> None:
     _common(p)
     p.set_defaults(func=_cmd_verify)
 
-    sub = _vm_subparsers(subparsers)
+    sub = vm_subparsers(subparsers)
     p = sub.add_parser(
         "adopt-state",
         help="seal a record for a save image made without the agent (operator decision)",
@@ -131,51 +110,11 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_revert)
 
 
-def _config(args: argparse.Namespace) -> AgentConfig:
-    config = load_config(args.config, os.environ)
-    if args.state_dir is not None:
-        config = with_state_dir(config, args.state_dir.resolve())
-    if getattr(args, "tcti", None):
-        config = dataclasses.replace(config, tpm=dataclasses.replace(config.tpm, tcti=args.tcti))
-    if getattr(args, "uri", None):
-        config = dataclasses.replace(
-            config, libvirt=dataclasses.replace(config.libvirt, uri=args.uri)
-        )
-    return config
-
-
-@contextlib.contextmanager
-def _manager(args: argparse.Namespace, config: AgentConfig) -> Iterator[Any]:
+def _manager(
+    args: argparse.Namespace, config: AgentConfig
+) -> contextlib.AbstractContextManager[Any]:
     """A :class:`~host_agent.lifecycle.adoption.VmManager` on this command's libvirt connection."""
-    from host_agent.lifecycle.adoption import VmManager, daemon_socket_of
-    from host_agent.lifecycle.embedded import prepare_embedded_root
-    from host_agent.lifecycle.libvirt_adapter import Hypervisor, embedded_root_of
-
-    uri = config.libvirt.uri_for(config.state_dir)
-    root = embedded_root_of(uri)
-    if root is not None:
-        prepare_embedded_root(root)
-    tpms: list[Any] = []
-
-    def sealer() -> Any:
-        from host_agent.tpm.discovery import open_host_tpm
-
-        tpm = open_host_tpm(config.tpm)
-        tpms.append(tpm)
-        return tpm
-
-    with Hypervisor(uri) as hv:
-        try:
-            yield VmManager(
-                hypervisor=hv,
-                state_dir=config.state_dir,
-                sealer=sealer,
-                runtime_dir=args.runtime_dir,
-                daemon_socket=daemon_socket_of(config.state_dir),
-            )
-        finally:
-            for tpm in tpms:
-                tpm.close()
+    return vm_manager(config, runtime_dir=args.runtime_dir, libvirt_log=False)
 
 
 def _arm(m: Any, ref: Any) -> None:
@@ -266,7 +205,7 @@ def _print(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
 def _cmd_save(args: argparse.Namespace) -> int:
     from host_agent.service.daemon import DaemonError, control_client
 
-    config = _config(args)
+    config = build_config(args)
     with _manager(args, config) as m:
         ref = m.hypervisor.lookup(args.domain)
         mode = "unknown"
@@ -285,7 +224,7 @@ def _cmd_save(args: argparse.Namespace) -> int:
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = build_config(args)
     file = args.file.resolve()
     with _manager(args, config) as m:
         ref = m.hypervisor.lookup(_image_uuid(m.hypervisor.save_image_xml(file), file))
@@ -299,7 +238,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
 
 
 def _cmd_arm(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = build_config(args)
     with _manager(args, config) as m:
         ref = m.hypervisor.lookup(args.domain)
         if m.hypervisor.info(ref).active:
@@ -310,7 +249,7 @@ def _cmd_arm(args: argparse.Namespace) -> int:
 
 
 def _cmd_revert(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = build_config(args)
     with _manager(args, config) as m:
         ref = m.hypervisor.lookup(args.domain)
         memory = _snapshot_memory_file(m, ref, args.snapshot)
@@ -332,7 +271,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from host_agent.store.provision import open_store
     from host_agent.tpm.discovery import open_host_tpm
 
-    config = _config(args)
+    config = build_config(args)
     tpm = open_host_tpm(config.tpm)
     try:
         with open_store(config, tpm, read_only=True) as store:
@@ -351,7 +290,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_adopt_state(args: argparse.Namespace) -> int:
     from host_agent.service.daemon import DaemonError, control_client
 
-    client = control_client(_config(args))
+    client = control_client(build_config(args))
     vm_uuid = args.domain
     name = args.name
     try:
