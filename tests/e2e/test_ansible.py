@@ -187,7 +187,7 @@ def _inventory(
         "vtpm_registrar_port": ports["registrar"],
         "vtpm_registrar_public_name": "localhost",
         "vtpm_registrar_trust_swtpm_localca": True,
-        "vtpm_registrar_db_password": "not-a-secret",
+        "vtpm_registrar_db_password": "not a 'secret': \\x",  # quoting, pgpass escapes
         "vtpm_registrar_db_port": pg.port,
         "vtpm_registrar_pg_admin_host": "127.0.0.1",
         "vtpm_registrar_pg_become_user": "",
@@ -341,6 +341,12 @@ def test_site_yml_deploys_registrar_and_host_then_changes_nothing(
     assert hosts.returncode == 0, hosts.stderr
     assert len(json.loads(hosts.stdout)["hosts"]) == 1
     assert pg.psql("SELECT 1 FROM pg_database WHERE datname = 'vtpm_registrar'").strip() == "1"
+    has_password = "SELECT rolpassword IS NOT NULL FROM pg_authid WHERE rolname = 'vtpm_registrar'"
+    assert pg.psql(has_password).strip() == "t"
+    pgpass = prefix / "var/lib/vtpm-registrar/pgpass"
+    assert pgpass.stat().st_mode & 0o777 == 0o600
+    expected = f"127.0.0.1:{pg.port}:vtpm_registrar:vtpm_registrar:not a 'secret'\\: \\\\x"
+    assert pgpass.read_text().strip() == expected
     assert (prefix / "var/lib/vtpm-trust/identity/aik.pem").exists()
 
     # The agent runs under the supervisor and answers with the adopted VM.
