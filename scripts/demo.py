@@ -949,6 +949,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         doc = {
             "ok": ok,
+            "guest": args.guest,
             "total_seconds": round(total, 1),
             "state_dir": str(state),
             "kept": bool(args.keep),
