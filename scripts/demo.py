@@ -877,7 +877,11 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    parser.add_argument("--state-dir", type=Path, help="use (and create) this directory")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        help="an empty or new directory (removed after the run unless --keep)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the state directory")
     parser.add_argument(
         "--guest",
