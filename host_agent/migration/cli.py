@@ -26,7 +26,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from host_agent.config import AgentConfig, load_config, with_state_dir
+from host_agent._cli_common import add_agent_args, build_config, vm_subparsers
+from host_agent.config import AgentConfig
 
 from .channel import TlsIdentity, parse_address
 from .journal import Journal
@@ -41,31 +42,12 @@ from .service import (
 __all__ = ["register", "run_service"]
 
 
-def _config(args: argparse.Namespace) -> AgentConfig:
-    config = load_config(args.config, os.environ)
-    if args.state_dir is not None:
-        config = with_state_dir(config, args.state_dir.resolve())
-    return config
-
-
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, metavar="FILE", help="agent configuration (TOML)")
-    p.add_argument("--state-dir", type=Path, metavar="DIR", help="agent state directory")
-
-
-def _vm_subparsers(subparsers: Any) -> Any:
-    vm = subparsers.choices.get("vm")
-    if vm is None:
-        vm = subparsers.add_parser("vm", help="per-VM operations")
-        return vm.add_subparsers(dest="vm_command", metavar="VM_COMMAND", required=True)
-    for action in vm._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return vm.add_subparsers(dest="vm_command", metavar="VM_COMMAND", required=True)
+    add_agent_args(p, state_dir_help="agent state directory")
 
 
 def register(subparsers: Any) -> None:
-    p = _vm_subparsers(subparsers).add_parser(
+    p = vm_subparsers(subparsers).add_parser(
         "migrate",
         help="move a VM's vAIK to another admitted host (migration protocol)",
         description=(
@@ -120,7 +102,7 @@ def _resolve(config: AgentConfig, domain: str) -> uuid.UUID | None:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = build_config(args)
     vm_uuid = _resolve(config, args.domain)
     if vm_uuid is None:
         print(
@@ -147,7 +129,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_journal(args: argparse.Namespace) -> int:
-    value = control_call(_socket(_config(args)), {"op": "journal"})
+    value = control_call(_socket(build_config(args)), {"op": "journal"})
     print(json.dumps(value, sort_keys=True))
     return 0
 
@@ -158,7 +140,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    config = _config(args)
+    config = build_config(args)
     approvals = args.approvals or Path(config.state_dir) / "migration" / "policy-approvals.json"
     return run_service(
         config,
