@@ -84,7 +84,8 @@ from host_agent.service.vm_registry import VmRegistry
 from host_agent.store import TrustedStore
 from host_agent.store.provision import open_store
 from host_agent.vtpm.cli import DEFAULT_RUNTIME_DIR
-from host_agent.vtpm.hooks_server import HooksServer
+from host_agent.vtpm.daemon_link import HookCall
+from host_agent.vtpm.hooks_server import Decision, HooksServer, Veto
 from host_agent.vtpm.swtpm import SwtpmInstance, reap_orphans, vtpm_dir_of
 
 __all__ = [
@@ -102,6 +103,30 @@ log = logging.getLogger("host_agent.service.daemon")
 
 #: Components loaded by name when their module is installed (``module:callable``).
 DEFAULT_COMPONENTS: tuple[str, ...] = ()
+
+
+def observe_hook(
+    handler: Callable[[HookCall], Decision],
+    kind: str,
+    observed: Callable[[str, HookCall, float, Decision], None],
+    clock: Callable[[], float] = time.monotonic,
+) -> Callable[[HookCall], Decision]:
+    """Wrap a state-transfer hook so each call's duration and decision reach ``observed``.
+
+    ``observed`` must not change the decision: its exceptions are logged and dropped, and the
+    handler's own exceptions propagate unchanged (the hooks server turns them into vetoes).
+    """
+
+    def wrapped(call: HookCall) -> Decision:
+        start = clock()
+        decision = handler(call)
+        try:
+            observed(kind, call, clock() - start, decision)
+        except Exception:
+            log.exception("recording the %s hook of VM %s", kind, call.vm_uuid)
+        return decision
+
+    return wrapped
 
 
 class DaemonError(VtpmError):
@@ -287,8 +312,12 @@ class Daemon:
             clock=self.clock,
         )
         self.restorer = Restorer(self.store, self.hooks, host_id=self.host_id, hasher=self.hasher)
-        self.hooks.on_get_stateblob = self.sealer.on_get_stateblob
-        self.hooks.on_set_stateblob = self.restorer.on_set_stateblob
+        self.hooks.on_get_stateblob = observe_hook(
+            self.sealer.on_get_stateblob, "save", self._hook_observed
+        )
+        self.hooks.on_set_stateblob = observe_hook(
+            self.restorer.on_set_stateblob, "restore", self._hook_observed
+        )
         self._control = _ControlServer(self.paths.control_socket, self._control_op).start()
         for component in self.components:
             component.start(self)
@@ -381,6 +410,19 @@ class Daemon:
             self.registry.sync_bridges(self.hooks.bridges())
         if self.auto_arm and self.sealer is not None:
             self._arm_saved()
+
+    def _hook_observed(self, kind: str, call: HookCall, seconds: float, decision: Decision) -> None:
+        """Feed the metrics component (when one runs) with a hook's duration and its veto."""
+        metrics = getattr(self, "metrics", None)
+        if metrics is None:
+            return
+        if kind == "save":
+            metrics.seal_duration(seconds)
+        else:
+            metrics.verify_duration(seconds)
+        if isinstance(decision, Veto):
+            # The reason names pages and digests; the metric label stays a stable category.
+            metrics.refusal(f"{kind}.vetoed")
 
     def _arm_saved(self) -> None:
         """After a save (``virsh save``, managedsave, ``vm save``) the VM's QEMU, bridge and
