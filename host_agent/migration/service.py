@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 from evidence.errors import VtpmError
 from evidence.tpm2_policy import PolicyApproval
+from host_agent._jsonline import call_json_line
 from host_agent.errors import StateError
 
 from .channel import MtlsListener, MtlsPeerChannel, TlsIdentity, parse_address
@@ -257,24 +258,12 @@ def control_call(path: Path, request: dict[str, Any], timeout: float = 300.0) ->
     Raises:
         MigrationError: the service is not running, or the request failed (its error id kept).
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
     try:
-        sock.connect(str(path))
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        buf = b""
-        while b"\n" not in buf:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise EOFError("the migration service closed the connection")
-            buf += chunk
+        reply = call_json_line(path, request, timeout, "the migration service")
     except (OSError, EOFError) as err:
         raise MigrationError(
             f"cannot reach the migration service at {path}: {err} (is it running?)"
         ) from err
-    finally:
-        sock.close()
-    reply = json.loads(buf.split(b"\n", 1)[0])
     if not reply.get("ok"):
         raise RemoteMigrationError(str(reply.get("error_id")), str(reply.get("message")))
     value = reply.get("value")

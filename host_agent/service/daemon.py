@@ -76,6 +76,7 @@ from types import FrameType
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from evidence.errors import VtpmError
+from host_agent._jsonline import call_json_line
 from host_agent.config import AgentConfig, load_config, with_state_dir
 from host_agent.errors import StateError
 from host_agent.lifecycle.restore import Restorer
@@ -640,24 +641,12 @@ class ControlClient:
         self.timeout = timeout
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
         try:
-            sock.connect(str(self.path))
-            sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
-            buf = b""
-            while b"\n" not in buf:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    raise EOFError("the daemon closed the connection")
-                buf += chunk
+            reply = call_json_line(self.path, {"op": op, "args": args}, self.timeout, "the daemon")
         except (OSError, EOFError) as err:
             raise DaemonError(
                 f"cannot reach the vtpm-host daemon at {self.path}: {err} (is it running?)"
             ) from err
-        finally:
-            sock.close()
-        reply = json.loads(buf.split(b"\n", 1)[0])
         if not reply.get("ok"):
             raise DaemonError(f"daemon: [{reply.get('error_id')}] {reply.get('message')}")
         value = reply.get("value")
