@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ from host_agent.lifecycle.save_cli import _arm  # noqa: E402
 from host_agent.service.daemon import ControlClient  # noqa: E402
 from host_agent.store.provision import ensure_store  # noqa: E402
 from host_agent.tpm.adapter import PytssHostTpm  # noqa: E402
+from tests.helpers.procs import kill_leftovers  # noqa: E402
 from tests.helpers.swtpm import start_swtpm  # noqa: E402
 from vm_images.build import build_image  # noqa: E402
 
@@ -77,21 +77,6 @@ def _baseline_xml(xml: str, guarded_uuid: str, name: str, new_uuid: str) -> str:
         flags=re.S,
     )
     return xml
-
-
-def _kill_leftovers(state: Path) -> None:
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(state) in argv and any(
-            n in argv for n in ("swtpm", "host_agent.vtpm.bridge", "qemu-system")
-        ):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(proc.name), signal.SIGKILL)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -180,7 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if daemon is not None and daemon.poll() is None:
             daemon.terminate()
             daemon.wait(10)
-        _kill_leftovers(state)
+        kill_leftovers(state)
         port.close()
         host_tpm.stop()
     text = log.read_text(errors="replace")

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from host_agent.lifecycle.embedded import prepare_embedded_root
 from host_agent.service.daemon import ControlClient
 from host_agent.store.provision import ensure_store
 from host_agent.tpm.adapter import PytssHostTpm
+from tests.helpers.procs import kill_leftovers
 from tests.helpers.swtpm import Swtpm, start_swtpm
 from vm_images.build import GuestImage
 
@@ -156,21 +156,6 @@ class Host:
         return "".join(p.read_text(errors="replace")[-3000:] for p in self.logs if p.exists())
 
 
-def _kill_leftovers(state: Path) -> None:
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(state) in argv and any(
-            n in argv for n in ("swtpm", "host_agent.vtpm.bridge", "qemu-system")
-        ):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(proc.name), signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def host(guest_image: GuestImage) -> Iterator[Host]:
     state = Path(tempfile.mkdtemp(prefix="vsl-", dir="/tmp"))
@@ -193,7 +178,7 @@ def host(guest_image: GuestImage) -> Iterator[Host]:
         h.daemon.terminate()
         h.daemon.wait(10)
     print(h.logs_tail())
-    _kill_leftovers(state)
+    kill_leftovers(state)
     tpm.stop()
     shutil.rmtree(state, ignore_errors=True)
 

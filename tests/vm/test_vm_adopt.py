@@ -19,7 +19,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ import pytest
 
 from host_agent.lifecycle.domain_xml import ADOPTION_NS, DEFAULT_CHANNEL_NAME
 from host_agent.lifecycle.embedded import prepare_embedded_root
+from tests.helpers.procs import kill_leftovers, pids_under
 from tests.helpers.swtpm import Swtpm, start_swtpm
 from vm_images.build import GuestImage
 
@@ -132,31 +132,9 @@ def host(guest_image: GuestImage) -> Iterator[Host]:
     with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
         for line in h.virsh("list", "--name").split():
             h.cli("stop", line, check=False)
-    _kill_leftovers(state)
+    kill_leftovers(state)
     tpm.stop()
     shutil.rmtree(state, ignore_errors=True)
-
-
-def _pids_under(state: Path, *names: str) -> list[int]:
-    """Pids of swtpm / bridge / QEMU processes whose command line mentions ``state``."""
-    out = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            status = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if status != "Z" and str(state) in argv and any(n in argv for n in names):
-            out.append(int(proc.name))
-    return out
-
-
-def _kill_leftovers(state: Path) -> None:
-    for pid in _pids_under(state, "swtpm", "host_agent.vtpm.bridge", "qemu-system"):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def _wait_for(predicate: object, timeout: float, what: str) -> None:
@@ -300,7 +278,7 @@ def test_vm_start_boots_the_adopted_domain_with_its_tpm_through_the_bridge(host:
     assert SEABIOS_PCR0 in text
     assert DEFAULT_CHANNEL_NAME in text  # the attestation channel's port
     # guest RAM is the shared memfd the agent reads (platform-notes, "Guest memory …")
-    (qemu,) = _pids_under(host.root, "qemu-system")
+    (qemu,) = pids_under(host.root, "qemu-system")
     fds = [os.readlink(f) for f in Path(f"/proc/{qemu}/fd").iterdir() if f.is_symlink()]
     assert any(f.startswith("/memfd:") for f in fds), fds
     (vm,) = [v for v in host.cli_json("list") if v["name"] == name]  # type: ignore[union-attr]
@@ -312,8 +290,8 @@ def test_vm_start_boots_the_adopted_domain_with_its_tpm_through_the_bridge(host:
 
     stopped = host.cli_json("stop", name)
     assert isinstance(stopped, dict) and stopped["state"] == "shutoff"
-    assert not _pids_under(host.state / "vtpm" / vm["uuid"], "swtpm")
-    assert not _pids_under(host.state / "vms" / vm["uuid"], "host_agent.vtpm.bridge")
+    assert not pids_under(host.state / "vtpm" / vm["uuid"], "swtpm")
+    assert not pids_under(host.state / "vms" / vm["uuid"], "host_agent.vtpm.bridge")
 
 
 def test_vm_list_json_shape(host: Host) -> None:
@@ -376,8 +354,8 @@ def test_vm_create_boots_an_image_and_nothing_outlives_a_destroyed_vm(host: Host
     assert "shut off" in host.virsh("domstate", "made1")
     _wait_for(
         lambda: (
-            not _pids_under(host.state / "vtpm" / vm_uuid, "swtpm")
-            and not _pids_under(host.state / "vms" / vm_uuid, "host_agent.vtpm.bridge")
+            not pids_under(host.state / "vtpm" / vm_uuid, "swtpm")
+            and not pids_under(host.state / "vms" / vm_uuid, "host_agent.vtpm.bridge")
         ),
         15,
         "swtpm and bridge to exit after QEMU",
@@ -449,8 +427,8 @@ def test_supervise_cleans_up_after_a_vm_that_stops_on_its_own(host: Host) -> Non
     vm_uuid = out["uuid"]
     _wait_for(
         lambda: (
-            not _pids_under(host.state / "vtpm" / vm_uuid, "swtpm")
-            and not _pids_under(host.state / "vms" / vm_uuid, "host_agent.vtpm.bridge")
+            not pids_under(host.state / "vtpm" / vm_uuid, "swtpm")
+            and not pids_under(host.state / "vms" / vm_uuid, "host_agent.vtpm.bridge")
         ),
         15,
         "swtpm and bridge to be gone",
