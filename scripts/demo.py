@@ -382,8 +382,8 @@ def _fleet_approval(demo: Demo) -> str:
     registrar = demo.state / "registrar"
     from evidence.verify import VAIK_POLICY_REF
 
-    # vAIKs bind the policyRef VAIK_POLICY_REF: an approval for another (or no) policyRef does
-    # not authorise them (the registrar's --policy-ref defaults to empty).
+    # vAIKs bind the policyRef VAIK_POLICY_REF (the registrar's default, spelled out here):
+    # an approval for another policyRef does not authorise them.
     demo.verify("registrar", "approve", "--state-dir", str(registrar), "--pcr-policy", policy,
                 "--policy-ref", VAIK_POLICY_REF.decode(), "--json")  # fmt: skip
     approvals = _fetch_approvals(demo, registrar)

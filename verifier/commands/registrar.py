@@ -30,6 +30,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from evidence.verify import VAIK_POLICY_REF
 from verifier._cli import emit_json, read_input
 from verifier.registrar.state import (
     SWTPM_LOCALCA_DIR,
@@ -169,7 +170,13 @@ def register(subparsers: Any) -> None:
     _state_dir(approve)
     approve.add_argument("--pcr-policy", required=True, metavar="HEX", help="32-byte digest")
     approve.add_argument(
-        "--policy-ref", default="", metavar="TEXT", help="policyRef bound in the vAIK policy"
+        "--policy-ref",
+        default=VAIK_POLICY_REF.decode(),
+        metavar="TEXT",
+        help=(
+            "policyRef bound in the vAIK policy (default: %(default)s, the one every vAIK's "
+            "sign policy names; an approval under another policyRef authorises no vAIK)"
+        ),
     )
     approve.set_defaults(func=_approve)
 
@@ -338,8 +345,12 @@ def _approve(args: argparse.Namespace) -> int:
         digest = bytes.fromhex(args.pcr_policy)
     except ValueError:
         digest = b""
-    if len(digest) != 32 or len(args.policy_ref.encode()) > 32:
-        return _usage("--pcr-policy: expected 64 hex digits; --policy-ref: at most 32 bytes")
+    if len(digest) != 32:
+        return _usage(f"--pcr-policy: expected 64 hex digits, got {args.pcr_policy!r}")
+    if len(args.policy_ref.encode()) > 32:
+        return _usage(
+            f"--policy-ref: expected at most 32 bytes, got {len(args.policy_ref.encode())}"
+        )
     service, store = open_service(args.state_dir, clock=_now, random_bytes=secrets.token_bytes)
     store.close()
     approval = service.approve_platform_policy(digest, args.policy_ref.encode())
