@@ -9,6 +9,12 @@ connected bridge. A restarted server finds the bridges again because they reconn
 A handler takes the :class:`~host_agent.vtpm.daemon_link.HookCall` and returns :class:`Allow`,
 :class:`Veto` or :class:`Replace`. A handler that raises vetoes with the exception as the reason.
 
+A veto is also written, as one line, to the stderr of the QEMU it concerns (before QEMU gets the
+answer): libvirt keeps QEMU's stderr as the domain log (``<root>/log/qemu/<name>.log`` for the
+embedded driver, virtlogd's file for a system libvirtd), and when an incoming QEMU exits during a
+restore libvirt puts the tail of that log into the error it raises. So a plain ``virsh restore``
+of a refused image says why, and which pages differ, like ``vtpm-host vm restore`` does.
+
 Run standalone: ``python -m host_agent.vtpm.hooks_server --listen PATH [--veto-get REASON]
 [--veto-set REASON]`` (allows everything otherwise; logs every hook).
 """
@@ -22,6 +28,7 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -37,7 +44,16 @@ from host_agent.vtpm.bridge_errors import BridgeTransportError, LinkCallError
 from host_agent.vtpm.bridge_link import LinkPeer
 from host_agent.vtpm.daemon_link import Call, Hello, HookCall, HookEvent, HookReply, Result, Verdict
 
-__all__ = ["Allow", "HookHandler", "HooksServer", "Replace", "Veto", "main"]
+__all__ = [
+    "Allow",
+    "HookHandler",
+    "HooksServer",
+    "Replace",
+    "Veto",
+    "main",
+    "note_in_qemu_log",
+    "veto_log_line",
+]
 
 log = logging.getLogger("host_agent.vtpm.hooks_server")
 
@@ -64,6 +80,52 @@ HookHandler = Callable[[HookCall], Decision]
 
 def _allow(_call: HookCall) -> Decision:
     return Allow()
+
+
+#: A veto line is kept short: libvirt quotes only the last 1024 bytes of the domain log.
+VETO_LINE_MAX = 640
+
+
+def veto_log_line(event: str, vm: str, reason: str, now: float | None = None) -> str:
+    """The one line a veto leaves in QEMU's log, timestamped the way QEMU stamps its own lines.
+
+    It must not look like a libvirt log message (libvirt filters those out of the tail it
+    quotes), and it stays under :data:`VETO_LINE_MAX` bytes however long the reason is."""
+    now = time.time() if now is None else now
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+    frac = f"{now % 1:.6f}"[1:]
+    what = "save" if event == HookEvent.GET_STATEBLOB else "restore"
+    text = " ".join(f"vtpm-trust: {what} of VM {vm} refused: {reason}".split())
+    head = f"{stamp}{frac}Z "
+    room = VETO_LINE_MAX - len(head) - 1
+    if len(text.encode()) > room:
+        text = text.encode()[: room - 3].decode(errors="ignore") + "..."
+    return f"{head}{text}\n"
+
+
+def note_in_qemu_log(pid: int, line: str) -> bool:
+    """Append ``line`` to the stderr of process ``pid`` when that is a file or a pipe.
+
+    Opens ``/proc/PID/fd/2`` anew with ``O_APPEND`` (a log file keeps QEMU's own writes intact,
+    and a pipe to virtlogd takes the line as QEMU's output), non-blocking so a full pipe cannot
+    stall the answer QEMU waits for. Anything else (a terminal, a socket, no such process) is
+    left alone. Returns whether the line was written."""
+    try:
+        fd = os.open(f"/proc/{pid}/fd/2", os.O_WRONLY | os.O_APPEND | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as err:
+        log.warning("hooks server: cannot open the stderr of QEMU %d: %s", pid, err)
+        return False
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            return False
+        data = line.encode()
+        return os.write(fd, data) == len(data)
+    except OSError as err:
+        log.warning("hooks server: cannot write to the stderr of QEMU %d: %s", pid, err)
+        return False
+    finally:
+        os.close(fd)
 
 
 class _Bridge:
@@ -301,6 +363,7 @@ class HooksServer:
             decision = Veto(f"hook handler failed: {err!r}")
         if isinstance(decision, Veto):
             reply = HookReply(call.id, Verdict.VETO, decision.reason or "vetoed")
+            self._note_veto(b, call, reply.reason)
         elif isinstance(decision, Replace):
             reply = HookReply(
                 call.id, Verdict.REPLACE, blob=decision.blob, state_flags=decision.state_flags
@@ -318,6 +381,18 @@ class HooksServer:
             reply.reason,
         )
         self._post(lambda: None if b.peer.closed else _send(b, reply))
+
+    def _note_veto(self, b: _Bridge, call: HookCall, reason: str) -> None:
+        """Leave the veto in QEMU's log (see the module docstring); never fails the hook."""
+        name = b.hello.vm_name if b.hello is not None and b.hello.vm_name else call.vm_uuid
+        try:
+            status = self.call(call.vm_uuid, "status", timeout=5.0)
+        except (BridgeTransportError, LinkCallError) as err:
+            log.warning("hooks server: no QEMU pid for %s to log the veto: %s", call.vm_uuid, err)
+            return
+        pid = status.get("qemu_pid")
+        if isinstance(pid, int) and pid > 0:
+            note_in_qemu_log(pid, veto_log_line(call.event, name, reason))
 
 
 def _send(b: _Bridge, reply: HookReply) -> None:

@@ -266,6 +266,64 @@ def test_plain_virsh_save_and_restore_behave_the_same(
     assert host.pcrs("sr") == pcrs
 
 
+RESTORE_SCRIPT = r"""
+import json, sys
+import libvirt
+from host_agent.lifecycle.libvirt_adapter import start_event_loop
+start_event_loop()
+conn = libvirt.open(sys.argv[1])
+try:
+    conn.restore(sys.argv[2])
+    print(json.dumps({"ok": True}))
+except libvirt.libvirtError as err:
+    print(json.dumps({"ok": False, "message": str(err), "code": err.get_error_code()}))
+finally:
+    conn.close()
+"""
+
+
+def test_libvirt_restore_error_says_why_and_which_pages(
+    host: Host, vm: dict[str, str], tmp_path: Path
+) -> None:
+    """virDomainRestore itself (libvirt-python, no agent command) raises an error that carries
+    the veto's reason and the differing pages, taken from the domain log libvirt quotes."""
+    image = tmp_path / "lv.save"
+    host.virsh("save", "sr", str(image))
+    n = len(host.records(vm["uuid"]))
+    bad = flipped_copy(image, tmp_path / "lv-flipped.save")
+    digest = hashlib.sha256(bad.read_bytes()).hexdigest()
+    definition = host.virsh("dumpxml", "--inactive", "sr").stdout
+    out = json.loads(host.cli("image", "verify", str(bad), "--json", check=False).stdout)
+    [(first, last)] = out["differing_pages"]
+    pages = f"{first}" if first == last else f"{first}-{last}"
+    host.wait_armed(vm["uuid"])
+
+    proc = subprocess.run(
+        [sys.executable, "-c", RESTORE_SCRIPT, host.uri, str(bad)],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env=host.env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["ok"] is False, "the changed image was restored"
+    message = result["message"]
+    print(f"\nlibvirt: {message}")
+    assert "vtpm-trust: restore of VM sr refused" in message, message
+    assert "differs from sealed record" in message and f"1 page(s): {pages} (" in message
+    log_file = host.root / "log" / "qemu" / "sr.log"
+    assert f"1 page(s): {pages} (" in log_file.read_text(errors="replace")
+    assert "restore of VM" in host.log_text() and f"1 page(s): {pages} (" in host.log_text()
+
+    assert host.domstate("sr") == "shut off", "the changed state never runs"
+    assert hashlib.sha256(bad.read_bytes()).hexdigest() == digest, "the image is untouched"
+    assert len(host.records(vm["uuid"])) == n, "no record added or removed"
+    assert host.virsh("dumpxml", "--inactive", "sr").stdout == definition
+
+    host.vm("arm", "sr")
+    host.virsh("restore", str(image))  # the genuine image still restores
+    assert host.domstate("sr") == "running"
+    assert host.pcrs("sr") == json.loads(vm["pcrs"])
+
+
 def test_managedsave_then_vm_start_is_verified(host: Host, vm: dict[str, str]) -> None:
     pcrs = json.loads(vm["pcrs"])
     n = len(host.records(vm["uuid"]))
@@ -275,7 +333,7 @@ def test_managedsave_then_vm_start_is_verified(host: Host, vm: dict[str, str]) -
     host.vm("start", "sr")
     assert host.domstate("sr") == "running"
     assert host.pcrs("sr") == pcrs
-    assert host.log_text().count("matches sealed record") == 4, "vm/virsh restores, start"
+    assert host.log_text().count("matches sealed record") == 5, "vm/virsh restores, start"
 
 
 def test_external_snapshot_then_vm_revert_is_verified(
