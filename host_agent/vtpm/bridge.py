@@ -105,6 +105,8 @@ class Bridge:
         self.config = config
         self.clock = clock
         self.stats = BridgeStats()
+        #: Tells this bridge's counters from those of an earlier bridge of the same VM.
+        self.instance = os.urandom(8).hex()
         self.run_state = BridgeRunState.CREATED
         self._sel = Poller()
         self._listener: socket.socket | None = None
@@ -361,6 +363,7 @@ class Bridge:
         try:
             swtpm, running = self._connect_swtpm()
         except VtpmError as err:
+            self.stats.relay_error("swtpm_connect")
             log.error("bridge %s: %s; closing QEMU's connection", self.config.vm_uuid, err)
             conn.close()
             return
@@ -432,6 +435,7 @@ class Bridge:
         try:
             data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 4)
         except OSError as err:
+            self.stats.relay_error("qemu_io")
             self._end_session(f"QEMU ctrl read failed: {err}")
             return
         s.passed_fds.extend(fds)
@@ -449,11 +453,13 @@ class Bridge:
             req = s.requests.next_request()
         except UnsupportedError as err:
             s.requests.clear()
+            self.stats.relay_error("qemu_malformed")
             log.warning("bridge %s: %s; answering TPM_BAD_ORDINAL", self.config.vm_uuid, err)
             self._answer(cc.ResultReply(cc.PtmResult.TPM_BAD_ORDINAL))
             return
         except ParseError as err:
             s.requests.clear()
+            self.stats.relay_error("qemu_malformed")
             log.warning("bridge %s: %s; answering TPM_BAD_PARAMETER", self.config.vm_uuid, err)
             self._answer(cc.ResultReply(cc.PtmResult.TPM_BAD_PARAMETER))
             return
@@ -499,6 +505,7 @@ class Bridge:
             else:
                 s.swtpm.sendall(req.encode())
         except OSError as err:
+            self.stats.relay_error("swtpm_io")
             self._end_session(f"swtpm ctrl write failed: {err}")
 
     def _on_swtpm_ctrl(self, sock: socket.socket) -> None:
@@ -507,16 +514,22 @@ class Bridge:
             return  # closed by an earlier event of the same select() round
         try:
             data = sock.recv(1 << 20)
-        except OSError:
-            data = b""
+        except OSError as err:
+            self.stats.relay_error("swtpm_io")
+            self._end_session(f"swtpm ctrl read failed: {err}")
+            return
         if not data:
             # After SHUTDOWN swtpm exits: QEMU will not ask again. Otherwise QEMU must learn.
+            # With --terminate it also exits once its data channel closed (QEMU left).
+            if s.state.state is not cc.RunState.TERMINATED and not s.data_closed:
+                self.stats.relay_error("swtpm_gone")
             self._end_session("swtpm closed its control socket")
             return
         s.replies.feed(data)
         try:
             reply = s.replies.next_reply()
         except ParseError as err:
+            self.stats.relay_error("swtpm_malformed")
             self._end_session(f"swtpm sent a malformed reply: {err}")
             return
         if reply is None:
@@ -536,6 +549,7 @@ class Bridge:
         try:
             s.qemu.sendall(reply.encode())
         except OSError as err:
+            self.stats.relay_error("qemu_io")
             self._end_session(f"QEMU ctrl write failed: {err}")
             return
         s.busy = False
@@ -547,6 +561,7 @@ class Bridge:
         s = self._session
         assert s is not None
         if len(s.passed_fds) != 1:
+            self.stats.relay_error("qemu_malformed")
             log.warning("bridge %s: SET_DATAFD with %d fds", self.config.vm_uuid, len(s.passed_fds))
             for fd in s.passed_fds:
                 os.close(fd)
@@ -576,8 +591,9 @@ class Bridge:
             return  # closed by an earlier event of the same select() round
         try:
             data = sock.recv(65536)
-        except OSError:
-            data = b""
+        except OSError as err:
+            self._drop_data_channel(s, f"QEMU data channel read failed: {err}", "qemu_io")
+            return
         if not data:
             self._drop_data_channel(s, "QEMU closed the data channel")
             return
@@ -597,7 +613,7 @@ class Bridge:
             try:
                 s.tpm.sendall(data)
             except OSError:
-                self._drop_data_channel(s, "swtpm data channel write failed")
+                self._drop_data_channel(s, "swtpm data channel write failed", "swtpm_io")
                 return
             if self.config.response_spin > 0:
                 self._spin_for_response(s)
@@ -609,7 +625,7 @@ class Bridge:
                 s.held.append((packet, now))
         except ParseError as err:
             # Cannot frame: give up interposing, the stream is QEMU's problem now.
-            self._drop_data_channel(s, f"guest stream unframeable: {err}")
+            self._drop_data_channel(s, f"guest stream unframeable: {err}", "qemu_malformed")
             return
         self._pump(s)
 
@@ -636,10 +652,12 @@ class Bridge:
         if data is None:
             try:
                 data = sock.recv(65536)
-            except OSError:
-                data = b""
+            except OSError as err:
+                self._drop_data_channel(s, f"swtpm data channel read failed: {err}", "swtpm_io")
+                return
         if not data:
-            self._drop_data_channel(s, "swtpm closed the data channel")
+            gone = None if s.state.state is cc.RunState.TERMINATED else "swtpm_gone"
+            self._drop_data_channel(s, "swtpm closed the data channel", gone)
             return
         if (
             not s.tpm_framer.buffered
@@ -652,7 +670,7 @@ class Bridge:
             try:
                 packet = s.tpm_framer.next_packet()
             except ParseError as err:
-                self._drop_data_channel(s, f"swtpm stream unframeable: {err}")
+                self._drop_data_channel(s, f"swtpm stream unframeable: {err}", "swtpm_malformed")
                 return
         if packet is None:
             return
@@ -661,7 +679,7 @@ class Bridge:
             try:
                 s.guest.sendall(packet)  # type: ignore[union-attr]
             except OSError:
-                self._drop_data_channel(s, "QEMU data channel write failed")
+                self._drop_data_channel(s, "QEMU data channel write failed", "qemu_io")
                 return
             if s.held or self._injections:
                 self._pump(s)
@@ -674,6 +692,7 @@ class Bridge:
             if not owner.future.done():
                 owner.future.set_result(packet)
         else:
+            self.stats.relay_error("swtpm_malformed")
             log.error("bridge %s: swtpm answered with nothing in flight", self.config.vm_uuid)
         self._pump(s)
 
@@ -696,7 +715,7 @@ class Bridge:
             try:
                 s.tpm.sendall(packet)
             except OSError:
-                self._drop_data_channel(s, "swtpm data channel write failed")
+                self._drop_data_channel(s, "swtpm data channel write failed", "swtpm_io")
             return
         if s.guest_framer.buffered:
             return
@@ -710,10 +729,14 @@ class Bridge:
             try:
                 s.tpm.sendall(inj.packet)
             except OSError:
-                self._drop_data_channel(s, "swtpm data channel write failed")
+                self._drop_data_channel(s, "swtpm data channel write failed", "swtpm_io")
             return
 
-    def _drop_data_channel(self, s: Session, why: str) -> None:
+    def _drop_data_channel(self, s: Session, why: str, error: str | None = None) -> None:
+        """Close the data channel; ``error`` is the relay error kind to count, if it is one."""
+        if error is not None:
+            self.stats.relay_error(error)
+        s.data_closed = True
         for sock in (s.guest, s.tpm):
             if sock is not None:
                 with contextlib.suppress(KeyError, ValueError):
@@ -728,6 +751,7 @@ class Bridge:
     def _fail(self, inj: Injection, err: Exception) -> None:
         if not inj.future.done():
             self.stats.injections_failed += 1
+            self.stats.relay_error("injection_failed")
             inj.future.set_exception(err)
 
     def _submit(
@@ -815,6 +839,8 @@ class Bridge:
         return {
             "vm_uuid": self.config.vm_uuid,
             "vm_name": self.config.vm_name,
+            "instance": self.instance,
+            "pid": os.getpid(),
             "run_state": self.run_state.value,
             "tpm": None if s is None else s.state.state.value,
             "qemu_pid": None if s is None else s.qemu_pid,
@@ -967,6 +993,8 @@ class Bridge:
         try:
             msgs = peer.receive()
         except ParseError as err:
+            if peer is self._daemon:
+                self.stats.relay_error("daemon_malformed")
             self._drop_peer(peer, f"malformed frame: {err}")
             return
         if msgs is None:
@@ -978,6 +1006,8 @@ class Bridge:
             elif isinstance(msg, Call):
                 self._on_call(peer, msg)
             else:
+                if peer is self._daemon:
+                    self.stats.relay_error("daemon_malformed")
                 self._drop_peer(peer, f"unexpected {type(msg).__name__}")
                 return
 

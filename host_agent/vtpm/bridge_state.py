@@ -26,6 +26,7 @@ from host_agent.vtpm import ctrl_codec as cc
 from host_agent.vtpm.daemon_link import HookCall, HookReply
 
 __all__ = [
+    "RELAY_ERROR_KINDS",
     "BridgeConfig",
     "BridgeRunState",
     "BridgeStats",
@@ -93,6 +94,21 @@ class BridgeRunState(enum.Enum):
     CLOSED = "closed"
 
 
+#: Kinds of relay errors a bridge counts (``BridgeStats.relay_errors``; the daemon exports
+#: them as ``vtpm_bridge_relay_errors_total{vm,kind}``). Normal ends are not errors: QEMU closing
+#: its sockets, swtpm exiting after CMD_SHUTDOWN or after its data channel was closed.
+RELAY_ERROR_KINDS: dict[str, str] = {
+    "swtpm_connect": "QEMU attached but swtpm's control socket could not be reached or probed",
+    "swtpm_gone": "swtpm closed its control or data channel while QEMU was using it",
+    "swtpm_io": "a read or write towards swtpm failed",
+    "swtpm_malformed": "swtpm sent a control reply or TPM response that cannot be framed",
+    "qemu_io": "a read or write towards QEMU failed",
+    "qemu_malformed": "QEMU sent a control request or TPM command that cannot be framed",
+    "injection_failed": "a TPM command the bridge injected failed or got no answer",
+    "daemon_malformed": "the daemon link carried a malformed or unexpected frame",
+}
+
+
 @dataclass
 class BridgeStats:
     """Counters a test or the daemon's status call can read (the loop thread writes them)."""
@@ -107,6 +123,13 @@ class BridgeStats:
     max_guest_hold: float = 0.0
     hooks: int = 0
     vetoes: list[str] = field(default_factory=list)
+    relay_errors: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def relay_error(self, kind: str) -> None:
+        """Count one relay error of ``kind`` (a key of :data:`RELAY_ERROR_KINDS`)."""
+        if kind not in RELAY_ERROR_KINDS:
+            raise ValueError(f"relay error kind must be one of {sorted(RELAY_ERROR_KINDS)}")
+        self.relay_errors[kind] += 1
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -120,6 +143,7 @@ class BridgeStats:
             "max_guest_hold_ms": round(self.max_guest_hold * 1000, 3),
             "hooks": self.hooks,
             "vetoes": list(self.vetoes),
+            "relay_errors": dict(self.relay_errors),
         }
 
 
@@ -195,6 +219,7 @@ class Session:
         self.held: collections.deque[tuple[bytes, float]] = collections.deque()
         self.in_flight: str | Injection | None = None  # "guest" or an injection
         self.frozen = False  # state-changing injections refused (GET_STATEBLOB seen)
+        self.data_closed = False  # the data channel was set up and has been closed since
         self.qemu_pid = _peer_pid(qemu)  # whose guest RAM the daemon hashes at a state transfer
 
     def close(self) -> None:
