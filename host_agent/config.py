@@ -27,6 +27,15 @@ File format (every key optional; unknown keys are errors)::
     [libvirt]
     uri = "qemu:///system"                       # absent: qemu:///embed?root=<state_dir>/libvirt
 
+    [logging]
+    format = "json"                              # "text" (default) or "json": one object a line
+    level = "info"                               # debug | info | warning | error | critical
+
+    [metrics]
+    listen = "127.0.0.1:9477"                    # HOST:PORT ([::1]:PORT) or "off"; absent: the
+                                                 # metrics component's default (127.0.0.1:9477)
+    allow_non_loopback = false                   # true to listen beyond this machine
+
 Adding a section: add a frozen dataclass with defaults and a field of that type on
 :class:`AgentConfig`; the loader walks the dataclasses, so it needs no other change.
 """
@@ -34,6 +43,7 @@ Adding a section: add a frozen dataclass with defaults and a field of that type 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 import types
 import typing
@@ -43,17 +53,22 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from evidence.errors import VtpmError
+from host_agent.logging_setup import LOG_FORMATS
 
 __all__ = [
     "DEFAULT_STATE_DIR",
     "ENV_OVERRIDES",
+    "LOG_LEVELS",
     "AgentConfig",
     "ConfigError",
     "LibvirtConfig",
+    "LoggingConfig",
+    "MetricsEndpointConfig",
     "RegistrarConfig",
     "StoreConfig",
     "TpmConfig",
     "load_config",
+    "parse_listen",
 ]
 
 DEFAULT_STATE_DIR = Path("/var/lib/vtpm-trust")
@@ -131,6 +146,91 @@ class LibvirtConfig:
         return self.uri if self.uri is not None else f"qemu:///embed?root={state_dir / 'libvirt'}"
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """The daemon's logs (on stderr; ``host_agent/logging_setup.py``).
+
+    Attributes:
+        format: ``text`` (readable lines) or ``json`` (one JSON object per line).
+        level: ``debug``, ``info``, ``warning``, ``error`` or ``critical`` (any case).
+    """
+
+    format: str = "text"
+    level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.format not in LOG_FORMATS:
+            raise ConfigError(
+                f"logging.format: expected one of {', '.join(LOG_FORMATS)}, got {self.format!r}"
+            )
+        if self.level.lower() not in LOG_LEVELS:
+            raise ConfigError(
+                f"logging.level: expected one of {', '.join(LOG_LEVELS)}, got {self.level!r}"
+            )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def parse_listen(text: str, where: str = "metrics.listen") -> tuple[str, int] | None:
+    """``"HOST:PORT"`` (``"[::1]:PORT"`` for IPv6) as ``(host, port)``; ``"off"`` as None.
+
+    Raises:
+        ConfigError: anything else, naming ``where``, what was expected and what arrived.
+    """
+    expected = f'{where}: expected "HOST:PORT" (port 0-65535), "[IPV6]:PORT" or "off", got'
+    if text.strip().lower() == "off":
+        return None
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError(f"{expected} {text!r} (put an IPv6 address in brackets)")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(f"{expected} {text!r}")
+    return host, int(port_text)
+
+
+@dataclass(frozen=True)
+class MetricsEndpointConfig:
+    """Where the Prometheus endpoint (``host_agent/service/metrics.py``) listens.
+
+    Attributes:
+        listen: ``"HOST:PORT"``, ``"[IPV6]:PORT"`` or ``"off"``; None: not configured here, the
+            metrics component's own default applies (``127.0.0.1:9477``).
+        allow_non_loopback: accept a non-loopback ``listen`` host (publishes the metrics beyond
+            this machine; otherwise such an address is refused).
+    """
+
+    listen: str | None = None
+    allow_non_loopback: bool = False
+
+    def __post_init__(self) -> None:
+        address = self.address
+        if address is not None and not self.allow_non_loopback and not _is_loopback(address[0]):
+            raise ConfigError(
+                f"metrics.listen: expected a loopback address (127.0.0.1, [::1], localhost) "
+                f"unless metrics.allow_non_loopback = true, got {self.listen!r}"
+            )
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """``(host, port)``, or None when unset or ``"off"`` (see :attr:`enabled`)."""
+        return None if self.listen is None else parse_listen(self.listen)
+
+    @property
+    def enabled(self) -> bool | None:
+        """True: listen at :attr:`address`; False: ``"off"``; None: not configured here."""
+        return None if self.listen is None else self.address is not None
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """The root of the host agent's configuration."""
@@ -140,6 +240,8 @@ class AgentConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     registrar: RegistrarConfig = field(default_factory=RegistrarConfig)
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsEndpointConfig = field(default_factory=MetricsEndpointConfig)
 
 
 #: Environment variable → dotted config key. The one place the environment is consulted.
@@ -152,6 +254,9 @@ ENV_OVERRIDES: Mapping[str, str] = {
     "VTPM_REGISTRAR_CA_SHA256": "registrar.ca_sha256",
     "VTPM_HOST_ID": "registrar.host_id",
     "VTPM_LIBVIRT_URI": "libvirt.uri",
+    "VTPM_LOG_FORMAT": "logging.format",
+    "VTPM_LOG_LEVEL": "logging.level",
+    "VTPM_METRICS_LISTEN": "metrics.listen",
 }
 
 

@@ -1,10 +1,11 @@
 """Logging for the daemon's edge: readable text (default) or one JSON object per line.
 
-The daemon calls :func:`setup_logging` once, at its edge, before anything logs; library code
-only ever does ``logging.getLogger(__name__)``. Until the daemon's command line has a log-format
-option, :class:`JsonLogs` does it as a daemon component (``vtpm-host daemon --component
-host_agent.logging_setup:JsonLogs``, listed first): the daemon's own start-up lines, before the
-components start, stay in text.
+The daemon calls :func:`setup_logging` once, at its edge, before anything logs, with the format
+and level of its configuration (``[logging] format = "json"``, ``level = "info"`` in the agent's
+TOML file, ``VTPM_LOG_FORMAT``/``VTPM_LOG_LEVEL``, or ``vtpm-host daemon --log-format json
+--log-level info``); library code only ever does ``logging.getLogger(__name__)``.
+:class:`JsonLogs`, the daemon component that did this before the option existed, still works
+but leaves the daemon's own start-up lines in the format it started with.
 
 JSON lines carry ``ts`` (ISO-8601 UTC, milliseconds), ``level``, ``logger`` and ``message``,
 then every *extra* field the caller attached (``log.info("sealed", extra={"vm_uuid": u,

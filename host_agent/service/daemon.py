@@ -13,7 +13,8 @@ What it owns (ARCHITECTURE.md §1):
   (``{"op": "status"}`` → ``{"ok": true, "value": …}`` or ``{"ok": false, "error_id", "message"}``);
   ops: ``status``, ``prepare_save`` (start the background hashing pass of a VM), ``adopt_state``
   (seal a record for an image made without the agent), ``records`` (sealed records, newest
-  first), ``last_veto`` (why a restore was refused);
+  first), ``last_veto`` (why a restore was refused), ``prune`` (drop old sealed records,
+  :mod:`host_agent.lifecycle.retention`; also run for a VM after each verified restore);
 - the ``components``: other services that live inside the daemon;
 - arming after a save: once an adopted VM's save is sealed and its QEMU has gone, the daemon
   restarts its swtpm for incoming state and starts a bridge on its TPM socket, so that a plain
@@ -58,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import enum
 import importlib
 import json
@@ -77,10 +79,12 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from evidence.errors import VtpmError
 from host_agent._jsonline import call_json_line
-from host_agent.config import AgentConfig, load_config, with_state_dir
+from host_agent.config import LOG_LEVELS, AgentConfig, load_config, with_state_dir
 from host_agent.errors import StateError
 from host_agent.lifecycle.restore import Restorer
 from host_agent.lifecycle.seal import RamHasher, Sealer
+from host_agent.logging_setup import LOG_FORMATS, setup_logging
+from host_agent.service.relay_errors import RelayErrorTally
 from host_agent.service.vm_registry import VmRegistry
 from host_agent.store import TrustedStore
 from host_agent.store.provision import open_store
@@ -200,6 +204,10 @@ class Daemon:
 
     #: Seconds after a sealed save within which the VM's QEMU must have gone for it to be armed.
     ARM_WINDOW = 60.0
+    #: Seconds between two rounds of asking the connected bridges for their relay errors.
+    RELAY_POLL_INTERVAL = 5.0
+    #: Seconds one bridge has to answer that question.
+    RELAY_POLL_TIMEOUT = 2.0
 
     def __init__(
         self,
@@ -235,6 +243,9 @@ class Daemon:
         )
         self._control: _ControlServer | None = None
         self._arm_pending: dict[str, float] = {}
+        #: Relay errors of the bridges, per VM and kind (:meth:`poll_bridges` feeds it).
+        self.relay_errors = RelayErrorTally()
+        self._relay_polled = float("-inf")
         self.auto_arm = auto_arm
         self._started: list[Component] = []
         self._stop_requested = threading.Event()
@@ -312,7 +323,19 @@ class Daemon:
             hasher=self.hasher,
             clock=self.clock,
         )
-        self.restorer = Restorer(self.store, self.hooks, host_id=self.host_id, hasher=self.hasher)
+        from host_agent.lifecycle.retention import AutoPrune
+
+        self.restorer = Restorer(
+            self.store,
+            self.hooks,
+            host_id=self.host_id,
+            hasher=self.hasher,
+            after_restore=AutoPrune(
+                self.store,
+                self.config.libvirt.uri_for(self.config.state_dir),
+                vm_name=self.registry.name_of,
+            ),
+        )
         self.hooks.on_get_stateblob = observe_hook(
             self.sealer.on_get_stateblob, "save", self._hook_observed
         )
@@ -409,8 +432,28 @@ class Daemon:
         self.registry.load()
         if self.hooks is not None:
             self.registry.sync_bridges(self.hooks.bridges())
+            if self.clock() - self._relay_polled >= self.RELAY_POLL_INTERVAL:
+                self.poll_bridges()
         if self.auto_arm and self.sealer is not None:
             self._arm_saved()
+
+    def poll_bridges(self) -> dict[tuple[str, str], int]:
+        """Ask every connected bridge for its relay error counters (its ``status`` on the daemon
+        link), fold them into :attr:`relay_errors` and return the totals ``{(vm, kind): n}``.
+
+        A bridge that does not answer within ``RELAY_POLL_TIMEOUT`` is skipped this round.
+        """
+        self._relay_polled = self.clock()
+        hooks = self.hooks
+        if hooks is not None:
+            for vm_uuid in hooks.bridges():
+                try:
+                    value = hooks.call(vm_uuid, "status", timeout=self.RELAY_POLL_TIMEOUT)
+                    counts = value["stats"].get("relay_errors", {})
+                    self.relay_errors.update(vm_uuid, str(value.get("instance", "")), counts)
+                except (VtpmError, KeyError, TypeError, AttributeError, ValueError) as err:
+                    log.debug("relay errors of bridge %s not read: %s", vm_uuid, err)
+        return self.relay_errors.counts()
 
     def _hook_observed(self, kind: str, call: HookCall, seconds: float, decision: Decision) -> None:
         """Feed the metrics component (when one runs) with a hook's duration and its veto."""
@@ -490,7 +533,10 @@ class Daemon:
             "host_id": self.host_id,
             "state_dir": str(self.paths.state_dir),
             "store_generation": None if self.store is None else self.store.generation,
-            "vms": [e.as_json() for e in self.registry.entries()],
+            "vms": [
+                {**e.as_json(), "relay_errors": self.relay_errors.total(e.uuid)}
+                for e in self.registry.entries()
+            ],
             "components": [type(c).__name__ for c in self._started],
         }
 
@@ -520,6 +566,16 @@ class Daemon:
                 "reason": self.restorer.last_veto.get(vm),
                 "count": self.restorer.vetoes.get(vm, 0),
             }
+        if op == "prune":
+            from host_agent.lifecycle.retention import prune_request
+
+            return prune_request(
+                self.store,
+                self.config.libvirt.uri_for(self.config.state_dir),
+                args,
+                pinned=self.restorer.in_flight(),
+                vm_names={e.uuid: e.name for e in self.registry.entries() if e.name},
+            )
         if op == "adopt_state":
             from host_agent.lifecycle.image_verify import adopt_image_state
 
@@ -686,20 +742,69 @@ def register(subparsers: Any) -> None:
         help="load a service into the daemon (repeatable)",
     )
     p.add_argument("--hash-workers", type=int, help="memory hashing processes (default: cores)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="logs on stderr: readable text or one JSON object per line "
+        "(default: [logging] format of the config file, else text)",
+    )
+    p.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        help=f"one of {', '.join(LOG_LEVELS)} (default: [logging] level, else info)",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT|off",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics, or 'off' (default: "
+        "[metrics] listen of the config file; loads the metrics component when not off)",
+    )
     p.set_defaults(func=_cmd_daemon)
 
 
+METRICS_COMPONENT = "host_agent.service.metrics:MetricsComponent"
+
+
+def with_command_line(
+    config: AgentConfig,
+    *,
+    log_format: str | None = None,
+    log_level: str | None = None,
+    metrics_listen: str | None = None,
+) -> AgentConfig:
+    """``config`` with the daemon's command-line options applied (they win over the file and
+    the environment).
+
+    Raises:
+        ConfigError: a bad level or listen address (what was expected, what arrived).
+    """
+    logs = config.logging
+    if log_format is not None or log_level is not None:
+        logs = dataclasses.replace(
+            logs,
+            format=logs.format if log_format is None else log_format,
+            level=logs.level if log_level is None else log_level,
+        )
+    metrics = config.metrics
+    if metrics_listen is not None:
+        metrics = dataclasses.replace(metrics, listen=metrics_listen)
+    return dataclasses.replace(config, logging=logs, metrics=metrics)
+
+
 def _cmd_daemon(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
     config = load_config(args.config, os.environ)
     if args.state_dir is not None:
         config = with_state_dir(config, args.state_dir.resolve())
+    config = with_command_line(
+        config,
+        log_format=args.log_format,
+        log_level=args.log_level,
+        metrics_listen=args.metrics_listen,
+    )
+    setup_logging(config.logging.format, config.logging.level, sys.stderr)
     specs = list(args.component)
+    if config.metrics.enabled and METRICS_COMPONENT not in specs:
+        specs.append(METRICS_COMPONENT)
     for spec in DEFAULT_COMPONENTS:
         with contextlib.suppress(ImportError):
             importlib.import_module(spec.partition(":")[0])

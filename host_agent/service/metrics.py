@@ -13,12 +13,14 @@ Three parts, each testable alone:
   ``vtpm_refusals_total``                   counter    ``reason`` = the refusal's error id
   ``vtpm_seal_duration_seconds``            histogram  (save/snapshot/outgoing migration)
   ``vtpm_verify_duration_seconds``          histogram  (restore/incoming migration check)
-  ``vtpm_bridge_relay_errors_total``        counter    ``kind``
+  ``vtpm_bridge_relay_errors_total``        counter    ``vm`` (UUID), ``kind``
   ``vtpm_vms``                              gauge      ``bridge`` = connected|running|down
   ========================================  =========  =====================================
 
   Refusal reasons are the stable dotted error ids (``restore.memory_mismatch``…), so their number
-  is bounded by the error tree, never by user input.
+  is bounded by the error tree, never by user input. Relay error kinds are those of
+  ``host_agent.vtpm.bridge_state.RELAY_ERROR_KINDS`` (``swtpm_gone``, ``qemu_malformed``…); the
+  bridges count them and the daemon collects them (:meth:`AgentMetrics.relay_source`).
 - :class:`MetricsComponent` — a daemon component (``start(daemon)`` / ``stop()``) serving
   ``GET /metrics`` on ``127.0.0.1:<port>`` (:class:`MetricsConfig`). It binds loopback only unless
   ``allow_non_loopback`` is set: put a reverse proxy or the node exporter's textfile collector
@@ -159,7 +161,8 @@ class AgentMetrics:
         self._lock = threading.Lock()
         self._attestations: dict[str, int] = {"ok": 0, "refused": 0}
         self._refusals: dict[str, int] = {}
-        self._relay_errors: dict[str, int] = {}
+        self._relay_errors: dict[tuple[str, str], int] = {}
+        self._relay_source: Callable[[], Mapping[tuple[str, str], int]] | None = None
         self._seal = _Histogram(buckets)
         self._verify = _Histogram(buckets)
         self._vm_source: Callable[[], Mapping[str, int]] | None = None
@@ -185,9 +188,17 @@ class AgentMetrics:
         with self._lock:
             self._verify.observe(seconds)
 
-    def relay_error(self, kind: str) -> None:
+    def relay_error(self, kind: str, vm_uuid: str = "") -> None:
+        """Count one relay error seen outside the bridges' own counters."""
         with self._lock:
-            self._relay_errors[kind] = self._relay_errors.get(kind, 0) + 1
+            key = (vm_uuid, kind)
+            self._relay_errors[key] = self._relay_errors.get(key, 0) + 1
+
+    def relay_source(self, source: Callable[[], Mapping[tuple[str, str], int]] | None) -> None:
+        """Where the bridges' relay errors come from: a callable giving monotonic totals
+        ``{(vm_uuid, kind): n}`` (the daemon's :meth:`~host_agent.service.daemon.Daemon.
+        poll_bridges`), read at each scrape and added to :meth:`relay_error`'s counts."""
+        self._relay_source = source
 
     def vm_source(self, source: Callable[[], Mapping[str, int]] | None) -> None:
         """Where ``vtpm_vms`` comes from: a callable giving VM counts by bridge state."""
@@ -195,7 +206,16 @@ class AgentMetrics:
 
     def families(self) -> list[MetricFamily]:
         """A consistent snapshot of every family."""
+        relay: dict[tuple[str, str], int] = {}
+        relay_source = self._relay_source
+        if relay_source is not None:
+            try:
+                relay = dict(relay_source())
+            except Exception:  # a failing source must not break the scrape
+                log.exception("relay error source failed")
         with self._lock:
+            for key, n in self._relay_errors.items():
+                relay[key] = relay.get(key, 0) + n
             fams = [
                 MetricFamily(
                     "vtpm_attestations_total",
@@ -230,10 +250,14 @@ class AgentMetrics:
                 MetricFamily(
                     "vtpm_bridge_relay_errors_total",
                     "counter",
-                    "Errors relaying between QEMU and swtpm in the bridges, by kind.",
+                    "Errors relaying between QEMU and swtpm in the bridges, by VM and kind.",
                     tuple(
-                        Sample("vtpm_bridge_relay_errors_total", (("kind", k),), float(v))
-                        for k, v in sorted(self._relay_errors.items())
+                        Sample(
+                            "vtpm_bridge_relay_errors_total",
+                            (("vm", vm), ("kind", kind)),
+                            float(n),
+                        )
+                        for (vm, kind), n in sorted(relay.items())
                     ),
                 ),
             ]
@@ -360,10 +384,10 @@ class MetricsComponent:
     Load it with ``vtpm-host daemon --component host_agent.service.metrics:MetricsComponent``.
     Started by a daemon, it offers its :class:`AgentMetrics` to the other components as
     ``daemon.metrics`` (unless one is there already), counts VMs from ``daemon.registry``, and
-    takes its :class:`MetricsConfig` from ``daemon.config.metrics`` when the agent configuration
-    has such a section, else from ``<state_dir>/metrics/settings.json``
-    (:func:`load_metrics_settings`, what the Ansible role writes), else from the constructor
-    (default ``127.0.0.1:9477``).
+    takes where to listen from the agent configuration's ``[metrics] listen`` (``HOST:PORT`` or
+    ``off``; also ``vtpm-host daemon --metrics-listen``) when it is set, else from
+    ``<state_dir>/metrics/settings.json`` (:func:`load_metrics_settings`, what older versions of
+    the Ansible role wrote), else from the constructor (default ``127.0.0.1:9477``).
     """
 
     def __init__(
@@ -382,11 +406,12 @@ class MetricsComponent:
     def start(self, daemon: Any = None) -> None:
         if daemon is not None:
             configured = getattr(getattr(daemon, "config", None), "metrics", None)
-            if configured is not None:
+            if configured is not None and configured.enabled is not None:
+                address = configured.address
                 self.config = MetricsConfig(
-                    port=configured.port,
-                    host=configured.host,
-                    allow_non_loopback=getattr(configured, "allow_non_loopback", False),
+                    port=None if address is None else address[1],
+                    host=self.config.host if address is None else address[0],
+                    allow_non_loopback=configured.allow_non_loopback,
                 )
             else:
                 state_dir = getattr(getattr(daemon, "config", None), "state_dir", None)
@@ -400,6 +425,9 @@ class MetricsComponent:
             registry = getattr(daemon, "registry", None)
             if registry is not None and self.metrics._vm_source is None:
                 self.metrics.vm_source(lambda: _count_bridges(registry))
+            poll = getattr(daemon, "poll_bridges", None)
+            if callable(poll) and self.metrics._relay_source is None:
+                self.metrics.relay_source(poll)
         if self.config.port is None:
             log.info("metrics endpoint disabled")
             return

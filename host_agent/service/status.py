@@ -353,6 +353,20 @@ def _store_facts(store: Any) -> dict[str, dict[str, str]]:
     return facts
 
 
+def _relay_totals(daemon: Any) -> dict[str, int]:
+    """Relay errors per VM from the daemon's bridges (asking the connected ones now)."""
+    poll = getattr(daemon, "poll_bridges", None)
+    totals: dict[str, int] = {}
+    if not callable(poll):
+        return totals
+    try:
+        for (vm_uuid, _kind), n in poll().items():
+            totals[vm_uuid.lower()] = totals.get(vm_uuid.lower(), 0) + n
+    except Exception:  # the status view must not take the daemon down with it
+        log.exception("status: reading the bridges' relay errors failed")
+    return totals
+
+
 class StatusComponent:
     """Daemon component: serves the status document on ``<state_dir>/run/status.sock`` (0600).
 
@@ -398,12 +412,20 @@ class StatusComponent:
         if vms is None:
             vms = collect_local(self.state_dir, self.runtime_dir)
         facts = _store_facts(getattr(daemon, "store", None))
+        relay = _relay_totals(daemon)
         merged: list[VmStatus] = []
         for vm in vms:
             vm = self.board.apply(vm)
             known = facts.get(vm.uuid.lower(), {})
             vaik = known.get("vaik", vm.vaik)
-            merged.append(replace(vm, vaik=vaik, last_seal=known.get("last_seal", vm.last_seal)))
+            merged.append(
+                replace(
+                    vm,
+                    vaik=vaik,
+                    last_seal=known.get("last_seal", vm.last_seal),
+                    relay_errors=(vm.relay_errors or 0) + relay.get(vm.uuid.lower(), 0),
+                )
+            )
         clock = self.clock or getattr(daemon, "now", None) or (lambda: datetime.now(UTC))
         return HostStatus(
             source="daemon",
@@ -519,6 +541,7 @@ def _from_daemon_control(path: Path, state_dir: Path, now: datetime) -> HostStat
             bridge = "connected" if e.get("bridge_connected") else "down"
             if bridge == "down" and e.get("bridge_pid") is not None:
                 bridge = "running"
+            relay = e.get("relay_errors")
             vms.append(
                 VmStatus(
                     uuid=str(e["uuid"]),
@@ -526,6 +549,7 @@ def _from_daemon_control(path: Path, state_dir: Path, now: datetime) -> HostStat
                     adopted=bool(e.get("adopted")),
                     bridge=bridge,
                     bridge_pid=e.get("bridge_pid"),
+                    relay_errors=relay if isinstance(relay, int) else None,
                 )
             )
         pid = value.get("pid")

@@ -61,13 +61,31 @@ def test_attestations_and_refusals_by_reason() -> None:
     m.attestation(ok=True)
     m.attestation(ok=False, reason="attest.vaik_missing")
     m.refusal("restore.memory_mismatch")
-    m.relay_error("data_eof")
+    m.relay_error("swtpm_gone", "vm-1")
     text = m.exposition()
     assert 'vtpm_attestations_total{result="ok"} 2' in text
     assert 'vtpm_attestations_total{result="refused"} 1' in text
     assert 'vtpm_refusals_total{reason="attest.vaik_missing"} 1' in text
     assert 'vtpm_refusals_total{reason="restore.memory_mismatch"} 1' in text
-    assert 'vtpm_bridge_relay_errors_total{kind="data_eof"} 1' in text
+    assert 'vtpm_bridge_relay_errors_total{vm="vm-1",kind="swtpm_gone"} 1' in text
+
+
+def test_relay_errors_from_the_source_add_up_and_a_failing_source_is_survived() -> None:
+    m = AgentMetrics()
+    totals = {("vm-a", "swtpm_gone"): 2, ("vm-b", "qemu_malformed"): 1}
+    m.relay_source(lambda: totals)
+    m.relay_error("swtpm_gone", "vm-a")
+    text = m.exposition()
+    assert 'vtpm_bridge_relay_errors_total{vm="vm-a",kind="swtpm_gone"} 3' in text
+    assert 'vtpm_bridge_relay_errors_total{vm="vm-b",kind="qemu_malformed"} 1' in text
+
+    def broken() -> dict[tuple[str, str], int]:
+        raise RuntimeError("bridge link down")
+
+    m.relay_source(broken)
+    text = m.exposition()
+    assert 'vtpm_bridge_relay_errors_total{vm="vm-a",kind="swtpm_gone"} 1' in text
+    assert "vtpm_attestations_total" in text
 
 
 def test_histograms_are_cumulative_with_inf_sum_and_count() -> None:
