@@ -22,8 +22,13 @@ VOLATILE:
   memory matched, so a veto here leaves nothing foreign behind.)
 
 A veto answers QEMU with TPM_FAIL: QEMU fails the load and exits, the VM never runs, and nothing
-on disk changes (the image, the record, the domain definition). The reason goes to the agent log
-and is kept in :attr:`Restorer.last_veto` for the CLI to report.
+on disk changes (the image, the record, the domain definition). The reason goes to the agent log,
+is kept in :attr:`Restorer.last_veto` for the CLI to report, and reaches QEMU's log, which
+libvirt quotes in the error of a plain ``virsh restore`` (:mod:`host_agent.vtpm.hooks_server`).
+
+After a verified restore (VOLATILE installed) ``after_restore`` runs on a thread of its own, off
+QEMU's path: the daemon prunes the VM's old records there
+(:class:`~host_agent.lifecycle.retention.AutoPrune`).
 """
 
 from __future__ import annotations
@@ -142,6 +147,8 @@ class Restorer:
         host_id: this host's id; records sealed elsewhere are refused.
         hasher: hashes the loaded guest RAM (default: in this process).
         clock: monotonic clock for timings.
+        after_restore: called as ``(vm_uuid, record_id, in_flight)`` on a thread after a
+            verified restore; ``in_flight`` are the records other restores are using.
     """
 
     def __init__(
@@ -152,8 +159,10 @@ class Restorer:
         host_id: str,
         hasher: RamHasher | None = None,
         clock: Callable[[], float] = time.monotonic,
+        after_restore: Callable[[str, str, frozenset[str]], object] | None = None,
     ) -> None:
         self.store = store
+        self.after_restore = after_restore
         self.bridges = bridges
         self.host_id = host_id
         self._hasher = hasher or RamHasher(1)
@@ -174,6 +183,25 @@ class Restorer:
                 self._delegates.pop(vm_uuid, None)
             else:
                 self._delegates[vm_uuid] = handler
+
+    def in_flight(self) -> frozenset[str]:
+        """The records restores under way are verified against (not to be pruned)."""
+        with self._lock:
+            return frozenset(s.record_id for s in self._verified.values())
+
+    def _restored(self, vm: str, record_id: str) -> None:
+        if self.after_restore is None:
+            return
+        callback = self.after_restore
+        pinned = self.in_flight() | {record_id}
+
+        def run() -> None:
+            try:
+                callback(vm, record_id, pinned)
+            except Exception:  # a failed prune must not touch the restore
+                log.exception("after the restore of VM %s", vm)
+
+        threading.Thread(target=run, name=f"after-restore-{vm[:8]}", daemon=True).start()
 
     def on_set_stateblob(self, call: HookCall) -> Decision:
         """Hook handler: verify at PERMANENT, check VOLATILE, install the sealed blobs."""
@@ -266,6 +294,7 @@ class Restorer:
                 f"the image's VOLATILE vTPM state differs from sealed record {sealed.record_id} "
                 f"(sha256 {call.sha256[:16]}… instead of {blob.sha256[:16]}…)"
             )
+        self._restored(vm, sealed.record_id)
         return Replace(blob.blob, blob.flags)
 
 

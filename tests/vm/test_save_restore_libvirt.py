@@ -369,3 +369,36 @@ def test_vm_revert_to_a_changed_snapshot_is_refused_like_a_restore(
     host.vm("revert", "sr", "snap2")
     assert host.domstate("sr") == "running"
     assert host.pcrs("sr") == pcrs
+
+
+def test_old_records_are_pruned_and_what_the_snapshots_need_stays(
+    host: Host, vm: dict[str, str]
+) -> None:
+    """Each verified restore pruned the VM's records (3 newest + what libvirt's files hold);
+    ``vtpm-host store prune`` through the daemon keeps the snapshots' records, and a revert
+    after the prune still passes."""
+    recs = {r["record_id"] for r in host.records(vm["uuid"])}
+    assert 2 <= len(recs) <= 5, recs
+    assert "pruned" in host.log_text()
+    needed = set()
+    for snap in ("snap1", "snap2"):
+        xml = host.virsh("snapshot-dumpxml", "sr", snap).stdout
+        mem = xml.split("<memory snapshot='external' file='", 1)[1].split("'", 1)[0]
+        verdict = json.loads(host.cli("image", "verify", mem, "--json").stdout)
+        assert verdict["verdict"] == "match"
+        needed.add(verdict["record"])
+    assert needed <= recs
+
+    dry = json.loads(host.cli("store", "prune", "--keep", "1", "--dry-run", "--json").stdout)
+    assert dry["via"] == "daemon"
+    assert {r["record_id"] for r in dry["kept"]} == needed
+    assert {r["record_id"] for r in host.records(vm["uuid"])} == recs, "a dry run deletes nothing"
+    done = json.loads(host.cli("store", "prune", "--keep", "1", "--json").stdout)
+    assert {r["record_id"] for r in done["deleted"]} == recs - needed
+    assert {r["record_id"] for r in host.records(vm["uuid"])} == needed
+    bad = host.cli("store", "prune", "--keep", "0", check=False)
+    assert bad.returncode == 2 and "expected an integer >= 1" in bad.stderr
+
+    host.vm("revert", "sr", "snap1")
+    assert host.domstate("sr") == "running"
+    assert host.pcrs("sr") == json.loads(vm["pcrs"])
