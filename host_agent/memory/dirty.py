@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from host_agent.errors import MemorySourceError
-from host_agent.memory.hasher import Progress, hash_extents
+from host_agent.memory.hasher import Progress, hash_extents, rehash_runs
 from host_agent.memory.merkle import PAGE_SIZE, Extent, LeafSet
 from host_agent.memory.sources import file_extents, find_qemu_memfd
 
@@ -49,6 +49,7 @@ __all__ = [
     "TrackerSupport",
     "dirty_ranges",
     "probe_soft_dirty",
+    "rehash_dirty",
 ]
 
 _SOFT_DIRTY_BYTE = 6  # bit 55 = bit 7 of byte 6 of a little-endian pagemap entry
@@ -129,7 +130,10 @@ def dirty_ranges(pagemap: bytes) -> Iterator[tuple[int, int]]:
     sd = pagemap[_SOFT_DIRTY_BYTE::8].translate(_HIGH_BIT)
     absent = pagemap[_PRESENT_BYTE::8].translate(_NOT_HIGH_BIT)
     n = len(sd)
-    either = (int.from_bytes(sd, "big") | int.from_bytes(absent, "big")).to_bytes(n, "big")
+    if 1 not in absent:  # the usual case at the stop: every page present (a memchr)
+        either = sd
+    else:
+        either = (int.from_bytes(sd, "big") | int.from_bytes(absent, "big")).to_bytes(n, "big")
     pos = either.find(1)
     while pos >= 0:
         end = either.find(0, pos)
@@ -137,6 +141,33 @@ def dirty_ranges(pagemap: bytes) -> Iterator[tuple[int, int]]:
             end = n
         yield pos, end - pos
         pos = either.find(1, end)
+
+
+def rehash_dirty(
+    fd: int,
+    base: LeafSet,
+    block: str,
+    pagemap: bytes,
+    read_offset: int = 0,
+    *,
+    source: str = "file",
+    workers: int | None = None,
+) -> tuple[LeafSet, tuple[tuple[int, int], ...]]:
+    """The incremental pass at the stop, from the pagemap entries of ``block``'s pages.
+
+    Pages whose entries are soft-dirty or not present (:func:`dirty_ranges`) are read from
+    ``fd`` at ``read_offset + page * 4096`` and re-hashed over ``base``
+    (:func:`~host_agent.memory.hasher.rehash_runs`). Returns the new leaves and the re-hashed
+    ``(first, count)`` ranges.
+
+    Raises:
+        MemorySourceError: a read fails or comes back short.
+        ValueError: ``pagemap`` is not whole entries, or covers more pages than ``block``.
+    """
+    ranges = tuple(dirty_ranges(pagemap))
+    runs = [(first, n, read_offset + first * PAGE_SIZE) for first, n in ranges]
+    leaves = rehash_runs(fd, base, {block: runs} if runs else {}, source=source, workers=workers)
+    return leaves, ranges
 
 
 @dataclass(frozen=True)
@@ -335,11 +366,24 @@ class SoftDirtyTracker:
             raise MemorySourceError(f"pid:{r.pid}", f"pagemap read failed: {err}") from err
         if len(raw) != pages * 8:
             raise MemorySourceError(f"pid:{r.pid}", "short pagemap read")
-        ranges = tuple(dirty_ranges(raw))
-        extents = [
-            Extent(r.block, first, n, r.read_offset + first * PAGE_SIZE) for first, n in ranges
-        ]
-        leaves = self._hash(lambda _fd: extents, self._base)
+        try:
+            fd = os.open(r.read_path, os.O_RDONLY)
+        except OSError as err:
+            raise MemorySourceError(f"pid:{r.pid}", f"cannot open {r.read_path}: {err}") from err
+        try:
+            leaves, ranges = rehash_dirty(
+                fd,
+                self._base,
+                r.block,
+                raw,
+                r.read_offset,
+                source=f"pid:{r.pid}",
+                workers=self._workers,
+            )
+        finally:
+            os.close(fd)
+        if self._progress is not None:
+            self._progress(pages, pages)
         count = sum(n for _, n in ranges)
         return PassResult(
             leaves, "soft-dirty", "incremental", count, time.perf_counter() - t0, ranges

@@ -18,8 +18,9 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NoReturn
 
 from evidence.errors import ParseError
 from host_agent.errors import MemorySourceError
@@ -28,9 +29,12 @@ from host_agent.memory.merkle import (
     PAGE_SIZE,
     ZERO_LEAF,
     ZERO_PAGE,
+    BlockLeaves,
     Extent,
     LeafBuilder,
     LeafSet,
+    group_nodes,
+    updated_block,
 )
 from host_agent.memory.migstream import (
     PageRun,
@@ -48,6 +52,7 @@ __all__ = [
     "hash_extents",
     "hash_page_buffer",
     "hash_stream_events",
+    "rehash_runs",
 ]
 
 CHUNK_PAGES = 256
@@ -167,6 +172,168 @@ def _hash_run(block: str, first: int, pages: Sequence[memoryview | None]) -> _Re
     return [(block, first, b"".join(out))]
 
 
+Run = tuple[int, int, int | None]
+"""``(first_page, pages, file_offset)`` of one block; ``file_offset`` ``None`` is a hole."""
+
+_INLINE_WEIGHT = 256
+"""An incremental pass lighter than this (pages + runs) runs in the caller, without threads."""
+
+
+def _hash_runs(fd: int, runs: Sequence[Run], source: str) -> list[bytes]:
+    """The digests of each run, in order (one ``pread`` per run of at most CHUNK_PAGES)."""
+    sha = hashlib.sha256
+    pread = os.pread
+    zero = ZERO_PAGE
+    zl = ZERO_LEAF
+    out: list[bytes] = []
+    append = out.append
+    for _first, pages, offset in runs:
+        if offset is None:
+            append(zl * pages)
+            continue
+        want = pages * PAGE_SIZE
+        try:
+            buf = pread(fd, want, offset)
+        except OSError as err:
+            raise MemorySourceError(
+                source, f"read of {want} bytes at {offset} failed: {err}"
+            ) from err
+        if len(buf) != want:
+            raise MemorySourceError(
+                source, f"short read at {offset}: expected {want} bytes, got {len(buf)}"
+            )
+        if pages == 1:
+            append(zl if buf[0] == 0 and buf[-1] == 0 and buf == zero else sha(buf).digest())
+        else:
+            append(hash_page_buffer(buf, pages))
+    return out
+
+
+def _split(items: Sequence[Run], parts: int) -> list[Sequence[Run]]:
+    """Cut ``items`` into at most ``parts`` consecutive slices of about equal weight (pages + 1
+    per run: a run costs a read and some Python besides its pages)."""
+    total = sum(pages + 1 for _, pages, _ in items)
+    out: list[Sequence[Run]] = []
+    start = 0
+    acc = 0
+    for i, (_, pages, _) in enumerate(items):
+        acc += pages + 1
+        if acc * parts >= total * (len(out) + 1) and len(out) < parts - 1:
+            out.append(items[start : i + 1])
+            start = i + 1
+    out.append(items[start:])
+    return [part for part in out if part]
+
+
+def rehash_runs(
+    fd: int,
+    base: LeafSet,
+    runs: Mapping[str, Sequence[Run]],
+    *,
+    source: str = "file",
+    workers: int | None = None,
+) -> LeafSet:
+    """An incremental pass: ``base`` with the pages of ``runs`` re-read from ``fd`` and re-hashed.
+
+    ``runs[block]`` lists ``(first_page, pages, file_offset)`` sorted by page and disjoint. The
+    cost is proportional to the runs, not to the guest: the pages are read and hashed on
+    ``workers`` threads (``pread`` and SHA-256 of a page run without the GIL), and the tree is
+    updated by :func:`~host_agent.memory.merkle.updated_block` (one copy of the leaves, and only
+    the first-level groups holding a changed page rehashed, on the same threads). The result
+    equals a full pass over the same bytes, root and leaves.
+
+    Raises:
+        MemorySourceError: a read fails or comes back short.
+        ValueError: a block is not in ``base``; runs are unsorted, overlapping or outside it.
+    """
+    known = {b.name: b for b in base.blocks}
+    todo: list[tuple[BlockLeaves, list[Run]]] = []
+    for name, block_runs in runs.items():
+        blk = known.get(name)
+        if blk is None:
+            raise ValueError(f"no block {name!r} in the base; blocks are {list(known)}")
+        cut: list[Run] = []
+        add = cut.append
+        end = 0
+        for run in block_runs:  # checked before anything is read
+            first, pages, offset = run
+            if first < end or pages <= 0:
+                _bad_runs(blk, first, pages)
+            end = first + pages
+            if pages <= CHUNK_PAGES:
+                add(run)
+            else:  # bounded reads, and work to share out
+                for k in range(0, pages, CHUNK_PAGES):
+                    at = None if offset is None else offset + k * PAGE_SIZE
+                    add((first + k, min(CHUNK_PAGES, pages - k), at))
+        if end > blk.pages:
+            _bad_runs(blk, block_runs[-1][0], block_runs[-1][1])
+        if cut:
+            todo.append((blk, cut))
+    flat = todo[0][1] if len(todo) == 1 else [run for _, cut in todo for run in cut]
+    n = workers or default_workers()
+    if n == 1 or sum(pages + 1 for _, pages, _ in flat) < _INLINE_WEIGHT:
+        return _apply(base, todo, _hash_runs(fd, flat, source), group_nodes)
+    with ThreadPoolExecutor(n, thread_name_prefix="memhash") as pool:
+        parts = _split(flat, n)
+        digests = [
+            d
+            for ds in pool.map(_hash_runs, [fd] * len(parts), parts, [source] * len(parts))
+            for d in ds
+        ]
+
+        def nodes(leaves: bytes, groups: Sequence[int]) -> list[bytes]:
+            if len(groups) < 64:
+                return group_nodes(leaves, groups)
+            step = -(-len(groups) // n)
+            cuts = [groups[i : i + step] for i in range(0, len(groups), step)]
+            return [
+                node for part in pool.map(group_nodes, [leaves] * len(cuts), cuts) for node in part
+            ]
+
+        return _apply(base, todo, digests, nodes)
+
+
+def _bad_runs(blk: BlockLeaves, first: int, pages: int) -> NoReturn:
+    raise ValueError(
+        f"runs of {blk.name!r} ({blk.pages} pages) must be sorted, disjoint, non-empty and inside "
+        f"the block; got {pages} pages at page {first}"
+    )
+
+
+def _apply(
+    base: LeafSet,
+    todo: Sequence[tuple[BlockLeaves, Sequence[Run]]],
+    digests: Sequence[bytes],
+    nodes: Callable[[bytes, Sequence[int]], list[bytes]],
+) -> LeafSet:
+    new: dict[str, BlockLeaves] = {}
+    at = 0
+    for blk, cut in todo:
+        mine = digests[at : at + len(cut)]
+        at += len(cut)
+        new[blk.name] = updated_block(
+            blk, [(r[0], d) for r, d in zip(cut, mine, strict=True)], nodes
+        )
+    return LeafSet(tuple(new.get(b.name, b) for b in base.blocks))
+
+
+def _runs_of(extents: Sequence[Extent], base: LeafSet) -> dict[str, list[Run]] | None:
+    """Extents as :func:`rehash_runs` takes them, or ``None`` if they are not sorted and disjoint
+    per block, name an unknown block or leave it (the general path handles and reports those)."""
+    sizes = dict(base.layout)
+    runs: dict[str, list[Run]] = {}
+    ends: dict[str, int] = {}
+    for e in extents:
+        if e.block not in sizes or e.pages <= 0 or e.first_page < ends.get(e.block, 0):
+            return None
+        if e.first_page + e.pages > sizes[e.block]:
+            return None
+        runs.setdefault(e.block, []).append((e.first_page, e.pages, e.file_offset))
+        ends[e.block] = e.first_page + e.pages
+    return runs
+
+
 def hash_extents(
     fd: int,
     layout: Sequence[tuple[str, int]],
@@ -180,9 +347,10 @@ def hash_extents(
     """Hash file extents (raw file, memfd, ELF segments) into the leaves of ``layout``.
 
     Pages no extent covers keep the zero leaf, or with ``base`` (an incremental pass: ``layout``
-    must be ``base.layout``) their leaf in ``base``. Small extents are batched into tasks of
-    about :data:`CHUNK_PAGES` pages, so scattered dirty pages cost one task per 1 MiB, not one
-    per page.
+    must be ``base.layout``) their leaf in ``base``; extents over a base given as a sequence
+    sorted by page and disjoint per block go to :func:`rehash_runs` (work proportional to the
+    extents), others are applied in order. Small extents are batched into tasks of about
+    :data:`CHUNK_PAGES` pages, so scattered pages cost one task per 1 MiB, not one per page.
 
     Raises:
         MemorySourceError: a read fails or comes back short.
@@ -190,6 +358,13 @@ def hash_extents(
     if base is not None:
         if tuple(layout) != base.layout:
             raise ValueError("an incremental pass keeps the layout of its base")
+        runs = _runs_of(extents, base) if isinstance(extents, Sequence) else None
+        if runs is not None:
+            leaves = rehash_runs(fd, base, runs, source=source, workers=workers)
+            if progress is not None:
+                total_pages = base.pages
+                progress(total_pages, total_pages)
+            return leaves
         builder = LeafBuilder.from_leaves(base)
     else:
         builder = LeafBuilder(layout)

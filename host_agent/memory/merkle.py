@@ -51,8 +51,9 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from evidence._reader import Reader
 from evidence.errors import TruncatedError
@@ -75,8 +76,10 @@ __all__ = [
     "diff",
     "diff_blocks",
     "encode_leaf_file",
+    "group_nodes",
     "leaf_hash",
     "parse_leaf_file",
+    "updated_block",
     "verify_inclusion",
 ]
 
@@ -436,6 +439,88 @@ def diff(a: LeafSet, b: LeafSet) -> list[tuple[int, int]]:
             base += ba.pages
 
     return _ranges(indices())
+
+
+def group_nodes(leaves: bytes, groups: Sequence[int]) -> list[bytes]:
+    """The first-level nodes of the given groups of 64 leaves, in that order."""
+    view = memoryview(leaves)
+    span = FANOUT * DIGEST_SIZE
+    prefix = hashlib.sha256(b"\x01")
+    out: list[bytes] = []
+    append = out.append
+    for g in groups:
+        h = prefix.copy()
+        h.update(view[g * span : (g + 1) * span])  # 2 KiB: hashlib releases the GIL
+        append(h.digest())
+    return out
+
+
+NodesFn = Callable[[bytes, Sequence[int]], list[bytes]]
+"""How :func:`updated_block` computes first-level nodes (:func:`group_nodes`, or a parallel
+version of it with the same result)."""
+
+
+def updated_block(
+    base: BlockLeaves, runs: Sequence[tuple[int, bytes]], nodes: NodesFn = group_nodes
+) -> BlockLeaves:
+    """``base`` with the leaves of pages ``first, first+1, …`` replaced by ``digests`` for each
+    ``(first, digests)`` of ``runs`` (sorted by ``first``, not overlapping).
+
+    The work is proportional to the changed pages, not to the block: the new leaves are one copy
+    of the old ones with the runs spliced in, and the first tree level is the old one (computed
+    once by :meth:`BlockLeaves.level1`) with only the groups that hold a changed page rehashed,
+    so the root (:meth:`BlockLeaves.root`) is the one a full recompute gives.
+
+    Raises:
+        ValueError: a run is empty, outside the block, not a whole number of digests, or the runs
+            are not sorted and disjoint.
+    """
+    old = base.leaves
+    view = memoryview(old)
+    pieces: list[bytes | memoryview] = []
+    append = pieces.append
+    groups: list[int] = []
+    add_group = groups.append
+    prev = 0  # byte offset in ``old`` up to which ``pieces`` cover the new leaves
+    last = -1  # the last group holding a changed leaf so far
+    for first, digests in runs:  # one pass, kept lean: it runs once per dirty range
+        start = first * DIGEST_SIZE
+        size = len(digests)
+        if start < prev or size % DIGEST_SIZE or not size:
+            _bad_run(base, first, size)
+        append(view[prev:start])
+        append(digests)
+        prev = start + size
+        if size == DIGEST_SIZE:
+            g = first // FANOUT
+            if g != last:
+                add_group(g)
+                last = g
+        else:
+            g0 = first // FANOUT
+            if g0 == last:
+                g0 += 1
+            last = (first + size // DIGEST_SIZE - 1) // FANOUT
+            groups.extend(range(g0, last + 1))
+    if not pieces:
+        return base
+    if prev > len(old):
+        _bad_run(base, runs[-1][0], len(runs[-1][1]))
+    append(view[prev:])
+    leaves = b"".join(pieces)
+    if len(leaves) <= DIGEST_SIZE:
+        return BlockLeaves(base.name, leaves)
+    level1 = bytearray(base.level1())
+    for g, node in zip(groups, nodes(leaves, groups), strict=True):
+        level1[g * DIGEST_SIZE : (g + 1) * DIGEST_SIZE] = node
+    return BlockLeaves(base.name, leaves, bytes(level1))
+
+
+def _bad_run(base: BlockLeaves, first: int, size: int) -> NoReturn:
+    raise ValueError(
+        f"runs of {base.name!r} ({base.pages} pages) must be sorted, disjoint, whole digests and "
+        f"inside the block; got {size} bytes of digests for page {first}"
+    )
 
 
 class LeafBuilder:

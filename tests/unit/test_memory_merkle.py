@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import given, settings
@@ -23,8 +25,10 @@ from host_agent.memory.merkle import (
     diff,
     diff_blocks,
     encode_leaf_file,
+    group_nodes,
     leaf_hash,
     parse_leaf_file,
+    updated_block,
     verify_inclusion,
 )
 
@@ -178,3 +182,78 @@ def _top(ls: LeafSet) -> bytes:
     raw = blk.name.encode()
     h.update(struct.pack(">H", len(raw)) + raw + struct.pack(">Q", blk.pages) + _spec_root(leaves))
     return h.digest()
+
+
+@st.composite
+def _block_and_runs(draw: st.DrawFn) -> tuple[int, list[tuple[int, int]]]:
+    """A block size (up to three tree levels) and sorted, disjoint runs ``(first, count)``."""
+    pages = draw(
+        st.one_of(
+            st.integers(1, 200),
+            st.sampled_from([63, 64, 65, 128, 4095, 4096, 4097]),
+            st.integers(4097, 4300),
+        )
+    )
+    cuts = sorted(draw(st.sets(st.integers(0, pages), max_size=24)))
+    runs: list[tuple[int, int]] = []
+    for a, b in itertools.pairwise([0, *cuts, pages]):
+        if b > a and draw(st.booleans()):
+            runs.append((a, b - a))
+    return pages, runs
+
+
+def _digests(seed: int, first: int, count: int) -> bytes:
+    return b"".join(hashlib.sha256(b"%d/%d" % (seed, first + i)).digest() for i in range(count))
+
+
+def _halves(leaves: bytes, groups: Sequence[int]) -> list[bytes]:
+    """A different way to compute the nodes: two separate calls, as the threads do."""
+    mid = len(groups) // 2
+    return group_nodes(leaves, groups[:mid]) + group_nodes(leaves, groups[mid:])
+
+
+@given(_block_and_runs(), st.integers(0, 3), st.booleans(), st.booleans())
+@settings(max_examples=150, deadline=None)
+def test_updated_block_equals_a_full_recompute(
+    case: tuple[int, list[tuple[int, int]]], seed: int, cached: bool, split: bool
+) -> None:
+    pages, runs = case
+    base = BlockLeaves("pc.ram", _digests(-1, 0, pages))
+    if cached:
+        base.root()  # the background pass has computed its first level
+    new = [(first, _digests(seed, first, count)) for first, count in runs]
+    expected = bytearray(base.leaves)
+    for first, d in new:
+        expected[first * 32 : first * 32 + len(d)] = d
+    got = updated_block(base, new, _halves if split else group_nodes)
+    fresh = BlockLeaves("pc.ram", bytes(expected))
+    assert got == fresh
+    assert got.root() == fresh.root() == block_root(bytes(expected))
+    if pages <= 300:
+        assert got.root() == _spec_root(
+            [bytes(expected[i : i + 32]) for i in range(0, pages * 32, 32)]
+        )
+    assert got.level1() == BlockLeaves("x", bytes(expected)).level1()
+    assert base.leaves == _digests(-1, 0, pages)  # the base is untouched
+
+
+@pytest.mark.parametrize(
+    "runs",
+    [
+        [(5, 1), (5, 1)],  # overlapping
+        [(7, 1), (3, 1)],  # unsorted
+        [(6, 2), (7, 1)],  # overlapping runs
+        [(99, 2)],  # past the end
+        [(100, 1)],  # past the end
+        [(-1, 1)],  # before the start
+        [(3, 0)],  # empty
+    ],
+)
+def test_updated_block_refuses_bad_runs_and_changes_nothing(runs: list[tuple[int, int]]) -> None:
+    base = BlockLeaves("pc.ram", _digests(-1, 0, 100))
+    with pytest.raises(ValueError, match="sorted, disjoint"):
+        updated_block(base, [(first, _digests(1, first, n)) for first, n in runs])
+    with pytest.raises(ValueError, match="whole digests"):
+        updated_block(base, [(3, b"\x00" * 31)])
+    assert base == BlockLeaves("pc.ram", _digests(-1, 0, 100))
+    assert updated_block(base, []) is base
