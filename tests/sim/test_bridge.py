@@ -554,3 +554,40 @@ def test_an_abandoned_injection_response_never_reaches_the_guest(rig: Rig) -> No
         assert rc_of(resp) == 0 and len(resp) == 12 + 7
     assert len(rig.bridge.read_pcrs()) == 24
     assert rig.bridge.stats.injections_failed == 20
+
+
+def test_normal_ends_are_not_relay_errors_and_a_dead_swtpm_is(sockdir: Path) -> None:
+    r = make_rig(sockdir)
+    try:
+        q = r.qemu()
+        q.boot()
+        assert rc_of(q.tpm(get_random(4))) == 0
+        q.close()  # QEMU leaves: not an error
+        deadline = time.monotonic() + 10
+        while r.bridge.attached and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not r.bridge.attached
+        q = r.qemu()
+        q.boot()
+        assert q.request(cc.Shutdown()).result == 0  # swtpm exits after CMD_SHUTDOWN: not one
+        r.swtpm.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while r.bridge.attached and time.monotonic() < deadline:
+            time.sleep(0.02)
+        q.close()
+        assert r.bridge.status()["stats"]["relay_errors"] == {}
+
+        r.swtpm = start_swtpm_unix(sockdir / "state", ctrl_path=sockdir / "swtpm.sock")
+        q = r.qemu()
+        q.boot()
+        r.swtpm.proc.kill()  # swtpm dies under a running guest TPM: one error, counted once
+        r.swtpm.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while r.bridge.attached and time.monotonic() < deadline:
+            time.sleep(0.02)
+        q.close()
+        assert r.bridge.status()["stats"]["relay_errors"] == {"swtpm_gone": 1}
+    finally:
+        r.bridge.close()
+        r.server.close()
+        r.swtpm.stop()
