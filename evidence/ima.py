@@ -46,11 +46,13 @@ import enum
 import functools
 import hashlib
 import hmac
+import itertools
+import operator
 import re
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 from evidence._algorithms import HASH_ALG_IDS, HASH_ALGS
 from evidence.errors import (
@@ -69,6 +71,7 @@ __all__ = [
     "ImaReplay",
     "KernelRule",
     "RawImaList",
+    "VerifiedImaColumns",
     "VerifiedImaEntry",
     "VerifiedImaList",
     "encode_ascii",
@@ -76,6 +79,7 @@ __all__ = [
     "parse_ima_list",
     "replay_ima",
     "replay_ima_pcr10",
+    "signed_prefix",
 ]
 
 IMA_PCR = 10
@@ -268,26 +272,189 @@ class ImaEntry:
             raise ValueError(f"template {self.template_name} is not decoded")
 
 
-@dataclass(frozen=True)
+def _unchecked_entry(
+    pcr: int, template_hash: bytes, template: str, fields: tuple[bytes, ...], location: int
+) -> ImaEntry:
+    """An ImaEntry whose parts the fast parser already checked (skips ``__post_init__``)."""
+    e = object.__new__(ImaEntry)
+    _set = object.__setattr__
+    _set(e, "pcr", pcr)
+    _set(e, "template_hash", template_hash)
+    _set(e, "template_name", template)
+    _set(e, "fields", fields)
+    _set(e, "location", location)
+    return e
+
+
+@dataclass(frozen=True, slots=True)
+class _Columns:
+    """A parsed list as columns, one item per complete entry (what the fast paths work on).
+
+    ``general`` holds the entries the fast parser left to the general one (template ``ima``, a
+    signed ``ima-sig``, an unsupported template …); their column items are filled from them so
+    the bulk checks hold, and ``inputs``/``dfields``/``names`` are ``b""`` for an unsupported
+    template. ``sizes`` are the entries' byte sizes less the 28 bytes every binary entry has
+    (pcr, template hash, two lengths), None for ASCII (one entry per line).
+    """
+
+    pcrs: Sequence[int]
+    hashes: Sequence[bytes]  # logged template hashes
+    templates: Sequence[str]
+    inputs: Sequence[bytes]  # template hash inputs (the template data for d-ng templates)
+    dfields: Sequence[bytes]  # first field: d-ng data (or d)
+    names: Sequence[bytes]  # second field, with its NUL
+    general: Mapping[int, ImaEntry]
+    sizes: Sequence[int] | None
+
+    def location(self, index: int) -> int:
+        if self.sizes is None:
+            return index + 1
+        return 28 * index + sum(self.sizes[:index])
+
+    def entry(self, index: int, location: int | None = None) -> ImaEntry:
+        e = self.general.get(index)
+        if e is not None:
+            return e
+        template = self.templates[index]
+        fields: tuple[bytes, ...] = (self.dfields[index], self.names[index])
+        if template != "ima-ng":
+            fields += (b"",)
+        loc = self.location(index) if location is None else location
+        return _unchecked_entry(self.pcrs[index], self.hashes[index], template, fields, loc)
+
+    def entries(self) -> tuple[ImaEntry, ...]:
+        if self.sizes is None:
+            locations: Iterable[int] = range(1, len(self.pcrs) + 1)
+        else:
+            locations = itertools.accumulate((28 + s for s in self.sizes), initial=0)
+        return tuple(map(self.entry, range(len(self.pcrs)), locations))
+
+    def prefix(self, n: int) -> _Columns:
+        return _Columns(
+            self.pcrs[:n],
+            self.hashes[:n],
+            self.templates[:n],
+            self.inputs[:n],
+            self.dfields[:n],
+            self.names[:n],
+            {i: e for i, e in self.general.items() if i < n},
+            None if self.sizes is None else self.sizes[:n],
+        )
+
+
 class RawImaList:
     """A parsed, unverified measurement list.
 
     Attributes:
         format: ``"ascii"`` or ``"binary"``.
-        entries: the complete entries, in list order.
+        entries: the complete entries, in list order (built on first use when the list came
+            from :func:`parse_ima_list`, whose fast path keeps columns instead).
         truncated_tail: the input ended inside one more entry, which was dropped.
         truncated_at: offset (binary) or line number (ASCII) of that entry, else None.
+
+    Immutable and compared by value, like the frozen dataclass it replaces.
     """
 
+    __slots__ = ("_columns", "_entries", "format", "truncated_at", "truncated_tail")
     format: Literal["ascii", "binary"]
-    entries: tuple[ImaEntry, ...]
-    truncated_tail: bool = False
-    truncated_at: int | None = None
+    truncated_tail: bool
+    truncated_at: int | None
+    _entries: tuple[ImaEntry, ...] | None
+    _columns: _Columns | None
+
+    def __init__(
+        self,
+        format: Literal["ascii", "binary"],
+        entries: Iterable[ImaEntry],
+        truncated_tail: bool = False,
+        truncated_at: int | None = None,
+    ) -> None:
+        self._init(format, tuple(entries), None, truncated_tail, truncated_at)
+
+    def _init(
+        self,
+        format: Literal["ascii", "binary"],
+        entries: tuple[ImaEntry, ...] | None,
+        columns: _Columns | None,
+        truncated_tail: bool,
+        truncated_at: int | None,
+    ) -> None:
+        _set = object.__setattr__
+        _set(self, "format", format)
+        _set(self, "_entries", entries)
+        _set(self, "_columns", columns)
+        _set(self, "truncated_tail", truncated_tail)
+        _set(self, "truncated_at", truncated_at)
+
+    @classmethod
+    def _of_columns(
+        cls,
+        format: Literal["ascii", "binary"],
+        columns: _Columns,
+        truncated_tail: bool = False,
+        truncated_at: int | None = None,
+    ) -> RawImaList:
+        raw = object.__new__(cls)
+        raw._init(format, None, columns, truncated_tail, truncated_at)
+        return raw
+
+    @property
+    def entries(self) -> tuple[ImaEntry, ...]:
+        """The complete entries, in list order."""
+        entries = self._entries
+        if entries is None:
+            assert self._columns is not None
+            entries = self._columns.entries()
+            object.__setattr__(self, "_entries", entries)
+        return entries
+
+    def __len__(self) -> int:
+        """The number of complete entries (without building them)."""
+        if self._columns is not None:
+            return len(self._columns.pcrs)
+        assert self._entries is not None
+        return len(self._entries)
+
+    def entry(self, index: int) -> ImaEntry:
+        """Entry ``index`` (without building the others)."""
+        if self._entries is None and self._columns is not None:
+            return self._columns.entry(index)
+        return self.entries[index]
+
+    def prefix(self, n: int) -> RawImaList:
+        """The list of the first ``n`` complete entries (no truncated tail)."""
+        if self._columns is not None:
+            return RawImaList._of_columns(self.format, self._columns.prefix(n))
+        return RawImaList(self.format, self.entries[:n])
 
     @property
     def unit(self) -> str:
         """``"offset"`` or ``"line"``: what :attr:`ImaEntry.location` counts."""
         return "line" if self.format == "ascii" else "offset"
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.format, self.entries, self.truncated_tail, self.truncated_at)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, RawImaList)
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (
+            f"RawImaList(format={self.format!r}, entries={self.entries!r}, "
+            f"truncated_tail={self.truncated_tail!r}, truncated_at={self.truncated_at!r})"
+        )
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"RawImaList is immutable: cannot set {name}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"RawImaList is immutable: cannot delete {name}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,7 +483,7 @@ def parse_ima_list(data: bytes, format: Literal["auto", "ascii", "binary"] = "au
     if format == "ascii":
         return _parse_ascii(data)
     if format == "binary":
-        return _parse_binary(data)
+        return _parse_binary_fast(data)
     raise ValueError(f"format must be 'auto', 'ascii' or 'binary', got {format!r}")
 
 
@@ -331,6 +498,120 @@ def _parse_binary(data: bytes) -> RawImaList:
             return RawImaList("binary", tuple(entries), truncated_tail=True, truncated_at=start)
         entries.append(entry)
     return RawImaList("binary", tuple(entries))
+
+
+# The fast path (issue 7): the common entries (d-ng templates with a known digest algorithm and an
+# empty third field) are matched in bulk by one regular expression and checked column-wise; an
+# entry it does not match goes through _parse_binary_entry. Any column check that fails means the
+# general parser would raise: the whole input is then parsed by _parse_binary, so results and
+# errors are those of the general path by construction (tests/unit/test_ima_fastpath.py).
+_FAST_DNG = b"|".join(
+    re.escape(algo.encode()) + b":\\x00.{%d}" % size
+    for algo, size in sorted(_FILE_DIGEST_SIZE.items(), key=lambda item: (-len(item[0]), item[0]))
+)
+_FAST_BINARY = re.compile(
+    rb"([\x00-\x17])\x00\x00\x00"  # 1 pcr 0..23
+    rb"(.{20})"  # 2 template hash
+    rb"(\x06\x00\x00\x00ima-ng|\x07\x00\x00\x00ima-(?:sig|buf)())"  # 3 template, 4 three fields
+    rb"(.{4})"  # 5 template data length
+    rb"((.{4})(" + _FAST_DNG + rb")"  # 6 template data: 7 d-ng length, 8 d-ng
+    rb"(.{4})([^\x00\n]*\x00)"  # 9 n-ng length, 10 n-ng (NUL-terminated, no NUL or newline)
+    rb"(?(4)\x00\x00\x00\x00))",  # an empty sig/buf field
+    re.DOTALL,
+)
+_FAST_TEMPLATES = {
+    b"\x06\x00\x00\x00ima-ng": "ima-ng",
+    b"\x07\x00\x00\x00ima-sig": "ima-sig",
+    b"\x07\x00\x00\x00ima-buf": "ima-buf",
+}
+_Row = tuple[bytes, ...]
+
+
+def _general_row(e: ImaEntry) -> _Row:
+    """A column row for an entry the general parser built (consistent with the bulk checks)."""
+    if e.supported:
+        hi, d, n = e.hash_input, e.fields[0], e.fields[1]
+    else:
+        hi = d = n = b""
+    return (bytes([e.pcr]), e.template_hash, b"", b"", _U32.pack(len(hi)), hi,
+            _U32.pack(len(d)), d, _U32.pack(len(n)), n)  # fmt: skip
+
+
+def _parse_binary_fast(data: bytes) -> RawImaList:
+    """:func:`_parse_binary` with the same result and errors, column-wise (see above)."""
+    rows: list[_Row] = _FAST_BINARY.findall(data)
+    columns = _fast_columns(rows, {}, {})
+    if columns is not None and 28 * len(rows) + sum(columns.sizes or ()) == len(data):
+        return RawImaList._of_columns("binary", columns)  # matches tile the input: all common
+    # runs of common entries, and the others one by one
+    rows = []
+    general: dict[int, ImaEntry] = {}
+    general_sizes: dict[int, int] = {}
+    truncated_at: int | None = None
+    pos, end = 0, len(data)
+    match = _FAST_BINARY.match
+    while pos < end:
+        m = match(data, pos)
+        if m is not None:
+            rows.append(m.groups(b""))
+            pos = m.end()
+            continue
+        try:
+            entry, nxt = _parse_binary_entry(data, pos)
+        except TruncatedError:
+            truncated_at = pos
+            break
+        except ParseError:  # the general parser may stop earlier, at an entry of a run
+            return _parse_binary(data)
+        general[len(rows)] = entry
+        general_sizes[len(rows)] = nxt - pos - 28
+        rows.append(_general_row(entry))
+        pos = nxt
+    columns = _fast_columns(rows, general, general_sizes)
+    if columns is None:
+        return _parse_binary(data)
+    if truncated_at is not None:
+        return RawImaList._of_columns("binary", columns, True, truncated_at)
+    return RawImaList._of_columns("binary", columns)
+
+
+def _fast_columns(
+    rows: list[_Row], general: dict[int, ImaEntry], general_sizes: dict[int, int]
+) -> _Columns | None:
+    """Columns of the rows, or None when a length or a violation digest is not right."""
+    if not rows:
+        return _Columns((), (), (), (), (), (), general, ())
+    pcr_b, hashes, tnames, _, td_lens, tds, d_lens, ds, n_lens, ns = zip(*rows, strict=True)
+    pack = struct.Struct(f"<{len(rows)}I").pack
+    td_sizes = list(map(len, tds))
+    if (
+        b"".join(td_lens) != pack(*td_sizes)
+        or b"".join(d_lens) != pack(*map(len, ds))
+        or b"".join(n_lens) != pack(*map(len, ns))
+        or max(td_sizes) > _MAX_TEMPLATE_DATA
+    ):
+        return None
+    if _ZERO_HASH in hashes:  # violations: the d-ng digest must be all zero
+        for i, h in enumerate(hashes):
+            if h == _ZERO_HASH and i not in general:
+                digest = ds[i].partition(b":\0")[2]
+                if digest.count(0) != len(digest):
+                    return None
+    templates: list[str | None] = list(map(_FAST_TEMPLATES.get, tnames))
+    sizes = list(map(operator.add, map(len, tnames), td_sizes))
+    for i, e in general.items():
+        templates[i] = e.template_name
+        sizes[i] = general_sizes[i]
+    return _Columns(
+        pcrs=list(map(ord, pcr_b)),
+        hashes=hashes,
+        templates=cast("list[str]", templates),  # every None was replaced above
+        inputs=tds,
+        dfields=ds,
+        names=ns,
+        general=general,
+        sizes=sizes,
+    )
 
 
 def _need(data: bytes, pos: int, n: int, what: str) -> None:
@@ -713,6 +994,30 @@ def replay_ima_pcr10(
         plan.append((_BANK_HASH[bank], mode, ff))
     values = [bytes(_BANK_SIZE[bank]) for bank in bank_list]
     pads = [bytes(_BANK_SIZE[bank] - _TEMPLATE_HASH_SIZE) for bank in bank_list]
+    if raw._columns is not None:
+        replayed, violations, mismatched = _replay_columns(raw, raw._columns, plan, pads, values)
+    else:
+        replayed, violations, mismatched = _replay_entries(raw, plan, pads, values)
+    pcrs = dict(zip(bank_list, values, strict=True))
+    return ImaReplay(
+        pcr10=pcrs,
+        rule=rule,
+        entries=len(raw),
+        replayed=replayed,
+        violations=violations,
+        template_hash_mismatches=len(mismatched),
+        mismatched=tuple(mismatched),
+        truncated_tail=raw.truncated_tail,
+    )
+
+
+_Plan = list[tuple[Callable[[bytes], "hashlib._Hash"], int, bytes]]
+
+
+def _replay_entries(
+    raw: RawImaList, plan: _Plan, pads: list[bytes], values: list[bytes]
+) -> tuple[int, int, list[int]]:
+    """The general replay, entry by entry: extends ``values``; returns the counts."""
     sha1_hash = _BANK_HASH["sha1"]
     violations = replayed = 0
     mismatched: list[int] = []
@@ -747,17 +1052,125 @@ def replay_ima_pcr10(
             else:
                 digest = sha1 + pads[i]
             values[i] = h(values[i] + digest).digest()
-    pcrs = dict(zip(bank_list, values, strict=True))
-    return ImaReplay(
-        pcr10=pcrs,
-        rule=rule,
-        entries=len(raw.entries),
-        replayed=replayed,
-        violations=violations,
-        template_hash_mismatches=len(mismatched),
-        mismatched=tuple(mismatched),
-        truncated_tail=raw.truncated_tail,
-    )
+    return replayed, violations, mismatched
+
+
+def _first_unsupported(raw: RawImaList, columns: _Columns) -> None:
+    for index in sorted(columns.general):
+        e = columns.general[index]
+        if not e.supported:
+            raise UnsupportedError(
+                f"IMA entry {index} template",
+                e.location,
+                f"one of {', '.join(TEMPLATES)} (others are not replayed, not guessed)",
+                e.template_name,
+                unit=raw.unit,
+            )
+
+
+def _replay_columns(
+    raw: RawImaList, columns: _Columns, plan: _Plan, pads: list[bytes], values: list[bytes]
+) -> tuple[int, int, list[int]]:
+    """:func:`_replay_entries` on columns: the same values, counts and errors, in bulk."""
+    _first_unsupported(raw, columns)
+    hashes, inputs = columns.hashes, columns.inputs
+    sha1 = _BANK_HASH["sha1"]
+    sha1s = [sha1(x).digest() for x in inputs]
+    zero = _ZERO_HASH
+    violations = hashes.count(zero)
+    mismatched: list[int] = []
+    if sha1s != list(hashes):
+        mismatched = [
+            i for i, (a, b) in enumerate(zip(sha1s, hashes, strict=True)) if a != b and b != zero
+        ]
+    positions = _ima_positions(columns)
+    if positions is not None:
+        inputs = [inputs[i] for i in positions]
+        sha1s = [sha1s[i] for i in positions]
+        hashes = [hashes[i] for i in positions]
+    ffs = [k for k, h in enumerate(hashes) if h == zero] if violations else []
+    for b, (h, mode, ff) in enumerate(plan):
+        value = values[b]
+        if mode == _OWN_HASH and not ffs:
+            for x in inputs:
+                value = h(value + h(x).digest()).digest()
+        else:
+            if mode == _OWN_HASH:
+                digests = [h(x).digest() for x in inputs]
+            elif mode == _SHA1_ITSELF:
+                digests = list(sha1s)
+            else:
+                pad = pads[b]
+                digests = [d + pad for d in sha1s]
+            for k in ffs:
+                digests[k] = ff
+            for d in digests:
+                value = h(value + d).digest()
+        values[b] = value
+    return len(inputs), violations, mismatched
+
+
+def _ima_positions(columns: _Columns) -> list[int] | None:
+    """Indices of the PCR 10 entries, or None when every entry is one."""
+    pcrs = columns.pcrs
+    if pcrs.count(IMA_PCR) == len(pcrs):
+        return None
+    return [i for i, p in enumerate(pcrs) if p == IMA_PCR]
+
+
+def signed_prefix(raw: RawImaList, bank: str, rule: KernelRule | str, want: bytes) -> int | None:
+    """How many leading entries replay ``bank`` of PCR 10 to ``want`` (None: no prefix does).
+
+    A list read after the PCRs were may run ahead of them: this finds the prefix they cover,
+    which :func:`replay_ima` then verifies. Entries are extended as :func:`replay_ima_pcr10`
+    extends them (no ``kernel_hashless_banks``); the search stops at the first entry of a
+    template that is not decoded. The first prefix that matches is the answer.
+    """
+    rule = KernelRule(rule)
+    (bank,) = _check_banks((bank,))
+    h = _BANK_HASH[bank]
+    size = _BANK_SIZE[bank]
+    v58 = rule is KernelRule.V5_8
+    ff = b"\xff" * size if v58 else (b"\xff" * _TEMPLATE_HASH_SIZE).ljust(size, b"\0")
+    sha1 = _BANK_HASH["sha1"]
+    value = bytes(size)
+    columns = raw._columns
+    if columns is None:
+        for index, entry in enumerate(raw.entries):
+            if not entry.supported:
+                return None
+            if entry.pcr != IMA_PCR:
+                continue
+            if entry.is_violation:
+                digest = ff
+            elif bank == "sha1":
+                digest = sha1(entry.hash_input).digest()
+            elif v58:
+                digest = h(entry.hash_input).digest()
+            else:
+                digest = sha1(entry.hash_input).digest().ljust(size, b"\0")
+            value = h(value + digest).digest()
+            if hmac.compare_digest(value, want):
+                return index + 1
+        return None
+    limit = min((i for i, e in columns.general.items() if not e.supported), default=None)
+    pcrs, hashes, inputs = columns.pcrs, columns.hashes, columns.inputs
+    own = v58 and bank != "sha1"
+    pad = bytes(size - _TEMPLATE_HASH_SIZE)
+    zero = _ZERO_HASH
+    for index in range(len(pcrs) if limit is None else limit):
+        if pcrs[index] != IMA_PCR:
+            continue
+        if hashes[index] == zero:
+            digest = ff
+        elif own:
+            digest = h(inputs[index]).digest()
+        else:
+            digest = sha1(inputs[index]).digest() + pad
+        value = h(value + digest).digest()
+        if hmac.compare_digest(value, want):
+            return index + 1
+    return None
 
 
 @dataclass(frozen=True)
@@ -778,25 +1191,214 @@ class VerifiedImaEntry:
     untrusted_template_name: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class VerifiedImaColumns:
+    """The entries of a :class:`VerifiedImaList` as columns (what policy evaluation scans).
+
+    Item ``k`` of each sequence belongs to ``entries[k]``.
+
+    Attributes:
+        indices: each entry's index in the list (:attr:`VerifiedImaEntry.index`).
+        names: :attr:`VerifiedImaEntry.name` (without the NUL).
+        digests: :attr:`VerifiedImaEntry.digest`.
+        templates: :attr:`VerifiedImaEntry.untrusted_template_name`.
+        violations: the positions ``k`` of violation entries.
+    """
+
+    indices: Sequence[int]
+    names: Sequence[bytes]
+    digests: Sequence[bytes]
+    templates: Sequence[str]
+    violations: Sequence[int]
+
+
 class VerifiedImaList:
     """A measurement list whose PCR 10 entries replay to the expected PCR 10 values.
 
     Attributes:
-        entries: the PCR 10 entries, in order.
+        entries: the PCR 10 entries, in order (built on first use when :func:`replay_ima` verified
+            a list from :func:`parse_ima_list`; :meth:`columns` and :meth:`entry` read them
+            without building them all).
         pcr10: the bank values that were checked.
         rule: the kernel rule they replayed under.
         violations: violation entries among ``entries``.
         truncated_tail: the list ended inside one more entry, which is not covered.
         untrusted_other_pcr_entries: entries logged for other PCRs (not covered).
+
+    Immutable and compared by value, like the frozen dataclass it replaces.
     """
 
-    entries: tuple[VerifiedImaEntry, ...]
+    __slots__ = (
+        "_entries",
+        "_positions",
+        "_source",
+        "pcr10",
+        "rule",
+        "truncated_tail",
+        "untrusted_other_pcr_entries",
+        "violations",
+    )
     pcr10: Mapping[str, bytes]
     rule: KernelRule
     violations: int
     truncated_tail: bool
     untrusted_other_pcr_entries: int
+    _entries: tuple[VerifiedImaEntry, ...] | None
+    _source: _Columns | None
+    _positions: Sequence[int]
+
+    def __init__(
+        self,
+        entries: Iterable[VerifiedImaEntry],
+        pcr10: Mapping[str, bytes],
+        rule: KernelRule,
+        violations: int,
+        truncated_tail: bool,
+        untrusted_other_pcr_entries: int,
+    ) -> None:
+        entries = tuple(entries)
+        self._init(entries, None, range(len(entries)))
+        _set = object.__setattr__
+        _set(self, "pcr10", pcr10)
+        _set(self, "rule", rule)
+        _set(self, "violations", violations)
+        _set(self, "truncated_tail", truncated_tail)
+        _set(self, "untrusted_other_pcr_entries", untrusted_other_pcr_entries)
+
+    def _init(
+        self,
+        entries: tuple[VerifiedImaEntry, ...] | None,
+        source: _Columns | None,
+        positions: Sequence[int],
+    ) -> None:
+        _set = object.__setattr__
+        _set(self, "_entries", entries)
+        _set(self, "_source", source)
+        _set(self, "_positions", positions)
+
+    @classmethod
+    def _of_columns(
+        cls,
+        source: _Columns,
+        positions: Sequence[int],
+        pcr10: Mapping[str, bytes],
+        rule: KernelRule,
+        violations: int,
+        truncated_tail: bool,
+    ) -> VerifiedImaList:
+        out = object.__new__(cls)
+        out._init(None, source, positions)
+        _set = object.__setattr__
+        _set(out, "pcr10", pcr10)
+        _set(out, "rule", rule)
+        _set(out, "violations", violations)
+        _set(out, "truncated_tail", truncated_tail)
+        _set(out, "untrusted_other_pcr_entries", len(source.pcrs) - len(positions))
+        return out
+
+    def __len__(self) -> int:
+        """The number of entries (without building them)."""
+        return len(self._positions)
+
+    @property
+    def entries(self) -> tuple[VerifiedImaEntry, ...]:
+        """The PCR 10 entries, in order."""
+        entries = self._entries
+        if entries is None:
+            entries = tuple(map(self.entry, range(len(self._positions))))
+            object.__setattr__(self, "_entries", entries)
+        return entries
+
+    def entry(self, k: int) -> VerifiedImaEntry:
+        """``entries[k]``, without building the others."""
+        if self._entries is not None:
+            return self._entries[k]
+        assert self._source is not None
+        index = self._positions[k]
+        e = self._source.entry(index, 0)
+        return VerifiedImaEntry(
+            index=index,
+            template_hash=e.template_hash,
+            is_violation=e.is_violation,
+            digest_algo=e.digest_algo,
+            digest=e.digest,
+            name=e.name,
+            extra=e.extra,
+            untrusted_template_name=e.template_name,
+        )
+
+    @property
+    def is_columnar(self) -> bool:
+        """Whether the list is kept as columns (verified by :func:`replay_ima` from a list of
+        :func:`parse_ima_list`), so :meth:`columns` costs far less than :attr:`entries`."""
+        return self._source is not None
+
+    def columns(self) -> VerifiedImaColumns:
+        """The entries as columns (built without building the entries when columnar)."""
+        source = self._source
+        if source is None:
+            es = self.entries
+            return VerifiedImaColumns(
+                indices=[e.index for e in es],
+                names=[e.name for e in es],
+                digests=[e.digest for e in es],
+                templates=[e.untrusted_template_name for e in es],
+                violations=[k for k, e in enumerate(es) if e.is_violation],
+            )
+        positions = self._positions
+        every = len(positions) == len(source.pcrs)
+        hashes, templates = source.hashes, source.templates
+        dfields, names = source.dfields, source.names
+        if not every:
+            hashes = [hashes[i] for i in positions]
+            templates = [templates[i] for i in positions]
+            dfields = [dfields[i] for i in positions]
+            names = [names[i] for i in positions]
+        plain_names = [n[:-1] for n in names]
+        digests = [d.partition(b":\0")[2] for d in dfields]
+        for k, index in enumerate(positions) if source.general else ():
+            e = source.general.get(index)
+            if e is not None:  # template "ima" has no "<algo>:\0" prefix
+                plain_names[k], digests[k] = e.name, e.digest
+        zero = _ZERO_HASH
+        return VerifiedImaColumns(
+            indices=positions,
+            names=plain_names,
+            digests=digests,
+            templates=templates,
+            violations=[k for k, h in enumerate(hashes) if h == zero] if zero in hashes else [],
+        )
+
+    def _key(self) -> tuple[object, ...]:
+        return (
+            self.entries,
+            self.pcr10,
+            self.rule,
+            self.violations,
+            self.truncated_tail,
+            self.untrusted_other_pcr_entries,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, VerifiedImaList)
+        return self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]  # pcr10 is a dict, as in the dataclass
+
+    def __repr__(self) -> str:
+        return (
+            f"VerifiedImaList(entries={self.entries!r}, pcr10={self.pcr10!r}, rule={self.rule!r}, "
+            f"violations={self.violations!r}, truncated_tail={self.truncated_tail!r}, "
+            f"untrusted_other_pcr_entries={self.untrusted_other_pcr_entries!r})"
+        )
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"VerifiedImaList is immutable: cannot set {name}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"VerifiedImaList is immutable: cannot delete {name}")
 
 
 def replay_ima(
@@ -854,7 +1456,7 @@ def replay_ima(
             invalid_pcrs=(IMA_PCR,),
         )
     if result.mismatched:
-        first = raw.entries[result.mismatched[0]]
+        first = raw.entry(result.mismatched[0])
         raise ReplayError(
             f"{result.template_hash_mismatches} IMA entries have a wrong template hash; first: "
             f"entry {result.mismatched[0]} at {raw.unit} {first.location}: logged "
@@ -867,6 +1469,20 @@ def replay_ima(
         raise HashAlgorithmNotAllowed(
             "the IMA list replays, but its binding to the TPM rests on SHA-1 only "
             f"(kernel rule {rule}, banks {', '.join(banks)}); pass allow_sha1=True to accept it"
+        )
+    columns = raw._columns
+    if columns is not None:
+        selected = _ima_positions(columns)
+        hashes = columns.hashes
+        positions: Sequence[int]
+        if selected is None:
+            positions = range(len(hashes))
+            violations = hashes.count(_ZERO_HASH)
+        else:
+            positions = selected
+            violations = sum(1 for i in positions if hashes[i] == _ZERO_HASH)
+        return VerifiedImaList._of_columns(
+            columns, positions, dict(result.pcr10), rule, violations, raw.truncated_tail
         )
     verified = tuple(
         VerifiedImaEntry(

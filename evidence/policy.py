@@ -33,15 +33,18 @@ Digests compare as bytes whatever their algorithm, as Keylime's hex comparison d
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import operator
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, NoReturn
 
 from evidence.errors import ParseError, UnsupportedError
+from evidence.ima import VerifiedImaColumns, VerifiedImaEntry
 from evidence.verdict import Finding, Severity, Verdict
 from evidence.verify import AttestedVm
 
@@ -267,66 +270,99 @@ def _ima_findings(vm: AttestedVm, allow: ImaAllowlist) -> list[Finding]:
                 got=str(vm.ima_unverified_tail),
             )
         )
-    aggregates: set[bytes] | None = None
-    for entry in vm.ima.entries:
-        path = _path(entry.name)
-        ctx = {"path": path, "index": str(entry.index), "algo": entry.digest_algo}
-        if allow.excluded(path):
-            continue
-        if entry.is_violation:
-            out.append(
-                Finding(
-                    "ima.entry.violation",
-                    Severity.ERROR,
-                    f"IMA could not measure {path!r} (a ToMToU or open-writers violation): its "
-                    "content is unknown",
-                    got="violation",
-                    context=ctx,
-                )
-            )
-            continue
-        if path == _BOOT_AGGREGATE and _BOOT_AGGREGATE not in allow.digests:
-            if aggregates is None:
-                aggregates = _boot_aggregates(vm)
-            if aggregates and entry.digest not in aggregates:
-                out.append(
-                    Finding(
-                        "ima.boot_aggregate.mismatch",
-                        Severity.ERROR,
-                        "the IMA boot_aggregate is not SHA-256 over the signed vPCRs 0-9 or 0-7",
-                        expected=_hexes(aggregates),
-                        got=entry.digest.hex(),
-                        context=ctx,
-                    )
-                )
-            continue
-        if entry.untrusted_template_name == "ima-buf":
-            out.extend(_buf_findings(allow, path, entry.digest, ctx))
-            continue
-        allowed = allow.digests.get(path)
-        if allowed is None:
-            out.append(
-                Finding(
-                    "ima.entry.unknown_file",
-                    Severity.ERROR,
-                    f"{path!r} was measured but is not in the IMA allowlist",
-                    expected="a path in the allowlist",
-                    got=entry.digest.hex(),
-                    context=ctx,
-                )
-            )
-        elif entry.digest not in allowed:
-            out.append(
-                Finding(
-                    "ima.entry.digest_mismatch",
-                    Severity.ERROR,
-                    f"{path!r} has digest {entry.digest.hex()}, not one the allowlist names",
-                    expected=_hexes(allowed),
-                    got=entry.digest.hex(),
-                    context=ctx,
-                )
-            )
+    checked: Iterable[int] = range(len(vm.ima))  # the general path: every entry
+    if vm.ima.is_columnar:  # the fast path: only the entries that may give a finding
+        checked = _ima_candidates(vm.ima.columns(), allow)
+    aggregates: list[set[bytes]] = []  # computed once, when first needed
+    for k in checked:
+        out.extend(_ima_entry_findings(vm, allow, vm.ima.entry(k), aggregates))
     return out
+
+
+def _paths(names: Sequence[bytes]) -> list[str]:
+    """``[_path(n) for n in names]`` in one decode (names hold no NUL; UTF-8 never splits at
+    one, so the surrogate escapes are the same)."""
+    if not names:
+        return []
+    return b"\0".join(names).decode("utf-8", "surrogateescape").split("\0")
+
+
+def _ima_candidates(columns: VerifiedImaColumns, allow: ImaAllowlist) -> list[int]:
+    """Positions of the entries that may give a finding: every entry but those of a listed path
+    with a listed digest that are no violation and no ``ima-buf``. Those give none in
+    :func:`_ima_entry_findings` (rule 3 takes ``boot_aggregate`` only when it is not listed;
+    an excluded path gives none either)."""
+    paths = _paths(columns.names)
+    allowed = map(allow.digests.get, paths, itertools.repeat(frozenset()))
+    listed = map(operator.contains, allowed, columns.digests)
+    todo = set(itertools.compress(itertools.count(), map(operator.not_, listed)))
+    todo.update(columns.violations)
+    templates = columns.templates
+    if "ima-buf" in templates:
+        todo.update(k for k, template in enumerate(templates) if template == "ima-buf")
+    return sorted(todo)
+
+
+def _ima_entry_findings(
+    vm: AttestedVm, allow: ImaAllowlist, entry: VerifiedImaEntry, aggregates: list[set[bytes]]
+) -> list[Finding]:
+    """The findings of one verified IMA entry (rules 1-5 of the module docstring)."""
+    path = _path(entry.name)
+    ctx = {"path": path, "index": str(entry.index), "algo": entry.digest_algo}
+    if allow.excluded(path):
+        return []
+    if entry.is_violation:
+        return [
+            Finding(
+                "ima.entry.violation",
+                Severity.ERROR,
+                f"IMA could not measure {path!r} (a ToMToU or open-writers violation): its "
+                "content is unknown",
+                got="violation",
+                context=ctx,
+            )
+        ]
+    if path == _BOOT_AGGREGATE and _BOOT_AGGREGATE not in allow.digests:
+        if not aggregates:
+            aggregates.append(_boot_aggregates(vm))
+        if aggregates[0] and entry.digest not in aggregates[0]:
+            return [
+                Finding(
+                    "ima.boot_aggregate.mismatch",
+                    Severity.ERROR,
+                    "the IMA boot_aggregate is not SHA-256 over the signed vPCRs 0-9 or 0-7",
+                    expected=_hexes(aggregates[0]),
+                    got=entry.digest.hex(),
+                    context=ctx,
+                )
+            ]
+        return []
+    if entry.untrusted_template_name == "ima-buf":
+        return _buf_findings(allow, path, entry.digest, ctx)
+    allowed = allow.digests.get(path)
+    if allowed is None:
+        return [
+            Finding(
+                "ima.entry.unknown_file",
+                Severity.ERROR,
+                f"{path!r} was measured but is not in the IMA allowlist",
+                expected="a path in the allowlist",
+                got=entry.digest.hex(),
+                context=ctx,
+            )
+        ]
+    if entry.digest not in allowed:
+        return [
+            Finding(
+                "ima.entry.digest_mismatch",
+                Severity.ERROR,
+                f"{path!r} has digest {entry.digest.hex()}, not one the allowlist names",
+                expected=_hexes(allowed),
+                got=entry.digest.hex(),
+                context=ctx,
+            )
+        ]
+    return []
 
 
 def _buf_findings(

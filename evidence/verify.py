@@ -71,7 +71,7 @@ from evidence.errors import (
 )
 from evidence.eventlog import VerifiedEventLog, replay_eventlog, replay_pcrs
 from evidence.ima import BANKS as IMA_BANKS
-from evidence.ima import IMA_PCR, KernelRule, RawImaList, VerifiedImaList, replay_ima
+from evidence.ima import IMA_PCR, KernelRule, VerifiedImaList, replay_ima, signed_prefix
 from evidence.tpm2 import (
     TpmAlgId,
     TpmaObject,
@@ -121,12 +121,6 @@ VAIK_POLICY_REF: Final = b"vtpm-trust/vaik-sign/1"
 """The policyRef host agents bind into a vAIK's PolicyAuthorize branch by default."""
 
 _SHA1: Final = TpmAlgId.TPM_ALG_SHA1
-_IMA_BANK_HASH: Final = {
-    "sha1": hashlib.sha1,
-    "sha256": hashlib.sha256,
-    "sha384": hashlib.sha384,
-    "sha512": hashlib.sha512,
-}
 _A = TpmaObject
 
 
@@ -574,14 +568,14 @@ def _verify_ima(raw: RawBundle, opts: VerifyOptions) -> tuple[VerifiedImaList | 
     except HashAlgorithmNotAllowed:
         raise
     except ReplayError as err:
-        covered = _ima_signed_prefix(ima, bank, rule, signed[IMA_PCR])
-        if covered is None or covered == len(ima.entries):
+        covered = signed_prefix(ima, bank, rule, signed[IMA_PCR])
+        if covered is None or covered == len(ima):
             raise ImaReplayMismatch(
                 f"the IMA list does not replay to the signed vPCR {IMA_PCR}, nor does any prefix "
                 f"of it (an edited, inserted or removed entry?): {err}",
                 err.invalid_pcrs,
             ) from err
-    prefix = RawImaList(ima.format, ima.entries[:covered])
+    prefix = ima.prefix(covered)
     try:
         verified = replay_ima(prefix, want, rule, allow_sha1=opts.allow_sha1)
     except HashAlgorithmNotAllowed:
@@ -592,38 +586,7 @@ def _verify_ima(raw: RawBundle, opts: VerifyOptions) -> tuple[VerifiedImaList | 
             f"verify: {err}",
             err.invalid_pcrs,
         ) from err
-    return verified, len(ima.entries) - covered
-
-
-def _ima_signed_prefix(ima: RawImaList, bank: str, rule: KernelRule, want: bytes) -> int | None:
-    """How many leading entries replay to ``want`` (the list may run ahead of the signed PCR).
-
-    The guest agent reads the list after the host read the vPCRs, so entries IMA appended in
-    between are not yet in the signed PCR 10. The extend rule is ``replay_ima_pcr10``'s
-    (evidence/ima.py); the prefix found is then verified by :func:`evidence.ima.replay_ima`.
-    """
-    h = _IMA_BANK_HASH[bank]
-    size = len(want)
-    v58 = rule is KernelRule.V5_8
-    ff = b"\xff" * size if v58 else (b"\xff" * 20).ljust(size, b"\0")
-    value = bytes(size)
-    for index, entry in enumerate(ima.entries):
-        if not entry.supported:
-            return None
-        if entry.pcr != IMA_PCR:
-            continue
-        if entry.is_violation:
-            digest = ff
-        elif bank == "sha1":
-            digest = hashlib.sha1(entry.hash_input).digest()
-        elif v58:
-            digest = h(entry.hash_input).digest()
-        else:
-            digest = hashlib.sha1(entry.hash_input).digest().ljust(size, b"\0")
-        value = h(value + digest).digest()
-        if hmac.compare_digest(value, want):
-            return index + 1
-    return None
+    return verified, len(ima) - covered
 
 
 def verify_bundle(raw: RawBundle, opts: VerifyOptions) -> AttestedVm:
