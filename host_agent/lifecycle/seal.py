@@ -19,10 +19,12 @@ Records (in the trusted store, encrypted and authenticated there; the store neve
 plaintext vTPM state, invariant 5)::
 
     seal/<id>         JSON, :data:`SEAL_FORMAT`: VM UUID and name, host id, time, origin
-                      ("save" | "adopted"), memory root + layout + how it was hashed, vPCRs,
+                      ("save" | "adopted"), memory root + layout + how it was hashed (and,
+                      in ``extra.hash_note``, why a full hash at the stop), vPCRs,
                       the three state blobs (digest, length, flags, bytes), domain XML digest
     seal-leaves/<id>  the memory leaves: a leaf file (:func:`~host_agent.memory.merkle.
-                      encode_leaf_file`, 32 bytes per 4 KiB page) compressed with zlib
+                      encode_leaf_file`, 32 bytes per 4 KiB page) with its runs of zero-page
+                      leaves packed (:func:`pack_leaves`; older records: zlib)
 
 ``<id>`` is ``<vm uuid>.<sealed_at in ns>``. Restore (:mod:`host_agent.lifecycle.restore`) and
 ``vtpm-host image verify`` (:mod:`host_agent.lifecycle.image_verify`) read them back.
@@ -35,6 +37,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import struct
 import threading
 import time
 import zlib
@@ -51,6 +54,7 @@ from host_agent.memory.hasher import default_workers, hash_extents
 from host_agent.memory.merkle import (
     FANOUT,
     PAGE_SIZE,
+    ZERO_LEAF,
     BlockLeaves,
     LeafSet,
     encode_leaf_file,
@@ -74,8 +78,10 @@ __all__ = [
     "hash_qemu_ram",
     "list_sealed",
     "load_leaves",
+    "pack_leaves",
     "put_sealed",
     "qemu_pid_of",
+    "unpack_leaves",
 ]
 
 log = logging.getLogger(__name__)
@@ -227,11 +233,82 @@ def _pcrs_of(obj: dict[str, Any]) -> dict[int, bytes]:
     return {int(k): bytes.fromhex(v) for k, v in obj["pcrs"].items()}
 
 
+#: Packed leaves: magic, u64 unpacked length, u32 runs, runs (u64 offset, u32 leaves), literals.
+LEAF_PACK_MAGIC = b"VTZR\x01"
+#: Zero-leaf runs shorter than this stay literal (they cost a loop turn each to find).
+ZERO_RUN_MIN = 16
+#: Unpacked leaf files above this are refused (8 GiB of leaves: a 1 TiB guest).
+MAX_LEAF_FILE = 1 << 33
+_RUN = struct.Struct(">QI")
+_PACK_HEAD = struct.Struct(">5sQI")
+
+
+def pack_leaves(data: bytes) -> bytes:
+    """Pack a leaf file: runs of the zero page's leaf become (offset, count), the rest stays.
+
+    Guest RAM is mostly zero pages in long runs, and the other leaves are SHA-256 digests that
+    no compressor shrinks; zlib spent 0.2-0.4 s of the save pause on 8 MiB of leaves (1 GiB
+    guest) to reach the size this reaches in ~30 ms. Lossless for any bytes."""
+    zrun = ZERO_LEAF * ZERO_RUN_MIN
+    big = ZERO_LEAF * 1024
+    runs: list[tuple[int, int]] = []
+    parts: list[bytes] = []
+    pos = 0
+    i = data.find(zrun)
+    while i != -1:
+        j = i + len(zrun)
+        while data.startswith(big, j):
+            j += len(big)
+        while data.startswith(ZERO_LEAF, j):
+            j += len(ZERO_LEAF)
+        parts.append(data[pos:i])
+        runs.append((i, (j - i) // len(ZERO_LEAF)))
+        pos = j
+        i = data.find(zrun, j)
+    parts.append(data[pos:])
+    head = _PACK_HEAD.pack(LEAF_PACK_MAGIC, len(data), len(runs))
+    return b"".join([head, *(_RUN.pack(o, n) for o, n in runs), *parts])
+
+
+def unpack_leaves(packed: bytes, what: str = "packed leaves") -> bytes:
+    """The leaf file :func:`pack_leaves` packed.
+
+    Raises:
+        SealRecordError: not a packed leaf file, or its runs do not add up.
+    """
+    if len(packed) < _PACK_HEAD.size or not packed.startswith(LEAF_PACK_MAGIC):
+        raise SealRecordError(what, 0, f"magic {LEAF_PACK_MAGIC!r}", repr(packed[:5]))
+    _magic, total, nruns = _PACK_HEAD.unpack_from(packed)
+    if total > MAX_LEAF_FILE:
+        raise SealRecordError(what, 5, f"at most {MAX_LEAF_FILE} bytes unpacked", str(total))
+    at = _PACK_HEAD.size
+    if len(packed) < at + nruns * _RUN.size:
+        raise SealRecordError(what, at, f"{nruns} runs", f"{len(packed) - at} bytes")
+    out = bytearray()
+    lit = at + nruns * _RUN.size
+    for k in range(nruns):
+        offset, count = _RUN.unpack_from(packed, at + k * _RUN.size)
+        gap = offset - len(out)
+        if gap < 0 or count < 1 or offset + count * len(ZERO_LEAF) > total:
+            raise SealRecordError(
+                what, at + k * _RUN.size, "ordered zero runs inside the file", f"{offset}+{count}"
+            )
+        if lit + gap > len(packed):
+            raise SealRecordError(what, lit, f"{gap} literal bytes", f"{len(packed) - lit}")
+        out += packed[lit : lit + gap]
+        lit += gap
+        out += ZERO_LEAF * count
+    out += packed[lit:]
+    if len(out) != total:
+        raise SealRecordError(what, len(packed), f"{total} bytes unpacked", str(len(out)))
+    return bytes(out)
+
+
 def put_sealed(store: TrustedStore, sealed: SealedState, leaves: LeafSet) -> None:
     """Commit the record and its leaves as one store change."""
     if leaves.root() != sealed.memory_root:
         raise ValueError("the leaves do not give the sealed memory root")
-    packed = zlib.compress(encode_leaf_file(leaves), 1)
+    packed = pack_leaves(encode_leaf_file(leaves))
     with store.transaction() as tx:
         tx.put(LEAVES_RECORD, sealed.record_id, packed)
         tx.put(SEAL_RECORD, sealed.record_id, sealed.as_json())
@@ -254,10 +331,13 @@ def load_leaves(store: TrustedStore, record_id: str) -> LeafSet:
         SealRecordError: they cannot be decompressed; LeafFileError: malformed leaf file.
     """
     rec = store.get(LEAVES_RECORD, record_id)
-    try:
+    what = f"seal leaves {record_id}"
+    if rec.payload.startswith(LEAF_PACK_MAGIC):
+        return parse_leaf_file(unpack_leaves(rec.payload, what))
+    try:  # records sealed before the packing (zlib)
         data = zlib.decompress(rec.payload)
     except zlib.error as err:
-        raise SealRecordError(f"seal leaves {record_id}", 0, "zlib data", str(err)) from err
+        raise SealRecordError(what, 0, "packed leaves or zlib data", str(err)) from err
     return parse_leaf_file(data)
 
 
@@ -377,6 +457,7 @@ class _Save:
     started: float
     blobs: dict[int, SealedBlob] = field(default_factory=dict)
     pcr_seconds: float = 0.0
+    hash_note: str = ""
 
 
 class Sealer:
@@ -422,6 +503,7 @@ class Sealer:
         self._probe = probe
         self._announce = announce or (lambda line: log.warning("%s", line))
         self._clock = clock
+        self._support_cache: TrackerSupport | None = None
         self._lock = threading.Lock()
         self._saves: dict[str, _Save] = {}
         self._tracking: dict[str, _Tracking] = {}
@@ -455,7 +537,7 @@ class Sealer:
             (the announced fallback: this kernel keeps no soft-dirty bits, so a background pass
             would be thrown away and the stop hashes everything).
         """
-        support = self._probe()
+        support = self._support()
         if not support.available:
             self._announce(
                 f"VM {vm_uuid}: dirty-page tracking unavailable ({support.reason}); the save "
@@ -480,16 +562,35 @@ class Sealer:
         entry.thread.start()
         return "soft-dirty" if tracker.support.available else "full"
 
-    def _hash_at_stop(self, vm_uuid: str, pid: int) -> tuple[LeafSet, str]:
+    def _support(self) -> TrackerSupport:
+        """Whether soft-dirty tracking works here (probed once; the kernel does not change)."""
+        if self._support_cache is None:
+            self._support_cache = self._probe()
+        return self._support_cache
+
+    def _hash_at_stop(self, vm_uuid: str, pid: int) -> tuple[LeafSet, str, str]:
+        """The leaves at the stop, how they were made, and why a full hash when it is one
+        (announced: every save path — ``virsh save``, managedsave, a snapshot — says so)."""
         with self._lock:
             entry = self._tracking.pop(vm_uuid, None)
         if entry is not None and entry.pid == pid:
             entry.thread.join()
             if entry.error is None and entry.tracker.support.available:
                 result = entry.tracker.finish()
-                return result.leaves, f"{result.mode} ({result.rehashed_pages} pages re-hashed)"
-            self._announce(f"VM {vm_uuid}: background pass unusable ({entry.error}); full hash")
-        return self._hasher.hash(pid), "full"
+                mode = f"{result.mode} ({result.rehashed_pages} pages re-hashed)"
+                return result.leaves, mode, ""
+            note = f"background pass unusable ({entry.error})"
+        else:
+            support = self._support()
+            if not support.available:
+                note = f"dirty-page tracking unavailable ({support.reason})"
+            else:
+                note = (
+                    "no background pass was running (only `vtpm-host vm save` or a daemon "
+                    "prepare_save starts one)"
+                )
+        self._announce(f"VM {vm_uuid}: {note}; hashing all guest memory at the stop")
+        return self._hasher.hash(pid), "full", note
 
     # ------------------------------------------------------------------ the hook
 
@@ -550,12 +651,12 @@ class Sealer:
     def _begin(self, vm: str) -> _Save:
         t0 = self._clock()
         pid = qemu_pid_of(self.bridges, vm)
-        leaves, mode = self._hash_at_stop(vm, pid)
+        leaves, mode, note = self._hash_at_stop(vm, pid)
         leaves.root()  # the node cache, while nothing else waits
         hashed = self._clock() - t0
         t1 = self._clock()
         vpcrs = self.bridges.read_pcrs(vm)
-        save = _Save(pid, leaves, mode, hashed, vpcrs, t0)
+        save = _Save(pid, leaves, mode, hashed, vpcrs, t0, hash_note=note)
         save.pcr_seconds = self._clock() - t1
         with self._lock:
             self._saves[vm] = save
@@ -580,7 +681,11 @@ class Sealer:
             blobs=dict(save.blobs),
             vpcrs=save.vpcrs,
             domain_xml_sha256=self._xml_digest(vm),
-            extra={"hash_seconds": round(save.hash_seconds, 4), "qemu_pid": save.pid},
+            extra={
+                "hash_seconds": round(save.hash_seconds, 4),
+                "qemu_pid": save.pid,
+                **({"hash_note": save.hash_note} if save.hash_note else {}),
+            },
         )
         put_sealed(self.store, sealed, save.leaves)
         return record_id

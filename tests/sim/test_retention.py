@@ -13,6 +13,7 @@ import os
 import struct
 import subprocess
 import sys
+import zlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -41,9 +42,11 @@ from host_agent.lifecycle.seal import (
     VOLATILE,
     SealedBlob,
     SealedState,
+    SealRecordError,
+    load_leaves,
     put_sealed,
 )
-from host_agent.memory.merkle import ZERO_LEAF, BlockLeaves, LeafSet
+from host_agent.memory.merkle import ZERO_LEAF, BlockLeaves, LeafSet, encode_leaf_file
 from host_agent.store import StoreSettings, TrustedStore
 from host_agent.store.provision import ensure_store, open_store
 from host_agent.tpm.adapter import PytssHostTpm
@@ -324,3 +327,18 @@ def test_store_prune_command_without_a_daemon(tmp_path: Path, swtpm_factory) -> 
     assert "3 record(s) deleted, 2 kept (via the store)" in text.stdout
     again = json.loads(run("--keep", "2", "--json").stdout)
     assert again["deleted"] == [] and len(again["kept"]) == 2
+
+
+def test_leaves_sealed_before_the_packing_still_load(store: TrustedStore) -> None:
+    """Records of an older agent keep their leaves zlib-compressed; they load as before, and
+    new ones are packed (no zlib)."""
+    old, new = sealed(VM_A, 1), sealed(VM_A, 2)
+    fill(store, new)
+    assert store.get(LEAVES_RECORD, new.record_id).payload.startswith(b"VTZR")
+    store.put(SEAL_RECORD, old.record_id, old.as_json())
+    store.put(LEAVES_RECORD, old.record_id, zlib.compress(encode_leaf_file(leaves(1)), 1))
+    assert load_leaves(store, old.record_id) == leaves(1)
+    assert load_leaves(store, new.record_id) == leaves(2)
+    store.put(LEAVES_RECORD, old.record_id, b"neither packed nor zlib")
+    with pytest.raises(SealRecordError, match="packed leaves or zlib data"):
+        load_leaves(store, old.record_id)

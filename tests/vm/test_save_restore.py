@@ -339,6 +339,8 @@ def test_save_then_restore_continues_with_the_same_vpcrs_and_uptime(
     [record] = host.sealed(vm.uuid)
     assert record.vpcrs == before, "the sealed vPCRs are the guest's at the stop"
     assert record.host_id and record.origin == "save" and record.hash_mode.startswith("full")
+    note = record.extra.get("hash_note")  # a QMP save: no background pass, announced as such
+    assert note and f"{note}; hashing all guest memory at the stop" in host.log_text()
     st = hash_source(str(image)).tpm_state
     assert st is not None
     assert record.blob(1).blob == st.permanent and record.blob(2).blob == st.volatile

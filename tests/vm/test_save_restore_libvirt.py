@@ -402,3 +402,17 @@ def test_old_records_are_pruned_and_what_the_snapshots_need_stays(
     host.vm("revert", "sr", "snap1")
     assert host.domstate("sr") == "running"
     assert host.pcrs("sr") == json.loads(vm["pcrs"])
+
+
+def test_every_save_path_announced_its_full_hash_at_the_stop(host: Host) -> None:
+    """vm save, virsh save, managedsave and snapshots: each seal that hashed everything at the
+    stop said why in the log (here: no soft-dirty, or no background pass running)."""
+    from host_agent.memory.dirty import probe_soft_dirty
+
+    text = host.log_text()
+    sealed = text.count(": save sealed as ")
+    full = text.count(" pages, full; hash ")
+    announced = text.count("; hashing all guest memory at the stop")
+    assert sealed >= 7 and announced == full, (sealed, full, announced)
+    if not probe_soft_dirty().available:  # this machine: every path falls back
+        assert full == sealed
