@@ -197,7 +197,7 @@ def _inventory(
         "vtpm_host_vms": [VM_NAME],
         "vtpm_host_approve_platform": True,
         "vtpm_host_enroll_listen": f"127.0.0.1:{ports['enroll']}",
-        "vtpm_host_metrics_port": ports["metrics"],
+        "vtpm_host_metrics_listen": f"127.0.0.1:{ports['metrics']}",
         "vtpm_host_vm_owners": {VM_UUID: [owner]},
     }
     inventory = {
@@ -373,13 +373,17 @@ def test_site_yml_deploys_registrar_and_host_then_changes_nothing(
 
     url = f"http://127.0.0.1:{ports['metrics']}/metrics"
     with urllib.request.urlopen(url, timeout=10) as resp:
-        assert 'vtpm_vms{bridge="down"} 1' in resp.read().decode()
+        scraped = resp.read().decode()
+    assert 'vtpm_vms{bridge="down"} 1' in scraped
+    assert "# TYPE vtpm_bridge_relay_errors_total counter" in scraped
     json_lines = [
         json.loads(line)
         for line in agent_log.read_text(errors="replace").splitlines()
         if line.startswith("{")
     ]
     assert any(doc.get("logger", "").startswith("host_agent") for doc in json_lines)
+    # [logging] format = "json" from agent.toml: the daemon's own start-up lines are JSON too.
+    assert any(doc.get("message", "").startswith("daemon running") for doc in json_lines)
 
     # The adopted VM boots on the agent's bridge, the tenant enrolls it and it attests trusted.
     config = ["--config", str(prefix / "etc/vtpm-trust/agent.toml")]
@@ -416,6 +420,7 @@ def test_site_yml_deploys_registrar_and_host_then_changes_nothing(
         )  # fmt: skip
         (vm,) = json.loads(after.stdout)["vms"]
         assert vm["vaik"] == "bound" and vm["bridge"] == "connected", vm
+        assert vm["relay_errors"] == 0, vm
     finally:
         subprocess.run(
             [str(venv / "bin/vtpm-host"), "vm", "stop", VM_NAME, *config, *runtime],
