@@ -25,8 +25,9 @@ node can never be the hash of a page, nor a page the children of a node, without
 collision. RFC 6962 separates with a ``0x00`` prefix on leaves instead; we separate by length
 because a prefix costs a copy or an extra hash call per page, on the hot path of hashing inside a
 VM's save pause. The 64-way fan-out (instead of RFC 6962's binary tree) makes the tree above the
-leaves 1/64 of the leaf bytes, so recomputing every node after an incremental pass costs about 5 ms
-per GiB of guest, and a proof is at most ``63·32`` bytes per level (3 levels per GiB).
+leaves 1/64 of the leaf bytes, so recomputing every node costs about 5 ms per GiB of guest (an
+incremental pass keeps the first level and rehashes only the 2 KiB groups holding a changed leaf),
+and a proof is at most ``63·32`` bytes per level (3 levels per GiB).
 
 *Root* of a leaf set: ``SHA-256("vtpm-trust/memory-root/v1" || 0x00 || be32 block_count ||
 for each block in name order: be16 len(name) || name || be64 pages || block_root)``. It binds the
@@ -157,8 +158,9 @@ class BlockLeaves:
     """The leaves of one RAM block: ``leaves[32*i : 32*i+32]`` is the leaf of page ``i``.
 
     The first level of nodes above the leaves is computed once and cached (``_level1`` is filled
-    in only by this module: by :meth:`level1`, or by :class:`LeafBuilder` after an incremental
-    pass, which recomputes just the groups whose leaves it changed).
+    in only by this module: by :meth:`level1`, or after an incremental pass by
+    :func:`updated_block` or :class:`LeafBuilder`, which recompute just the groups whose leaves
+    changed).
     """
 
     name: str
