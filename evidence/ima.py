@@ -52,7 +52,7 @@ import re
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, cast
+from typing import Literal
 
 from evidence._algorithms import HASH_ALG_IDS, HASH_ALGS
 from evidence.errors import (
@@ -293,8 +293,8 @@ class _Columns:
     ``general`` holds the entries the fast parser left to the general one (template ``ima``, a
     signed ``ima-sig``, an unsupported template …); their column items are filled from them so
     the bulk checks hold, and ``inputs``/``dfields``/``names`` are ``b""`` for an unsupported
-    template. ``sizes`` are the entries' byte sizes less the 28 bytes every binary entry has
-    (pcr, template hash, two lengths), None for ASCII (one entry per line).
+    template. ``sizes`` are the binary entries' sizes less ``32 + len(template name)`` (pcr,
+    template hash, two lengths, the name), None for ASCII (one entry per line).
     """
 
     pcrs: Sequence[int]
@@ -306,10 +306,15 @@ class _Columns:
     general: Mapping[int, ImaEntry]
     sizes: Sequence[int] | None
 
+    def size(self) -> int:
+        """The bytes the entries take (binary)."""
+        assert self.sizes is not None
+        return 32 * len(self.sizes) + sum(map(len, self.templates)) + sum(self.sizes)
+
     def location(self, index: int) -> int:
         if self.sizes is None:
             return index + 1
-        return 28 * index + sum(self.sizes[:index])
+        return 32 * index + sum(map(len, self.templates[:index])) + sum(self.sizes[:index])
 
     def entry(self, index: int, location: int | None = None) -> ImaEntry:
         e = self.general.get(index)
@@ -326,7 +331,8 @@ class _Columns:
         if self.sizes is None:
             locations: Iterable[int] = range(1, len(self.pcrs) + 1)
         else:
-            locations = itertools.accumulate((28 + s for s in self.sizes), initial=0)
+            sizes = map(operator.add, map(len, self.templates), self.sizes)
+            locations = itertools.accumulate((32 + s for s in sizes), initial=0)
         return tuple(map(self.entry, range(len(self.pcrs)), locations))
 
     def prefix(self, n: int) -> _Columns:
@@ -505,25 +511,23 @@ def _parse_binary(data: bytes) -> RawImaList:
 # entry it does not match goes through _parse_binary_entry. Any column check that fails means the
 # general parser would raise: the whole input is then parsed by _parse_binary, so results and
 # errors are those of the general path by construction (tests/unit/test_ima_fastpath.py).
-_FAST_DNG = b"|".join(
-    re.escape(algo.encode()) + b":\\x00.{%d}" % size
-    for algo, size in sorted(_FILE_DIGEST_SIZE.items(), key=lambda item: (-len(item[0]), item[0]))
+_FAST_ALGOS = sorted((a.encode(), n) for a, n in _FILE_DIGEST_SIZE.items())
+# the d-ng length, pinned by the algorithm that follows it; then the d-ng field
+_FAST_DNG_LEN = b"|".join(
+    re.escape(_U32.pack(len(a) + 2 + n)) + b"(?=" + re.escape(a) + b":\x00)" for a, n in _FAST_ALGOS
 )
+_FAST_DNG = b"|".join(re.escape(a) + b":\x00.{%d}" % n for a, n in _FAST_ALGOS)
 _FAST_BINARY = re.compile(
     rb"([\x00-\x17])\x00\x00\x00"  # 1 pcr 0..23
     rb"(.{20})"  # 2 template hash
-    rb"(\x06\x00\x00\x00ima-ng|\x07\x00\x00\x00ima-(?:sig|buf)())"  # 3 template, 4 three fields
-    rb"(.{4})"  # 5 template data length
-    rb"((.{4})(" + _FAST_DNG + rb")"  # 6 template data: 7 d-ng length, 8 d-ng
-    rb"(.{4})([^\x00\n]*\x00)"  # 9 n-ng length, 10 n-ng (NUL-terminated, no NUL or newline)
-    rb"(?(4)\x00\x00\x00\x00))",  # an empty sig/buf field
+    rb"(?:\x06\x00\x00\x00ima-ng|\x07\x00\x00\x00ima-(sig|buf))"  # 3 b"" for ima-ng
+    rb"(.{4})"  # 4 template data length
+    rb"((?:" + _FAST_DNG_LEN + rb")(" + _FAST_DNG + rb")"  # 5 template data, 6 d-ng
+    rb"(.{4})([^\x00\n]*\x00)"  # 7 n-ng length, 8 n-ng (NUL-terminated, no NUL or newline)
+    rb"(?(3)\x00\x00\x00\x00))",  # an empty sig/buf field
     re.DOTALL,
 )
-_FAST_TEMPLATES = {
-    b"\x06\x00\x00\x00ima-ng": "ima-ng",
-    b"\x07\x00\x00\x00ima-sig": "ima-sig",
-    b"\x07\x00\x00\x00ima-buf": "ima-buf",
-}
+_FAST_TEMPLATES = {b"": "ima-ng", b"sig": "ima-sig", b"buf": "ima-buf"}
 _Row = tuple[bytes, ...]
 
 
@@ -533,15 +537,14 @@ def _general_row(e: ImaEntry) -> _Row:
         hi, d, n = e.hash_input, e.fields[0], e.fields[1]
     else:
         hi = d = n = b""
-    return (bytes([e.pcr]), e.template_hash, b"", b"", _U32.pack(len(hi)), hi,
-            _U32.pack(len(d)), d, _U32.pack(len(n)), n)  # fmt: skip
+    return (bytes([e.pcr]), e.template_hash, b"", _U32.pack(len(hi)), hi, d, _U32.pack(len(n)), n)
 
 
 def _parse_binary_fast(data: bytes) -> RawImaList:
     """:func:`_parse_binary` with the same result and errors, column-wise (see above)."""
     rows: list[_Row] = _FAST_BINARY.findall(data)
     columns = _fast_columns(rows, {}, {})
-    if columns is not None and 28 * len(rows) + sum(columns.sizes or ()) == len(data):
+    if columns is not None and columns.size() == len(data):
         return RawImaList._of_columns("binary", columns)  # matches tile the input: all common
     # runs of common entries, and the others one by one
     rows = []
@@ -564,7 +567,7 @@ def _parse_binary_fast(data: bytes) -> RawImaList:
         except ParseError:  # the general parser may stop earlier, at an entry of a run
             return _parse_binary(data)
         general[len(rows)] = entry
-        general_sizes[len(rows)] = nxt - pos - 28
+        general_sizes[len(rows)] = nxt - pos - 32 - len(entry.template_name)
         rows.append(_general_row(entry))
         pos = nxt
     columns = _fast_columns(rows, general, general_sizes)
@@ -581,12 +584,11 @@ def _fast_columns(
     """Columns of the rows, or None when a length or a violation digest is not right."""
     if not rows:
         return _Columns((), (), (), (), (), (), general, ())
-    pcr_b, hashes, tnames, _, td_lens, tds, d_lens, ds, n_lens, ns = zip(*rows, strict=True)
+    pcr_b, hashes, kinds, td_lens, tds, ds, n_lens, ns = zip(*rows, strict=True)
     pack = struct.Struct(f"<{len(rows)}I").pack
     td_sizes = list(map(len, tds))
     if (
         b"".join(td_lens) != pack(*td_sizes)
-        or b"".join(d_lens) != pack(*map(len, ds))
         or b"".join(n_lens) != pack(*map(len, ns))
         or max(td_sizes) > _MAX_TEMPLATE_DATA
     ):
@@ -597,20 +599,19 @@ def _fast_columns(
                 digest = ds[i].partition(b":\0")[2]
                 if digest.count(0) != len(digest):
                     return None
-    templates: list[str | None] = list(map(_FAST_TEMPLATES.get, tnames))
-    sizes = list(map(operator.add, map(len, tnames), td_sizes))
+    templates = list(map(_FAST_TEMPLATES.__getitem__, kinds))
     for i, e in general.items():
         templates[i] = e.template_name
-        sizes[i] = general_sizes[i]
+        td_sizes[i] = general_sizes[i]
     return _Columns(
         pcrs=list(map(ord, pcr_b)),
         hashes=hashes,
-        templates=cast("list[str]", templates),  # every None was replaced above
+        templates=templates,
         inputs=tds,
         dfields=ds,
         names=ns,
         general=general,
-        sizes=sizes,
+        sizes=td_sizes,
     )
 
 
