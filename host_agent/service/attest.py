@@ -215,10 +215,21 @@ class BindingSource(Protocol):
     """The enrollment side (:class:`host_agent.service.enroll.EnrollmentService`)."""
 
     def active_binding(self, vm_uuid: uuid.UUID) -> ActiveBinding:
-        """The binding to attest with now.
+        """The binding to attest with now (the store's record, and the VM's bridge confirms the
+        vTPM has not been reset since).
 
         Raises:
             AttestRefused: none (``attest.not_enrolled``) or not now (``attest.reauth_required``).
+        """
+        ...
+
+    def stored_binding(self, vm_uuid: uuid.UUID) -> ActiveBinding:
+        """The binding as the store holds it, without asking the bridge: enough to start the
+        TPM's work, never enough to sign (:meth:`active_binding` must confirm it after the vPCRs
+        were read).
+
+        Raises:
+            AttestRefused: as :meth:`active_binding`, for what the store alone shows.
         """
         ...
 
@@ -281,40 +292,45 @@ class Attestor:
         """
         if not isinstance(nonce, bytes) or not 16 <= len(nonce) <= 64:
             raise ValueError("nonce must be 16..64 bytes")
-        binding = self.bindings.active_binding(vm_uuid)
+        # The store's record is enough to start: the certifications sign nothing the VM said.
+        binding = self.bindings.stored_binding(vm_uuid)
+        approval = self.approval()
 
-        # The bridge's work (read the vPCRs, then check the binding again: a reboot between the
-        # first check and the read would have the new boot's vPCRs signed under the old
-        # binding) overlaps the two certifications on the TPM thread.
-        def read_and_recheck() -> dict[int, bytes]:
-            values = self.pcrs.read_pcrs(str(vm_uuid), "sha256", self.pcr_timeout)
+        # The bridge's work overlaps the two certifications on the TPM: read the vPCRs, then
+        # confirm the binding with the bridge's counters (a reset before or during the read
+        # shows there, the counters only grow), so the vPCRs of another boot are never signed.
+        def read_and_confirm() -> bytes:
+            try:
+                values = self.pcrs.read_pcrs(str(vm_uuid), "sha256", self.pcr_timeout)
+            except VtpmError as err:
+                self.bindings.active_binding(vm_uuid)  # the precise refusal, if there is one
+                raise AttestRefused(
+                    f"cannot read the vPCRs of VM {vm_uuid} through its bridge: {err}",
+                    "attest.vpcrs_unavailable",
+                ) from err
             if self.bindings.active_binding(vm_uuid).generation != binding.generation:
                 raise AttestRefused(f"VM {vm_uuid} was enrolled again meanwhile", "attest.retry")
-            return values
+            return encode_attestation_message(AttestationMessage(vm_uuid, nonce, SHA256, values))
 
-        pcr_future = self._pool.submit(read_and_recheck)
+        message = self._pool.submit(read_and_confirm)
         qualifying = hashlib.sha256(binding.cert_user + nonce).digest()
-        cert_authkey = self.tpm.certify("authkey", "aik", qualifying)
-        cert_vaik = self.tpm.certify(binding.vaik, "authkey", qualifying)
         try:
-            vpcrs = pcr_future.result(self.pcr_timeout + 5)
-        except AttestRefused:
-            raise
-        except VtpmError as err:
-            raise AttestRefused(
-                f"cannot read the vPCRs of VM {vm_uuid} through its bridge: {err}",
-                "attest.vpcrs_unavailable",
-            ) from err
+            done = self.tpm.attest(
+                binding.vaik, qualifying, message, approval, message_timeout=self.pcr_timeout + 5
+            )
         except TimeoutError as err:
             raise AttestRefused(
                 f"the bridge of VM {vm_uuid} did not answer", "attest.vpcrs_unavailable"
             ) from err
-        message = encode_attestation_message(AttestationMessage(vm_uuid, nonce, SHA256, vpcrs))
-        signature = self.tpm.sign(binding.vaik, message, self.approval())
+        finally:
+            if not message.done():
+                message.cancel()
+        cert_authkey, cert_vaik = done.cert_authkey, done.cert_vaik
+        message_bytes, signature = done.message, done.signature
         return {
             "vm_uuid": _b64(vm_uuid.bytes),
             "cert_user": _b64(binding.cert_user),
-            "attestation": {"message": _b64(message), "signature": _b64(signature)},
+            "attestation": {"message": _b64(message_bytes), "signature": _b64(signature)},
             "vaik": {
                 "public": _b64(binding.vaik.public),
                 "certification": {

@@ -605,6 +605,18 @@ class EnrollmentService:
                 self._update_binding(vm_uuid, boot=now.to_json())
             return binding
 
+    def stored_binding(self, vm_uuid: uuid.UUID) -> ActiveBinding:
+        """The binding as the store holds it, no bridge round trip (``attest.BindingSource``):
+        the attestation starts the TPM's certifications with it and confirms it with
+        :meth:`active_binding` after reading the vPCRs, before anything is signed.
+
+        Raises:
+            AttestRefused: ``attest.not_enrolled``, ``attest.reauth_required`` (already
+                recorded), ``attest.vaik_migrating``.
+        """
+        with self._vm_lock(vm_uuid):
+            return self._load(vm_uuid)[0]
+
     def check_boots(self) -> list[uuid.UUID]:
         """Deactivate the bindings of running VMs reset since enrollment; returns those VMs."""
         reset = []

@@ -20,6 +20,7 @@ from .errors import (
 from .port import (
     AUTHKEY_PCRS,
     VAIK_POLICY_REF,
+    Attestation,
     Certification,
     DuplicationBlob,
     HostKeyReport,
@@ -32,6 +33,7 @@ from .port import (
 __all__ = [
     "AUTHKEY_PCRS",
     "VAIK_POLICY_REF",
+    "Attestation",
     "Certification",
     "DuplicationBlob",
     "HostKeyReport",

@@ -64,11 +64,14 @@ ExgKey; the imported key keeps its public area (same Name) and is stored wrapped
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -83,6 +86,7 @@ from tpm2_pytss.constants import (
     TPM2_CAP,
     TPM2_HC,
     TPM2_NT,
+    TPM2_PT_HR,
     TPM2_PT_NV,
     TPM2_SE,
     TPMA_NV,
@@ -101,7 +105,6 @@ from tpm2_pytss.types import (
     TPM2B_SENSITIVE_DATA,
     TPMS_NV_PUBLIC,
     TPMS_SENSITIVE_CREATE,
-    TPMT_SIG_SCHEME,
     TPMT_SIGNATURE,
     TPMT_SYM_DEF,
     TPMT_TK_HASHCHECK,
@@ -112,7 +115,9 @@ from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 from evidence import tpm2_policy as pure
 from evidence.tpm2_policy import PolicyApproval
 
+from . import _raw as raw
 from . import ek, keys, policies
+from ._raw import RawTpm, RawTpmError, RawTpmRc
 from ._wire import (
     SealedBlob,
     private_from_bytes,
@@ -132,6 +137,7 @@ from .keyfile import HostKeyFile
 from .port import (
     AUTHKEY_PCRS,
     VAIK_POLICY_REF,
+    Attestation,
     Certification,
     DuplicationBlob,
     HostKeyReport,
@@ -140,7 +146,7 @@ from .port import (
     WrappedKey,
 )
 
-__all__ = ["HostKeysMissing", "PytssHostTpm"]
+__all__ = ["Attestation", "Connection", "HostKeysMissing", "PytssHostTpm"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -150,10 +156,32 @@ _TPM_GENERATED_VALUE = b"\xffTCG"
 _MAX_HASH_BUFFER = 1024
 _MAX_SEAL = 128
 _RC_OBJECT_MEMORY = 0x902
+_RC_TCTI_IO_ERROR = 0x000A000A
+_DEFAULT_OBJECT_SLOTS = 3  # swtpm's; the TPM's TPM_PT_HR_TRANSIENT_MIN replaces it at connect
+_MAX_SAVED_CONTEXTS = 1024
+_MAX_TICKETS = 64
+
+Connection = Literal["persistent", "shared", "per-call"]
 
 
 def _rc_text(err: TSS2_Exception) -> str:
     return str(err)
+
+
+def _is_stale_handle(rc: int) -> bool:
+    """TPM_RC_REFERENCE_H0..S6, or TPM_RC_HANDLE on a handle: a handle we hold is not loaded
+    (the TPM restarted under us, or someone flushed it)."""
+    if rc >> 16:
+        return False
+    fmt1_handle = (rc & 0xC0) == 0x80 and (rc & 0x3F) == 0x0B  # TPM_RC_HANDLE, P clear
+    return 0x910 <= (rc & 0xFFF) <= 0x91E or fmt1_handle
+
+
+def _is_link_error(rc: int) -> bool:
+    """A TSS return code that means the connection to the TPM broke (not a TPM refusal):
+    an I/O error or no connection, reported by the TCTI or by ESAPI on its behalf."""
+    layer, base = (rc >> 16) & 0xFF, rc & 0xFFFF
+    return layer in (0x07, 0x0A) and base in (0x0A, 0x0F)  # IO_ERROR, NO_CONNECTION
 
 
 class PytssHostTpm:
@@ -176,10 +204,14 @@ class PytssHostTpm:
         *,
         root: Literal["hardware", "software"] = "hardware",
         on_close: Callable[[], None] | None = None,
-        connection: Literal["persistent", "per-call"] = "persistent",
+        connection: Connection = "persistent",
+        lease_poll: float = 0.02,
     ) -> None:
-        if connection not in ("persistent", "per-call"):
-            raise ValueError(f"connection must be 'persistent' or 'per-call', got {connection!r}")
+        if connection not in ("persistent", "shared", "per-call"):
+            raise ValueError(
+                f"connection must be 'persistent', 'shared' or 'per-call', got {connection!r}"
+            )
+        self._mode: Connection = connection
         self._per_call = connection == "per-call"
         self._tcti = tcti
         self._keyfile = HostKeyFile(Path(key_dir))
@@ -193,11 +225,31 @@ class PytssHostTpm:
         self._branch_cache: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
         self._srk_tr: ESYS_TR | None = None
         self._nv_trs: dict[int, ESYS_TR] = {}
+        # hot path (attest/certify/sign): what stays in the TPM between calls, see _quiesce
+        self._capacity = _DEFAULT_OBJECT_SLOTS
+        self._raw: RawTpm | None = None
+        self._resident: OrderedDict[bytes, int] = OrderedDict()  # key → TPM handle
+        self._saved: OrderedDict[bytes, bytes] = OrderedDict()  # key → TPMS_CONTEXT
+        self._sessions: dict[str, int] = {}  # hot policy sessions, TPM handles
+        self._tickets: OrderedDict[tuple[bytes, ...], bytes] = OrderedDict()  # TPMT_TK_VERIFIED
+        self._host_keys: tuple[tuple[int, int, int], dict[str, WrappedKey]] | None = None
+        # shared mode: the lease on <key_dir>/tpm.lock and the thread that gives it up
+        self._lease_fd: int | None = None
+        self._yielded = False
+        self._lease_poll = lease_poll
+        self._lease_wake = threading.Event()
+        self._lease_watch: threading.Thread | None = None
+        self._stats = {"reconnects": 0, "lease_yields": 0, "loads": 0, "context_loads": 0}
         try:
             self._call(lambda: None)  # connects (and, per call, disconnects): fails early
         except BaseException:
             self._executor.shutdown(wait=True)
             raise
+        if connection == "shared":
+            self._lease_watch = threading.Thread(
+                target=self._watch_lease, name="host-tpm-lease", daemon=True
+            )
+            self._lease_watch.start()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -209,26 +261,98 @@ class PytssHostTpm:
     def tcti(self) -> str:
         return self._tcti
 
-    def _call(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the TPM thread (connecting first if not connected) and wait."""
+    @property
+    def connection(self) -> Connection:
+        return self._mode
+
+    def stats(self) -> dict[str, int]:
+        """Counters of the connection and the object cache (for benchmarks and ``tpm info``)."""
+        return dict(self._stats)
+
+    def _call(self, fn: Callable[[], T], *, hot: bool = False, retry: bool = False) -> T:
+        """Run ``fn`` on the TPM thread (connecting first if not connected) and wait.
+
+        ``hot``: ``fn`` uses the hot-path caches (loaded keys, policy sessions); any other call
+        starts from an empty TPM (:meth:`_quiesce`), as before those caches existed. ``retry``:
+        ``fn`` may run twice (it changes nothing in the TPM): after a broken connection it is
+        run again once on a new one.
+        """
 
         def run() -> T:
-            if not self._per_call:
+            if self._per_call:
+                with self._tpm_lock():
+                    self._open()
+                    try:
+                        return fn()
+                    finally:
+                        self._quiesce()
+                        self._disconnect()
+            for attempt in (1, 2):
+                if self._mode == "shared" and self._lease_fd is None:
+                    self._take_lease()
                 if self._esys is None:
                     self._open()
-                return fn()
-            with self._tpm_lock():
-                self._open()
                 try:
+                    if not hot:
+                        self._quiesce()
                     return fn()
+                except TpmCommandError as err:
+                    stale = hot and _is_stale_handle(err.rc)
+                    if not (_is_link_error(err.rc) or stale):
+                        raise
+                    log.warning(
+                        "host TPM %s (%s): reconnecting",
+                        "lost what we had loaded" if stale else "connection lost",
+                        err,
+                    )
+                    self._stats["reconnects"] += 1
+                    self._drop_connection()
+                    if not retry or attempt == 2:
+                        raise
                 finally:
-                    self._disconnect()
+                    if self._lease_fd is not None and self._others_waiting():
+                        self._give_up_lease()
+            raise AssertionError("unreachable")
 
         with self._lock:
             if self._closed:
                 raise ValueError("the host TPM is closed")
             future = self._executor.submit(run)
         return future.result()
+
+    def _lock_paths(self) -> tuple[Path, Path]:
+        d = self._keyfile.path.parent
+        return d / "tpm.lock", d / "tpm.waiting"
+
+    def _open_lock_file(self, path: Path) -> int:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as err:
+            raise TpmError(f"cannot open the TPM lock {path}: {err}") from err
+
+    def _acquire_tpm_lock(self) -> int:
+        """Take ``tpm.lock`` exclusively; returns its fd (closing it releases the lock).
+
+        A process waiting for the lock holds ``tpm.waiting`` shared meanwhile, so a process in
+        ``shared`` mode, which keeps the lock between calls, sees it and gives the lock up.
+        """
+        lock_path, waiting_path = self._lock_paths()
+        waiting = self._open_lock_file(waiting_path)
+        try:
+            if self._yielded:  # we just gave way: let the waiters in first
+                fcntl.flock(waiting, fcntl.LOCK_EX)
+                self._yielded = False
+            fcntl.flock(waiting, fcntl.LOCK_SH)
+            fd = self._open_lock_file(lock_path)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        finally:
+            os.close(waiting)
 
     @contextmanager
     def _tpm_lock(self) -> Iterator[None]:
@@ -238,25 +362,103 @@ class PytssHostTpm:
         one process's loads would eat another's object slots: a per-call connection holds an
         ``flock`` on ``<key_dir>/tpm.lock`` for the whole call.
         """
-        path = self._keyfile.path.parent / "tpm.lock"
+        fd = self._acquire_tpm_lock()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as err:
-            raise TpmError(f"cannot open the TPM lock {path}: {err}") from err
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    def _take_lease(self) -> None:
+        """Shared mode: take ``tpm.lock`` and keep it across calls; clean up what another
+        process may have left in the TPM meanwhile."""
+        self._lease_fd = self._acquire_tpm_lock()
+        self._lease_wake.set()
+        if self._esys is not None:
+            try:
+                self._flush_leftovers()
+            except TpmCommandError as err:
+                if not _is_link_error(err.rc):
+                    raise
+                self._drop_connection()
+
+    def _give_up_lease(self) -> None:
+        """Empty our part of the TPM and release ``tpm.lock`` (the connection stays open:
+        swtpm serves several, and we send nothing without the lease)."""
+        if self._lease_fd is None:
+            return
+        try:
+            self._quiesce()
+        finally:
+            os.close(self._lease_fd)
+            self._lease_fd = None
+            self._yielded = True
+            self._stats["lease_yields"] += 1
+
+    def _others_waiting(self) -> bool:
+        """Does another process wait for ``tpm.lock`` (holding ``tpm.waiting`` shared)?"""
+        if self._mode != "shared":
+            return False
+        _, waiting_path = self._lock_paths()
+        try:
+            fd = os.open(waiting_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def _watch_lease(self) -> None:
+        """Shared mode, idle: give the lease up as soon as another process waits for it."""
+        while not self._closed:
+            if self._lease_fd is None:
+                self._lease_wake.wait(1.0)
+                self._lease_wake.clear()
+                continue
+            time.sleep(self._lease_poll)
+            if self._lease_fd is not None and self._others_waiting():
+                with self._lock:
+                    if self._closed:
+                        return
+                    self._executor.submit(self._give_up_lease)
+
+    def _drop_connection(self) -> None:
+        """After a broken connection: forget everything tied to it (the TPM may have restarted)."""
+        self._resident.clear()
+        self._sessions.clear()
+        with suppress(Exception):
+            if self._esys is not None:
+                self._esys.close()
+        self._esys = None
+        self._raw = None
+        self._srk_tr = None
+        self._nv_trs.clear()
 
     def _disconnect(self) -> None:
         """Close the ESAPI context; ESYS_TRs cached for it die with it."""
         if self._esys is not None:
             self._esys.close()
             self._esys = None
+        self._raw = None
         self._srk_tr = None
         self._nv_trs.clear()
+        self._resident.clear()
+        self._sessions.clear()
+
+    def _quiesce(self) -> None:
+        """Flush the hot path's loaded keys and policy sessions (their saved contexts and the
+        approval tickets stay cached): the TPM holds nothing of ours after this."""
+        handles = list(self._resident.values()) + list(self._sessions.values())
+        self._resident.clear()
+        self._sessions.clear()
+        if self._raw is None:
+            return
+        for h in handles:
+            with suppress(RawTpmError, RawTpmRc):
+                self._raw.flush(h)
 
     def _x(self, command: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one ESAPI call; wrap a TSS2_Exception once, naming the TPM command."""
@@ -278,7 +480,28 @@ class PytssHostTpm:
         except TSS2_Exception as err:
             hint = f"{err}; check tpm.tcti / --tcti / VTPM_TPM_TCTI, or unset it for discovery"
             raise TpmCommandError(int(err.rc), f"connect to TPM via {self._tcti}", hint) from err
+        self._resident.clear()
+        self._sessions.clear()
+        self._raw = RawTpm(self._esys.tcti)
         self._flush_leftovers()
+        self._capacity = self._object_slots()
+
+    def _object_slots(self) -> int:
+        """Transient object slots the TPM guarantees (TPM_PT_HR_TRANSIENT_MIN, at least 3)."""
+        try:
+            _, data = self._x(
+                "TPM2_GetCapability",
+                self._e.get_capability,
+                TPM2_CAP.TPM_PROPERTIES,
+                TPM2_PT_HR.TRANSIENT_MIN,
+                1,
+            )
+        except TpmCommandError:
+            return _DEFAULT_OBJECT_SLOTS
+        for prop in data.data.tpmProperties:
+            if int(prop.property) == int(TPM2_PT_HR.TRANSIENT_MIN):
+                return max(_DEFAULT_OBJECT_SLOTS, min(int(prop.value), 16))
+        return _DEFAULT_OBJECT_SLOTS
 
     def _handles(self, first: int) -> list[int]:
         """Handles of one type (TPM_CAP_HANDLES from ``first``); loaded sessions are reported
@@ -321,8 +544,20 @@ class PytssHostTpm:
                 return
             self._closed = True
 
-            self._executor.submit(self._disconnect).result()
+            def shut() -> None:
+                try:
+                    self._quiesce()
+                    self._disconnect()
+                finally:
+                    if self._lease_fd is not None:
+                        os.close(self._lease_fd)
+                        self._lease_fd = None
+
+            self._executor.submit(shut).result()
+        self._lease_wake.set()
         self._executor.shutdown(wait=True)
+        if self._lease_watch is not None:
+            self._lease_watch.join(5)
         if self._on_close is not None:
             self._on_close()
 
@@ -456,7 +691,7 @@ class PytssHostTpm:
 
     def pcr_values(self, pcrs: Sequence[int] = AUTHKEY_PCRS) -> dict[int, bytes]:
         """Current sha256 PCR values."""
-        return self._call(lambda: self._read_pcrs(pcrs))
+        return self._call(lambda: self._read_pcrs(pcrs), hot=True, retry=True)
 
     def _current_pcr_policy(self, *, locality: bool) -> KeyPolicy:
         values = self._read_pcrs(AUTHKEY_PCRS)
@@ -566,7 +801,7 @@ class PytssHostTpm:
 
     def counter_read(self, index: int) -> int:
         self._check_index(index)
-        return self._call(lambda: self._counter_value(index))
+        return self._call(lambda: self._counter_value(index), hot=True, retry=True)
 
     def counter_increment(self, index: int) -> int:
         self._check_index(index)
@@ -696,8 +931,21 @@ class PytssHostTpm:
 
     # ------------------------------------------------------------------ host keys
 
+    def _host_key_map(self) -> dict[str, WrappedKey]:
+        """The host key file, parsed again only when it changed on disk (``init`` in another
+        process may have written it)."""
+        try:
+            st = self._keyfile.path.stat()
+        except OSError:
+            self._host_keys = None
+            return self._keyfile.read()  # {} when missing; a clear TpmError otherwise
+        sig = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._host_keys is None or self._host_keys[0] != sig:
+            self._host_keys = (sig, self._keyfile.read())
+        return dict(self._host_keys[1])
+
     def _host_key(self, kind: str) -> WrappedKey:
-        key = self._keyfile.read().get(kind)
+        key = self._host_key_map().get(kind)
         if key is None:
             raise HostKeysMissing(
                 f"no {_KEY_LABEL[kind]} in {self._keyfile.path}: run `vtpm-host init` first"
@@ -768,16 +1016,18 @@ class PytssHostTpm:
         return self._call(run)
 
     def host_key_public(self, key: Literal["aik", "authkey"]) -> bytes:
-        return self._call(lambda: self._host_key(key).public)
+        return self._call(lambda: self._host_key(key).public, hot=True, retry=True)
 
     def aik_public(self) -> bytes:
         return self.host_key_public("aik")
 
     def aik_name(self) -> bytes:
-        return self._call(lambda: self._host_key("aik").name)
+        return self._call(lambda: self._host_key("aik").name, hot=True, retry=True)
 
     def authkey_policy(self) -> bytes:
-        return self._call(lambda: self._pure_pcr_policy(self._host_key("authkey").policy))
+        return self._call(
+            lambda: self._pure_pcr_policy(self._host_key("authkey").policy), hot=True, retry=True
+        )
 
     def platform_state_approved(self) -> bool:
         """Whether PCR0-8 now hold the values AuthKey was bound to (i.e. AuthKey is usable)."""
@@ -788,7 +1038,7 @@ class PytssHostTpm:
             current = pure.pcr_composite_digest([values[i] for i in sorted(policy.pcrs)])
             return current == policy.pcr_digest
 
-        return self._call(run)
+        return self._call(run, hot=True, retry=True)
 
     # ------------------------------------------------------------------ per-VM keys
 
@@ -817,7 +1067,7 @@ class PytssHostTpm:
         """Create an ExgKey (import parent for migration), bound to PCR0-8 like AuthKey."""
 
         def run() -> WrappedKey:
-            authkey = self._keyfile.read().get("authkey")
+            authkey = self._host_key_map().get("authkey")
             locality = authkey is not None and authkey.policy.locality is not None
             policy = self._current_pcr_policy(locality=locality)
             pub, priv = self._create(keys.exgkey_template(self._trial_pcr_policy(policy)))
@@ -841,23 +1091,9 @@ class PytssHostTpm:
             o, s = self._resolve(obj), self._resolve(signer)
             if s.kind not in ("aik", "authkey"):
                 raise ValueError(f"certify: the signer must be the AIK or AuthKey, not {s.kind}")
-            sh = self._load(s)
-            with self._loaded(sh):
-                oh = self._load(o)
-                with self._loaded(oh), self._user_auth(s) as auth:
-                    attest, sig = self._x(
-                        "TPM2_Certify",
-                        self._e.certify,
-                        oh,
-                        sh,
-                        TPM2B_DATA(qualifying_data),
-                        TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
-                        session1=ESYS_TR.PASSWORD,
-                        session2=auth,
-                    )
-            return Certification(bytes(attest), sig.marshal())
+            return self._certify_hot(o, s, qualifying_data)
 
-        return self._call(run)
+        return self._call(run, hot=True, retry=True)
 
     def approved_sign_policy(self, pcr_values: Mapping[int, bytes] | None = None) -> bytes:
         """The policy digest a fleet approval for vAIK signing covers.
@@ -873,7 +1109,7 @@ class PytssHostTpm:
                 "TPM2_PolicyPCR", policies.approved_sign_policy, self._e, AUTHKEY_PCRS, digest
             )
 
-        return self._call(run)
+        return self._call(run, hot=True, retry=True)
 
     def _hash(self, message: bytes) -> tuple[TPM2B_DIGEST, TPMT_TK_HASHCHECK]:
         if len(message) <= _MAX_HASH_BUFFER:
@@ -899,6 +1135,28 @@ class PytssHostTpm:
                 with suppress(TSS2_Exception):
                     self._e.flush_context(seq)
 
+    @staticmethod
+    def _check_message(message: object) -> bytes:
+        if not isinstance(message, bytes):
+            raise TypeError("sign() takes bytes")
+        if message[:4] == _TPM_GENERATED_VALUE:
+            raise ValueError(
+                "refusing to sign a message starting with TPM_GENERATED_VALUE (0xff544347): "
+                "a restricted key must never sign what could pass for a TPM-generated structure"
+            )
+        return message
+
+    @staticmethod
+    def _check_vaik(key: WrappedKey, approval: PolicyApproval, what: str = "sign()") -> None:
+        if not isinstance(key, WrappedKey) or key.kind != "vaik" or key.policy.fleet_key is None:
+            kind = key.kind if isinstance(key, WrappedKey) else type(key).__name__
+            raise ValueError(f"{what} needs a vAIK, got a {kind}")
+        if approval.policy_ref != key.policy.policy_ref:
+            raise PolicyNotApproved(
+                f"approval is for policyRef {approval.policy_ref.hex()}, this vAIK needs "
+                f"{key.policy.policy_ref.hex()}"
+            )
+
     def sign(self, key: WrappedKey, message: bytes, approval: PolicyApproval) -> bytes:
         """TPM2_Hash (ticket) + TPM2_Sign by a vAIK, authorized by a fleet approval.
 
@@ -908,62 +1166,282 @@ class PytssHostTpm:
             PolicyNotApproved: the approval is for another policyRef or does not verify.
             PlatformStateNotApproved: this host's PCR0-8 are not the approved state.
         """
-        if not isinstance(message, bytes):
-            raise TypeError("sign() takes bytes")
-        if message[:4] == _TPM_GENERATED_VALUE:
-            raise ValueError(
-                "refusing to sign a message starting with TPM_GENERATED_VALUE (0xff544347): "
-                "a restricted key must never sign what could pass for a TPM-generated structure"
-            )
-        if key.kind != "vaik" or key.policy.fleet_key_name is None:
-            raise ValueError(f"sign() needs a vAIK, got a {key.kind}")
-        if approval.policy_ref != key.policy.policy_ref:
-            raise PolicyNotApproved(
-                f"approval is for policyRef {approval.policy_ref.hex()}, this vAIK needs "
-                f"{key.policy.policy_ref.hex()}"
-            )
-        policy = key.policy
-        assert policy.fleet_key_name is not None
-        fleet_name = policy.fleet_key_name
+        self._check_message(message)
+        self._check_vaik(key, approval)
+        return self._call(lambda: self._sign_hot(key, message, approval), hot=True, retry=True)
 
-        def run() -> bytes:
-            ticket = self._approval_ticket(approval, policy)
-            digest, hash_ticket = self._hash(message)
-            branches = self._vaik_branches(fleet_name, policy.policy_ref)
-            h = self._load(key)
-            with self._loaded(h), self._session() as s:
-                reached = self._x(
-                    "TPM2_PolicyAuthorize",
-                    policies.apply_vaik_sign,
-                    self._e,
+    def attest(
+        self,
+        key: WrappedKey,
+        qualifying_data: bytes,
+        message: bytes | Future[bytes],
+        approval: PolicyApproval,
+        *,
+        message_timeout: float | None = None,
+    ) -> Attestation:
+        """One attestation in one call: CertAuthKey (AuthKey by AIK) and CertvAIK (``key`` by
+        AuthKey) over ``qualifying_data``, then ``key`` signs ``message``.
+
+        ``message`` may be a future (the vPCRs are still being read): the certifications do not
+        need it, so they run first; if it is ready then, the signature follows in the same TPM
+        job, otherwise the TPM serves other callers until it is, and the signature is a second
+        job. Its exception, if it fails, is raised here and nothing is signed.
+
+        Raises:
+            as :meth:`certify` and :meth:`sign`; whatever the message future raises;
+            ``TimeoutError`` when it is not ready within ``message_timeout``.
+        """
+        if not isinstance(qualifying_data, bytes) or len(qualifying_data) > 64:
+            raise ValueError("qualifying_data must be bytes of at most 64")
+        self._check_vaik(key, approval, "attest()")
+        if not isinstance(message, Future):
+            self._check_message(message)
+
+        def first() -> tuple[Certification, Certification, bytes | None, bytes | None]:
+            aik, authkey = self._host_key("aik"), self._host_key("authkey")
+            cert_authkey = self._certify_hot(authkey, aik, qualifying_data)
+            cert_vaik = self._certify_hot(key, authkey, qualifying_data)
+            if isinstance(message, Future):
+                if not message.done():
+                    return cert_authkey, cert_vaik, None, None
+                ready = self._check_message(message.result())
+            else:
+                ready = message
+            return cert_authkey, cert_vaik, ready, self._sign_hot(key, ready, approval)
+
+        cert_authkey, cert_vaik, signed, signature = self._call(first, hot=True, retry=True)
+        if signature is None:
+            assert isinstance(message, Future)
+            signed = self._check_message(message.result(message_timeout))
+            signature = self._call(
+                lambda: self._sign_hot(key, signed, approval), hot=True, retry=True
+            )
+        assert signed is not None
+        return Attestation(cert_authkey, cert_vaik, signed, signature)
+
+    # ------------------------------------------------------------------ hot path
+
+    @staticmethod
+    def _cache_key(key: WrappedKey) -> bytes:
+        """Identity of a wrapped key with its parent chain (what is loaded is exactly this)."""
+        h = hashlib.sha256()
+        k: WrappedKey | None = key
+        while k is not None:
+            for part in (k.public, k.private):
+                h.update(len(part).to_bytes(4, "big") + part)
+            k = k.parent
+        return h.digest()
+
+    @property
+    def _rt(self) -> RawTpm:
+        assert self._raw is not None
+        return self._raw
+
+    def _r(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run one raw command (:mod:`._raw`); errors become this port's errors."""
+        try:
+            return fn(*args)
+        except RawTpmRc as err:
+            cls = TpmObjectMemoryFull if (err.rc & 0xFFF) == _RC_OBJECT_MEMORY else TpmCommandError
+            raise cls(err.rc, err.command) from err
+        except RawTpmError as err:
+            if err.link:
+                raise TpmCommandError(_RC_TCTI_IO_ERROR, err.command, str(err)) from err
+            raise TpmError(f"the TPM's answer to {err.command} is malformed: {err}") from err
+
+    def _make_room(self, slots: int, pinned: Sequence[bytes]) -> None:
+        """Flush least recently used keys (never ``pinned`` ones) until ``slots`` are free."""
+        while len(self._resident) + slots > self._capacity:
+            victim = next((k for k in self._resident if k not in pinned), None)
+            if victim is None:
+                return  # the TPM will say whether it fits
+            h = self._resident.pop(victim)
+            with suppress(TpmError):
+                self._r(self._rt.flush, h)
+
+    def _use(self, key: WrappedKey, pinned: Sequence[bytes] = ()) -> int:
+        """``key`` loaded (its TPM handle), and kept loaded for later calls (until evicted or
+        quiesced).
+
+        A key loaded once is context-saved: later it comes back with TPM2_ContextLoad (no
+        parent, no unwrapping), which needs one object slot where TPM2_Load under the SRK needs
+        two. A saved context that no longer loads (the TPM restarted) is loaded again.
+        """
+        ck = self._cache_key(key)
+        h = self._resident.get(ck)
+        if h is not None:
+            self._resident.move_to_end(ck)
+            return h
+        ctx = self._saved.get(ck)
+        if ctx is not None:
+            self._make_room(1, pinned)
+            try:
+                h = self._r(self._rt.context_load, ctx)
+                self._stats["context_loads"] += 1
+                self._saved.move_to_end(ck)
+            except TpmObjectMemoryFull:
+                raise
+            except TpmCommandError as err:
+                if _is_link_error(err.rc):
+                    raise
+                self._saved.pop(ck, None)
+        if h is None:
+            h = self._load_and_save(key, ck, pinned)
+        self._resident[ck] = h
+        return h
+
+    def _load_and_save(self, key: WrappedKey, ck: bytes, pinned: Sequence[bytes]) -> int:
+        """First use of a key: TPM2_Load (under the SRK raw; under a PCR-bound parent through
+        ESAPI and its policy), then TPM2_ContextSave for the later uses."""
+        if key.parent is None:
+            self._make_room(2, pinned)  # the SRK takes a slot while TPM2_Load runs
+            self._srk()  # exists (created if missing)
+            private = private_from_bytes(key.private).marshal()
+            h = self._r(self._rt.load, keys.SRK_HANDLE, private, key.public)
+        else:
+            self._make_room(self._capacity, pinned)  # parent, its parent, the key
+            tr = self._load(key)
+            try:
+                h = int(self._x("ESYS_TR_GetTpmHandle", self._e.tr_get_tpm_handle, tr))
+                ctx = self._r(self._rt.context_save, h)
+            finally:
+                with suppress(TSS2_Exception):
+                    self._e.flush_context(tr)
+            h = self._r(self._rt.context_load, ctx)
+        self._stats["loads"] += 1
+        try:
+            self._saved[ck] = self._r(self._rt.context_save, h)
+        except TpmError:
+            with suppress(TpmError):
+                self._r(self._rt.flush, h)
+            raise
+        if len(self._saved) > _MAX_SAVED_CONTEXTS:
+            self._saved.popitem(last=False)
+        return h
+
+    def _hot_session(self, name: str) -> int:
+        """A policy session kept open across commands (continueSession: the TPM resets its
+        digest after each command it authorised)."""
+        s = self._sessions.get(name)
+        if s is None:
+            s = self._r(self._rt.start_policy_session)
+            self._sessions[name] = s
+        return s
+
+    def _drop_session(self, name: str) -> None:
+        """After a failed command: the session may hold half a policy, so it goes."""
+        s = self._sessions.pop(name, None)
+        if s is not None and self._raw is not None:
+            with suppress(TpmError):
+                self._r(self._rt.flush, s)
+
+    def _diagnose_pcr_policy(self, label: str, policy: KeyPolicy) -> None:
+        """After a PCR-bound key's command failed: raise PlatformStateNotApproved when the PCRs
+        moved (else the caller re-raises the TPM's own error)."""
+        if not policy.pcrs:
+            return
+        current = self._read_pcrs(policy.pcrs)
+        got = pure.pcr_composite_digest([current[i] for i in sorted(policy.pcrs)])
+        if got != policy.pcr_digest:
+            raise PlatformStateNotApproved(
+                label, policy.pcr_digest or b"", got, tuple(sorted(policy.pcrs))
+            )
+
+    def _certify_hot(self, obj: WrappedKey, signer: WrappedKey, data: bytes) -> Certification:
+        """TPM2_Certify with both keys kept loaded; a PCR-bound signer's policy (PolicyPCR with
+        the current values [+ PolicyLocality]) runs in a kept session."""
+        signer_key, obj_key = self._cache_key(signer), self._cache_key(obj)
+        self._use(signer, (obj_key,))
+        oh = self._use(obj, (signer_key,))
+        sh = self._use(signer, (obj_key,))  # still loaded (pinned above); refreshes its LRU place
+        policy = signer.policy
+        if not policy.pcrs and policy.locality is None:
+            attest, sig = self._r(self._rt.certify, oh, sh, raw.PASSWORD, data)
+            return Certification(attest, sig)
+        s = self._hot_session(signer.kind)
+        try:
+            if policy.pcrs:
+                self._r(self._rt.policy_pcr, s, policy.pcrs)
+            if policy.locality is not None:
+                self._r(self._rt.policy_locality, s, policy.locality)
+            attest, sig = self._r(self._rt.certify, oh, sh, raw.Session(s), data)
+        except TpmCommandError as err:
+            self._drop_session(signer.kind)
+            if not _is_link_error(err.rc):
+                self._diagnose_pcr_policy(_KEY_LABEL[signer.kind], policy)
+            raise
+        return Certification(attest, sig)
+
+    def _ticket_for(
+        self, approval: PolicyApproval, policy: KeyPolicy
+    ) -> tuple[tuple[bytes, ...], bytes, bool]:
+        """The approval's TPMT_TK_VERIFIED, cached: it stays valid until the owner hierarchy's
+        proof changes (TPM2_Clear). Returns (cache key, ticket, whether it came from cache)."""
+        assert policy.fleet_key is not None
+        tkey = (
+            policy.fleet_key,
+            approval.approved_policy,
+            approval.policy_ref,
+            approval.signature,
+        )
+        ticket = self._tickets.get(tkey)
+        if ticket is not None:
+            self._tickets.move_to_end(tkey)
+            return tkey, ticket, True
+        self._make_room(1, ())
+        ticket = bytes(self._approval_ticket(approval, policy).marshal())
+        self._tickets[tkey] = ticket
+        if len(self._tickets) > _MAX_TICKETS:
+            self._tickets.popitem(last=False)
+        return tkey, ticket, False
+
+    def _sign_hot(self, key: WrappedKey, message: bytes, approval: PolicyApproval) -> bytes:
+        """TPM2_Hash + PolicyPCR/CommandCode(Sign)/PolicyAuthorize(cached ticket)/PolicyOR in a
+        kept session + TPM2_Sign, the vAIK kept loaded."""
+        policy = key.policy
+        fleet_name = policy.fleet_key_name
+        assert fleet_name is not None
+        branches = self._vaik_branches(fleet_name, policy.policy_ref)
+        for attempt in (1, 2):
+            tkey, ticket, cached = self._ticket_for(approval, policy)
+            if len(message) <= _MAX_HASH_BUFFER:
+                digest, hash_ticket = self._r(self._rt.hash, message)
+            else:
+                self._make_room(1, ())  # a hash sequence is an object too
+                d, t = self._hash(message)
+                digest, hash_ticket = bytes(d), bytes(t.marshal())
+            h = self._use(key)
+            s = self._hot_session("vaik")
+            try:
+                self._r(self._rt.policy_pcr, s, AUTHKEY_PCRS)
+                self._r(self._rt.policy_command_code, s, pure.TPM_CC_SIGN)
+                self._r(
+                    self._rt.policy_authorize,
                     s,
-                    AUTHKEY_PCRS,
-                    branches,
                     approval.approved_policy,
                     approval.policy_ref,
                     fleet_name,
                     ticket,
                 )
-                if reached != approval.approved_policy:
-                    current = self._read_pcrs(AUTHKEY_PCRS)
+                self._r(self._rt.policy_or, s, branches)
+                return self._r(self._rt.sign, h, raw.Session(s), digest, hash_ticket)
+            except TpmCommandError as err:
+                self._drop_session("vaik")
+                if _is_link_error(err.rc):
+                    raise
+                current = self._read_pcrs(AUTHKEY_PCRS)
+                values = [current[i] for i in AUTHKEY_PCRS]
+                if pure.vaik_sign_policy(values) != approval.approved_policy:
                     raise PlatformStateNotApproved(
                         "vAIK",
                         approval.approved_policy,
-                        pure.pcr_composite_digest([current[i] for i in AUTHKEY_PCRS]),
+                        pure.pcr_composite_digest(values),
                         AUTHKEY_PCRS,
-                    )
-                sig = self._x(
-                    "TPM2_Sign",
-                    self._e.sign,
-                    h,
-                    digest,
-                    TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
-                    hash_ticket,
-                    session1=s,
-                )
-            return bytes(sig.marshal())
-
-        return self._call(run)
+                    ) from err
+                self._tickets.pop(tkey, None)  # a stale ticket (owner proof changed)?
+                if not cached or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def _vaik_branches(self, fleet_name: bytes, policy_ref: bytes) -> tuple[bytes, bytes]:
         """The vAIK PolicyOR branch digests (trial sessions), cached per fleet key and policyRef."""

@@ -23,7 +23,7 @@ from .errors import TpmNotFound
 from .software_root import SoftwareRoot
 
 if TYPE_CHECKING:
-    from .adapter import PytssHostTpm
+    from .adapter import Connection, PytssHostTpm
 
 __all__ = [
     "SOFTWARE_ROOT_WARNING",
@@ -104,13 +104,21 @@ def discover(config: TpmConfig, *, udev: UdevContext | None = None) -> TpmLocati
     return TpmLocation("software", None, "software-root")
 
 
-def open_host_tpm(config: TpmConfig, *, udev: UdevContext | None = None) -> PytssHostTpm:
+def open_host_tpm(
+    config: TpmConfig,
+    *,
+    udev: UdevContext | None = None,
+    connection: Connection | None = None,
+) -> PytssHostTpm:
     """Discover the TPM and open the port on it (a :class:`PytssHostTpm`).
 
     With the software root, the swtpm is provisioned and started here and stopped again when the
     returned port is closed (unless another agent process already runs it). A simulator (no
-    resource manager) is used with a locked connection per call, so the daemon and a CLI
-    command can share it; a hardware TPM keeps one connection.
+    resource manager) is used in ``shared`` mode: one connection, kept with its loaded keys
+    while this process holds the lease ``<state_dir>/tpm.lock``, given up (keys flushed) as soon
+    as another agent process (daemon or CLI) waits for it, so both can use one swtpm; a
+    hardware TPM keeps one connection (the kernel's resource manager isolates clients).
+    ``connection`` overrides the mode (``per-call``: connect and lock for each call).
     """
     from .adapter import PytssHostTpm
 
@@ -126,7 +134,7 @@ def open_host_tpm(config: TpmConfig, *, udev: UdevContext | None = None) -> Pyts
             location.tcti,
             config.state_dir,
             root=location.root,
-            connection="per-call" if location.root == "software" else "persistent",
+            connection=connection or ("shared" if location.root == "software" else "persistent"),
         )
     log.warning(SOFTWARE_ROOT_WARNING)
     root = SoftwareRoot(config.state_dir / "swtpm")
@@ -137,7 +145,7 @@ def open_host_tpm(config: TpmConfig, *, udev: UdevContext | None = None) -> Pyts
             config.state_dir,
             root="software",
             on_close=root.stop,
-            connection="per-call",
+            connection=connection or "shared",
         )
     except BaseException:
         root.stop()

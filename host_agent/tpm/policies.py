@@ -36,6 +36,7 @@ __all__ = [
     "apply_pcr_policy",
     "apply_vaik_branch_duplicate",
     "apply_vaik_sign",
+    "apply_vaik_sign_approved",
     "approved_sign_policy",
     "pcr_selection",
     "start_session",
@@ -141,6 +142,24 @@ def apply_vaik_sign(
     esys.policy_authorize(session, approved_policy, fleet_key_name, ticket, policy_ref)
     _or(esys, session, branches)
     return reached
+
+
+def apply_vaik_sign_approved(
+    esys: ESAPI,
+    session: ESYS_TR,
+    pcrs: Sequence[int],
+    branches: tuple[bytes, bytes],
+    approved_policy: bytes,
+    policy_ref: bytes,
+    fleet_key_name: bytes,
+    ticket: TPMT_TK_VERIFIED,
+) -> None:
+    """:func:`apply_vaik_sign` without reading the session digest back (one command less): if
+    the platform moved, PolicyAuthorize fails and the caller works out why afterwards."""
+    esys.policy_pcr(session, TPM2B_DIGEST(b""), pcr_selection(pcrs))
+    esys.policy_command_code(session, TPM2_CC.Sign)
+    esys.policy_authorize(session, approved_policy, fleet_key_name, ticket, policy_ref)
+    _or(esys, session, branches)
 
 
 def apply_vaik_branch_duplicate(

@@ -42,6 +42,10 @@ HostTpm API (bytes are TPM 2.0 wire format unless said otherwise)::
     create_exgkey() -> WrappedKey
     certify(obj: KeyRef, signer: KeyRef, qualifying_data: bytes) -> Certification
     sign(key: WrappedKey, message: bytes, approval: PolicyApproval) -> bytes   # TPMT_SIGNATURE
+    attest(vaik: WrappedKey, qualifying_data: bytes, message: bytes | Future[bytes],
+           approval: PolicyApproval, *, message_timeout: float | None = None) -> Attestation
+        # CertAuthKey + CertvAIK over qualifying_data, then the vAIK's signature over message,
+        # in one call (the message may still be in the making while the TPM certifies)
     approved_sign_policy(pcr_values: Mapping[int, bytes] | None = None) -> bytes
     duplicate(key: WrappedKey, new_parent_public: bytes) -> DuplicationBlob
     import_key(blob: DuplicationBlob, parent: WrappedKey) -> WrappedKey
@@ -60,6 +64,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -70,6 +75,7 @@ from .errors import KeyBlobError
 __all__ = [
     "AUTHKEY_PCRS",
     "VAIK_POLICY_REF",
+    "Attestation",
     "Certification",
     "DuplicationBlob",
     "HostKeyReport",
@@ -237,6 +243,17 @@ class Certification:
 
 
 @dataclass(frozen=True)
+class Attestation:
+    """Result of :meth:`HostTpm.attest`: CertAuthKey (AuthKey by AIK), CertvAIK (vAIK by
+    AuthKey), the message the vAIK signed and its marshalled TPMT_SIGNATURE."""
+
+    cert_authkey: Certification
+    cert_vaik: Certification
+    message: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True)
 class DuplicationBlob:
     """TPM2_Duplicate output, everything TPM2_Import on the target needs.
 
@@ -378,6 +395,16 @@ class HostTpm(Protocol):
     def certify(self, obj: KeyRef, signer: KeyRef, qualifying_data: bytes) -> Certification: ...
 
     def sign(self, key: WrappedKey, message: bytes, approval: PolicyApproval) -> bytes: ...
+
+    def attest(
+        self,
+        key: WrappedKey,
+        qualifying_data: bytes,
+        message: bytes | Future[bytes],
+        approval: PolicyApproval,
+        *,
+        message_timeout: float | None = None,
+    ) -> Attestation: ...
 
     def approved_sign_policy(self, pcr_values: Mapping[int, bytes] | None = None) -> bytes: ...
 

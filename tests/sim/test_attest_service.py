@@ -243,8 +243,10 @@ def _aik_certificate(tpm: PytssHostTpm) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
-def make_host(root: Path, connection: Literal["persistent", "per-call"] = "persistent") -> Host:
-    """A host; ``connection="per-call"`` is how the daemon uses the software root (discovery)."""
+def make_host(
+    root: Path, connection: Literal["persistent", "shared", "per-call"] = "persistent"
+) -> Host:
+    """A host; ``connection="shared"`` is how the daemon uses the software root (discovery)."""
     hw = start_swtpm(root / "host-swtpm")
     tpm = PytssHostTpm(hw.tcti, root / "host-keys", connection=connection)
     tpm.ensure_host_keys()
