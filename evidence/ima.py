@@ -52,7 +52,7 @@ import re
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 from evidence._algorithms import HASH_ALG_IDS, HASH_ALGS
 from evidence.errors import (
@@ -527,8 +527,9 @@ _FAST_BINARY = re.compile(
     rb"(?(3)\x00\x00\x00\x00))",  # an empty sig/buf field
     re.DOTALL,
 )
-_FAST_TEMPLATES = {b"": "ima-ng", b"sig": "ima-sig", b"buf": "ima-buf"}
-_Row = tuple[bytes, ...]
+_FAST_STEP = 1 + _FAST_BINARY.groups  # what one match adds to _FAST_BINARY.split()
+_FAST_TEMPLATES = {None: "ima-ng", b"": "ima-ng", b"sig": "ima-sig", b"buf": "ima-buf"}
+_Row = tuple[bytes | None, ...]
 
 
 def _general_row(e: ImaEntry) -> _Row:
@@ -542,12 +543,14 @@ def _general_row(e: ImaEntry) -> _Row:
 
 def _parse_binary_fast(data: bytes) -> RawImaList:
     """:func:`_parse_binary` with the same result and errors, column-wise (see above)."""
-    rows: list[_Row] = _FAST_BINARY.findall(data)
-    columns = _fast_columns(rows, {}, {})
-    if columns is not None and columns.size() == len(data):
-        return RawImaList._of_columns("binary", columns)  # matches tile the input: all common
+    # split() returns the text between matches and every group of each match in one flat list
+    # (no tuple per entry for the garbage collector to count): column c is parts[c::9]
+    parts = _FAST_BINARY.split(data)
+    if not b"".join(parts[::_FAST_STEP]):  # nothing before, between or after: all common
+        columns = _fast_columns([parts[c::_FAST_STEP] for c in range(1, _FAST_STEP)], {}, {})
+        return _parse_binary(data) if columns is None else RawImaList._of_columns("binary", columns)
     # runs of common entries, and the others one by one
-    rows = []
+    rows: list[_Row] = []
     general: dict[int, ImaEntry] = {}
     general_sizes: dict[int, int] = {}
     truncated_at: int | None = None
@@ -556,7 +559,7 @@ def _parse_binary_fast(data: bytes) -> RawImaList:
     while pos < end:
         m = match(data, pos)
         if m is not None:
-            rows.append(m.groups(b""))
+            rows.append(m.groups())
             pos = m.end()
             continue
         try:
@@ -570,7 +573,7 @@ def _parse_binary_fast(data: bytes) -> RawImaList:
         general_sizes[len(rows)] = nxt - pos - 32 - len(entry.template_name)
         rows.append(_general_row(entry))
         pos = nxt
-    columns = _fast_columns(rows, general, general_sizes)
+    columns = _fast_columns(list(zip(*rows, strict=True)), general, general_sizes)
     if columns is None:
         return _parse_binary(data)
     if truncated_at is not None:
@@ -579,13 +582,16 @@ def _parse_binary_fast(data: bytes) -> RawImaList:
 
 
 def _fast_columns(
-    rows: list[_Row], general: dict[int, ImaEntry], general_sizes: dict[int, int]
+    columns: Sequence[Sequence[bytes | None]],
+    general: dict[int, ImaEntry],
+    general_sizes: dict[int, int],
 ) -> _Columns | None:
-    """Columns of the rows, or None when a length or a violation digest is not right."""
-    if not rows:
+    """The columns of :data:`_FAST_BINARY`'s groups, or None when a length or a violation
+    digest is not right (the general parser would raise)."""
+    if not columns or not columns[0]:
         return _Columns((), (), (), (), (), (), general, ())
-    pcr_b, hashes, kinds, td_lens, tds, ds, n_lens, ns = zip(*rows, strict=True)
-    pack = struct.Struct(f"<{len(rows)}I").pack
+    pcr_b, hashes, kinds, td_lens, tds, ds, n_lens, ns = cast("list[Sequence[bytes]]", columns)
+    pack = struct.Struct(f"<{len(pcr_b)}I").pack
     td_sizes = list(map(len, tds))
     if (
         b"".join(td_lens) != pack(*td_sizes)
