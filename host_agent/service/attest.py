@@ -45,7 +45,7 @@ from typing import Any, ClassVar, Final, Protocol
 from evidence.attestation import AttestationMessage, encode_attestation_message
 from evidence.errors import ParseError, VtpmError
 from evidence.tpm2_policy import PolicyApproval
-from host_agent.tpm.port import HostTpm, WrappedKey
+from host_agent.tpm.port import Attestation, HostTpm, WrappedKey
 
 __all__ = [
     "MAX_FRAME",
@@ -246,6 +246,14 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+class _BindingChanged(Exception):
+    """The binding an attestation started with is not the VM's binding any more."""
+
+    def __init__(self, binding: ActiveBinding) -> None:
+        super().__init__(f"the binding of VM {binding.vm_uuid} changed")
+        self.binding = binding
+
+
 class Attestor:
     """Answers one quote request: vPCRs through the bridge, signature and certificates by the TPM.
 
@@ -279,6 +287,7 @@ class Attestor:
         self.pcr_timeout = pcr_timeout
         self._authkey_public = _b64(tpm.host_key_public("authkey"))
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="attest-pcr")
+        self._last: dict[uuid.UUID, ActiveBinding] = {}  # per VM, confirmed at every use
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -292,39 +301,26 @@ class Attestor:
         """
         if not isinstance(nonce, bytes) or not 16 <= len(nonce) <= 64:
             raise ValueError("nonce must be 16..64 bytes")
-        # The store's record is enough to start: the certifications sign nothing the VM said.
-        binding = self.bindings.stored_binding(vm_uuid)
         approval = self.approval()
-
-        # The bridge's work overlaps the two certifications on the TPM: read the vPCRs, then
-        # confirm the binding with the bridge's counters (a reset before or during the read
-        # shows there, the counters only grow), so the vPCRs of another boot are never signed.
-        def read_and_confirm() -> bytes:
+        # The binding this VM was last attested with (or the store's) is enough to start: the
+        # certifications sign nothing the VM said, and nothing is signed before the binding is
+        # confirmed as it is now (store and bridge) after the vPCRs were read.
+        binding = self._last.get(vm_uuid) or self.bindings.stored_binding(vm_uuid)
+        for attempt in (1, 2):
             try:
-                values = self.pcrs.read_pcrs(str(vm_uuid), "sha256", self.pcr_timeout)
-            except VtpmError as err:
-                self.bindings.active_binding(vm_uuid)  # the precise refusal, if there is one
-                raise AttestRefused(
-                    f"cannot read the vPCRs of VM {vm_uuid} through its bridge: {err}",
-                    "attest.vpcrs_unavailable",
-                ) from err
-            if self.bindings.active_binding(vm_uuid).generation != binding.generation:
-                raise AttestRefused(f"VM {vm_uuid} was enrolled again meanwhile", "attest.retry")
-            return encode_attestation_message(AttestationMessage(vm_uuid, nonce, SHA256, values))
-
-        message = self._pool.submit(read_and_confirm)
-        qualifying = hashlib.sha256(binding.cert_user + nonce).digest()
-        try:
-            done = self.tpm.attest(
-                binding.vaik, qualifying, message, approval, message_timeout=self.pcr_timeout + 5
-            )
-        except TimeoutError as err:
-            raise AttestRefused(
-                f"the bridge of VM {vm_uuid} did not answer", "attest.vpcrs_unavailable"
-            ) from err
-        finally:
-            if not message.done():
-                message.cancel()
+                done = self._attest(vm_uuid, nonce, binding, approval)
+            except _BindingChanged as changed:  # enrolled again since: start over with it
+                self._last[vm_uuid] = binding = changed.binding
+                if attempt == 2:
+                    raise AttestRefused(
+                        f"VM {vm_uuid} was enrolled again meanwhile", "attest.retry"
+                    ) from None
+                continue
+            except AttestRefused:
+                self._last.pop(vm_uuid, None)
+                raise
+            self._last[vm_uuid] = binding
+            break
         cert_authkey, cert_vaik = done.cert_authkey, done.cert_vaik
         message_bytes, signature = done.message, done.signature
         return {
@@ -347,6 +343,46 @@ class Attestor:
             },
             "aik_certificates": list(self.aik_certificates),
         }
+
+    def _attest(
+        self, vm_uuid: uuid.UUID, nonce: bytes, binding: ActiveBinding, approval: PolicyApproval
+    ) -> Attestation:
+        """The TPM's part (one port call) with the bridge's part overlapping it.
+
+        Raises:
+            _BindingChanged: the binding is not ``binding`` any more (nothing was signed).
+        """
+
+        # Read the vPCRs, then confirm the binding with the store and the bridge's counters (a
+        # reset before or during the read shows there, the counters only grow), so the vPCRs
+        # of another boot, or a vAIK that is moving away, are never signed.
+        def read_and_confirm() -> bytes:
+            try:
+                values = self.pcrs.read_pcrs(str(vm_uuid), "sha256", self.pcr_timeout)
+            except VtpmError as err:
+                self.bindings.active_binding(vm_uuid)  # the precise refusal, if there is one
+                raise AttestRefused(
+                    f"cannot read the vPCRs of VM {vm_uuid} through its bridge: {err}",
+                    "attest.vpcrs_unavailable",
+                ) from err
+            current = self.bindings.active_binding(vm_uuid)
+            if current != binding:
+                raise _BindingChanged(current)
+            return encode_attestation_message(AttestationMessage(vm_uuid, nonce, SHA256, values))
+
+        message = self._pool.submit(read_and_confirm)
+        qualifying = hashlib.sha256(binding.cert_user + nonce).digest()
+        try:
+            return self.tpm.attest(
+                binding.vaik, qualifying, message, approval, message_timeout=self.pcr_timeout + 5
+            )
+        except TimeoutError as err:
+            raise AttestRefused(
+                f"the bridge of VM {vm_uuid} did not answer", "attest.vpcrs_unavailable"
+            ) from err
+        finally:
+            if not message.done():
+                message.cancel()
 
     def answer(self, vm_uuid: uuid.UUID, frame: Mapping[str, Any]) -> dict[str, Any]:
         """The answer frame to one request frame (a refusal for anything that goes wrong)."""

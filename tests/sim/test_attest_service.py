@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from evidence import tpm2_policy
 from evidence.bundle import parse_bundle
+from evidence.errors import VtpmError
 from evidence.tpm2 import TpmtPublic, public_key
 from evidence.verify import VAIK_POLICY_REF, VerifyOptions, authkey_policy_digests, verify_bundle
 from guest_agent import channel as guest_channel
@@ -334,6 +335,25 @@ def test_after_a_guest_reboot_attestation_needs_a_new_enrollment(host: Host) -> 
     assert second["vaik"]["public"] == first["vaik"]["public"]  # same tenant keeps its vAIK
     nonce, answer = attest(host, vm)
     verify_bundle(parse_bundle(bundle_of(nonce, answer)), host.options(vm, nonce))
+
+
+def test_a_new_tenant_enrolled_between_two_attestations_gets_its_own_vaik_signing(
+    host: Host,
+) -> None:
+    """The attestor starts with the binding it used last; the confirmation after the vPCR
+    read sees the new enrollment, and the answer is made with the new binding only."""
+    vm = host.add_vm(owner=TENANT)
+    first = host.enroll_vm(vm)
+    assert attest(host, vm)[1]["ok"] is True
+    host.owners.table[vm.uuid] = frozenset({fingerprint(OTHER.cert_user)})
+    second = host.enroll_vm(vm, OTHER)
+    assert second["vaik"]["public"] != first["vaik"]["public"]
+    nonce, answer = attest(host, vm)
+    assert answer["evidence"]["vaik"]["public"] == second["vaik"]["public"]
+    raw = parse_bundle(bundle_of(nonce, answer))
+    verify_bundle(raw, host.options(vm, nonce, OTHER))
+    with pytest.raises(VtpmError):  # nothing in it is still the first tenant's
+        verify_bundle(raw, host.options(vm, nonce, TENANT))
 
 
 def test_a_malformed_frame_drops_the_connection_and_the_daemon_reconnects(host: Host) -> None:
