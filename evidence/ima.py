@@ -290,11 +290,12 @@ def _unchecked_entry(
 class _Columns:
     """A parsed list as columns, one item per complete entry (what the fast paths work on).
 
-    ``general`` holds the entries the fast parser left to the general one (template ``ima``, a
-    signed ``ima-sig``, an unsupported template …); their column items are filled from them so
-    the bulk checks hold, and ``inputs``/``dfields``/``names`` are ``b""`` for an unsupported
-    template. ``sizes`` are the binary entries' sizes less ``32 + len(template name)`` (pcr,
-    template hash, two lengths, the name), None for ASCII (one entry per line).
+    ``general`` holds the entries kept whole: those the fast parser left to the general one
+    (template ``ima``, a signed ``ima-sig``, an unsupported template …) and ASCII ones with a
+    non-empty third field; their column items are filled from them too (so the bulk checks
+    hold), with ``inputs``/``dfields``/``names`` ``b""`` for an unsupported template.
+    ``sizes`` are the binary entries' sizes less ``32 + len(template name)`` (pcr, template
+    hash, two lengths, the name), None for ASCII (one entry per line).
     """
 
     pcrs: Sequence[int]
@@ -487,7 +488,7 @@ def parse_ima_list(data: bytes, format: Literal["auto", "ascii", "binary"] = "au
     if format == "auto":
         format = "ascii" if data[:1] and data[:1] in b" 0123456789" else "binary"
     if format == "ascii":
-        return _parse_ascii(data)
+        return _parse_ascii_fast(data)
     if format == "binary":
         return _parse_binary_fast(data)
     raise ValueError(f"format must be 'auto', 'ascii' or 'binary', got {format!r}")
@@ -751,6 +752,77 @@ def _parse_ascii(data: bytes) -> RawImaList:
         _check_ascii_prefix(tail, len(lines) + 1)
         return RawImaList("ascii", tuple(entries), truncated_tail=True, truncated_at=len(lines) + 1)
     return RawImaList("ascii", tuple(entries))
+
+
+# ASCII lines of the common shape: the d-ng hex length is pinned by a lookahead on the algorithm.
+_FAST_ASCII_ALGO = b"|".join(re.escape(a) + b"(?=:[0-9a-f]{%d} )" % (2 * n) for a, n in _FAST_ALGOS)
+_FAST_ASCII = re.compile(
+    rb" ?(2[0-3]|[01]?[0-9])"  # 1 pcr 0..23 ("%2d")
+    rb" ([0-9a-f]{40})"  # 2 template hash
+    rb" ima-(?:ng|(sig|buf))"  # 3 None for ima-ng
+    rb" (" + _FAST_ASCII_ALGO + rb"):([0-9a-f]+)"  # 4 algorithm, 5 digest
+    rb" ([^ \x00]+)"  # 6 name
+    rb"(?(3) ((?:[0-9a-f]{2})*))",  # 7 sig/buf
+)
+
+
+def _parse_ascii_fast(data: bytes) -> RawImaList:
+    """:func:`_parse_ascii` with the same result and errors: common lines are matched by
+    :data:`_FAST_ASCII` and go into columns; any other line is parsed (or refused) by
+    :func:`_parse_ascii_line`, in order, so the first error is the general parser's."""
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the data ends with a newline
+    pcrs: list[int] = []
+    hashes: list[bytes] = []
+    templates: list[str] = []
+    inputs: list[bytes] = []
+    dfields: list[bytes] = []
+    names: list[bytes] = []
+    general: dict[int, ImaEntry] = {}
+    fullmatch, unhex, u32, zero = _FAST_ASCII.fullmatch, binascii.unhexlify, _U32.pack, _ZERO_HASH
+    for index, line in enumerate(lines):
+        m = fullmatch(line)
+        if m is not None:
+            pcr, th_hex, kind, algo, digest_hex, name, extra_hex = m.groups()
+            th = unhex(th_hex)
+            digest = unhex(digest_hex)
+            if th != zero or not digest.strip(b"\0"):
+                d = algo + b":\0" + digest
+                n = name + b"\0"
+                pcr_no = int(pcr)
+                pcrs.append(pcr_no)
+                hashes.append(th)
+                dfields.append(d)
+                names.append(n)
+                if kind is None:
+                    templates.append("ima-ng")
+                    inputs.append(u32(len(d)) + d + u32(len(n)) + n)
+                    continue
+                x = unhex(extra_hex)
+                template = _FAST_TEMPLATES[kind]
+                templates.append(template)
+                inputs.append(u32(len(d)) + d + u32(len(n)) + n + u32(len(x)) + x)
+                if x:  # the columns have no third field: keep the entry whole
+                    general[index] = _unchecked_entry(pcr_no, th, template, (d, n, x), index + 1)
+                continue
+        e = _parse_ascii_line(line, index + 1)
+        general[index] = e
+        pcrs.append(e.pcr)
+        hashes.append(e.template_hash)
+        templates.append(e.template_name)
+        if e.supported:
+            inputs.append(e.hash_input)
+            dfields.append(e.fields[0])
+            names.append(e.fields[1])
+        else:
+            inputs.append(b"")
+            dfields.append(b"")
+            names.append(b"")
+    columns = _Columns(pcrs, hashes, templates, inputs, dfields, names, general, None)
+    if tail:
+        _check_ascii_prefix(tail, len(lines) + 1)
+        return RawImaList._of_columns("ascii", columns, True, len(lines) + 1)
+    return RawImaList._of_columns("ascii", columns)
 
 
 def _quote(b: bytes) -> str:

@@ -31,6 +31,7 @@ from evidence.ima import (
     KernelRule,
     RawImaList,
     VerifiedImaList,
+    encode_ascii,
     encode_binary,
     parse_ima_list,
     replay_ima,
@@ -140,7 +141,7 @@ def _mutate(blob: bytearray, data: st.DataObject) -> bytes:
         elif op == "cut":
             del blob[pos:]
         else:
-            blob[pos] = data.draw(st.sampled_from([0, 0x0A, 0xFF, 0x3A, 0x06, 0x07, 0x28]))
+            blob[pos] = data.draw(st.sampled_from(b"\x00\n\xff:\x06\x07( A0-"))
     return bytes(blob)
 
 
@@ -148,9 +149,21 @@ def _mutate(blob: bytearray, data: st.DataObject) -> bytes:
 # Parse
 
 
-def _assert_same_parse(data: bytes) -> RawImaList | None:
-    fast = _outcome(lambda: parse_ima_list(data, "binary"))
-    general = _outcome(lambda: ima._parse_binary(data))
+FORMATS = st.sampled_from(["binary", "ascii"])
+
+
+def _encode(es: list[ImaEntry], fmt: str) -> bytes:
+    return encode_binary(es) if fmt == "binary" else encode_ascii(es)
+
+
+def _unsupported_line(pcr: int = 10) -> bytes:
+    return b"%2d %s ima-ngv2 abc\n" % (pcr, b"01" * 20)
+
+
+def _assert_same_parse(data: bytes, fmt: str = "binary") -> RawImaList | None:
+    fast = _outcome(lambda: parse_ima_list(data, fmt))  # type: ignore[arg-type]
+    parse = ima._parse_binary if fmt == "binary" else ima._parse_ascii
+    general = _outcome(lambda: parse(data))
     if not isinstance(general, RawImaList):
         assert fast == general
         return None
@@ -167,35 +180,36 @@ def _assert_same_parse(data: bytes) -> RawImaList | None:
 
 
 @SETTINGS
-@given(LISTS)
-def test_parse_valid_lists_alike(es: list[ImaEntry]) -> None:
-    raw = _assert_same_parse(encode_binary(es))
+@given(LISTS, FORMATS)
+def test_parse_valid_lists_alike(es: list[ImaEntry], fmt: str) -> None:
+    raw = _assert_same_parse(_encode(es, fmt), fmt)
     assert raw is not None and [(e.pcr, e.fields) for e in raw.entries] == [
         (e.pcr, e.fields) for e in es
     ]
 
 
 @SETTINGS
-@given(LISTS, st.data())
-def test_parse_mutated_lists_alike(es: list[ImaEntry], data: st.DataObject) -> None:
-    blob = bytearray(encode_binary(es))
+@given(LISTS, FORMATS, st.data())
+def test_parse_mutated_lists_alike(es: list[ImaEntry], fmt: str, data: st.DataObject) -> None:
+    blob = bytearray(_encode(es, fmt))
     if data.draw(st.booleans()):
-        blob += _unsupported()
-    _assert_same_parse(_mutate(blob, data))
+        blob += _unsupported() if fmt == "binary" else _unsupported_line()
+    _assert_same_parse(_mutate(blob, data), fmt)
 
 
+@pytest.mark.parametrize("fmt", ["binary", "ascii"])
 @pytest.mark.parametrize("template", ["ima-ng", "ima-sig", "ima-buf"])
-def test_parse_every_bit_flip_alike(template: str) -> None:
+def test_parse_every_bit_flip_alike(template: str, fmt: str) -> None:
     """Each length, name and digest byte of common entries, changed one bit at a time."""
-    extra = () if template == "ima-ng" else (b"",)
+    extra = () if template == "ima-ng" else (b"\xab" if fmt == "ascii" else b"",)
     good = ImaEntry(10, b"\x01" * 20, template, (b"sha256:\0" + b"\x02" * 32, b"/a\0", *extra))
     violation = ImaEntry(10, bytes(20), template, (b"sha1:\0" + bytes(20), b"/v\0", *extra))
-    data = encode_binary([good, violation, good])
+    data = _encode([good, violation, good], fmt)
     for pos in range(len(data)):
         for bit in range(8):
             blob = bytearray(data)
             blob[pos] ^= 1 << bit
-            _assert_same_parse(bytes(blob))
+            _assert_same_parse(bytes(blob), fmt)
 
 
 def test_parse_runs_around_entries_the_general_parser_reads() -> None:
@@ -221,14 +235,15 @@ BANK_SETS = st.sampled_from(
 
 
 @SETTINGS
-@given(LISTS, st.sampled_from(list(KernelRule)), BANK_SETS, st.data())
+@given(LISTS, st.sampled_from(list(KernelRule)), BANK_SETS, FORMATS, st.data())
 def test_replay_alike(
-    es: list[ImaEntry], rule: KernelRule, banks: tuple[str, ...], data: st.DataObject
+    es: list[ImaEntry], rule: KernelRule, banks: tuple[str, ...], fmt: str, data: st.DataObject
 ) -> None:
-    blob = encode_binary(es)
+    blob = _encode(es, fmt)
     if data.draw(st.integers(0, 5)) == 0:
-        blob += _unsupported(data.draw(st.sampled_from([10, 3])))
-    raw = parse_ima_list(blob, "binary")
+        pcr = data.draw(st.sampled_from([10, 3]))
+        blob += _unsupported(pcr) if fmt == "binary" else _unsupported_line(pcr)
+    raw = parse_ima_list(blob, fmt)  # type: ignore[arg-type]
     hashless = data.draw(st.sampled_from([(), ("sha384",), ("sha384", "sha512")]))
     fast = _outcome(lambda: replay_ima_pcr10(raw, rule, banks, kernel_hashless_banks=hashless))
     general = _outcome(
@@ -238,12 +253,12 @@ def test_replay_alike(
 
 
 @SETTINGS
-@given(LISTS, st.sampled_from(list(KernelRule)), BANK_SETS, st.data())
+@given(LISTS, st.sampled_from(list(KernelRule)), BANK_SETS, FORMATS, st.data())
 def test_replay_ima_alike(
-    es: list[ImaEntry], rule: KernelRule, banks: tuple[str, ...], data: st.DataObject
+    es: list[ImaEntry], rule: KernelRule, banks: tuple[str, ...], fmt: str, data: st.DataObject
 ) -> None:
     """Same verified list or the same error, for the right values and for wrong ones."""
-    raw = parse_ima_list(encode_binary(es), "binary")
+    raw = parse_ima_list(_encode(es, fmt), fmt)  # type: ignore[arg-type]
     if data.draw(st.booleans()):
         expected = dict(replay_ima_pcr10(_general(raw), rule, banks).pcr10)
     else:
