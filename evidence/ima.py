@@ -37,6 +37,14 @@ Decisions:
   its newline is the truncated entry.
 * Only the default ``ascii_runtime_measurements`` / ``binary_runtime_measurements`` files (SHA-1
   template hash) are handled; the per-bank ``_<algo>`` files of Linux >= 6.10 are not.
+* Speed (issue 7): :func:`parse_ima_list` keeps the entries as columns (template data, d-ng and
+  name fields, …), matched in bulk by one regular expression for the common entries (d-ng
+  templates, a known digest algorithm, an empty third field in binary); any other entry goes
+  through the general entry parser, and a column check that fails hands the whole input to it,
+  so entries and errors are the general parser's. :func:`replay_ima_pcr10`, :func:`replay_ima`
+  and :func:`signed_prefix` work on the columns; ``entries`` of :class:`RawImaList` and
+  :class:`VerifiedImaList` are built only when read. A list built from entries takes the general
+  path everywhere; ``tests/unit/test_ima_fastpath.py`` compares the two.
 """
 
 from __future__ import annotations
@@ -456,6 +464,9 @@ class RawImaList:
             f"RawImaList(format={self.format!r}, entries={self.entries!r}, "
             f"truncated_tail={self.truncated_tail!r}, truncated_at={self.truncated_at!r})"
         )
+
+    def __reduce__(self) -> tuple[object, ...]:  # copy and pickle, whatever the representation
+        return (RawImaList, (self.format, self.entries, self.truncated_tail, self.truncated_at))
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"RawImaList is immutable: cannot set {name}")
@@ -1471,6 +1482,19 @@ class VerifiedImaList:
             f"VerifiedImaList(entries={self.entries!r}, pcr10={self.pcr10!r}, rule={self.rule!r}, "
             f"violations={self.violations!r}, truncated_tail={self.truncated_tail!r}, "
             f"untrusted_other_pcr_entries={self.untrusted_other_pcr_entries!r})"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:  # copy and pickle, whatever the representation
+        return (
+            VerifiedImaList,
+            (
+                self.entries,
+                self.pcr10,
+                self.rule,
+                self.violations,
+                self.truncated_tail,
+                self.untrusted_other_pcr_entries,
+            ),
         )
 
     def __setattr__(self, name: str, value: object) -> None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import dataclasses
 import hashlib
+import pickle
 import secrets
 import struct
 from collections.abc import Callable
@@ -223,6 +225,16 @@ def test_parse_runs_around_entries_the_general_parser_reads() -> None:
     assert raw.entry(5).template_name == "ima-ngv2" and raw.entry(4).location == data.rindex(
         b"\x0a\x00\x00\x00" + bytes(20) + b"\x06"
     )
+
+
+def test_lazy_lists_copy_and_pickle_by_value() -> None:
+    es = [ImaEntry(10, bytes(20), "ima-ng", (b"sha256:\0" + bytes(32), b"/v\0"))]
+    raw = parse_ima_list(encode_binary(es), "binary")
+    verified = replay_ima(raw, replay_ima_pcr10(raw, "5.8", ("sha256",)).pcr10, "5.8")
+    for value in (raw, verified):
+        assert pickle.loads(pickle.dumps(value)) == value == copy.deepcopy(value)
+    with pytest.raises(AttributeError):
+        raw.truncated_tail = True  # type: ignore[misc]
 
 
 # --------------------------------------------------------------------------------------------
