@@ -767,20 +767,69 @@ def _parse_ascii(data: bytes) -> RawImaList:
 
 # ASCII lines of the common shape: the d-ng hex length is pinned by a lookahead on the algorithm.
 _FAST_ASCII_ALGO = b"|".join(re.escape(a) + b"(?=:[0-9a-f]{%d} )" % (2 * n) for a, n in _FAST_ALGOS)
-_FAST_ASCII = re.compile(
+_FAST_ASCII_LINE = (
     rb" ?(2[0-3]|[01]?[0-9])"  # 1 pcr 0..23 ("%2d")
     rb" ([0-9a-f]{40})"  # 2 template hash
     rb" ima-(?:ng|(sig|buf))"  # 3 None for ima-ng
     rb" (" + _FAST_ASCII_ALGO + rb"):([0-9a-f]+)"  # 4 algorithm, 5 digest
-    rb" ([^ \x00]+)"  # 6 name
-    rb"(?(3) ((?:[0-9a-f]{2})*))",  # 7 sig/buf
+    rb" ([^ \x00\n]+)"  # 6 name
+    rb"(?(3) ((?:[0-9a-f]{2})*))"  # 7 sig/buf
 )
+_FAST_ASCII = re.compile(_FAST_ASCII_LINE)  # one line
+_FAST_ASCII_LINES = re.compile(_FAST_ASCII_LINE + rb"\n")  # for split(): step 8, like binary
+_EMPTY_THIRD = {None: b"", b"sig": b"\0\0\0\0", b"buf": b"\0\0\0\0"}  # u32le(0)
+
+
+def _parse_ascii_bulk(data: bytes) -> RawImaList | None:
+    """Columns of a list whose lines are all common, with an empty third field, and end with
+    a newline; None for any other list (then :func:`_parse_ascii_fast` goes line by line)."""
+    parts = _FAST_ASCII_LINES.split(data)
+    step = 1 + _FAST_ASCII_LINES.groups
+    if b"".join(parts[::step]):
+        return None  # a line of another shape, or no final newline
+    pcr_t, th_hex, kinds, algos, digest_hex, plain_names, extra_hex = (
+        parts[c::step] for c in range(1, step)
+    )
+    if any(extra_hex):
+        return None
+    unhex, add, pack = binascii.unhexlify, operator.add, _U32.pack
+    hashes = list(map(unhex, th_hex))
+    digests = list(map(unhex, digest_hex))
+    if _ZERO_HASH in hashes:  # violations: the d-ng digest must be all zero
+        for h, digest in zip(hashes, digests, strict=True):
+            if h == _ZERO_HASH and digest.strip(b"\0"):
+                return None
+    dfields = list(map(add, map(add, algos, itertools.repeat(b":\0")), digests))
+    names = list(map(add, plain_names, itertools.repeat(b"\0")))
+    inputs = list(
+        map(
+            add,
+            map(
+                b"".join,
+                zip(
+                    map(pack, map(len, dfields)),
+                    dfields,
+                    map(pack, map(len, names)),
+                    names,
+                    strict=True,
+                ),
+            ),
+            map(_EMPTY_THIRD.__getitem__, kinds),
+        )
+    )
+    templates = list(map(_FAST_TEMPLATES.__getitem__, kinds))
+    columns = _Columns(list(map(int, pcr_t)), hashes, templates, inputs, dfields, names, {}, None)
+    return RawImaList._of_columns("ascii", columns)
 
 
 def _parse_ascii_fast(data: bytes) -> RawImaList:
-    """:func:`_parse_ascii` with the same result and errors: common lines are matched by
-    :data:`_FAST_ASCII` and go into columns; any other line is parsed (or refused) by
-    :func:`_parse_ascii_line`, in order, so the first error is the general parser's."""
+    """:func:`_parse_ascii` with the same result and errors: in bulk when every line is
+    common, else line by line: common lines are matched by :data:`_FAST_ASCII` and go into
+    columns, any other line is parsed (or refused) by :func:`_parse_ascii_line`, in order, so
+    the first error is the general parser's."""
+    bulk = _parse_ascii_bulk(data)
+    if bulk is not None:
+        return bulk
     lines = data.split(b"\n")
     tail = lines.pop()  # b"" when the data ends with a newline
     pcrs: list[int] = []
