@@ -194,8 +194,8 @@ def _object(value: object, path: str, fields: frozenset[str]) -> dict[str, Any]:
 def _b64(value: object, path: str, *, min_size: int = 0, max_size: int | None = None) -> bytes:
     if not isinstance(value, str):
         _fail(path, "a base64 string", _kind(value))
-    try:
-        data = base64.b64decode(value.encode("ascii"), validate=True)
+    try:  # base64.b64decode(value, validate=True) without copying value to bytes first
+        data = binascii.a2b_base64(value, strict_mode=True)
     except (UnicodeEncodeError, binascii.Error, ValueError):
         _fail(path, "standard padded base64 (RFC 4648 §4)", "other characters or bad padding")
     if not _canonical_b64(value, data):

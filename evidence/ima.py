@@ -131,6 +131,7 @@ _U32 = struct.Struct("<I")
 _ALGO_RE = re.compile(rb"[a-z0-9][a-z0-9-]{0,31}")
 _TEMPLATE_NAME_RE = re.compile(rb"[!-~]{1,15}")  # printable, no space
 _FILE_DIGEST_SIZE_B = {k.encode(): v for k, v in _FILE_DIGEST_SIZE.items()}
+_USUAL_ALGOS = {b"sha256": 0, b"sha1": 1, b"sha512": 2, b"sha384": 3}
 
 
 class KernelRule(enum.StrEnum):
@@ -523,7 +524,11 @@ def _parse_binary(data: bytes) -> RawImaList:
 # entry it does not match goes through _parse_binary_entry. Any column check that fails means the
 # general parser would raise: the whole input is then parsed by _parse_binary, so results and
 # errors are those of the general path by construction (tests/unit/test_ima_fastpath.py).
-_FAST_ALGOS = sorted((a.encode(), n) for a, n in _FILE_DIGEST_SIZE.items())
+# the usual algorithms first: the regex engine tries the alternatives in this order
+_FAST_ALGOS = sorted(
+    ((a.encode(), n) for a, n in _FILE_DIGEST_SIZE.items()),
+    key=lambda item: (_USUAL_ALGOS.get(item[0], len(_USUAL_ALGOS)), item[0]),
+)
 # the d-ng length, pinned by the algorithm that follows it; then the d-ng field
 _FAST_DNG_LEN = b"|".join(
     re.escape(_U32.pack(len(a) + 2 + n)) + b"(?=" + re.escape(a) + b":\x00)" for a, n in _FAST_ALGOS
