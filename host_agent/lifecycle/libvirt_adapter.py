@@ -603,6 +603,41 @@ class Hypervisor:
             return None
         return Path(str(mem.get("file")))
 
+    def migrate(
+        self,
+        vm: DomainRef | str,
+        dest_uri: str,
+        *,
+        migrate_uri: str | None = None,
+        dest_xml: str | None = None,
+        live: bool = True,
+        persist: bool = True,
+    ) -> None:
+        """Peer-to-peer migration of a running domain to the libvirtd at ``dest_uri``.
+
+        This daemon connects to the destination's libvirtd itself (``VIR_MIGRATE_PEER2PEER``);
+        ``migrate_uri`` (e.g. ``tcp://10.0.0.2``) is where the destination QEMU listens for the
+        stream, ``dest_xml`` an ABI-compatible definition for the destination. With ``persist``
+        the domain is defined on the destination and undefined here. Returns when libvirt's
+        migration ended.
+
+        Raises:
+            DomainNotFound; HypervisorError: libvirt failed the migration (the domain then
+                runs here again, as libvirt leaves it).
+        """
+        dom = self._dom(vm)
+        flags = libvirt.VIR_MIGRATE_PEER2PEER
+        if live:
+            flags |= libvirt.VIR_MIGRATE_LIVE
+        if persist:
+            flags |= libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+        params: dict[str, Any] = {}
+        if migrate_uri:
+            params[libvirt.VIR_MIGRATE_PARAM_URI] = migrate_uri
+        if dest_xml:
+            params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] = dest_xml
+        self._call(f"migrate to {dest_uri}", str(vm), dom.migrateToURI3, dest_uri, params, flags)
+
     def pid(self, vm: DomainRef | str) -> int | None:
         """QEMU's pid from the embedded root's pid file (None when not running or not known)."""
         root = self.embedded_root

@@ -51,29 +51,28 @@ a record signed by the vAIK (memory root of the stream, vPCRs, state digests; fr
 public key, then the loaded VM (``MigrationHost.record_check``); a veto aborts, so the source
 keeps the VM and the vAIK.
 
+A running VM (:mod:`.vm`): with ``vtpm-host vm migrate DOMAIN --to HOST --libvirt-uri URI``
+the Offer says ``with_vm``; the target arms the VM (swtpm for incoming state, a bridge on the
+domain's TPM socket) and routes its SET_STATEBLOBs to the check; the source routes its
+GET_STATEBLOBs to the capture, and after ``Imported`` starts libvirt's peer-to-peer live
+migration: at the final stop the source hashes the guest memfd, reads the vPCRs and keeps the
+state blobs' digests; the vAIK signs that record; the target's hooks, before the VM runs,
+compare the loaded memory's root and the blobs' digests with it and veto on a difference (the
+incoming QEMU fails, libvirt resumes the source VM, the source aborts and keeps the vAIK). The
+commit waits for libvirt's migration to end. tests/e2e/test_migration_libvirt.py runs it between
+two namespace hosts, each with its own libvirtd.
+
 Not built yet (issue 8, what is missing and where it goes):
 
-* the adapters that feed those two hooks from libvirt's live migration: on the source,
-  ``daemon.sealer.delegate(uuid, handler)`` for the final GET_STATEBLOB (vPCRs and state-blob
-  digests) plus the Merkle root of the migration *stream* (a tee of the stream into
-  ``host_agent.memory``, docs/NOTES.md: the source memfd can differ from the stream by a few
-  pages), returned by ``record_source``; on the target, ``daemon.restorer.delegate`` for the
-  incoming SET_STATEBLOB, comparing the loaded memory's root and the vPCRs with the verified
-  record, answering ``record_check`` and vetoing the VM's start on a mismatch. The libvirt
-  adapter has no ``migrate`` yet, and two embedded libvirt roots cannot live in one process,
-  so the two-host VM test needs a libvirtd per namespace;
-* starting ``virsh migrate --live`` from ``vtpm-host vm migrate`` (today it moves the vAIK and
-  its binding only), and running the protocol when libvirt starts the migration (hooks). The
-  intended order, all before the source's commit point: steps 1-2 (vAIK pending on the
-  target) → the source starts libvirt's migration with the stream tee'd into the hasher →
-  libvirt's final stop calls the source's GET_STATEBLOB delegate, which completes
-  ``record_source`` (blocking the protocol session until then) → StateRecord → the target's
-  SET_STATEBLOB delegate, already waiting for the record, hashes the loaded memory, reads the
-  vPCRs from the incoming blobs and answers ``record_check`` / the Verdict before QEMU
-  resumes the VM → libvirt's migration completes on both sides → COMMITTED. A veto or a
-  failed libvirt migration aborts: the target QEMU never runs, the source resumes the VM and
-  keeps the vAIK;
-* ``bench/migrate.py``'s libvirt ratio (it measures the protocol's own costs today);
+* the root of the migration *stream* (a tee of the stream into ``host_agent.memory``,
+  docs/NOTES.md: the source memfd can differ from the stream by a few pages for a busy guest);
+  the record carries the source memfd's root at the final stop, which equals the stream for an
+  idle guest;
+* plain ``virsh migrate --live`` running the protocol (libvirt's ``migrate`` hook on the target
+  to start it, the source's GET_STATEBLOB to wait for it); today a plain migration of an
+  adopted VM is not armed on the target and fails there;
+* an abort after libvirt started that is not a veto (e.g. the protocol channel breaks) does not
+  cancel libvirt's job (``abortJob``): the target's hooks then veto for want of a record;
 * the fleet-approved ``PolicyDuplicationSelect(Name(ExgKey))`` of docs/NOTES.md: it changes the
   vAIK policy in ``host_agent/tpm`` and ``evidence.tpm2_policy.vaik_policy`` and needs an
   online registrar approval per migration, so it is not contained in this package; the

@@ -1,8 +1,10 @@
 """``vtpm-host vm migrate`` and ``vtpm-host migration serve|journal``.
 
-``vm migrate DOMAIN --to HOST [--address HOST:PORT] [--json]`` asks this host's migration
-service (the daemon's component, or ``migration serve``) over ``<state>/run/migration.sock``
-to move DOMAIN's vAIK to HOST. DOMAIN is the VM's UUID or the name it was adopted under.
+``vm migrate DOMAIN --to HOST [--address HOST:PORT] [--libvirt-uri URI] [--json]`` asks this
+host's migration service (the daemon's component, or ``migration serve``) over
+``<state>/run/migration.sock`` to move DOMAIN's vAIK to HOST; with ``--libvirt-uri`` (the
+target's libvirtd) libvirt live-migrates the running VM within the protocol (the daemon's
+component only). DOMAIN is the VM's UUID or the name it was adopted under.
 Exit status 0 when committed, 2 with ``vtpm-host: error [id]`` when refused or aborted.
 
 ``migration serve --listen HOST:PORT [--approvals FILE]`` runs the service standalone in the
@@ -63,6 +65,20 @@ def register(subparsers: Any) -> None:
         metavar="HOST:PORT",
         help=f"the target's migration listener (default HOST:{DEFAULT_PORT})",
     )
+    p.add_argument(
+        "--libvirt-uri",
+        metavar="URI",
+        help=(
+            "the target's libvirt (e.g. qemu+tcp://HOST/system): libvirt live-migrates the "
+            "running VM within the protocol, and the target checks its memory and vTPM state "
+            "before it runs; without it only the vAIK and its binding move"
+        ),
+    )
+    p.add_argument(
+        "--migrate-uri",
+        metavar="URI",
+        help="where the target QEMU takes the migration stream (default tcp://<address host>)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document")
     _common(p)
     p.set_defaults(func=_cmd_migrate)
@@ -77,7 +93,15 @@ def register(subparsers: Any) -> None:
     s.add_argument("--log-level", default="INFO")
     _common(s)
     s.set_defaults(func=_cmd_serve)
-    j = msub.add_parser("journal", help="print this host's migration journal (JSON)")
+    j = msub.add_parser(
+        "journal",
+        help="print this host's migration journal (JSON), asked of the running service",
+        description=(
+            'Print the migration journal ({"entries": [...]}) of the service running on this '
+            "host; with --vm also the VM's vAIK state here (active, moving, pending, absent)."
+        ),
+    )
+    j.add_argument("--vm", metavar="UUID", help="also print this VM's vAIK state")
     _common(j)
     j.set_defaults(func=_cmd_journal)
 
@@ -112,11 +136,20 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         )
         return 2
     address = args.address or f"{args.to}:{DEFAULT_PORT}"
-    try:
-        result = control_call(
-            _socket(config),
-            {"op": "migrate", "vm_uuid": str(vm_uuid), "to": args.to, "address": address},
+    request: dict[str, Any] = {
+        "op": "migrate",
+        "vm_uuid": str(vm_uuid),
+        "to": args.to,
+        "address": address,
+    }
+    if args.libvirt_uri:
+        host, _port = parse_address(address, DEFAULT_PORT)
+        request["libvirt_dest"] = args.libvirt_uri
+        request["migrate_uri"] = args.migrate_uri or (
+            f"tcp://[{host}]" if ":" in host else f"tcp://{host}"
         )
+    try:
+        result = control_call(_socket(config), request)
     except RemoteMigrationError as err:  # print the service's own error id, not ours
         print(f"vtpm-host: error [{err.remote_id}]: {err.remote_message}", file=sys.stderr)
         return 2
@@ -129,7 +162,10 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_journal(args: argparse.Namespace) -> int:
-    value = control_call(_socket(build_config(args)), {"op": "journal"})
+    request: dict[str, Any] = {"op": "journal"}
+    if args.vm:
+        request["vm_uuid"] = args.vm
+    value = control_call(_socket(build_config(args)), request)
     print(json.dumps(value, sort_keys=True))
     return 0
 

@@ -82,6 +82,10 @@ class MigrationHost:
             the VM's final stop (the outgoing GET_STATEBLOB hook); None: no record is sent.
         record_check: target: raise ``RecordRefused`` unless the loaded VM matches the
             (signature-checked) record (the incoming SET_STATEBLOB hook); None: accept.
+        prepare_incoming: target: get the VM ready for its incoming QEMU (arm its swtpm and
+            bridge), called on the Offer before anything is created; raising refuses it.
+        end_incoming: target: ``(vm_uuid, "commit" | "abort")`` when the incoming migration
+            ended (release what ``prepare_incoming`` made after an abort); must not raise.
     """
 
     tpm: HostTpm
@@ -100,6 +104,8 @@ class MigrationHost:
     timeout: float = 60.0
     record_source: Callable[[uuid.UUID, uuid.UUID], MigrationRecord] | None = None
     record_check: Callable[[MigrationRecord], None] | None = None
+    prepare_incoming: Callable[[uuid.UUID], None] | None = None
+    end_incoming: Callable[[uuid.UUID, str], None] | None = None
 
     def __post_init__(self) -> None:
         if self.journal is None:

@@ -108,24 +108,27 @@ class Offer:
 
     ``source_address`` is where the source's migration listener takes outcome queries
     (``HOST:PORT``); the source's identity is its mTLS certificate, not anything in here.
+    ``with_vm``: libvirt migrates the running VM too (steps 3/4: the target arms the VM for its
+    incoming QEMU and requires the signed StateRecord before any commit). The field is sent
+    only when true, so a vAIK-only Offer is the same frame as before.
     """
 
     migration_id: uuid.UUID
     vm_uuid: uuid.UUID
     nonce: bytes
     source_address: str
+    with_vm: bool = False
 
     def to_frame(self) -> Frame:
-        return Frame(
-            "offer",
-            {
-                "version": PROTOCOL_VERSION,
-                "migration_id": str(self.migration_id),
-                "vm_uuid": str(self.vm_uuid),
-                "source_address": self.source_address,
-            },
-            {"nonce": self.nonce},
-        )
+        fields: dict[str, Any] = {
+            "version": PROTOCOL_VERSION,
+            "migration_id": str(self.migration_id),
+            "vm_uuid": str(self.vm_uuid),
+            "source_address": self.source_address,
+        }
+        if self.with_vm:
+            fields["with_vm"] = True
+        return Frame("offer", fields, {"nonce": self.nonce})
 
 
 @dataclass(frozen=True)
@@ -311,13 +314,18 @@ def parse_message(frame: Frame) -> Message:
     """
     t = frame.type
     if t == "offer":
-        _exact(frame, {"version", "migration_id", "vm_uuid", "source_address"}, {"nonce"})
+        base = {"version", "migration_id", "vm_uuid", "source_address"}
+        _exact(frame, base | ({"with_vm"} if "with_vm" in frame.fields else set()), {"nonce"})
         _version(frame)
+        with_vm = frame.fields.get("with_vm", False)
+        if with_vm is not True and "with_vm" in frame.fields:
+            raise _fail("offer.with_vm", "true (or absent)", with_vm)
         return Offer(
             _uuid(frame, "migration_id"),
             _uuid(frame, "vm_uuid"),
             _blob(frame, "nonce", NONCE_BYTES, NONCE_BYTES),
             _str(frame, "source_address"),
+            bool(with_vm),
         )
     if t == "exgkey":
         blobs = {"exgkey_public", "pcr_digest", "certify_attest", "certify_signature"}

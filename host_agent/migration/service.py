@@ -36,7 +36,9 @@ from .errors import MigrationError
 from .host import MigrationHost
 from .recovery import resolve_open_entries
 from .source import MigrationResult, migrate_vaik
+from .state import vaik_state
 from .target import serve_peer
+from .vm import VmMoves
 
 __all__ = [
     "DEFAULT_PORT",
@@ -92,6 +94,9 @@ class MigrationService:
         listen: where the peer listener binds (port 0 picks one; :attr:`address`).
         control_socket: the local control socket path, or None for none.
         resolve_interval: seconds between recovery passes.
+        moves: the VM side (bridge hooks, arming; :class:`~host_agent.migration.vm.VmMoves`),
+            present when the service runs inside the daemon; without it only vAIKs move.
+        libvirt_uri: this host's libvirt (the source of a VM migration).
     """
 
     def __init__(
@@ -101,8 +106,12 @@ class MigrationService:
         listen: tuple[str, int] = ("0.0.0.0", DEFAULT_PORT),
         control_socket: Path | None = None,
         resolve_interval: float = 2.0,
+        moves: VmMoves | None = None,
+        libvirt_uri: str | None = None,
     ) -> None:
         self.host = host
+        self.moves = moves
+        self.libvirt_uri = libvirt_uri
         self.listen = listen
         self.control_socket = control_socket
         self.resolve_interval = resolve_interval
@@ -184,10 +193,59 @@ class MigrationService:
             except Exception:  # the loop must survive one bad pass; logged
                 log.exception("migration recovery pass failed")
 
-    def migrate(self, vm_uuid: uuid.UUID, to: str, address: str) -> MigrationResult:
-        """Move ``vm_uuid``'s vAIK to host ``to`` at ``address`` (see ``SourceMigration.run``)."""
+    def migrate(
+        self,
+        vm_uuid: uuid.UUID,
+        to: str,
+        address: str,
+        *,
+        libvirt_dest: str | None = None,
+        migrate_uri: str | None = None,
+    ) -> MigrationResult:
+        """Move ``vm_uuid``'s vAIK to host ``to`` at ``address`` (see ``SourceMigration.run``);
+        with ``libvirt_dest`` (the target's libvirt URI) libvirt live-migrates the running VM
+        within the protocol (steps 3/4, :mod:`.vm`), its stream to ``migrate_uri``.
+
+        Raises:
+            MigrationError: a VM migration without the daemon's bridge hooks here; as
+                ``SourceMigration.run``; LibvirtMigrationFailed: libvirt failed (aborted: the
+                VM runs here again with its vAIK).
+        """
         self._require("migrate()", ServiceRunState.RUNNING, ServiceRunState.CREATED)
-        return migrate_vaik(self.host, vm_uuid, to, address, connect=self.connect)
+        if libvirt_dest is None:
+            return migrate_vaik(self.host, vm_uuid, to, address, connect=self.connect)
+        if self.moves is None or self.libvirt_uri is None:
+            raise MigrationError(
+                "a VM migration needs the daemon (its bridge hooks): run the migration service "
+                "as the daemon's component, not `migration serve`"
+            )
+        source_uri = self.libvirt_uri
+
+        def run_libvirt() -> None:
+            from host_agent.lifecycle.libvirt_adapter import Hypervisor
+
+            with Hypervisor(source_uri) as hv:
+                hv.migrate(str(vm_uuid), libvirt_dest, migrate_uri=migrate_uri)
+
+        moves = self.moves
+        move = moves.begin_outgoing(vm_uuid, run_libvirt)
+        timeout = self.host.timeout * 5
+        try:
+            return migrate_vaik(
+                self.host,
+                vm_uuid,
+                to,
+                address,
+                connect=self.connect,
+                between=lambda _channel, _entry: move.wait(timeout),
+                record_source=moves.record_source,
+            )
+        finally:
+            # Failed or not, answer only once libvirt is done (the VM runs on one side).
+            if move.started:
+                with contextlib.suppress(MigrationError):
+                    move.wait(timeout)
+            moves.end_outgoing(vm_uuid)
 
     # ---------------------------------------------------------------- control socket
 
@@ -232,12 +290,26 @@ class MigrationService:
     def _control_op(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
         if op == "migrate":
-            result = self.migrate(uuid.UUID(req["vm_uuid"]), str(req["to"]), str(req["address"]))
-            return result.to_json()
+            dest = req.get("libvirt_dest")
+            result = self.migrate(
+                uuid.UUID(req["vm_uuid"]),
+                str(req["to"]),
+                str(req["address"]),
+                libvirt_dest=None if dest is None else str(dest),
+                migrate_uri=None if req.get("migrate_uri") is None else str(req["migrate_uri"]),
+            )
+            out = result.to_json()
+            if dest is not None and self.moves is not None:
+                out["vm"] = {"libvirt_dest": dest, **self.moves.last}
+            return out
         if op == "recover":
             return {"done": self.recover()}
         if op == "journal":
-            return {"entries": [e.to_json() for e in self.host.j.entries()]}
+            out: dict[str, Any] = {"entries": [e.to_json() for e in self.host.j.entries()]}
+            if req.get("vm_uuid") is not None:
+                vm = uuid.UUID(str(req["vm_uuid"]))
+                out["vaik_state"] = vaik_state(self.host.store, vm).value
+            return out
         raise ValueError(f"unknown op {op!r}")
 
 
@@ -278,6 +350,11 @@ class MigrationComponent:
     Settings come from ``<state_dir>/migration/settings.json`` when present:
     ``{"listen": "HOST:PORT", "advertise": "HOST:PORT", "approvals": "PATH"}``; defaults: listen
     on ``0.0.0.0:7787``, approvals from ``<state_dir>/migration/policy-approvals.json``.
+    ``"test_tamper": "memory" | "state"`` is a test hook only (:mod:`.vm`): an incoming VM's
+    memory or vTPM state is changed before it is checked (re-read per incoming migration).
+
+    Inside the daemon the service also moves running VMs (:mod:`.vm`): the daemon's bridge
+    hooks capture the final stop on the source and check the incoming VM on the target.
     """
 
     name: ClassVar[str] = "migration"
@@ -308,12 +385,31 @@ class MigrationComponent:
             advertise=str(settings.get("advertise", "")),
             now=daemon.now,
         )
+
+        def tamper() -> str | None:
+            """The test hook, re-read per incoming migration (tests switch it on and off)."""
+            try:
+                value = json.loads(settings_path.read_text()).get("test_tamper")
+            except (OSError, ValueError, AttributeError):
+                return None
+            if value not in (None, "memory", "state"):
+                raise MigrationError(
+                    f"{settings_path}: test_tamper must be memory or state, got {value!r}"
+                )
+            return str(value) if value else None
+
+        moves = VmMoves(daemon, tamper=tamper)
+        host.prepare_incoming = moves.prepare_incoming
+        host.record_check = moves.record_check
+        host.end_incoming = moves.end_incoming
         self.service = MigrationService(
             host,
             listen=parse_address(
                 str(settings.get("listen", f"0.0.0.0:{DEFAULT_PORT}")), DEFAULT_PORT
             ),
             control_socket=state_dir / "run" / "migration.sock",
+            moves=moves,
+            libvirt_uri=daemon.config.libvirt.uri_for(state_dir),
         ).start()
         daemon.migration = self.service
 

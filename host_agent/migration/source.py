@@ -33,7 +33,7 @@ from .protocol import (
     Transfer,
     Verdict,
 )
-from .record import RecordRefused, encode_record
+from .record import MigrationRecord, RecordRefused, encode_record
 from .state import VaikState, vaik_state
 from .verify import VerifiedExgKey, verify_exgkey_offer
 
@@ -168,6 +168,8 @@ class SourceMigration:
         connect: opens the peer channel (default: mTLS with this host's identity).
         between: called after the target imported and before the commit (protocol steps 3/4:
             the VM's own migration and the sealed record); raising aborts.
+        record_source: this migration's ``record_source`` (default: the host's); given, the
+            Offer says ``with_vm`` (libvirt moves the running VM: the target arms it).
     """
 
     def __init__(
@@ -179,8 +181,11 @@ class SourceMigration:
         *,
         connect: Connect,
         between: Callable[[PeerChannel, JournalEntry], None] | None = None,
+        record_source: Callable[[uuid.UUID, uuid.UUID], MigrationRecord] | None = None,
     ) -> None:
         self.host = host
+        self.record_source = record_source
+        self.with_vm = record_source is not None
         self.vm_uuid = vm_uuid
         self.target = target
         self.address = address
@@ -240,14 +245,16 @@ class SourceMigration:
         try:
             try:
                 channel = self.connect(self.target, self.address)
-                channel.send(Offer(migration_id, self.vm_uuid, nonce, host.advertise or "-"))
+                channel.send(
+                    Offer(migration_id, self.vm_uuid, nonce, host.advertise or "-", self.with_vm)
+                )
                 self.run_state = SourceRunState.OFFERED
                 offer = _expect(channel, ExgKeyOffer, host.timeout)
                 self.exgkey = self._verify(offer, nonce, channel.peer_id)
                 self.run_state = SourceRunState.VERIFIED
                 self._move(channel)
                 self.run_state = SourceRunState.TRANSFERRED
-                if host.record_source is not None:
+                if (self.record_source or host.record_source) is not None:
                     self._send_record(channel)
                 if self.between is not None:
                     assert self.entry is not None
@@ -310,9 +317,10 @@ class SourceMigration:
         """Steps (3)/(4): the vAIK signs the record of the VM's final state; the target checks
         it before the VM runs and answers with a Verdict (a veto aborts: we keep everything)."""
         host = self.host
-        assert host.record_source is not None
+        record_source = self.record_source or host.record_source
+        assert record_source is not None
         mid = self._entry.migration_id
-        record = host.record_source(mid, self.vm_uuid)
+        record = record_source(mid, self.vm_uuid)
         if record.migration_id != mid or record.vm_uuid != self.vm_uuid:
             raise ValueError("record_source returned a record of another migration or VM")
         key = WrappedKey.from_bytes(bytes.fromhex(_vaik_record(host, self.vm_uuid)["key"]))
@@ -395,6 +403,10 @@ def migrate_vaik(
     *,
     connect: Connect,
     between: Callable[[PeerChannel, JournalEntry], None] | None = None,
+    record_source: Callable[[uuid.UUID, uuid.UUID], MigrationRecord] | None = None,
 ) -> MigrationResult:
     """Run one :class:`SourceMigration` (see :meth:`SourceMigration.run`)."""
-    return SourceMigration(host, vm_uuid, target, address, connect=connect, between=between).run()
+    return SourceMigration(
+        host, vm_uuid, target, address, connect=connect, between=between,
+        record_source=record_source,
+    ).run()  # fmt: skip

@@ -132,6 +132,18 @@ def _incoming(host: MigrationHost, channel: PeerChannel, offer: Offer) -> None:
             _refuse(channel, "migration.duplicate", f"migration {mid} was offered before")
             return
         host.live.add(mid)
+    outcome = "abort"
+    try:
+        if offer.with_vm:
+            if host.prepare_incoming is None or host.record_check is None:
+                raise MigrationError(
+                    "this host cannot take a running VM (no daemon with bridge hooks serves "
+                    "the migration here): only the vAIK can move to it"
+                )
+            host.prepare_incoming(offer.vm_uuid)
+    except VtpmError:
+        host.live.discard(mid)
+        raise
     try:
         exgkey = host.tpm.create_exgkey()
         cert = host.tpm.certify(exgkey, "aik", offer.nonce)
@@ -173,15 +185,30 @@ def _incoming(host: MigrationHost, channel: PeerChannel, offer: Offer) -> None:
         _pending(host, entry, imported, transfer)
         channel.send(Imported(mid))
         decision = channel.receive(host.timeout)
+        checked = False
         if isinstance(decision, StateRecord) and decision.migration_id == mid:
-            channel.send(_check_record(host, decision, blob.public))
+            verdict = _check_record(host, decision, blob.public)
+            checked = verdict.ok
+            channel.send(verdict)
             decision = channel.receive(host.timeout)
         if not isinstance(decision, Decision) or decision.migration_id != mid:
             raise PeerProtocolError(f"expected the Decision on {mid}")
-        apply_decision(host, mid, decision.decision)
+        if offer.with_vm and decision.decision == "commit" and not checked:
+            apply_decision(host, mid, "abort")
+            raise PeerProtocolError(
+                f"migration {mid}: a commit of a VM migration whose state record was not "
+                "checked here (the vAIK stays pending nowhere: discarded)"
+            )
+        applied = apply_decision(host, mid, decision.decision)
+        outcome = "commit" if applied.step is TargetStep.ACTIVE else "abort"
         channel.send(Done(mid))
     finally:
         host.live.discard(mid)
+        if offer.with_vm and host.end_incoming is not None:
+            try:
+                host.end_incoming(offer.vm_uuid, outcome)
+            except Exception:  # must not hide the migration's own outcome; logged
+                log.exception("migration %s: releasing the incoming VM", mid)
 
 
 def _check_record(host: MigrationHost, message: StateRecord, vaik_public: bytes) -> Verdict:

@@ -3,11 +3,22 @@
 Host A lives in network namespace ``migA`` (10.78.0.1), host B in ``migB`` (10.78.0.2); each runs
 a real ``libvirtd`` in a private mount namespace (``tests/helpers/libvirtd_ns.py``), listening on
 its namespace address only. QEMU runs under TCG; the guest is the ``vm_images`` initramfs guest.
+
+The agent's state directory is ``/run/vtpm-mig`` on both hosts (a bind mount in each host's
+mount namespace of a directory of its own), as real hosts share one layout: the domain XML that
+libvirt carries from A to B names the same bridge and channel sockets, which B's agent arms.
+Each host runs ``vtpm-host daemon`` with the migration component inside its namespaces; the
+fleet (registrar, admission, the vAIK of ``VM`` on A) is the sim tier's
+(tests/sim/test_migration_hosts.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
+import subprocess
 import tempfile
 import time
 import uuid
@@ -16,11 +27,24 @@ from pathlib import Path
 
 import pytest
 
+from host_agent.migration import SourceStep, TargetStep, VaikState
+from host_agent.migration.service import DEFAULT_PORT
 from tests.helpers.libvirtd_ns import NsLibvirtd, libvirtd_pair
 from tests.helpers.netns import NetnsPair, two_hosts
+from tests.sim.test_migration_hosts import (
+    HOST_CLI,
+    REPO,
+    VM,
+    Fleet,
+    _env,
+    copy_hosts,
+    session_fleet,
+)
 from vm_images.build import READY_MARKER, GuestImage, build_image
 
 BOOT_TIMEOUT = 150.0
+AGENT_STATE = "/run/vtpm-mig"
+COMPONENT = "host_agent.migration.service:MigrationComponent"
 NAMES = {"a": "migA", "b": "migB", "veth_a": "vmigA", "veth_b": "vmigB"}
 ADDRS = {"addr_a": "10.78.0.1", "addr_b": "10.78.0.2"}
 
@@ -31,12 +55,21 @@ def image() -> GuestImage:
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[tuple[NetnsPair, NsLibvirtd, NsLibvirtd, Path]]:
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
+    return session_fleet(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def lab(fleet: Fleet) -> Iterator[tuple[NetnsPair, NsLibvirtd, NsLibvirtd, Path]]:
     if os.geteuid() != 0:
         pytest.fail("the e2e tier needs root for `ip netns` and libvirtd (platform-notes §7, §8)")
-    # Short: QEMU's monitor socket lives under <root>/var/lib/libvirt/qemu/…
     root = Path(tempfile.mkdtemp(prefix="ml-", dir="/tmp"))
-    with two_hosts(**NAMES, **ADDRS) as net, libvirtd_pair(net, root / "lv") as (a, b):
+    agents = copy_hosts(fleet, root / "agents")
+    binds_a, binds_b = {AGENT_STATE: agents.a}, {AGENT_STATE: agents.b}
+    with (
+        two_hosts(**NAMES, **ADDRS) as net,
+        libvirtd_pair(net, root / "lv", binds_a, binds_b) as (a, b),
+    ):
         yield net, a, b, root
 
 
@@ -107,3 +140,196 @@ def test_plain_live_migration_between_the_two_libvirtds(
     finally:
         a.virsh("destroy", "plain", check=False)
         b.virsh("destroy", "plain", check=False)
+
+
+# ------------------------------------------------------------------------ protected migration
+
+
+class Agent:
+    """``vtpm-host daemon`` (with the migration component) inside one namespace host."""
+
+    def __init__(self, host: NsLibvirtd, state: Path, approvals: Path) -> None:
+        self.host = host
+        self.state = state  # the directory as the root namespace sees it
+        self.log = state / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        mig = state / "migration"
+        mig.mkdir(exist_ok=True)
+        shutil.copy(approvals, mig / "policy-approvals.json")
+        self.settings({})
+
+    def settings(self, extra: dict[str, str]) -> None:
+        """Write ``settings.json`` (the listen address and ``extra``, e.g. the test hook)."""
+        doc = {"listen": f"{self.host.address}:{DEFAULT_PORT}", **extra}
+        (self.state / "migration" / "settings.json").write_text(json.dumps(doc))
+
+    @property
+    def env(self) -> dict[str, str]:
+        return _env(VTPM_LIBVIRT_URI=self.host.uri)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [*HOST_CLI, *args, "--state-dir", AGENT_STATE]
+        done = subprocess.run(
+            self.host.argv(cmd), capture_output=True, text=True, env=self.env, cwd=REPO,
+            timeout=300,
+        )  # fmt: skip
+        if check and done.returncode != 0:
+            raise AssertionError(f"{args}: rc {done.returncode}\n{done.stderr[-3000:]}\n"
+                                 f"{self.log_tail()}")  # fmt: skip
+        return done
+
+    def vm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.cli("vm", *args, "--runtime-dir", RUNTIME, check=check)
+
+    def migrate(self, to: Agent, name: str) -> subprocess.CompletedProcess[str]:
+        """``vtpm-host vm migrate DOMAIN --to HOST --libvirt-uri … --json`` from this host."""
+        return self.cli("vm", "migrate", str(VM), "--to", name, "--address",
+                        f"{to.host.address}:{DEFAULT_PORT}", "--libvirt-uri", to.host.uri,
+                        "--json", check=False)  # fmt: skip
+
+    def start(self) -> Agent:
+        cmd = [*HOST_CLI, "daemon", "--state-dir", AGENT_STATE, "--runtime-dir", RUNTIME,
+               "--component", COMPONENT]  # fmt: skip
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.host.argv(cmd), stdout=out, stderr=out, env=self.env, cwd=REPO,
+                start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not (self.state / "run" / "migration.sock").exists():
+            assert self.proc.poll() is None, self.log_tail()
+            assert time.monotonic() < deadline, self.log_tail()
+            time.sleep(0.1)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+
+RUNTIME = f"{AGENT_STATE}/run/bridges"
+
+
+@pytest.fixture(scope="module")
+def agents(
+    lab: tuple[NetnsPair, NsLibvirtd, NsLibvirtd, Path], fleet: Fleet
+) -> Iterator[tuple[Agent, Agent]]:
+    _net, a, b, root = lab
+    pair = (Agent(a, root / "agents" / "a", fleet.approvals).start(),
+            Agent(b, root / "agents" / "b", fleet.approvals).start())  # fmt: skip
+    try:
+        yield pair
+    finally:
+        for agent in pair:
+            agent.stop()
+            print(f"--- {agent.host.ns} daemon log\n{agent.log_tail(6000)}")
+
+
+def inspect_in(agent: Agent) -> tuple[VaikState, list[str]]:
+    """The vAIK state and the journal (sorted ``side:step``) of ``agent``'s host, asked of its
+    running migration service (``vtpm-host migration journal --vm``): no second process opens
+    the host TPM while the daemon holds it."""
+    out = json.loads(agent.cli("migration", "journal", "--vm", str(VM)).stdout)
+    steps = sorted(f"{e['side']}:{e['step']}" for e in out["entries"])
+    return VaikState(out["vaik_state"]), steps
+
+
+def test_vm_migrate_moves_the_running_vm_and_its_vaik(
+    agents: tuple[Agent, Agent], image: GuestImage
+) -> None:
+    """``vtpm-host vm migrate --libvirt-uri``: protocol steps 1-5 around libvirt's migration."""
+    a, b = agents
+    made = json.loads(a.vm("create", "mig", "--image", str(image.directory), "--uuid", str(VM),
+                           "--memory", "256", "--json").stdout)  # fmt: skip
+    assert made["uuid"] == str(VM)
+    a.vm("start", "mig")
+    console_a = a.state / "vms" / str(VM) / "console.log"
+    wait_console(console_a, READY_MARKER)
+    assert inspect_in(a) == (VaikState.ACTIVE, [])
+    t0 = time.monotonic()
+    done = a.migrate(b, "host-b")
+    took = time.monotonic() - t0
+    assert done.returncode == 0, done.stderr + a.log_tail() + b.log_tail()
+    out = json.loads(done.stdout)
+    assert out["outcome"] == "committed" and out["acknowledged"] is True
+    print(f"\nprotected live migration: {took:.2f} s, {out['vm']}")
+    # The VM runs on B, not on A; B's libvirt has its definition now.
+    assert b.host.domstate("mig") == "running"
+    assert a.host.domstate("mig") == "absent"
+    # vAIK: gone from A, active on B; journals done.
+    assert inspect_in(a) == (VaikState.ABSENT, [f"source:{SourceStep.DONE.value}"])
+    assert inspect_in(b) == (VaikState.ACTIVE, [f"target:{TargetStep.ACTIVE.value}"])
+    assert "refused" not in b.log_tail(20000)
+    assert "matches the signed record (memory root" in b.log_tail(20000)
+
+
+def _refused_back(a: Agent, b: Agent, error_id: str) -> str:
+    """Migrate the VM from B back to A and expect a refusal with ``error_id``; then check that
+    B kept the running VM and its vAIK, and that A holds neither (its armed bridge is gone)."""
+    done = b.migrate(a, "host-a")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"[{error_id}]" in done.stderr, done.stderr + b.log_tail() + a.log_tail()
+    assert b.host.domstate("mig") == "running"
+    assert b.host.virsh("qemu-monitor-command", "mig", "--hmp", "info status").stdout.strip() == (
+        "VM status: running"
+    )
+    assert a.host.domstate("mig") == "absent" and a.host.pids("qemu-system") == []
+    state_b, steps_b = inspect_in(b)
+    assert state_b is VaikState.ACTIVE and f"source:{SourceStep.ABORTED.value}" in steps_b
+    assert not any(step.endswith((":moving", ":started", ":committed")) for step in steps_b)
+    state_a, _ = inspect_in(a)
+    assert state_a is VaikState.ABSENT
+    return done.stderr
+
+
+def test_target_refuses_memory_changed_in_flight_and_the_source_keeps_the_vm(
+    agents: tuple[Agent, Agent],
+) -> None:
+    """Test hook on A (the target now): one byte of a guest page changes after the stream
+    loaded it. A vetoes before the VM runs; libvirt's migration fails; B resumes the VM and
+    keeps its vAIK."""
+    a, b = agents
+    a.settings({"test_tamper": "memory"})
+    err = _refused_back(a, b, "migration.record.refused")
+    assert "loaded memory root" in err and "is not the signed" in err
+    _, steps_a = inspect_in(a)
+    assert f"target:{TargetStep.DISCARDED.value}" in steps_a
+
+
+def test_target_refuses_vtpm_state_changed_in_flight(agents: tuple[Agent, Agent]) -> None:
+    a, b = agents
+    a.settings({"test_tamper": "state"})
+    err = _refused_back(a, b, "migration.record.refused")
+    assert "vTPM permanent state sha256" in err and "memory root" not in err
+
+
+def test_no_vm_leaves_for_a_target_the_fleet_has_not_approved(
+    agents: tuple[Agent, Agent], fleet: Fleet
+) -> None:
+    """Refused before any key leaves (and before libvirt starts): B's fleet approvals do not
+    cover A's platform state."""
+    a, b = agents
+    a.settings({})
+    approvals = b.state / "migration" / "policy-approvals.json"
+    approvals.write_text(json.dumps({"approvals": []}))
+    try:
+        _refused_back(a, b, "migration.target.exgkey_policy")
+    finally:
+        shutil.copy(fleet.approvals, approvals)
+
+
+def test_vm_migrates_back_and_forth(agents: tuple[Agent, Agent]) -> None:
+    """After the refusals nothing is left over: B → A now succeeds."""
+    a, b = agents
+    done = b.migrate(a, "host-a")
+    assert done.returncode == 0, done.stderr + b.log_tail() + a.log_tail()
+    assert a.host.domstate("mig") == "running" and b.host.domstate("mig") == "absent"
+    assert inspect_in(a)[0] is VaikState.ACTIVE and inspect_in(b)[0] is VaikState.ABSENT

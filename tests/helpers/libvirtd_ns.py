@@ -89,6 +89,7 @@ class NsLibvirtd:
     ns: str
     root: Path
     host_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    binds: dict[str, Path] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -119,8 +120,8 @@ class NsLibvirtd:
 
     def _script(self) -> str:
         lines = ["set -e"]
-        for d in BIND_DIRS:
-            src = self.root / d.lstrip("/")
+        pairs = [(d, self.root / d.lstrip("/")) for d in BIND_DIRS] + list(self.binds.items())
+        for d, src in pairs:
             lines.append(f"mkdir -p {shlex.quote(d)}")
             lines.append(f"mount --bind {shlex.quote(str(src))} {shlex.quote(d)}")
         pid = self.root / "libvirtd.pid"
@@ -152,6 +153,12 @@ class NsLibvirtd:
                 raise RuntimeError(f"libvirtd in {self.ns} did not answer: {done.stderr}")
             time.sleep(0.2)
 
+    def argv(self, argv: list[str]) -> list[str]:
+        """``argv`` inside this host: the daemon's network *and* mount namespace, so it sees
+        the same ``/run/libvirt`` and ``binds`` as the daemon and its QEMUs (``nsenter``)."""
+        assert self.proc is not None
+        return ["nsenter", "-t", str(self.proc.pid), "-m", "-n", "--", *argv]
+
     def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``virsh -c URI ARGS`` inside this host's namespace."""
         done = self.net.run(self.ns, ["virsh", "-q", "-c", self.uri, *args], timeout=300)
@@ -179,9 +186,10 @@ class NsLibvirtd:
         return None
 
     def pids(self, *names: str) -> list[int]:
-        """Live processes named like one of ``names`` (``qemu-system``, ``swtpm``) in this
-        daemon's mount namespace: what it started (QEMU's argv names the bound paths, not the
-        root, so the namespace is the reliable mark)."""
+        """Live processes named like one of ``names`` (``qemu-system``, ``swtpm``; none: all)
+        in this daemon's mount namespace, the daemon excepted: what it, or anything run in this
+        host (:meth:`argv`), started (QEMU's argv names the bound paths, not the root, so the
+        namespace is the reliable mark)."""
         ns = self.mount_ns()
         if ns is None:
             return []
@@ -196,13 +204,14 @@ class NsLibvirtd:
                 state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
             except OSError:
                 continue
-            if state != "Z" and any(n in Path(argv0).name for n in names):
+            if state != "Z" and (not names or any(n in Path(argv0).name for n in names)):
                 out.append(int(proc.name))
         return out
 
     def stop(self) -> None:
-        """Destroy its domains' processes, then the daemon (by pid, SIGTERM then SIGKILL)."""
-        for pid in self.pids("qemu-system", "swtpm"):
+        """Kill every process left in this host's mount namespace (QEMUs, swtpms, bridges, an
+        agent a test did not stop), then the daemon (by pid, SIGTERM then SIGKILL)."""
+        for pid in self.pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if self.proc is not None and self.proc.poll() is None:
@@ -215,11 +224,18 @@ class NsLibvirtd:
 
 
 @contextlib.contextmanager
-def libvirtd_pair(net: NetnsPair, root: Path) -> Iterator[tuple[NsLibvirtd, NsLibvirtd]]:
+def libvirtd_pair(
+    net: NetnsPair,
+    root: Path,
+    binds_a: dict[str, Path] | None = None,
+    binds_b: dict[str, Path] | None = None,
+) -> Iterator[tuple[NsLibvirtd, NsLibvirtd]]:
     """A libvirtd in each of ``net``'s namespaces (roots ``root/a``, ``root/b``); both stopped
-    afterwards, also when the second failed to start."""
-    a = NsLibvirtd(net, net.a, root / "a")
-    b = NsLibvirtd(net, net.b, root / "b")
+    afterwards, also when the second failed to start. ``binds_*``: more bind mounts
+    (path in the host → directory), e.g. the agent's state directory at the same path on both
+    hosts, as real hosts have it."""
+    a = NsLibvirtd(net, net.a, root / "a", binds=dict(binds_a or {}))
+    b = NsLibvirtd(net, net.b, root / "b", binds=dict(binds_b or {}))
     try:
         a.start()
         b.start()

@@ -123,6 +123,7 @@ def test_a_frame_claiming_more_than_max_frame_is_refused_before_buffering() -> N
 M = uuid.UUID("1a1b1c1d-2222-4333-8444-55555555555f")
 MESSAGES = [
     Offer(M, M, b"n" * 32, "10.77.0.1:7787"),
+    Offer(M, M, b"n" * 32, "10.77.0.1:7787", with_vm=True),
     ExgKeyOffer(M, b"pub", b"d" * 32, 0, b"att", b"sig", b"cert"),
     ExgKeyOffer(M, b"pub", b"d" * 32, None, b"att", b"sig", b"cert"),
     Transfer(M, b"dup", {"cert_user": "AAAA", "generation": 1}),
@@ -144,6 +145,11 @@ def test_messages_round_trip(message: object) -> None:
     assert parse_message(decode_frame(encode_frame(frame)[4:])) == message
 
 
+def test_a_vaik_only_offer_is_the_frame_it_was_before_with_vm() -> None:
+    assert "with_vm" not in Offer(M, M, b"n" * 32, "x").to_frame().fields
+    assert Offer(M, M, b"n" * 32, "x", True).to_frame().fields["with_vm"] is True
+
+
 def _offer(version: int, nonce: bytes) -> Frame:
     fields = {"version": version, "migration_id": str(M), "vm_uuid": str(M), "source_address": "x"}
     return Frame("offer", fields, {"nonce": nonce})
@@ -154,6 +160,14 @@ def _offer(version: int, nonce: bytes) -> Frame:
     [
         (_offer(1, b"short"), "offer.nonce"),
         (_offer(2, b"n" * 32), "offer.version"),
+        (
+            Frame("offer", {**_offer(1, b"n" * 32).fields, "with_vm": False}, {"nonce": b"n" * 32}),
+            "offer.with_vm",
+        ),
+        (
+            Frame("offer", {**_offer(1, b"n" * 32).fields, "with_vm": 1}, {"nonce": b"n" * 32}),
+            "offer.with_vm",
+        ),
         (
             Frame("decision", {"migration_id": str(M), "decision": "maybe", "reason": ""}),
             "decision",
