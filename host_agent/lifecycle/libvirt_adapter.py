@@ -638,6 +638,16 @@ class Hypervisor:
             params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] = dest_xml
         self._call(f"migrate to {dest_uri}", str(vm), dom.migrateToURI3, dest_uri, params, flags)
 
+    def abort_job(self, vm: DomainRef | str) -> None:
+        """Cancel the domain's running job (a migration); no job is not an error."""
+        dom = self._dom(vm)
+        try:
+            dom.abortJob()
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
+                return
+            raise _wrap(err, "abort job", str(vm)) from err
+
     def pid(self, vm: DomainRef | str) -> int | None:
         """QEMU's pid from the embedded root's pid file (None when not running or not known)."""
         root = self.embedded_root

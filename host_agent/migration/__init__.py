@@ -54,8 +54,9 @@ keeps the VM and the vAIK.
 A running VM (:mod:`.vm`): with ``vtpm-host vm migrate DOMAIN --to HOST --libvirt-uri URI``
 the Offer says ``with_vm``; the target arms the VM (swtpm for incoming state, a bridge on the
 domain's TPM socket) and routes its SET_STATEBLOBs to the check; the source routes its
-GET_STATEBLOBs to the capture, and after ``Imported`` starts libvirt's peer-to-peer live
-migration: at the final stop the source hashes the guest memfd, reads the vPCRs and keeps the
+GET_STATEBLOBs to the capture, and once the target's ExgKey passed its checks starts libvirt's
+peer-to-peer live migration (pre-copy overlaps the vAIK's duplication and import): at the final
+stop the source hashes the guest memfd, reads the vPCRs and keeps the
 state blobs' digests; the vAIK signs that record; the target's hooks, before the VM runs,
 compare the loaded memory's root and the blobs' digests with it and veto on a difference (the
 incoming QEMU fails, libvirt resumes the source VM, the source aborts and keeps the vAIK). The
@@ -71,8 +72,10 @@ Not built yet (issue 8, what is missing and where it goes):
 * plain ``virsh migrate --live`` running the protocol (libvirt's ``migrate`` hook on the target
   to start it, the source's GET_STATEBLOB to wait for it); today a plain migration of an
   adopted VM is not armed on the target and fails there;
-* an abort after libvirt started that is not a veto (e.g. the protocol channel breaks) does not
-  cancel libvirt's job (``abortJob``): the target's hooks then veto for want of a record;
+* an abort after the target's hooks allowed the VM's state and before the commit (a broken
+  channel at that very moment) cancels libvirt's job, but libvirt may have finished already:
+  the VM then runs on the target without its vAIK (the vAIK stays on the source, never on
+  two hosts); recovery does not move it after the VM yet;
 * the fleet-approved ``PolicyDuplicationSelect(Name(ExgKey))`` of docs/NOTES.md: it changes the
   vAIK policy in ``host_agent/tpm`` and ``evidence.tpm2_policy.vaik_policy`` and needs an
   online registrar approval per migration, so it is not contained in this package; the

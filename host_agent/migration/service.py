@@ -227,6 +227,12 @@ class MigrationService:
             with Hypervisor(source_uri) as hv:
                 hv.migrate(str(vm_uuid), libvirt_dest, migrate_uri=migrate_uri)
 
+        def cancel_libvirt() -> None:
+            from host_agent.lifecycle.libvirt_adapter import Hypervisor
+
+            with Hypervisor(source_uri) as hv:
+                hv.abort_job(str(vm_uuid))
+
         moves = self.moves
         move = moves.begin_outgoing(vm_uuid, run_libvirt)
         timeout = self.host.timeout * 5
@@ -239,7 +245,15 @@ class MigrationService:
                 connect=self.connect,
                 between=lambda _channel, _entry: move.wait(timeout),
                 record_source=moves.record_source,
+                on_verified=move.start,  # pre-copy overlaps the vAIK's duplication and import
             )
+        except BaseException:
+            # Aborted: the VM must stay here. A veto already fails libvirt's migration; any
+            # other abort cancels the job (a job that ended meanwhile is no error).
+            if move.started and not move.finished:
+                with contextlib.suppress(Exception):
+                    cancel_libvirt()
+            raise
         finally:
             # Failed or not, answer only once libvirt is done (the VM runs on one side).
             if move.started:

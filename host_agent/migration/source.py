@@ -170,6 +170,9 @@ class SourceMigration:
             the VM's own migration and the sealed record); raising aborts.
         record_source: this migration's ``record_source`` (default: the host's); given, the
             Offer says ``with_vm`` (libvirt moves the running VM: the target arms it).
+        on_verified: called once the target's ExgKey passed every check and before the vAIK
+            leaves (a VM migration starts libvirt's pre-copy here, overlapping steps 2);
+            raising aborts.
     """
 
     def __init__(
@@ -182,9 +185,11 @@ class SourceMigration:
         connect: Connect,
         between: Callable[[PeerChannel, JournalEntry], None] | None = None,
         record_source: Callable[[uuid.UUID, uuid.UUID], MigrationRecord] | None = None,
+        on_verified: Callable[[], None] | None = None,
     ) -> None:
         self.host = host
         self.record_source = record_source
+        self.on_verified = on_verified
         self.with_vm = record_source is not None
         self.vm_uuid = vm_uuid
         self.target = target
@@ -252,6 +257,8 @@ class SourceMigration:
                 offer = _expect(channel, ExgKeyOffer, host.timeout)
                 self.exgkey = self._verify(offer, nonce, channel.peer_id)
                 self.run_state = SourceRunState.VERIFIED
+                if self.on_verified is not None:
+                    self.on_verified()
                 self._move(channel)
                 self.run_state = SourceRunState.TRANSFERRED
                 if (self.record_source or host.record_source) is not None:
@@ -404,9 +411,10 @@ def migrate_vaik(
     connect: Connect,
     between: Callable[[PeerChannel, JournalEntry], None] | None = None,
     record_source: Callable[[uuid.UUID, uuid.UUID], MigrationRecord] | None = None,
+    on_verified: Callable[[], None] | None = None,
 ) -> MigrationResult:
     """Run one :class:`SourceMigration` (see :meth:`SourceMigration.run`)."""
     return SourceMigration(
         host, vm_uuid, target, address, connect=connect, between=between,
-        record_source=record_source,
+        record_source=record_source, on_verified=on_verified,
     ).run()  # fmt: skip

@@ -9,9 +9,11 @@ source (:class:`SourceVmMove`, one per outgoing migration)
     the VM is stopped and its RAM was sent, so the guest-RAM memfd is hashed (Merkle root) and
     the vPCRs are read through the bridge; each blob's SHA-256 is kept. QEMU gets every blob
     unchanged (a failure here vetoes, so the migration fails and the source VM resumes).
-    ``record_source`` (the protocol, right after the target imported the vAIK) starts libvirt's
-    peer-to-peer live migration on a thread and waits for that capture; the vAIK then signs
-    the :class:`~host_agent.migration.record.MigrationRecord`. Before the commit point the
+    libvirt's peer-to-peer live migration starts on a thread once the target's ExgKey passed
+    the source's checks (its pre-copy overlaps the vAIK's duplication and import);
+    ``record_source`` (the protocol, right after the target imported the vAIK) waits for the
+    capture, and the vAIK signs the :class:`~host_agent.migration.record.MigrationRecord`. An
+    abort that is not a target's veto cancels libvirt's job. Before the commit point the
     source waits until libvirt reports the migration done; a libvirt failure aborts (the
     source keeps the VM, which libvirt resumes, and the vAIK).
 
@@ -141,6 +143,10 @@ class SourceVmMove:
     @property
     def started(self) -> bool:
         return self._thread is not None
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
 
     def start(self) -> None:
         """Start libvirt's migration on a thread (idempotent)."""
