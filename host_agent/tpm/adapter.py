@@ -253,6 +253,7 @@ class PytssHostTpm:
         self._yielded = False
         self._lease_poll = lease_poll
         self._lease_wake = threading.Event()
+        self._probe_lock = threading.Lock()
         self._lease_watch: threading.Thread | None = None
         self._stats = {"reconnects": 0, "lease_yields": 0, "loads": 0, "context_loads": 0}
         try:
@@ -414,17 +415,18 @@ class PytssHostTpm:
         if self._mode != "shared":
             return False
         _, waiting_path = self._lock_paths()
-        try:
-            fd = os.open(waiting_path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError:
+        with self._probe_lock:  # our own two probes (TPM thread, watcher) must not collide
+            try:
+                fd = os.open(waiting_path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError:
+                return False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            finally:
+                os.close(fd)
             return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
 
     def _watch_lease(self) -> None:
         """Shared mode, idle: give the lease up as soon as another process waits for it."""
