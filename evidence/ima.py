@@ -545,6 +545,19 @@ _FAST_BINARY = re.compile(
     re.DOTALL,
 )
 _FAST_STEP = 1 + _FAST_BINARY.groups  # what one match adds to _FAST_BINARY.split()
+_FAST_PROBE = 16  # entries matched one by one before the whole list is split
+# ima-sig/ima-buf with a non-empty third field (a signed file): the regex reads up to that
+# field's length, _third_field_entry slices the field by it. Violations go the general way.
+_FAST_THIRD = re.compile(
+    rb"([\x00-\x17])\x00\x00\x00"  # 1 pcr 0..23
+    rb"((?!\x00{20}).{20})"  # 2 template hash, not a violation's
+    rb"\x07\x00\x00\x00ima-(sig|buf)"  # 3
+    rb"(.{4})"  # 4 template data length
+    rb"(?:" + _FAST_DNG_LEN + rb")(" + _FAST_DNG + rb")"  # 5 d-ng
+    rb"(.{4})([^\x00\n]*\x00)"  # 6 n-ng length, 7 n-ng
+    rb"(.{4})",  # 8 length of the third field
+    re.DOTALL,
+)
 _FAST_TEMPLATES = {None: "ima-ng", b"": "ima-ng", b"sig": "ima-sig", b"buf": "ima-buf"}
 _Row = tuple[bytes | None, ...]
 
@@ -558,26 +571,65 @@ def _general_row(e: ImaEntry) -> _Row:
     return (bytes([e.pcr]), e.template_hash, b"", _U32.pack(len(hi)), hi, d, _U32.pack(len(n)), n)
 
 
+def _third_field_entry(data: bytes, m: re.Match[bytes]) -> tuple[ImaEntry, _Row, int] | None:
+    """The entry :data:`_FAST_THIRD` matched, its column row and the next offset; None when
+    its lengths do not add up (the general parser then reads, or refuses, it)."""
+    pcr_b, th, kind, td_len_b, d, n_len_b, n, x_len_b = m.groups()
+    td_start = m.start(5) - 4
+    (td_len,) = _U32.unpack(td_len_b)
+    (n_len,) = _U32.unpack(n_len_b)
+    (x_len,) = _U32.unpack(x_len_b)
+    nxt = td_start + td_len
+    if n_len != len(n) or m.end() + x_len != nxt or td_len > _MAX_TEMPLATE_DATA:
+        return None
+    if nxt > len(data):
+        return None
+    fields = (d, n, data[m.end() : nxt])
+    entry = _unchecked_entry(pcr_b[0], th, _FAST_TEMPLATES[kind], fields, m.start())
+    return entry, (pcr_b, th, kind, td_len_b, data[td_start:nxt], d, n_len_b, n), nxt
+
+
 def _parse_binary_fast(data: bytes) -> RawImaList:
     """:func:`_parse_binary` with the same result and errors, column-wise (see above)."""
-    # split() returns the text between matches and every group of each match in one flat list
-    # (no tuple per entry for the garbage collector to count): column c is parts[c::9]
-    parts = _FAST_BINARY.split(data)
-    if not b"".join(parts[::_FAST_STEP]):  # nothing before, between or after: all common
-        columns = _fast_columns([parts[c::_FAST_STEP] for c in range(1, _FAST_STEP)], {}, {})
-        return _parse_binary(data) if columns is None else RawImaList._of_columns("binary", columns)
+    # A list that is not all common would make split() try the regex at every byte of the
+    # other entries: look at the first entries one by one first.
+    match = _FAST_BINARY.match
+    pos = 0
+    for _ in range(_FAST_PROBE):
+        m = match(data, pos)
+        if m is None:
+            break
+        pos = m.end()
+    if m is not None or pos == len(data):
+        # split() returns the text between matches and every group of each match in one flat
+        # list (no tuple per entry for the garbage collector to count): column c is parts[c::9]
+        parts = _FAST_BINARY.split(data)
+        if not b"".join(parts[::_FAST_STEP]):  # nothing before, between or after: all common
+            columns = _fast_columns([parts[c::_FAST_STEP] for c in range(1, _FAST_STEP)], {}, {})
+            if columns is None:
+                return _parse_binary(data)
+            return RawImaList._of_columns("binary", columns)
     # runs of common entries, and the others one by one
     rows: list[_Row] = []
     general: dict[int, ImaEntry] = {}
     general_sizes: dict[int, int] = {}
     truncated_at: int | None = None
     pos, end = 0, len(data)
-    match = _FAST_BINARY.match
+    match_third = _FAST_THIRD.match
     while pos < end:
         m = match(data, pos)
         if m is not None:
             rows.append(m.groups())
             pos = m.end()
+            continue
+        m = match_third(data, pos)
+        found = None if m is None else _third_field_entry(data, m)
+        if found is not None:
+            entry, row, nxt = found
+            general[len(rows)] = entry
+            general_sizes[len(rows)] = nxt - pos - 32 - len(entry.template_name)
+            rows.append(row)
+            pos = nxt
             continue
         try:
             entry, nxt = _parse_binary_entry(data, pos)
