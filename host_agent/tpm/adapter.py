@@ -398,8 +398,9 @@ class PytssHostTpm:
                 self._drop_connection()
 
     def _give_up_lease(self) -> None:
-        """Empty our part of the TPM and release ``tpm.lock`` (the connection stays open:
-        swtpm serves several, and we send nothing without the lease)."""
+        """Empty our part of the TPM and release ``tpm.lock``. The ESAPI context stays: the
+        swtpm TCTI connects for each command anyway (swtpm serves one connection at a time),
+        and nothing is sent without the lease."""
         if self._lease_fd is None:
             return
         try:
