@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 import shutil
 import socket
+import subprocess
 import tempfile
 import time
 import uuid
@@ -162,7 +163,7 @@ class Vm:
 @dataclass
 class Host:
     dir: Path
-    hw: Swtpm
+    hw: Swtpm | UnixSwtpm
     tpm: PytssHostTpm
     store: TrustedStore
     hooks: HooksServer
@@ -244,11 +245,54 @@ def _aik_certificate(tpm: PytssHostTpm) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
+class UnixSwtpm:
+    """The host's swtpm on unix sockets, as the software root runs it (``swtpm:path=``): the
+    swtpm TCTI connects for every command, which over TCP leaves a TIME_WAIT socket each."""
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.socket = state_dir / "swtpm.sock"
+        self.proc = subprocess.Popen(
+            [
+                "swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state_dir}",
+                "--server", f"type=unixio,path={self.socket}",
+                "--ctrl", f"type=unixio,path={state_dir / 'swtpm.sock.ctrl'}",
+                "--flags", "not-need-init,startup-clear",
+                "--log", f"file={state_dir / 'swtpm.log'},level=1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"swtpm did not create {self.socket}")
+            time.sleep(0.02)
+
+    @property
+    def tcti(self) -> str:
+        return f"swtpm:path={self.socket}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def make_host(
-    root: Path, connection: Literal["persistent", "shared", "per-call"] = "persistent"
+    root: Path,
+    connection: Literal["persistent", "shared", "per-call"] = "persistent",
+    transport: Literal["tcp", "unix"] = "tcp",
 ) -> Host:
-    """A host; ``connection="shared"`` is how the daemon uses the software root (discovery)."""
-    hw = start_swtpm(root / "host-swtpm")
+    """A host; ``connection="shared"`` over ``transport="unix"`` is how the daemon uses the
+    software root (discovery)."""
+    hw: Swtpm | UnixSwtpm = (
+        UnixSwtpm(root / "host-swtpm") if transport == "unix" else start_swtpm(root / "host-swtpm")
+    )
     tpm = PytssHostTpm(hw.tcti, root / "host-keys", connection=connection)
     tpm.ensure_host_keys()
     values = tpm.pcr_values(AUTHKEY_PCRS)
