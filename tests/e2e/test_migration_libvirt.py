@@ -181,6 +181,15 @@ class Agent:
     def vm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.cli("vm", *args, "--runtime-dir", RUNTIME, check=check)
 
+    def pcrs(self) -> dict[str, str]:
+        """The VM's sha256 vPCRs, read through its bridge on this host (``vtpm-host vm pcrs``)."""
+        cmd = [*HOST_CLI, "vm", "pcrs", str(VM), "--json", "--runtime-dir", RUNTIME]
+        done = subprocess.run(self.host.argv(cmd), capture_output=True, text=True,
+                              env=self.env, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        pcrs: dict[str, str] = json.loads(done.stdout)["pcrs"]
+        return pcrs
+
     def migrate(self, to: Agent, name: str) -> subprocess.CompletedProcess[str]:
         """``vtpm-host vm migrate DOMAIN --to HOST --libvirt-uri … --json`` from this host."""
         return self.cli("vm", "migrate", str(VM), "--to", name, "--address",
@@ -254,6 +263,8 @@ def test_vm_migrate_moves_the_running_vm_and_its_vaik(
     console_a = a.state / "vms" / str(VM) / "console.log"
     wait_console(console_a, READY_MARKER)
     assert inspect_in(a) == (VaikState.ACTIVE, [])
+    vpcrs = a.pcrs()
+    assert vpcrs["0"] != "00" * 32, "the firmware measured something"
     t0 = time.monotonic()
     done = a.migrate(b, "host-b")
     took = time.monotonic() - t0
@@ -268,6 +279,8 @@ def test_vm_migrate_moves_the_running_vm_and_its_vaik(
     assert inspect_in(a) == (VaikState.ABSENT, [f"source:{SourceStep.DONE.value}"])
     assert inspect_in(b) == (VaikState.ACTIVE, [f"target:{TargetStep.ACTIVE.value}"])
     assert "refused" not in b.log_tail(20000)
+    # The vTPM runs on B with the vPCRs the source signed at its stop.
+    assert b.pcrs() == vpcrs
     assert "matches the signed record (memory root" in b.log_tail(20000)
 
 
@@ -333,3 +346,4 @@ def test_vm_migrates_back_and_forth(agents: tuple[Agent, Agent]) -> None:
     assert done.returncode == 0, done.stderr + b.log_tail() + a.log_tail()
     assert a.host.domstate("mig") == "running" and b.host.domstate("mig") == "absent"
     assert inspect_in(a)[0] is VaikState.ACTIVE and inspect_in(b)[0] is VaikState.ABSENT
+    assert a.pcrs()["0"] != "00" * 32  # the vTPM came back with its state
