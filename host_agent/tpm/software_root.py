@@ -29,6 +29,7 @@ import pwd
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -40,6 +41,9 @@ __all__ = ["LOCALCA_DIR", "RunState", "SoftwareRoot"]
 log = logging.getLogger(__name__)
 
 LOCALCA_DIR = Path("/var/lib/swtpm-localca")
+
+#: TPM2_Shutdown(TPM_SU_STATE): tag TPM_ST_NO_SESSIONS, size 12, TPM_CC_Shutdown.
+_SHUTDOWN_STATE = struct.pack(">HIIH", 0x8001, 12, 0x0145, 0x0001)
 
 
 class RunState(enum.Enum):
@@ -239,10 +243,33 @@ class SoftwareRoot:
                 return False
         return True
 
+    def _orderly_shutdown(self) -> None:
+        """Send TPM2_Shutdown(STATE) before the process ends, as an OS does at power-off.
+
+        A TPM that stops without it counts one dictionary-attack failure at its next start-up
+        once a DA-protected key (the AIK, the AuthKey) has been used since the last orderly
+        shutdown. swtpm's defaults (3 tries, 1,000 s recovery) then lock the software root out
+        of every certification after three agent restarts (TPM_RC_LOCKOUT, 0x921). Best effort:
+        a TPM that does not answer within two seconds is stopped anyway.
+        """
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(2.0)
+                s.connect(str(self.socket_path))
+                s.sendall(_SHUTDOWN_STATE)
+                answer = s.recv(64)
+        except OSError as err:
+            log.warning("software root: TPM2_Shutdown not sent (%s); stopping it anyway", err)
+            return
+        rc = struct.unpack(">I", answer[6:10])[0] if len(answer) >= 10 else None
+        if rc != 0:
+            log.warning("software root: TPM2_Shutdown answered %r; stopping it anyway", rc)
+
     def _kill(self) -> None:
         if self._proc is None:
             return
         if self._proc.poll() is None:
+            self._orderly_shutdown()
             self._proc.send_signal(signal.SIGTERM)
             try:
                 self._proc.wait(5)
