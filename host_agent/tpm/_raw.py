@@ -165,11 +165,82 @@ class Session:
 PASSWORD = Session(_RS_PW)
 
 
+def _link(tcti: Any) -> tuple[Any, Any]:
+    """``(send(command), receive() -> bytes)`` on ``tcti``.
+
+    A native TCTI (what ESAPI was given: ``TCTILdr``, ``TCTI``) is driven through its C entry
+    points with one receive buffer kept: tpm2-pytss's ``TCTI.transmit``/``receive`` wrappers
+    spend more Python CPU per call than the rest of a command's marshalling (a regex renaming
+    the method, an import, two ``ffi.new`` copies of 4 KiB), and the hot path sends ~13
+    commands per attestation. The same calls on the same connection; a non-zero TSS2 rc is a
+    link error as before. A Python TCTI (``PyTCTI``) or anything unfamiliar keeps the wrappers.
+    """
+    try:
+        from tpm2_pytss._libtpm2_pytss import ffi
+        from tpm2_pytss.TCTI import TCTI, PyTCTI
+    except ImportError:  # pragma: no cover - tpm2-pytss is a host dependency
+        ffi = None
+    v1 = getattr(tcti, "_v1", None)
+    ctx = getattr(tcti, "_ctx", None)
+    if (
+        ffi is None
+        or not isinstance(tcti, TCTI)
+        or isinstance(tcti, PyTCTI)
+        or v1 is None
+        or ctx is None
+        or v1.version < 1
+        or v1.transmit == ffi.NULL
+        or v1.receive == ffi.NULL
+    ):
+
+        def send_wrapped(command: bytes) -> None:
+            tcti.transmit(command)
+
+        def receive_wrapped() -> bytes:
+            return bytes(tcti.receive(4096, -1))
+
+        return send_wrapped, receive_wrapped
+
+    transmit, receive = v1.transmit, v1.receive
+    buf = ffi.new("uint8_t[]", 4096)
+    size = ffi.new("size_t *")
+    from_buffer, buffer = ffi.from_buffer, ffi.buffer
+
+    def send(command: bytes) -> None:
+        rc = transmit(ctx, len(command), from_buffer("uint8_t[]", command))
+        if rc:
+            raise _TctiError(rc)
+
+    def receive_native() -> bytes:
+        size[0] = 4096
+        rc = receive(ctx, size, buf, -1)
+        if rc:
+            raise _TctiError(rc)
+        data: bytes = buffer(buf, size[0])[:]
+        return data
+
+    send.tcti = receive_native.tcti = tcti  # type: ignore[attr-defined]  # keeps ctx alive
+    return send, receive_native
+
+
+class _TctiError(Exception):
+    def __init__(self, rc: int) -> None:
+        try:
+            from tpm2_pytss import TSS2_Exception
+
+            text = str(TSS2_Exception(rc))
+        except Exception:  # only the message is at stake
+            text = "TCTI error"
+        super().__init__(f"{text} (rc 0x{rc:08x})")
+        self.rc = rc
+
+
 class RawTpm:
     """Send hand-marshalled commands on a tpm2-pytss TCTI (see the module docstring)."""
 
     def __init__(self, tcti: Any) -> None:
         self._tcti = tcti
+        self._send, self._receive = _link(tcti)
         self.commands = 0
 
     def _run(
@@ -190,9 +261,9 @@ class RawTpm:
         command = _HDR.pack(tag, _HDR.size + len(body), cc) + body
         for _ in range(_MAX_RETRIES):
             try:
-                self._tcti.transmit(command)
-                answer = bytes(self._tcti.receive(4096, -1))
-            except Exception as err:  # the TCTI's own errors (TSS2_Exception): the link broke
+                self._send(command)
+                answer = self._receive()
+            except Exception as err:  # the TCTI's own errors (rc, TSS2_Exception): the link broke
                 raise RawTpmError(name, f"transport: {err}", link=True) from err
             self.commands += 1
             if len(answer) < _HDR.size:

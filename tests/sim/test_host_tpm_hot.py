@@ -227,3 +227,42 @@ def test_the_shared_connection_reconnects_after_the_software_root_restarts(
             assert "reconnecting" in caplog.text
     finally:
         root.stop()
+
+
+class _WrappersOnly:
+    """A TCTI seen only through tpm2-pytss's ``transmit``/``receive`` methods."""
+
+    def __init__(self, tcti: object) -> None:
+        self.tcti = tcti
+
+    def transmit(self, command: bytes) -> None:
+        self.tcti.transmit(command)  # type: ignore[attr-defined]
+
+    def receive(self, size: int, timeout: int) -> bytes:
+        return bytes(self.tcti.receive(size, timeout))  # type: ignore[attr-defined]
+
+
+def test_raw_commands_on_the_tctis_entry_points_answer_as_through_its_wrappers(
+    swtpm_factory: Callable[..., Swtpm],
+) -> None:
+    import hashlib
+
+    from tpm2_pytss import ESAPI
+
+    from host_agent.tpm._raw import RawTpm, RawTpmError
+
+    sw = swtpm_factory("raw")
+    esys = ESAPI(sw.tcti)
+    try:
+        native, wrapped = RawTpm(esys.tcti), RawTpm(_WrappersOnly(esys.tcti))
+        for data in (b"", b"abc", bytes(range(256)) * 4):
+            digest, ticket = native.hash(data)
+            assert (digest, ticket) == wrapped.hash(data)
+            assert digest == hashlib.sha256(data).digest()
+        assert native.commands == wrapped.commands == 3
+        sw.stop()
+        with pytest.raises(RawTpmError) as lost:
+            native.hash(b"abc")
+        assert lost.value.link
+    finally:
+        esys.close()
