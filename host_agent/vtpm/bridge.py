@@ -43,6 +43,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import queue
 import selectors
 import signal
 import socket
@@ -128,6 +129,9 @@ class Bridge:
         self._stop = False
         self._stopped = threading.Event()
         self._lock = threading.Lock()
+        # link calls that block (read_pcrs) run on reused daemon threads, one per call in flight
+        self._call_work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._call_idle = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1042,7 +1046,36 @@ class Bridge:
                 result = Result(call.id, False, error_id="vtpm.link.bad_args", message=str(err))
             self._post(lambda: _send_unless_closed(peer, result))
 
-        threading.Thread(target=work, name="bridge-call", daemon=True).start()
+        self._run_call(work)
+
+    def _run_call(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on an idle call thread, or a new one (a thread start costs more CPU
+        than the PCR read it serves: ~0.12 ms of ~0.7)."""
+        with self._lock:
+            idle = self._call_idle > 0
+            if idle:
+                self._call_idle -= 1
+        self._call_work.put(work)
+        if not idle:
+            threading.Thread(target=self._call_thread, name="bridge-call", daemon=True).start()
+
+    def _call_thread(self) -> None:
+        """Serve calls until idle for 10 s (a caller that counted this thread idle finds it)."""
+        while True:
+            try:
+                work = self._call_work.get(timeout=10.0)
+            except queue.Empty:
+                with self._lock:
+                    if self._call_idle > 0:  # nobody counted on this thread: leave
+                        self._call_idle -= 1
+                        return
+                continue  # a call was handed to this thread meanwhile: take it
+            try:
+                work()
+            except Exception:  # one bad call does not take the thread down
+                log.exception("bridge %s: link call failed", self.config.vm_uuid)
+            with self._lock:
+                self._call_idle += 1
 
 
 def _send_unless_closed(peer: LinkPeer, msg: Result) -> None:
