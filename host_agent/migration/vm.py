@@ -29,7 +29,10 @@ target (:class:`TargetVmMove`, one per incoming migration)
     the volatile state, so equal digests mean the vPCRs the source signed are the ones this
     vTPM starts with (the record carries the vPCR values too; the bridge cannot read them
     before QEMU's INIT, which comes after the last hook). ``record_check`` answers the
-    protocol's Verdict only once both hooks decided.
+    protocol's Verdict only once both hooks decided. On the commit the target writes the VM's
+    adoption record from the domain definition libvirt brought (its sockets), so the
+    attestation component serves the VM's channel here and the guest attests with the moved
+    vAIK, chained through this host's AuthKey and AIK.
 
 Memory root: the record carries the root of the source memfd at the final stop. The migration
 stream is the ground truth (docs/NOTES.md: a busy guest's source memfd can differ from the
@@ -454,6 +457,50 @@ class VmMoves:
             raise RecordRefused(f"VM {record.vm_uuid} is not armed for an incoming migration")
         move.check(record)
 
+    def _record_arrival(self, vm_uuid: uuid.UUID) -> None:
+        """Write the arrived VM's adoption record, from the domain definition libvirt brought
+        (its ``vtpm`` metadata names the bridge and channel sockets), unless one is there: the
+        attestation component finds the VM's channel socket in it, so the guest can attest on
+        this host. Never raises (the move is committed already); a failure is logged."""
+        from datetime import UTC, datetime
+
+        from host_agent.lifecycle.adoption import AdoptionRecord, VmLayout
+        from host_agent.lifecycle.domain_xml import DEFAULT_CHANNEL_NAME, describe_domain_xml
+        from host_agent.lifecycle.libvirt_adapter import Hypervisor
+
+        vm = str(vm_uuid)
+        try:
+            state_dir = Path(self.daemon.paths.state_dir)
+            layout = VmLayout.of(state_dir, vm)
+            if layout.record.exists():
+                return
+            with Hypervisor(self.daemon.config.libvirt.uri_for(state_dir)) as hv:
+                xml = hv.xml(vm)
+            described = describe_domain_xml(xml)
+            if not described.adopted or not described.channel_socket:
+                log.warning("migration: arrived VM %s has no adoption metadata; no record", vm)
+                return
+            digest = hashlib.sha256(xml.encode()).hexdigest()
+            record = AdoptionRecord(
+                name=described.name,
+                uuid=vm,
+                adopted_at=datetime.now(UTC).isoformat(),
+                bridge_socket=described.bridge_socket or str(layout.bridge_socket),
+                channel_socket=described.channel_socket,
+                channel_name=described.channel_name or DEFAULT_CHANNEL_NAME,
+                tpm_model=described.tpm_model or "",
+                previous_tpm_backend=None,
+                vtpm_state="migrated-in",
+                xml_sha256_before=digest,
+                xml_sha256_after=digest,
+            )
+            tmp = layout.record.with_suffix(".json.tmp")
+            tmp.write_text(record.to_json())
+            os.replace(tmp, layout.record)
+            log.info("migration: VM %s arrived; adoption record written", vm)
+        except Exception as err:  # committed already: report, never raise
+            log.warning("migration: no adoption record for arrived VM %s: %s", vm, err)
+
     def end_incoming(self, vm_uuid: uuid.UUID, decision: str) -> None:
         """Give the hooks back; after an abort stop what was armed (the QEMU, if any, failed)."""
         with self._lock:
@@ -461,6 +508,7 @@ class VmMoves:
         vm = str(vm_uuid)
         self.daemon.restorer.delegate(vm, None)
         if decision == "commit":
+            self._record_arrival(vm_uuid)
             return
         from host_agent.lifecycle.adoption import VmLayout
         from host_agent.lifecycle.restore import _bridge_pid, _stop_pid
