@@ -7,30 +7,47 @@ its namespace address only. QEMU runs under TCG; the guest is the ``vm_images`` 
 The agent's state directory is ``/run/vtpm-mig`` on both hosts (a bind mount in each host's
 mount namespace of a directory of its own), as real hosts share one layout: the domain XML that
 libvirt carries from A to B names the same bridge and channel sockets, which B's agent arms.
-Each host runs ``vtpm-host daemon`` with the migration component inside its namespaces; the
-fleet (registrar, admission, the vAIK of ``VM`` on A) is the sim tier's
+Each host runs ``vtpm-host daemon`` with the migration and attestation components inside its
+namespaces; the fleet (registrar, admission, the vAIK of ``VM`` on A) is the sim tier's
 (tests/sim/test_migration_hosts.py).
+
+One guest boots per module (``protected``, with a NIC whose SSH hostfwd is on 127.0.0.1 of the
+namespace its QEMU runs in). Its tenant enrolls on A and attests with ``vtpm-verify`` (SSH into
+the guest, the guest agent asks the host daemon through the virtio-serial channel); after the
+move the same enrollment attests on B, and A refuses the VM.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from evidence.aik_cert import verify_aik_certificate
+from evidence.bundle import parse_bundle
 from host_agent.migration import SourceStep, TargetStep, VaikState
 from host_agent.migration.service import DEFAULT_PORT
+from host_agent.service.enroll import fingerprint
+from tests.helpers.guest_tenant import GUEST_COMMAND
 from tests.helpers.libvirtd_ns import NsLibvirtd, libvirtd_pair
 from tests.helpers.netns import NetnsPair, two_hosts
+from tests.sim.test_attest_service import TENANT, GuestEnd
 from tests.sim.test_migration_hosts import (
     HOST_CLI,
     REPO,
@@ -43,8 +60,13 @@ from tests.sim.test_migration_hosts import (
 from vm_images.build import READY_MARKER, GuestImage, build_image
 
 BOOT_TIMEOUT = 150.0
+VERIFY_CLI = [sys.executable, "-m", "verifier.cli"]
 AGENT_STATE = "/run/vtpm-mig"
 COMPONENT = "host_agent.migration.service:MigrationComponent"
+ATTEST = "host_agent.service.attest:AttestService"
+ATTEST_PORT = 7788
+SSH_PORT = 2222  # the guest's hostfwd, on 127.0.0.1 of the namespace its QEMU runs in
+IMA = 'ima_policy=tcb ima_hash=sha256 vtpm.ima_policy="measure func=BPRM_CHECK"'
 NAMES = {"a": "migA", "b": "migB", "veth_a": "vmigA", "veth_b": "vmigB"}
 ADDRS = {"addr_a": "10.78.0.1", "addr_b": "10.78.0.2"}
 
@@ -157,6 +179,17 @@ class Agent:
         mig.mkdir(exist_ok=True)
         shutil.copy(approvals, mig / "policy-approvals.json")
         self.settings({})
+        # The attestation component: the fleet policy key the vAIKs bind, the enrollment API on
+        # this host's address, and the operator's owner policy (written by the tests).
+        attest = state / "attest"
+        attest.mkdir(exist_ok=True)
+        key_pem = json.loads(approvals.read_text())["policy_key"]["pem"]
+        (attest / "fleet-policy-key.pem").write_text(key_pem)
+        listen = {"listen": f"{host.address}:{ATTEST_PORT}"}
+        (attest / "settings.json").write_text(json.dumps(listen))
+        (attest / "owners.json").write_text(
+            json.dumps({"format": "vtpm-trust/owners/1", "vms": {}})
+        )
 
     def settings(self, extra: dict[str, str]) -> None:
         """Write ``settings.json`` (the listen address and ``extra``, e.g. the test hook)."""
@@ -198,7 +231,7 @@ class Agent:
 
     def start(self) -> Agent:
         cmd = [*HOST_CLI, "daemon", "--state-dir", AGENT_STATE, "--runtime-dir", RUNTIME,
-               "--component", COMPONENT]  # fmt: skip
+               "--component", COMPONENT, "--component", ATTEST]  # fmt: skip
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 self.host.argv(cmd), stdout=out, stderr=out, env=self.env, cwd=REPO,
@@ -251,17 +284,120 @@ def inspect_in(agent: Agent) -> tuple[VaikState, list[str]]:
     return VaikState(out["vaik_state"]), steps
 
 
+@dataclass
+class Tenant:
+    """The tenant of ``VM``: its certificate and key, the fleet CA, its ``vtpm-verify`` state
+    (enrollment, reference values) and what it saw in each attestation."""
+
+    dir: Path
+    net: NetnsPair
+    image: GuestImage
+    bundles: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def state(self) -> Path:
+        return self.dir / "state"
+
+    def verify(self, ns: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+        """``vtpm-verify ARGS`` in namespace ``ns`` (None: here)."""
+        cmd = [*VERIFY_CLI, *args]
+        if ns is None:
+            return subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO,
+                                  timeout=300)  # fmt: skip
+        return self.net.run(ns, cmd, env=_env(), cwd=REPO, timeout=300)
+
+    def enroll(self, agent: Agent) -> subprocess.CompletedProcess[str]:
+        return self.verify(agent.host.ns, "enroll", "--host",
+                           f"https://{agent.host.address}:{ATTEST_PORT}", "--vm", str(VM),
+                           "--cert", str(self.dir / "tenant.der"),
+                           "--key", str(self.dir / "tenant.key"),
+                           "--fleet-ca", str(self.dir / "fleet-ca.pem"),
+                           "--state-dir", str(self.state), "--json")  # fmt: skip
+
+    def attest(self, agent: Agent, label: str, *extra: str) -> dict[str, Any]:
+        """``vtpm-verify attest`` over SSH to the guest on ``agent``'s host (its hostfwd), the
+        bundle kept as ``label``; returns the JSON report."""
+        bundle = self.dir / f"{label}.json"
+        done = self.verify(agent.host.ns, "attest", "--ssh", f"root@127.0.0.1:{SSH_PORT}",
+                           "--identity", str(self.image.ssh_private_key),
+                           "--host-key", self.image.ssh_host_public_key,
+                           "--state-dir", str(self.state), "--vm", str(VM),
+                           "--guest-command", GUEST_COMMAND, "--json",
+                           "--save-bundle", str(bundle), *extra)  # fmt: skip
+        assert done.returncode in (0, 1), done.stderr[-3000:] + agent.log_tail()
+        if bundle.exists():
+            self.bundles[label] = bundle
+        report: dict[str, Any] = json.loads(done.stdout)
+        return report
+
+
+@pytest.fixture(scope="module")
+def protected(
+    agents: tuple[Agent, Agent], image: GuestImage, lab: tuple[NetnsPair, Any, Any, Path]
+) -> Tenant:
+    """The VM ``mig`` (``vtpm-host vm create``, a user-networking NIC for SSH), running on A
+    with the guest agent copied in, its owner policy naming the tenant on A. One boot for the
+    module: every later test moves or attests this guest."""
+    a, _b = agents
+    net, _, _, root = lab
+    nic = ["-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{SSH_PORT}-:22",
+           "-device", "virtio-net-pci,netdev=n0,addr=0x10"]  # fmt: skip
+    made = json.loads(a.vm("create", "mig", "--image", str(image.directory), "--uuid", str(VM),
+                           "--memory", "256", "--cmdline-extra", IMA,
+                           *(f"--qemu-arg={arg}" for arg in nic), "--json").stdout)  # fmt: skip
+    assert made["uuid"] == str(VM)
+    a.vm("start", "mig")
+    wait_console(a.state / "vms" / str(VM) / "console.log", READY_MARKER)
+    installed = net.call_function(
+        net.a, "tests.helpers.guest_tenant:install_guest_agent", SSH_PORT,
+        str(image.ssh_private_key), image.ssh_host_public_key,
+    )  # fmt: skip
+    assert installed > 0
+    tenant = Tenant(root / "tenant", net, image)
+    tenant.dir.mkdir()
+    (tenant.dir / "tenant.der").write_bytes(TENANT.cert_user)
+    (tenant.dir / "tenant.key").write_bytes(
+        TENANT.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    shutil.copy(a.state / "identity" / "ca.pem", tenant.dir / "fleet-ca.pem")
+    (a.state / "attest" / "owners.json").write_text(json.dumps(
+        {"format": "vtpm-trust/owners/1", "vms": {str(VM): [fingerprint(TENANT.cert_user)]}}
+    ))  # fmt: skip
+    return tenant
+
+
+def test_tenant_enrolls_on_a_and_the_attestation_is_trusted(
+    agents: tuple[Agent, Agent], protected: Tenant
+) -> None:
+    """Enrollment over HTTPS at A's API (patent 2-1), then ``vtpm-verify attest`` over SSH: the
+    guest agent asks A's daemon through the virtio-serial channel; the bundle verifies
+    (``evidence.verify.verify_bundle``) and reference values learnt from it accept the next."""
+    a, _b = agents
+    tenant = protected
+    done = tenant.enroll(a)
+    assert done.returncode == 0, done.stdout + done.stderr + a.log_tail()
+    first = tenant.attest(a, "a-first")
+    assert first["trusted"] is True, first
+    learnt = tenant.verify(None, "policy", "learn", str(tenant.bundles["a-first"]),
+                           "--state-dir", str(tenant.state),
+                           "-o", str(tenant.dir / "refs.json"))  # fmt: skip
+    assert learnt.returncode == 0, learnt.stderr
+    report = tenant.attest(a, "a", "--policy", str(tenant.dir / "refs.json"))
+    assert report["trusted"] is True, report
+    bundle = parse_bundle(tenant.bundles["a"].read_bytes())
+    assert bundle.vm_uuid == VM and bundle.cert_user == TENANT.cert_user
+    assert bundle.event_log is not None and bundle.ima_list is not None
+
+
 def test_vm_migrate_moves_the_running_vm_and_its_vaik(
-    agents: tuple[Agent, Agent], image: GuestImage
+    agents: tuple[Agent, Agent], protected: Tenant
 ) -> None:
     """``vtpm-host vm migrate --libvirt-uri``: protocol steps 1-5 around libvirt's migration."""
     a, b = agents
-    made = json.loads(a.vm("create", "mig", "--image", str(image.directory), "--uuid", str(VM),
-                           "--memory", "256", "--json").stdout)  # fmt: skip
-    assert made["uuid"] == str(VM)
-    a.vm("start", "mig")
-    console_a = a.state / "vms" / str(VM) / "console.log"
-    wait_console(console_a, READY_MARKER)
     assert inspect_in(a) == (VaikState.ACTIVE, [])
     vpcrs = a.pcrs()
     assert vpcrs["0"] != "00" * 32, "the firmware measured something"
@@ -282,6 +418,48 @@ def test_vm_migrate_moves_the_running_vm_and_its_vaik(
     # The vTPM runs on B with the vPCRs the source signed at its stop.
     assert b.pcrs() == vpcrs
     assert "matches the signed record (memory root" in b.log_tail(20000)
+
+
+def test_after_the_move_attest_on_b_is_trusted_and_a_cannot_attest(
+    agents: tuple[Agent, Agent], protected: Tenant, fleet: Fleet
+) -> None:
+    """Issue 8: the tenant attests the moved VM without enrolling again. Same vAIK public key;
+    CertvAIK by B's AuthKey, CertAuthKey by B's AIK, B's AIK certificate chaining to the fleet
+    CA; the reference values learnt on A still accept it. A, asked for the VM through the
+    VM's channel, refuses: it holds no vAIK for it any more."""
+    a, b = agents
+    tenant = protected
+    report = tenant.attest(b, "b", "--policy", str(tenant.dir / "refs.json"))
+    assert report["trusted"] is True, (report, b.log_tail())
+    before = parse_bundle(tenant.bundles["a"].read_bytes())
+    after = parse_bundle(tenant.bundles["b"].read_bytes())
+    assert after.vm_uuid == VM and after.cert_user == TENANT.cert_user
+    assert after.vaik_public.marshal() == before.vaik_public.marshal()
+    # The chain is B's now: B's AIK certificate (as `vtpm-host init` stored it), B's AuthKey.
+    aik_pem = {h: (h.state / "identity" / "aik.pem").read_bytes() for h in (a, b)}
+    aik_der = {h: x509.load_pem_x509_certificate(aik_pem[h]).public_bytes(
+        serialization.Encoding.DER) for h in (a, b)}  # fmt: skip
+    assert before.aik_certificates_der[0] == aik_der[a]
+    assert after.aik_certificates_der[0] == aik_der[b] != aik_der[a]
+    assert after.authkey_public.marshal() != before.authkey_public.marshal()
+    fleet_ca = x509.load_pem_x509_certificate((tenant.dir / "fleet-ca.pem").read_bytes())
+    now = datetime.now(UTC)
+    for bundle in (before, after):  # each host's AIK certificate chains to the fleet CA
+        verify_aik_certificate(bundle.aik_certificates_der[0], [fleet_ca], now)
+    # A: the VM's channel socket answered by a stand-in for a QEMU still there (a stale or
+    # replayed copy of the VM); A's daemon connects to it and is asked for a quote.
+    channel = a.state / "vms" / str(VM) / "attest.sock"
+    channel.unlink(missing_ok=True)
+    guest = GuestEnd(channel)
+    try:
+        guest.listener.settimeout(30)
+        answer = guest.request(secrets.token_bytes(32))
+    finally:
+        guest.close()
+        channel.unlink(missing_ok=True)
+    assert answer["ok"] is False, answer
+    assert answer["error"]["id"] == "attest.not_enrolled", answer
+    assert inspect_in(a)[0] is VaikState.ABSENT
 
 
 def _refused_back(a: Agent, b: Agent, error_id: str) -> str:
