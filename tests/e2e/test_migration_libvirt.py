@@ -525,3 +525,28 @@ def test_vm_migrates_back_and_forth(agents: tuple[Agent, Agent]) -> None:
     assert a.host.domstate("mig") == "running" and b.host.domstate("mig") == "absent"
     assert inspect_in(a)[0] is VaikState.ACTIVE and inspect_in(b)[0] is VaikState.ABSENT
     assert a.pcrs()["0"] != "00" * 32  # the vTPM came back with its state
+
+
+def test_plain_virsh_migrate_of_a_protected_vm_fails_and_copies_no_vaik(
+    agents: tuple[Agent, Agent], protected: Tenant
+) -> None:
+    """``virsh migrate --live --p2p`` without our CLI: nothing arms B (no swtpm for incoming
+    state, no bridge on the domain's TPM socket), so B's QEMU cannot start and libvirt fails the
+    migration. The VM keeps running on A, no vAIK reaches B, no journal step is written, and the
+    tenant's attestation on A stays trusted (after the VM came back from B, too)."""
+    a, b = agents
+    journal_a, journal_b = inspect_in(a), inspect_in(b)
+    assert journal_a[0] is VaikState.ACTIVE and journal_b[0] is VaikState.ABSENT
+    done = a.host.virsh("migrate", "--live", "--p2p", "mig", b.host.uri,
+                        f"tcp://{b.host.address}", check=False)  # fmt: skip
+    print(f"\nplain virsh migrate of the protected VM: rc {done.returncode}: "
+          f"{done.stderr.strip()[-600:]}")  # fmt: skip
+    assert done.returncode != 0, "libvirt moved the VM with nothing armed on B"
+    assert a.host.domstate("mig") == "running" and b.host.domstate("mig") == "absent"
+    assert b.host.pids("qemu-system") == []
+    assert inspect_in(a) == journal_a and inspect_in(b) == journal_b
+    report = protected.attest(a, "a-after-plain", "--policy", str(protected.dir / "refs.json"))
+    assert report["trusted"] is True, (report, a.log_tail())
+    after = parse_bundle(protected.bundles["a-after-plain"].read_bytes())
+    first = parse_bundle(protected.bundles["a"].read_bytes())
+    assert after.vaik_public.marshal() == first.vaik_public.marshal()
