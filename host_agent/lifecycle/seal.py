@@ -442,9 +442,10 @@ def _warm_n(_i: int) -> int:
 @dataclass
 class _Tracking:
     pid: int
-    tracker: SoftDirtyTracker
+    tracker: SoftDirtyTracker | None  # None: it could not even be set up (``error`` says why)
     thread: threading.Thread
     error: BaseException | None = None
+    started: float = 0.0
 
 
 @dataclass
@@ -544,11 +545,59 @@ class Sealer:
                 "hashes all guest memory at the stop"
             )
             return "full"
-        pid = qemu_pid_of(self.bridges, vm_uuid)
+        return self._start_tracking(vm_uuid, qemu_pid_of(self.bridges, vm_uuid), support)
+
+    def track_running(self, vm_uuid: str, qemu_pid: int, *, refresh: float = 600.0) -> bool:
+        """Keep a background pass over a running VM's memory, whatever save comes next.
+
+        The daemon calls this for every VM whose vTPM runs, so that ``virsh save``, managedsave
+        and snapshots re-hash only the pages written since the pass, like ``vtpm-host vm save``.
+        Soft-dirty bits accumulate from a pass on, so a pass older than ``refresh`` seconds is
+        replaced by a new one (a full hash, in the background) to keep the stop's share small.
+
+        Returns:
+            True if a pass was started now. Nothing starts where soft-dirty tracking is
+            unavailable (each save announces its full hash at the stop), while a save of the VM
+            is in progress, or when a recent pass already tracks this QEMU (one that failed
+            included: it is reported at the stop, not retried every poll).
+
+        Raises:
+            MemorySourceError: the QEMU has no memfd guest RAM to track (remembered as this
+                QEMU's failed pass: the next call for it does nothing).
+        """
+        support = self._support()
+        if not support.available:
+            return False
+        with self._lock:
+            if vm_uuid in self._saves:
+                return False
+            entry = self._tracking.get(vm_uuid)
+            if (
+                entry is not None
+                and entry.pid == qemu_pid
+                and (entry.thread.is_alive() or self._clock() - entry.started < refresh)
+            ):
+                return False
+        try:
+            self._start_tracking(vm_uuid, qemu_pid, support)
+        except MemorySourceError as err:  # kept, so the stop says why and polls do not retry
+            with self._lock:
+                self._tracking[vm_uuid] = _Tracking(
+                    qemu_pid, None, threading.Thread(), err, started=self._clock()
+                )
+            raise
+        return True
+
+    def tracking(self) -> dict[str, int]:
+        """The VMs with a background pass: ``{vm_uuid: qemu_pid}``."""
+        with self._lock:
+            return {vm: entry.pid for vm, entry in self._tracking.items()}
+
+    def _start_tracking(self, vm_uuid: str, pid: int, support: TrackerSupport) -> str:
         tracker = SoftDirtyTracker.for_qemu(
             pid, workers=self._workers, probe=lambda: support, announce=self._announce
         )
-        entry = _Tracking(pid, tracker, threading.Thread())
+        entry = _Tracking(pid, tracker, threading.Thread(), started=self._clock())
 
         def run() -> None:
             try:
@@ -574,8 +623,13 @@ class Sealer:
         with self._lock:
             entry = self._tracking.pop(vm_uuid, None)
         if entry is not None and entry.pid == pid:
-            entry.thread.join()
-            if entry.error is None and entry.tracker.support.available:
+            if entry.thread.ident is not None:  # a pass that could not be set up never started
+                entry.thread.join()
+            if (
+                entry.error is None
+                and entry.tracker is not None
+                and entry.tracker.support.available
+            ):
                 result = entry.tracker.finish()
                 mode = f"{result.mode} ({result.rehashed_pages} pages re-hashed)"
                 return result.leaves, mode, ""

@@ -84,6 +84,7 @@ from host_agent.errors import StateError
 from host_agent.lifecycle.restore import Restorer
 from host_agent.lifecycle.seal import RamHasher, Sealer
 from host_agent.logging_setup import LOG_FORMATS, setup_logging
+from host_agent.memory.dirty import TrackerSupport, probe_soft_dirty
 from host_agent.service.relay_errors import RelayErrorTally
 from host_agent.service.vm_registry import VmRegistry
 from host_agent.store import TrustedStore
@@ -200,6 +201,11 @@ class Daemon:
         hash_workers: memory hashing processes (default: one per core).
         reap: stop the swtpms of VMs that no longer exist at start.
         auto_arm: after a sealed save of an adopted VM, arm it for its restore (:meth:`sync`).
+        background_pass: keep a background hashing pass over every VM whose vTPM runs, where
+            soft-dirty tracking works (:meth:`poll_bridges`), so that every save path re-hashes
+            only the pages written since; False leaves it to ``vtpm-host vm save``.
+        soft_dirty_probe: how to learn whether soft-dirty tracking works (default: probe the
+            kernel; tests force either answer).
     """
 
     #: Seconds after a sealed save within which the VM's QEMU must have gone for it to be armed.
@@ -221,6 +227,8 @@ class Daemon:
         hash_workers: int | None = None,
         reap: bool = True,
         auto_arm: bool = True,
+        background_pass: bool = True,
+        soft_dirty_probe: Callable[[], TrackerSupport] = probe_soft_dirty,
     ) -> None:
         self.config = config
         self.paths = DaemonPaths(Path(config.state_dir), Path(runtime_dir))
@@ -247,6 +255,8 @@ class Daemon:
         self.relay_errors = RelayErrorTally()
         self._relay_polled = float("-inf")
         self.auto_arm = auto_arm
+        self.background_pass = background_pass
+        self._soft_dirty_probe = soft_dirty_probe
         self._started: list[Component] = []
         self._stop_requested = threading.Event()
         self._lock = threading.RLock()
@@ -321,6 +331,7 @@ class Daemon:
             domain_xml_sha256=self._domain_xml_sha256,
             workers=self.hash_workers,
             hasher=self.hasher,
+            probe=self._soft_dirty_probe,
             clock=self.clock,
         )
         from host_agent.lifecycle.retention import AutoPrune
@@ -440,6 +451,8 @@ class Daemon:
     def poll_bridges(self) -> dict[tuple[str, str], int]:
         """Ask every connected bridge for its relay error counters (its ``status`` on the daemon
         link), fold them into :attr:`relay_errors` and return the totals ``{(vm, kind): n}``.
+        The same answer says whether the VM's vTPM runs and under which QEMU: such a VM gets a
+        background hashing pass (:meth:`Sealer.track_running`) unless one already runs.
 
         A bridge that does not answer within ``RELAY_POLL_TIMEOUT`` is skipped this round.
         """
@@ -453,7 +466,21 @@ class Daemon:
                     self.relay_errors.update(vm_uuid, str(value.get("instance", "")), counts)
                 except (VtpmError, KeyError, TypeError, AttributeError, ValueError) as err:
                     log.debug("relay errors of bridge %s not read: %s", vm_uuid, err)
+                    continue
+                self._keep_background_pass(vm_uuid, value)
         return self.relay_errors.counts()
+
+    def _keep_background_pass(self, vm_uuid: str, status: dict[str, Any]) -> None:
+        sealer, pid = self.sealer, status.get("qemu_pid")
+        if not self.background_pass or sealer is None or status.get("tpm") != "running":
+            return
+        if not isinstance(pid, int) or pid <= 0:
+            return
+        try:
+            if sealer.track_running(vm_uuid, pid):
+                log.info("VM %s: background hashing pass started (QEMU pid %d)", vm_uuid, pid)
+        except VtpmError as err:  # e.g. no memfd RAM: the save hashes in full and says why
+            log.warning("VM %s: no background hashing pass: %s", vm_uuid, err)
 
     def _hook_observed(self, kind: str, call: HookCall, seconds: float, decision: Decision) -> None:
         """Feed the metrics component (when one runs) with a hook's duration and its veto."""
@@ -743,6 +770,14 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--hash-workers", type=int, help="memory hashing processes (default: cores)")
     p.add_argument(
+        "--no-background-pass",
+        dest="background_pass",
+        action="store_false",
+        help="do not keep a background hashing pass over running VMs (where soft-dirty tracking "
+        "works, saves then re-hash only the pages written since it; without it only "
+        "'vtpm-host vm save' starts one and other saves hash all memory at the stop)",
+    )
+    p.add_argument(
         "--log-format",
         choices=LOG_FORMATS,
         help="logs on stderr: readable text or one JSON object per line "
@@ -815,6 +850,7 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
         runtime_dir=args.runtime_dir,
         components=components,
         hash_workers=args.hash_workers,
+        background_pass=args.background_pass,
     )
     return daemon.run()
 

@@ -22,6 +22,7 @@ import pytest
 
 from host_agent.config import AgentConfig, TpmConfig
 from host_agent.errors import StateError
+from host_agent.memory.dirty import TrackerSupport
 from host_agent.service.daemon import ControlClient, Daemon, DaemonError, DaemonRunState
 from host_agent.store import StoreRolledBack
 from host_agent.store.provision import ensure_store, open_store
@@ -29,6 +30,7 @@ from host_agent.tpm.adapter import PytssHostTpm
 from host_agent.vtpm.bridge import Bridge, BridgeConfig
 from tests.helpers.qemu import SwtpmUnix, start_swtpm_unix
 from tests.helpers.swtpm import Swtpm
+from tests.sim.test_bridge import QemuSide
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -197,4 +199,63 @@ def test_sigterm_stops_the_daemon_process_and_leaves_bridges_and_swtpms_running(
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+        vm.close()
+
+
+def _running_vtpm(vm: VmBridge) -> QemuSide:
+    """Attach a QEMU side to the VM's bridge and start its vTPM (the bridge's status then says
+    "tpm": "running" with this process as QEMU)."""
+    q = QemuSide(vm.bridge.config.listen)
+    q.boot()
+    return q
+
+
+@pytest.mark.parametrize("available", [True, False])
+def test_daemon_keeps_a_background_pass_over_running_vms_where_soft_dirty_works(
+    host: AgentConfig, available: bool
+) -> None:
+    """Every save path gets the background pass, not only `vtpm-host vm save`: the daemon starts
+    one for each VM whose vTPM runs, once per QEMU. Where soft-dirty is missing none starts
+    (each save announces its full hash at the stop instead). This QEMU side is the test process,
+    which has no guest-RAM memfd: the pass fails in its thread and the stop will hash in full
+    saying why; what is shown here is that the daemon starts it, and only once."""
+    support = TrackerSupport(available, "" if available else "forced off by the test")
+    daemon = daemon_of(host, soft_dirty_probe=lambda: support).start()
+    vm = VmBridge(host, "vm-bg")
+    q: QemuSide | None = None
+    try:
+        assert daemon.hooks is not None and daemon.sealer is not None
+        daemon.hooks.wait_for_bridge(vm.uuid, timeout=5)
+        daemon.poll_bridges()
+        assert daemon.sealer.tracking() == {}, "no pass before a QEMU runs the vTPM"
+        q = _running_vtpm(vm)
+        daemon.poll_bridges()
+        expected = {vm.uuid: os.getpid()} if available else {}
+        assert daemon.sealer.tracking() == expected
+        if available:
+            [entry] = daemon.sealer._tracking.values()
+            daemon.poll_bridges()  # a second poll keeps the same pass
+            assert daemon.sealer._tracking[vm.uuid] is entry
+    finally:
+        if q is not None:
+            q.close()
+        daemon.stop()
+        vm.close()
+
+
+def test_no_background_pass_when_the_daemon_is_told_not_to(host: AgentConfig) -> None:
+    support = TrackerSupport(True, "")
+    daemon = daemon_of(host, soft_dirty_probe=lambda: support, background_pass=False).start()
+    vm = VmBridge(host, "vm-nobg")
+    q: QemuSide | None = None
+    try:
+        assert daemon.hooks is not None and daemon.sealer is not None
+        daemon.hooks.wait_for_bridge(vm.uuid, timeout=5)
+        q = _running_vtpm(vm)
+        daemon.poll_bridges()
+        assert daemon.sealer.tracking() == {}
+    finally:
+        if q is not None:
+            q.close()
+        daemon.stop()
         vm.close()
