@@ -640,8 +640,8 @@ class Sealer:
                 note = f"dirty-page tracking unavailable ({support.reason})"
             else:
                 note = (
-                    "no background pass was running (only `vtpm-host vm save` or a daemon "
-                    "prepare_save starts one)"
+                    "no background pass was running (the daemon starts one within seconds of "
+                    "seeing the vTPM run, unless told not to; `vtpm-host vm save` starts one)"
                 )
         self._announce(f"VM {vm_uuid}: {note}; hashing all guest memory at the stop")
         return self._hasher.hash(pid), "full", note
