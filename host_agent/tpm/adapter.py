@@ -266,6 +266,8 @@ class PytssHostTpm:
         # hot path (attest/certify/sign): what stays in the TPM between calls, see _quiesce
         self._capacity = _DEFAULT_OBJECT_SLOTS
         self._raw: RawTpm | None = None
+        # shared mode on swtpm: the hot path's commands go over one kept connection (_raw)
+        self._kept_address = raw.swtpm_address(tcti) if connection == "shared" else None
         self._resident: OrderedDict[bytes, int] = OrderedDict()  # key → TPM handle
         self._saved: OrderedDict[bytes, bytes] = OrderedDict()  # key → TPMS_CONTEXT
         self._sessions: dict[str, int] = {}  # hot policy sessions, TPM handles
@@ -279,6 +281,7 @@ class PytssHostTpm:
         self._probe_lock = threading.Lock()
         self._lease_watch: threading.Thread | None = None
         self._stats = {"reconnects": 0, "lease_yields": 0, "loads": 0, "context_loads": 0}
+        self._stats["kept_connects"] = 0
         try:
             self._call(lambda: None)  # connects (and, per call, disconnects): fails early
         except BaseException:
@@ -305,8 +308,12 @@ class PytssHostTpm:
         return self._mode
 
     def stats(self) -> dict[str, int]:
-        """Counters of the connection and the object cache (for benchmarks and ``tpm info``)."""
-        return dict(self._stats)
+        """Counters of the connection and the object cache (for benchmarks and ``tpm info``);
+        ``kept_connects``: connections the hot path opened to swtpm (shared mode)."""
+        out = dict(self._stats)
+        rt = self._raw
+        out["kept_connects"] += rt.connects if rt is not None else 0
+        return out
 
     def _call(self, fn: Callable[[], T], *, hot: bool = False, retry: bool = False) -> T:
         """Run ``fn`` on the TPM thread (connecting first if not connected) and wait.
@@ -429,6 +436,8 @@ class PytssHostTpm:
         try:
             self._quiesce()
         finally:
+            if self._raw is not None:
+                self._raw.release()  # before the lock: the next holder connects to swtpm
             os.close(self._lease_fd)
             self._lease_fd = None
             self._yielded = True
@@ -453,7 +462,10 @@ class PytssHostTpm:
             return False
 
     def _watch_lease(self) -> None:
-        """Shared mode, idle: give the lease up as soon as another process waits for it."""
+        """Shared mode, idle: give the lease up as soon as another process waits for it, and
+        close the kept swtpm connection after a ``lease_poll`` without a hot-path command (a
+        client outside the lease, e.g. tpm2-tools, then gets swtpm within two polls)."""
+        seen = -1
         while not self._closed:
             if self._lease_fd is None:
                 self._lease_wake.wait(1.0)
@@ -465,11 +477,30 @@ class PytssHostTpm:
                     if self._closed:
                         return
                     self._executor.submit(self._give_up_lease)
+                continue
+            rt = self._raw
+            if rt is not None and rt.holds_connection:
+                n = rt.commands
+                if n == seen:
+                    with self._lock:
+                        if self._closed:
+                            return
+                        self._executor.submit(self._release_idle, rt, n)
+                seen = n
+
+    def _release_idle(self, rt: RawTpm, commands: int) -> None:
+        """On the TPM thread: close the kept connection if no command ran since the watcher
+        looked."""
+        if rt is self._raw and rt.commands == commands:
+            rt.release()
 
     def _drop_connection(self) -> None:
         """After a broken connection: forget everything tied to it (the TPM may have restarted)."""
         self._resident.clear()
         self._sessions.clear()
+        if self._raw is not None:
+            self._raw.release()
+            self._stats["kept_connects"] += self._raw.connects
         with suppress(Exception):
             if self._esys is not None:
                 self._esys.close()
@@ -480,6 +511,9 @@ class PytssHostTpm:
 
     def _disconnect(self) -> None:
         """Close the ESAPI context; ESYS_TRs cached for it die with it."""
+        if self._raw is not None:
+            self._raw.release()
+            self._stats["kept_connects"] += self._raw.connects
         if self._esys is not None:
             self._esys.close()
             self._esys = None
@@ -511,7 +545,11 @@ class PytssHostTpm:
 
     @property
     def _e(self) -> ESAPI:
+        """The ESAPI context, the hot path's kept swtpm connection closed first (the TCTI
+        connects for each command; swtpm would not accept it while ours is open)."""
         assert self._esys is not None
+        if self._raw is not None:
+            self._raw.release()
         return self._esys
 
     def _open(self) -> None:
@@ -523,7 +561,7 @@ class PytssHostTpm:
             raise TpmCommandError(int(err.rc), f"connect to TPM via {self._tcti}", hint) from err
         self._resident.clear()
         self._sessions.clear()
-        self._raw = RawTpm(self._esys.tcti)
+        self._raw = RawTpm(self._esys.tcti, kept=self._kept_address)
         self._flush_leftovers()
         self._capacity = self._object_slots()
 
