@@ -60,8 +60,12 @@ stop the source hashes the guest memfd, reads the vPCRs and keeps the
 state blobs' digests; the vAIK signs that record; the target's hooks, before the VM runs,
 compare the loaded memory's root and the blobs' digests with it and veto on a difference (the
 incoming QEMU fails, libvirt resumes the source VM, the source aborts and keeps the vAIK). The
-commit waits for libvirt's migration to end. tests/e2e/test_migration_libvirt.py runs it between
-two namespace hosts, each with its own libvirtd.
+commit waits for libvirt's migration to end; then the target writes the VM's adoption record
+(from the domain XML libvirt brought), so its attestation component serves the VM's channel.
+tests/e2e/test_migration_libvirt.py runs it between two namespace hosts, each with its own
+libvirtd: the tenant enrolled on the source attests on the target with the same enrollment
+(same vAIK public key, the target's AuthKey and AIK certificate), and the source refuses the
+VM (``attest.not_enrolled``).
 
 Not built yet (issue 8, what is missing and where it goes):
 
@@ -71,7 +75,8 @@ Not built yet (issue 8, what is missing and where it goes):
   idle guest;
 * plain ``virsh migrate --live`` running the protocol (libvirt's ``migrate`` hook on the target
   to start it, the source's GET_STATEBLOB to wait for it); today a plain migration of an
-  adopted VM is not armed on the target and fails there;
+  adopted VM is not armed on the target and fails there (the target's QEMU finds no bridge
+  socket; the VM keeps running on the source with its vAIK: shown by the e2e test);
 * an abort after the target's hooks allowed the VM's state and before the commit (a broken
   channel at that very moment) cancels libvirt's job, but libvirt may have finished already:
   the VM then runs on the target without its vAIK (the vAIK stays on the source, never on
