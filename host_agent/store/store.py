@@ -576,6 +576,21 @@ class TrustedStore:
                 )
             return self._check_row(key, row.nonce, row.ciphertext, expected)
 
+    def version(self, record_type: str, record_id: str) -> bytes | None:
+        """An opaque version of the record, without a database read: the digest of its current
+        row in the authenticated manifest (random nonce and ciphertext included), so it changes
+        with every put or delete of the record, and equal versions mean the same plaintext.
+        ``None`` when the record does not exist, and always on a read-only store (whose
+        manifest stays as it was at open while the writer goes on): nothing to cache by then.
+        """
+        check_type(record_type)
+        check_id(record_id)
+        with self._lock:
+            self._require(StoreRunState.OPEN)
+            if self.read_only:
+                return None
+            return self._manifest.get((record_type, record_id))
+
     def list_records(self, record_type: str) -> list[Record]:
         """Every record of one type, sorted by id, each authenticated and current.
 
