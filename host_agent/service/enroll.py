@@ -388,6 +388,8 @@ class EnrollmentService:
         self._challenges: dict[bytes, tuple[uuid.UUID, float]] = {}
         self._lock = threading.RLock()  # challenges
         self._vm_locks: dict[uuid.UUID, threading.RLock] = {}
+        # per VM: the binding decoded from the records at these store versions (see _load)
+        self._loaded: dict[uuid.UUID, tuple[tuple[bytes, bytes], ActiveBinding, BootMarker]] = {}
         self._watch: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -532,12 +534,45 @@ class EnrollmentService:
 
     # ---------------------------------------------------------------- bindings
 
+    def _versions(self, vm_uuid: uuid.UUID) -> tuple[bytes, bytes] | None:
+        """The store's versions of the VM's binding and vAIK records (``TrustedStore.version``:
+        in memory, no database read), None when either is missing or the store has none."""
+        version = getattr(self.store, "version", None)
+        if version is None:
+            return None
+        b, k = version("binding", str(vm_uuid)), version("vaik", str(vm_uuid))
+        if b is None or k is None:
+            return None
+        return b, k
+
     def _load(self, vm_uuid: uuid.UUID) -> tuple[ActiveBinding, BootMarker]:
-        """The VM's binding as the store holds it now (never cached: migration changes it).
+        """The VM's binding as the store holds it now.
+
+        Every binding change (enrollment, reset, restore, a migration's commit or abort, by any
+        code) is a store write of the binding or the vAIK record, which changes that record's
+        version; an accepted binding is kept with the two versions it was decoded at and reused
+        only while both are the same, i.e. while the records are byte for byte those it was
+        read from (migration changes them: each attestation still sees the current state). A
+        refusal is never kept. Versions are read before the records, so a write in between
+        can only make the kept entry miss later, never return an older binding.
 
         Raises:
             AttestRefused: none, inactive, or its vAIK is moving to or arriving from another host.
         """
+        versions = self._versions(vm_uuid)
+        if versions is not None:
+            kept = self._loaded.get(vm_uuid)
+            if kept is not None and kept[0] == versions:
+                return kept[1], kept[2]
+        loaded = self._read(vm_uuid)
+        if versions is not None:
+            self._loaded[vm_uuid] = (versions, *loaded)
+        else:
+            self._loaded.pop(vm_uuid, None)
+        return loaded
+
+    def _read(self, vm_uuid: uuid.UUID) -> tuple[ActiveBinding, BootMarker]:
+        """:meth:`_load` from the store's records."""
         binding = self.store.find("binding", str(vm_uuid))
         key = self.store.find("vaik", str(vm_uuid))
         if binding is None or key is None:

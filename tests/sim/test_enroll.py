@@ -8,6 +8,7 @@ code behind ``vtpm-verify enroll`` / ``attest``) — only SSH and QEMU are left 
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import secrets
 import shutil
@@ -58,6 +59,11 @@ from verifier.commands.tenant import (
     load_enrollment,
     save_enrollment,
 )
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
 
 LENIENT = {"allow_missing_eventlog": True, "allow_missing_ima": True}
 
@@ -225,6 +231,36 @@ def test_forged_attestation_signature_is_rejected(site: tuple[Host, EnrollmentSe
     text = encode_bundle(dataclasses.replace(raw, message_signature=forged))
     verdict, _ = assess_bundle(text, nonce, enrollment, now=NOW, **LENIENT)
     assert verdict.ids == ("verify.signature.attestation",)
+
+
+def test_every_store_change_of_a_binding_is_seen_by_the_next_attestation(
+    site: tuple[Host, EnrollmentServer],
+) -> None:
+    """The decoded binding is kept by store version: a write of either record, by any code
+    (here straight to the store, as the migration's commit and abort do), is seen at once."""
+    host, server = site
+    vm = host.add_vm()
+    enrollment = tenant_enroll(server, vm.uuid)
+    assert verdict_ids(host, vm, enrollment) == ()
+    assert verdict_ids(host, vm, enrollment) == ()  # from the kept binding
+    key = host.store.get("vaik", str(vm.uuid)).json()
+    host.store.put("vaik", str(vm.uuid), {**key, "state": "moving", "migration_id": "m-1"})
+    _, answer = attest(host, vm)
+    assert answer["error"]["id"] == "attest.vaik_migrating"
+    host.store.put("vaik", str(vm.uuid), key)  # aborted: the same record as before
+    assert verdict_ids(host, vm, enrollment) == ()
+    binding = host.store.get("binding", str(vm.uuid)).json()
+    host.store.put("binding", str(vm.uuid), {**binding, "active": False})
+    _, answer = attest(host, vm)
+    assert answer["error"]["id"] == "attest.reauth_required"
+    host.store.put("binding", str(vm.uuid), binding)
+    assert verdict_ids(host, vm, enrollment) == ()
+    host.store.put("binding", str(vm.uuid), {**binding, "cert_user": _b64(OTHER.cert_user)})
+    _, answer = attest(host, vm)
+    assert base64.b64decode(answer["evidence"]["cert_user"]) == OTHER.cert_user
+    host.store.delete("binding", str(vm.uuid))
+    _, answer = attest(host, vm)
+    assert answer["error"]["id"] == "attest.not_enrolled"
 
 
 def test_refusals_have_their_own_ids(site: tuple[Host, EnrollmentServer]) -> None:
