@@ -29,6 +29,9 @@ Theory of operation
   waiter holds ``tpm.waiting`` shared, which the holder checks after each call and every
   ``lease_poll`` seconds while idle. A broken connection, or a TPM that lost our handles (it
   restarted), is reconnected and the call run once more when it changes nothing in the TPM.
+  While it holds the lease on a swtpm, the hot path's raw commands go over one connection to
+  swtpm's server socket kept open (tcti-swtpm connects for each command); it is closed before
+  any ESAPI command, before the lease is given up and after ``lease_poll`` without a command.
   A hardware TPM behind ``/dev/tpmrm0`` keeps one connection (the kernel isolates clients).
 * **Wrapped once.** ``TSS2_Exception`` is caught right at the ESAPI call (:meth:`_x`) and raised
   as :class:`TpmCommandError` naming the TPM command; nothing above sees a tpm2-pytss type.
@@ -428,9 +431,9 @@ class PytssHostTpm:
                 self._drop_connection()
 
     def _give_up_lease(self) -> None:
-        """Empty our part of the TPM and release ``tpm.lock``. The ESAPI context stays: the
-        swtpm TCTI connects for each command anyway (swtpm serves one connection at a time),
-        and nothing is sent without the lease."""
+        """Empty our part of the TPM, close the hot path's kept connection and release
+        ``tpm.lock``. The ESAPI context stays: the swtpm TCTI connects for each command anyway
+        (swtpm serves one connection at a time), and nothing is sent without the lease."""
         if self._lease_fd is None:
             return
         try:
