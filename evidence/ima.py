@@ -1386,6 +1386,20 @@ class VerifiedImaEntry:
     extra: bytes
     untrusted_template_name: str
 
+    @classmethod
+    def of(cls, index: int, entry: ImaEntry) -> VerifiedImaEntry:
+        """``entry`` (at ``index`` in its list) once the replay covered it."""
+        return cls(
+            index=index,
+            template_hash=entry.template_hash,
+            is_violation=entry.is_violation,
+            digest_algo=entry.digest_algo,
+            digest=entry.digest,
+            name=entry.name,
+            extra=entry.extra,
+            untrusted_template_name=entry.template_name,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class VerifiedImaColumns:
@@ -1511,17 +1525,7 @@ class VerifiedImaList:
             return self._entries[k]
         assert self._source is not None
         index = self._positions[k]
-        e = self._source.entry(index, 0)
-        return VerifiedImaEntry(
-            index=index,
-            template_hash=e.template_hash,
-            is_violation=e.is_violation,
-            digest_algo=e.digest_algo,
-            digest=e.digest,
-            name=e.name,
-            extra=e.extra,
-            untrusted_template_name=e.template_name,
-        )
+        return VerifiedImaEntry.of(index, self._source.entry(index, 0))
 
     @property
     def is_columnar(self) -> bool:
@@ -1694,18 +1698,7 @@ def replay_ima(
             columns, positions, dict(result.pcr10), rule, violations, raw.truncated_tail
         )
     verified = tuple(
-        VerifiedImaEntry(
-            index=i,
-            template_hash=e.template_hash,
-            is_violation=e.is_violation,
-            digest_algo=e.digest_algo,
-            digest=e.digest,
-            name=e.name,
-            extra=e.extra,
-            untrusted_template_name=e.template_name,
-        )
-        for i, e in enumerate(raw.entries)
-        if e.pcr == IMA_PCR
+        VerifiedImaEntry.of(i, e) for i, e in enumerate(raw.entries) if e.pcr == IMA_PCR
     )
     return VerifiedImaList(
         entries=verified,
