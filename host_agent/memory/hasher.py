@@ -140,21 +140,24 @@ class _Window:
             self._apply_one()
 
 
+def _read_exact(fd: int, want: int, offset: int, source: str) -> bytes:
+    """``want`` bytes of ``fd`` at ``offset``; a failed or short read is a MemorySourceError."""
+    try:
+        buf = os.pread(fd, want, offset)
+    except OSError as err:
+        raise MemorySourceError(source, f"read of {want} bytes at {offset} failed: {err}") from err
+    if len(buf) != want:
+        raise MemorySourceError(
+            source, f"short read at {offset}: expected {want} bytes, got {len(buf)}"
+        )
+    return buf
+
+
 def _read_and_hash(fd: int, batch: list[tuple[str, int, int, int]], source: str) -> _Result:
     """Read and hash ``(block, first_page, pages, file_offset)`` pieces."""
     out: _Result = []
     for block, first, pages, offset in batch:
-        want = pages * PAGE_SIZE
-        try:
-            buf = os.pread(fd, want, offset)
-        except OSError as err:
-            raise MemorySourceError(
-                source, f"read of {want} bytes at {offset} failed: {err}"
-            ) from err
-        if len(buf) != want:
-            raise MemorySourceError(
-                source, f"short read at {offset}: expected {want} bytes, got {len(buf)}"
-            )
+        buf = _read_exact(fd, pages * PAGE_SIZE, offset, source)
         out.append((block, first, hash_page_buffer(buf, pages)))
     return out
 
@@ -182,7 +185,7 @@ _INLINE_WEIGHT = 256
 def _hash_runs(fd: int, runs: Sequence[Run], source: str) -> list[bytes]:
     """The digests of each run, in order (one ``pread`` per run of at most CHUNK_PAGES)."""
     sha = hashlib.sha256
-    pread = os.pread
+    read = _read_exact
     zero = ZERO_PAGE
     zl = ZERO_LEAF
     out: list[bytes] = []
@@ -191,17 +194,7 @@ def _hash_runs(fd: int, runs: Sequence[Run], source: str) -> list[bytes]:
         if offset is None:
             append(zl * pages)
             continue
-        want = pages * PAGE_SIZE
-        try:
-            buf = pread(fd, want, offset)
-        except OSError as err:
-            raise MemorySourceError(
-                source, f"read of {want} bytes at {offset} failed: {err}"
-            ) from err
-        if len(buf) != want:
-            raise MemorySourceError(
-                source, f"short read at {offset}: expected {want} bytes, got {len(buf)}"
-            )
+        buf = read(fd, pages * PAGE_SIZE, offset, source)
         if pages == 1:
             append(zl if buf[0] == 0 and buf[-1] == 0 and buf == zero else sha(buf).digest())
         else:
