@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from host_agent.lifecycle.embedded import QEMU_CONF as EMBEDDED_QEMU_CONF
 from tests.helpers.netns import NetnsPair
 
 __all__ = ["BIND_DIRS", "QEMU_CONF", "NsLibvirtd", "libvirtd_pair"]
@@ -55,18 +56,9 @@ BIND_DIRS = (
     "/var/cache/libvirt",
 )
 
-QEMU_CONF = """\
-user = "root"
-group = "root"
-swtpm_user = "root"
-swtpm_group = "root"
-cgroup_controllers = [ ]
-namespaces = [ ]
-security_driver = "none"
-stdio_handler = "file"
-remember_owner = 0
-migration_address = "{address}"
-"""
+#: The embedded driver's qemu.conf (platform-notes.md §7), plus the address QEMU listens on for
+#: incoming migrations (this host's end of the veth pair).
+QEMU_CONF = EMBEDDED_QEMU_CONF + 'migration_address = "{address}"\n'
 
 LIBVIRTD_CONF = """\
 listen_tls = 0
