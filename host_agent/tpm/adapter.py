@@ -355,7 +355,7 @@ class PytssHostTpm:
                         err,
                     )
                     self._stats["reconnects"] += 1
-                    self._drop_connection()
+                    self._disconnect(broken=True)
                     if not retry or attempt == 2:
                         raise
                 finally:
@@ -428,7 +428,7 @@ class PytssHostTpm:
             except TpmCommandError as err:
                 if not _is_link_error(err.rc):
                     raise
-                self._drop_connection()
+                self._disconnect(broken=True)
 
     def _give_up_lease(self) -> None:
         """Empty our part of the TPM, close the hot path's kept connection and release
@@ -497,34 +497,25 @@ class PytssHostTpm:
         if rt is self._raw and rt.commands == commands:
             rt.release()
 
-    def _drop_connection(self) -> None:
-        """After a broken connection: forget everything tied to it (the TPM may have restarted)."""
+    def _disconnect(self, *, broken: bool = False) -> None:
+        """Close the ESAPI context and the kept connection; the ESYS_TRs, loaded keys and policy
+        sessions tied to them die with them. ``broken``: after a failed connection, where the
+        TPM may have restarted and closing may fail too (ignored then)."""
         self._resident.clear()
         self._sessions.clear()
         if self._raw is not None:
             self._raw.release()
             self._stats["kept_connects"] += self._raw.connects
-        with suppress(Exception):
-            if self._esys is not None:
-                self._esys.close()
-        self._esys = None
+        esys, self._esys = self._esys, None
+        if esys is not None:
+            try:
+                esys.close()
+            except Exception:
+                if not broken:
+                    raise
         self._raw = None
         self._srk_tr = None
         self._nv_trs.clear()
-
-    def _disconnect(self) -> None:
-        """Close the ESAPI context; ESYS_TRs cached for it die with it."""
-        if self._raw is not None:
-            self._raw.release()
-            self._stats["kept_connects"] += self._raw.connects
-        if self._esys is not None:
-            self._esys.close()
-            self._esys = None
-        self._raw = None
-        self._srk_tr = None
-        self._nv_trs.clear()
-        self._resident.clear()
-        self._sessions.clear()
 
     def _quiesce(self) -> None:
         """Flush the hot path's loaded keys and policy sessions (their saved contexts and the
