@@ -1578,6 +1578,9 @@ class PytssHostTpm:
         fleet_name = key.policy.fleet_key_name
 
         def run() -> DuplicationBlob:
+            # The key is leaving: this call quiesced the TPM, and its saved context goes too, so
+            # nothing of it stays here but the wrapped blob the store holds until the commit.
+            self._saved.pop(self._cache_key(key), None)
             branches = self._vaik_branches(fleet_name, key.policy.policy_ref)
             h = self._load(key)
             with self._loaded(h):

@@ -266,3 +266,21 @@ def test_raw_commands_on_the_tctis_entry_points_answer_as_through_its_wrappers(
         assert lost.value.link
     finally:
         esys.close()
+
+
+def test_a_duplicated_vaik_leaves_no_loaded_copy_or_saved_context_behind(
+    hot: PytssHostTpm,
+) -> None:
+    """After TPM2_Duplicate towards an ExgKey the source keeps nothing of the vAIK that could
+    sign without unwrapping the stored blob again: the next use is a full TPM2_Load, not a
+    TPM2_ContextLoad of a context kept from before the move."""
+    vaik = hot.create_vaik(FLEET_DER)
+    approval = _approval(hot, vaik)
+    hot.attest(vaik, QD, MESSAGE, approval)
+    hot.attest(vaik, QD, MESSAGE, approval)  # the vAIK is resident or context-saved now
+    hot.duplicate(vaik, hot.create_exgkey().public)
+    before = hot.stats()
+    _verify(vaik.public, MESSAGE, hot.sign(vaik, MESSAGE, approval))  # an abort takes it back
+    after = hot.stats()
+    assert after["loads"] - before["loads"] == 1
+    assert after["context_loads"] == before["context_loads"]
