@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -26,11 +27,30 @@ def require_binaries(*names: str) -> None:
         raise RuntimeError(f"missing binaries {missing}; run `make test` so it installs them")
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port_pair() -> int:
-    """A port p such that p and p+1 are both free on 127.0.0.1."""
-    for _ in range(200):
+    """A port p such that p and p+1 are both free on 127.0.0.1.
+
+    Chosen below the kernel's ephemeral range when there is room, so that no outgoing
+    connection of the suite can take the port between this check and swtpm's bind.
+    """
+    low, _high = _ephemeral_range()
+    candidates = (
+        [random.randrange(10000, low - 1) for _ in range(200)] if low > 10002 else [0] * 200
+    )
+    for wanted in candidates:
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", wanted))
+            except OSError:
+                continue
             port = s.getsockname()[1]
         if port >= 65535:
             continue
@@ -83,10 +103,14 @@ class Swtpm:
                 self.proc.wait(5)
 
 
+class _ExitedEarly(RuntimeError):
+    """swtpm exited before both of its ports accepted (e.g. one was taken meanwhile)."""
+
+
 def _wait_accepting(port: int, proc: subprocess.Popen[bytes], deadline: float) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"swtpm exited with status {proc.returncode} before listening")
+            raise _ExitedEarly(f"swtpm exited with status {proc.returncode} before listening")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return
         time.sleep(0.02)
@@ -123,33 +147,51 @@ def start_swtpm(state_dir: Path, *, provision_ek: bool = False, timeout: float =
             capture_output=True,
         )
     log = state_dir / "swtpm.log"
-    port = free_port_pair()
-    proc = subprocess.Popen(
-        [
-            "swtpm",
-            "socket",
-            "--tpm2",
-            "--tpmstate",
-            f"dir={state_dir}",
-            "--server",
-            f"type=tcp,port={port},bindaddr=127.0.0.1",
-            "--ctrl",
-            f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
-            "--flags",
-            "not-need-init,startup-clear",
-            "--log",
-            f"file={log},level=1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     deadline = time.monotonic() + timeout
-    try:
-        _wait_accepting(port + 1, proc, deadline)
-    except RuntimeError:
-        proc.kill()
-        proc.wait()
-        raise
+    # The pair is free when chosen but not reserved: an outgoing connection can take either
+    # port before swtpm binds it, and swtpm then exits. Such a start is retried on a new pair.
+    for attempt in range(3):
+        port = free_port_pair()
+        proc = subprocess.Popen(
+            [
+                "swtpm",
+                "socket",
+                "--tpm2",
+                "--tpmstate",
+                f"dir={state_dir}",
+                "--server",
+                f"type=tcp,port={port},bindaddr=127.0.0.1",
+                "--ctrl",
+                f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
+                "--flags",
+                "not-need-init,startup-clear",
+                "--log",
+                f"file={log},level=1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            # Both sockets: swtpm binds the control channel before the server port.
+            _wait_accepting(port + 1, proc, deadline)
+            _wait_accepting(port, proc, deadline)
+            # A listener that is not swtpm's may hold the port; swtpm then exits at once.
+            time.sleep(0.05)
+            if proc.poll() is not None:
+                raise _ExitedEarly(f"swtpm exited with status {proc.returncode} after binding")
+            break
+        except _ExitedEarly:
+            proc.wait()
+            if attempt == 2:
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                raise RuntimeError(
+                    f"swtpm exited with status {proc.returncode} before listening "
+                    f"(3 attempts on fresh ports); its log ends:\n{tail}"
+                ) from None
+        except RuntimeError:
+            proc.kill()
+            proc.wait()
+            raise
     tpm = Swtpm(state_dir=state_dir, port=port, proc=proc, log=log)
     # Leftover transient objects survive client disconnects (no resource manager): flush them.
     subprocess.run(["tpm2_flushcontext", "-t"], env=tpm.tools_env(), capture_output=True)
