@@ -19,12 +19,13 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.helpers.ports import free_port
 
 __all__ = ["Postgres", "acquire", "find_bin_dir", "release", "start_postgres"]
 
@@ -44,12 +45,6 @@ def find_bin_dir() -> Path:
         "PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin; run `make test` "
         "so it installs the postgresql package"
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _check_name(name: str) -> str:
@@ -181,7 +176,7 @@ def start_postgres(timeout: float = 60.0) -> Postgres:
     if run_as is not None:
         for path in (base, base / "run"):
             os.chown(path, pw.pw_uid, pw.pw_gid)
-    pg = Postgres(base=base, bin_dir=bin_dir, port=_free_port(), run_as=run_as)
+    pg = Postgres(base=base, bin_dir=bin_dir, port=free_port(), run_as=run_as)
     try:
         subprocess.run(
             pg._cmd(

@@ -36,6 +36,8 @@ from typing import Any
 
 import paramiko
 
+from tests.helpers.ports import free_port
+
 __all__ = [
     "READY_MARKER",
     "Guest",
@@ -97,13 +99,6 @@ def require_binaries(*names: str) -> None:
     missing = [n for n in names if shutil.which(n) is None]
     if missing:
         raise QemuError(f"missing programs {missing}; `make test` installs them (deps/)")
-
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago (QEMU binds it; races are retried)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _short_dir(prefix: str) -> Path:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import shutil
 import signal
 import socket
@@ -16,6 +15,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.helpers.ports import free_port_pair
 
 __all__ = ["Swtpm", "free_port_pair", "require_binaries", "start_swtpm"]
 
@@ -25,42 +26,6 @@ def require_binaries(*names: str) -> None:
     missing = [n for n in names if shutil.which(n) is None]
     if missing:
         raise RuntimeError(f"missing binaries {missing}; run `make test` so it installs them")
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def free_port_pair() -> int:
-    """A port p such that p and p+1 are both free on 127.0.0.1.
-
-    Chosen below the kernel's ephemeral range when there is room, so that no outgoing
-    connection of the suite can take the port between this check and swtpm's bind.
-    """
-    low, _high = _ephemeral_range()
-    candidates = (
-        [random.randrange(10000, low - 1) for _ in range(200)] if low > 10002 else [0] * 200
-    )
-    for wanted in candidates:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", wanted))
-            except OSError:
-                continue
-            port = s.getsockname()[1]
-        if port >= 65535:
-            continue
-        with socket.socket() as s2:
-            try:
-                s2.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return int(port)
-    raise RuntimeError("no free pair of TCP ports on 127.0.0.1")
 
 
 @dataclass

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from host_agent.config import AgentConfig
 from host_agent.service.metrics import MetricsComponent, MetricsConfig
 from host_agent.service.status import StatusComponent
 from host_agent.vtpm.bridge import Bridge
+from tests.helpers.ports import free_port
 from tests.sim.test_bridge import QemuSide, get_random, rc_of
 from tests.sim.test_daemon import REPO, VmBridge, daemon_of, host, wait_for
 
@@ -118,14 +118,8 @@ def test_relay_errors_of_a_bridge_reach_metrics_and_status(host: AgentConfig) ->
         vm.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_daemon_configured_for_json_logs_and_a_metrics_address(host: AgentConfig) -> None:
-    port = _free_port()
+    port = free_port()
     conf = host.state_dir / "agent.toml"
     conf.write_text(
         f'state_dir = "{host.state_dir}"\n'

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from host_agent.migration import SourceStep, TargetStep, VaikState
+from tests.helpers.ports import free_port
 from tests.sim.test_migration_hosts import (
     HOST_CLI,
     REPO,
@@ -84,15 +84,9 @@ class Daemon:
             self.proc.wait(30)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_vm_migrate_through_the_daemons_migration_component(hosts: Hosts) -> None:
     a = Daemon(hosts.a, hosts.approvals, "127.0.0.1:0")
-    b = Daemon(hosts.b, hosts.approvals, f"127.0.0.1:{_free_port()}")
+    b = Daemon(hosts.b, hosts.approvals, f"127.0.0.1:{free_port()}")
     try:
         done = HostProcess(hosts.a, hosts.approvals).migrate(VM, "host-b", b.listen)
         assert done.returncode == 0, done.stderr + a.log.read_text()[-2000:]

@@ -57,7 +57,7 @@ def test_a_port_taken_before_swtpm_binds_is_retried_on_a_new_pair(tmp_path, monk
 
 
 def test_free_port_pair_avoids_the_ephemeral_range() -> None:
-    from tests.helpers.swtpm import _ephemeral_range, free_port_pair
+    from tests.helpers.ports import _ephemeral_range, free_port_pair
 
     low, high = _ephemeral_range()
     port = free_port_pair()
