@@ -25,7 +25,9 @@ TargetStep
 =================  =================================================================  ========
 
 :class:`StoreJournal` is the one real adapter of the :class:`Journal` port; tests wrap it (a
-wrapper that SIGKILLs its own process right after step N is durable).
+wrapper that SIGKILLs its own process right after step N is durable: ``KillAtStep`` in the sim
+tier, :class:`~host_agent.migration.faults.FaultJournal` inside the daemon, switched on by
+``settings.json`` ``test_kill_at``). :func:`parse_side_step` reads a ``SIDE:STEP`` name.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "SourceStep",
     "StoreJournal",
     "TargetStep",
+    "parse_side_step",
 ]
 
 
@@ -66,6 +69,27 @@ TERMINAL: frozenset[SourceStep | TargetStep] = frozenset(
 )
 
 Side = Literal["source", "target"]
+
+
+def parse_side_step(text: object) -> tuple[Side, SourceStep | TargetStep]:
+    """``"source:moving"`` → ``("source", SourceStep.MOVING)``.
+
+    Raises:
+        ValueError: not a string ``SIDE:STEP`` with a side and one of that side's steps (the
+            message names what was expected and what arrived).
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"expected a string SIDE:STEP, got {type(text).__name__} {text!r}")
+    side, sep, step = text.partition(":")
+    if not sep or side not in ("source", "target"):
+        raise ValueError(f"expected SIDE:STEP with SIDE source or target, got {text!r}")
+    steps: type[SourceStep] | type[TargetStep] = SourceStep if side == "source" else TargetStep
+    try:
+        found = steps(step)
+    except ValueError:
+        names = ", ".join(s.value for s in steps)
+        raise ValueError(f"expected a {side} step ({names}), got {step!r}") from None
+    return ("source" if side == "source" else "target"), found
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,9 @@ from host_agent.errors import StateError
 
 from .channel import MtlsListener, MtlsPeerChannel, TlsIdentity, parse_address
 from .errors import MigrationError
+from .faults import FaultJournal
 from .host import MigrationHost
+from .journal import StoreJournal
 from .recovery import resolve_open_entries
 from .source import MigrationResult, migrate_vaik
 from .state import vaik_state
@@ -365,7 +367,8 @@ class MigrationComponent:
     ``{"listen": "HOST:PORT", "advertise": "HOST:PORT", "approvals": "PATH"}``; defaults: listen
     on ``0.0.0.0:7787``, approvals from ``<state_dir>/migration/policy-approvals.json``.
     ``"test_tamper": "memory" | "state"`` is a test hook only (:mod:`.vm`): an incoming VM's
-    memory or vTPM state is changed before it is checked (re-read per incoming migration).
+    memory or vTPM state is changed before it is checked (re-read per incoming migration);
+    ``"test_kill_at": "SIDE:STEP"`` likewise (:mod:`.faults`): SIGKILL after that journal step.
 
     Inside the daemon the service also moves running VMs (:mod:`.vm`): the daemon's bridge
     hooks capture the final stop on the source and check the incoming VM on the target.
@@ -398,6 +401,7 @@ class MigrationComponent:
             approvals=lambda: load_approvals(approvals_path),
             advertise=str(settings.get("advertise", "")),
             now=daemon.now,
+            journal=FaultJournal(StoreJournal(daemon.store), settings_path),  # test_kill_at
         )
 
         def tamper() -> str | None:

@@ -1,0 +1,128 @@
+"""Test-only fault injection: the daemon SIGKILLs itself right after a journal step is durable.
+
+``<state_dir>/migration/settings.json`` ``{"test_kill_at": "source:moving"}`` (``SIDE:STEP``, the
+values of :class:`~host_agent.migration.journal.SourceStep` / ``TargetStep``) makes the
+migration service kill its own process with SIGKILL right after that step's journal record, and
+the vAIK change made in the same transaction, are durable: before the step's effect (the message
+it precedes). It is the point ``KillAtStep`` of ``tests/sim/test_migration_crash.py`` uses, here
+inside the real daemon, so ``tests/e2e/test_migration_crash_vm.py`` crashes a host in the middle
+of a live migration of a real VM.
+
+The setting is re-read before every journal write (tests switch it on and off without a restart;
+a journal write is a few per migration). A bad value is a :class:`FaultSettingError` raised
+*before* the write, so it changes nothing. No setting (no file, no key, ``null``): no fault.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from .errors import MigrationError
+from .journal import Changes, Journal, JournalEntry, Side, SourceStep, TargetStep, parse_side_step
+
+__all__ = ["FaultJournal", "FaultSettingError", "KillAt", "read_kill_at"]
+
+log = logging.getLogger("host_agent.migration.faults")
+
+SETTING = "test_kill_at"
+
+
+class FaultSettingError(MigrationError):
+    """``settings.json`` ``test_kill_at`` is not ``SIDE:STEP`` (or the file is not a JSON object).
+
+    Attributes:
+        expected, got: what the setting must be and what the file holds.
+    """
+
+    id: ClassVar[str] = "migration.fault_setting"
+
+    def __init__(self, path: Path, expected: str, got: str) -> None:
+        self.path = path
+        self.expected = expected
+        self.got = got
+        super().__init__(f"{path}: {SETTING}: expected {expected}, got {got}")
+
+
+@dataclass(frozen=True)
+class KillAt:
+    """SIGKILL right after ``side``'s journal reached ``step``."""
+
+    side: Side
+    step: SourceStep | TargetStep
+
+    def matches(self, entry: JournalEntry) -> bool:
+        return entry.side == self.side and entry.step is self.step
+
+    def __str__(self) -> str:
+        return f"{self.side}:{self.step.value}"
+
+
+def read_kill_at(settings_path: Path) -> KillAt | None:
+    """The fault ``settings_path`` asks for, None for none.
+
+    Raises:
+        FaultSettingError: the file is not a JSON object, or ``test_kill_at`` is neither absent,
+            null nor ``SIDE:STEP``.
+    """
+    try:
+        text = Path(settings_path).read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise FaultSettingError(settings_path, "a readable settings file", str(err)) from err
+    try:
+        doc = json.loads(text)
+    except ValueError as err:
+        raise FaultSettingError(settings_path, "a JSON object", f"invalid JSON ({err})") from err
+    if not isinstance(doc, dict):
+        raise FaultSettingError(settings_path, "a JSON object", type(doc).__name__)
+    value = doc.get(SETTING)
+    if value is None:
+        return None
+    try:
+        side, step = parse_side_step(value)
+    except ValueError as err:
+        raise FaultSettingError(settings_path, "SIDE:STEP", str(err)) from err
+    return KillAt(side, step)
+
+
+class FaultJournal:
+    """The journal port round a real journal, killing this process at ``settings.json``'s
+    ``test_kill_at`` (see the module docstring)."""
+
+    def __init__(self, real: Journal, settings_path: Path) -> None:
+        self.real = real
+        self.settings_path = Path(settings_path)
+        read_kill_at(self.settings_path)  # a bad setting stops the daemon at start, not later
+
+    def write(self, entry: JournalEntry, changes: Changes | None = None) -> JournalEntry:
+        kill_at = read_kill_at(self.settings_path)  # a bad setting fails before anything changes
+        out = self.real.write(entry, changes)
+        if kill_at is not None and kill_at.matches(entry):
+            log.critical(
+                "TEST HOOK %s: SIGKILL of this process (pid %d) after migration %s reached %s",
+                SETTING,
+                os.getpid(),
+                entry.migration_id,
+                kill_at,
+            )
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    def get(self, migration_id: uuid.UUID, side: Side) -> JournalEntry | None:
+        return self.real.get(migration_id, side)
+
+    def entries(self) -> list[JournalEntry]:
+        return self.real.entries()
+
+    def open_entries(self) -> list[JournalEntry]:
+        return self.real.open_entries()
