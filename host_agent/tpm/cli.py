@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from .._cli_common import TCTI_HELP, add_agent_args, build_config
-from .provision import InitStep, init_host, tpm_info
+from .provision import InitReport, InitStep, init_host, tpm_info
 
 __all__ = ["INIT_STEPS", "register"]
 
@@ -45,6 +45,21 @@ def _cmd_init(args: argparse.Namespace) -> int:
     report = init_host(build_config(args), steps=_steps())
     if report.root == "software":
         print("WARNING: software root (embedded swtpm): for development only", file=sys.stderr)
+    if args.json:
+        print(json.dumps(_init_json(report), indent=2, sort_keys=True))
+    else:
+        _print_init(report)
+    if not report.platform_state_approved:
+        print(
+            "WARNING: PCR0-8 no longer hold the values AuthKey is bound to: AuthKey is unusable "
+            "(firmware or boot chain changed). Re-approve the platform and re-create AuthKey.",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _print_init(report: InitReport) -> None:
     if report.changed:
         for key in report.keys.created:
             print(f"created {key}")
@@ -56,14 +71,22 @@ def _cmd_init(args: argparse.Namespace) -> int:
     print(f"authkey_name {report.keys.authkey_name.hex()}")
     locality = " + PolicyLocality(0)" if report.keys.authkey_locality else ""
     print(f"authkey_policy {report.keys.authkey_policy.hex()} (PolicyPCR sha256:0-8{locality})")
-    if not report.platform_state_approved:
-        print(
-            "WARNING: PCR0-8 no longer hold the values AuthKey is bound to: AuthKey is unusable "
-            "(firmware or boot chain changed). Re-approve the platform and re-create AuthKey.",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+
+
+def _init_json(report: InitReport) -> dict[str, Any]:
+    keys = report.keys
+    return {
+        "root": report.root,
+        "tcti": report.tcti,
+        "changed": report.changed,
+        "created": list(keys.created),
+        "steps": list(report.steps),
+        "aik_name": keys.aik_name.hex(),
+        "authkey_name": keys.authkey_name.hex(),
+        "authkey_policy": keys.authkey_policy.hex(),
+        "authkey_locality": keys.authkey_locality,
+        "platform_state_approved": report.platform_state_approved,
+    }
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -105,7 +128,12 @@ def register(subparsers: Any) -> None:
             "steps. A second run changes nothing and says 'nothing to do'. " + _DISCOVERY_HELP
         ),
     )
-    add_agent_args(init, tcti_help=TCTI_HELP)
+    add_agent_args(
+        init,
+        tcti_help=TCTI_HELP,
+        json_help="one JSON document: root, tcti, changed, created, steps, key names, "
+        "authkey_policy, platform_state_approved (exit 1 when it is false)",
+    )
     init.set_defaults(func=_cmd_init)
 
     tpm = subparsers.add_parser(

@@ -192,4 +192,10 @@ def test_init_after_a_platform_change_says_authkey_is_unusable(
     assert "nothing to do" in captured.out
     assert "AuthKey is unusable" in captured.err
     assert main(["tpm", "info", "--json", "--tcti", sw.tcti, "--state-dir", str(tmp_path)]) == 0
-    assert json.loads(capsys.readouterr().out)["platform_state_approved"] is False
+    info = json.loads(capsys.readouterr().out)
+    assert info["platform_state_approved"] is False
+    assert main([*argv, "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["changed"] is False and report["created"] == [] and report["steps"] == []
+    assert report["platform_state_approved"] is False
+    assert report["aik_name"] == info["aik_name"] and report["root"] == info["root"]
