@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import secrets
 import shutil
 import tempfile
@@ -414,6 +415,20 @@ def test_policy_learn_refuses_a_bundle_that_does_not_verify(
     other.write_text(encode_bundle(dataclasses.replace(raw, vm_uuid=uuid.uuid4())))
     assert cli.main([*argv, "--vm", str(vm.uuid), str(other)]) == 1
     assert "refusing to learn" in capsys.readouterr().err
+    # --json: the refusal's findings, and nothing written over a policy file that exists.
+    before = out.read_bytes()
+    assert cli.main([*argv, "--json", "--vm", str(vm.uuid), str(other), "-o", str(out)]) == 1
+    refused = json.loads(capsys.readouterr().out)
+    assert refused["trusted"] is False and refused["findings"]
+    assert out.read_bytes() == before
+    # --json on success: the reference values in the document, and the same ones in the file.
+    out.unlink()
+    assert cli.main([*argv, "--json", str(good), "-o", str(out)]) == 0
+    learnt = json.loads(capsys.readouterr().out)
+    assert learnt["trusted"] is True and learnt["vm"] == str(vm.uuid)
+    assert learnt["output"] == str(out)
+    assert learnt["reference_values"] == json.loads(out.read_text())
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_enrollment_pins_the_fleet_policy_key_when_given(

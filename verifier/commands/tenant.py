@@ -539,14 +539,28 @@ def _cmd_learn(args: argparse.Namespace) -> int:
         allow_missing_ima=args.allow_missing_ima,
     )
     if attested is None:
-        _report(argparse.Namespace(json=False), raw.vm_uuid, verdict)
+        _report(argparse.Namespace(json=args.json), raw.vm_uuid, verdict)
         print("vtpm-verify: refusing to learn from a bundle that does not verify", file=sys.stderr)
         return EXIT_UNTRUSTED
     refs = learn_reference_values(attested, pin_pcrs=args.pin_pcr)
     out = encode_reference_values(refs)
+    written = None
     if args.output and args.output != "-":
-        Path(args.output).write_text(out + "\n")
-    else:
+        # Whole or not at all: a policy file half written would refuse (or accept) the wrong VM.
+        written = Path(args.output)
+        tmp = written.with_name(f".{written.name}.tmp")
+        tmp.write_text(out + "\n")
+        os.replace(tmp, written)
+    if args.json:
+        emit_json(
+            {
+                "trusted": True,
+                "vm": str(raw.vm_uuid),
+                "output": None if written is None else str(written),
+                "reference_values": json.loads(out),
+            }
+        )
+    elif written is None:
         sys.stdout.write(out + "\n")
     return EXIT_TRUSTED
 
@@ -640,6 +654,12 @@ def register(subparsers: Any) -> None:
     learn.add_argument("-o", "--output", metavar="FILE", help="default stdout")
     learn.add_argument("--vm", metavar="UUID", help="default: the bundle's VM")
     learn.add_argument("--pin-pcr", type=int, action="append", default=[], metavar="N")
+    learn.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON document: {trusted, vm, output, reference_values} (or the refusal's "
+        "findings); with -o the file is still written",
+    )
     _allow(learn)
     _state(learn)
     learn.set_defaults(func=_guard(_cmd_learn))
