@@ -1,5 +1,10 @@
 """``PytssHostTpm``: the one real adapter of the :class:`~host_agent.tpm.port.HostTpm` port.
 
+This module holds the class and its public surface: the TPM operations, in ESAPI. Two concerns
+live in its base classes, each in its own module: how it reaches the TPM (the TPM thread, the
+ESAPI context, the lease and reconnection: :mod:`._connection`) and the attestation hot path
+(kept keys, sessions and tickets, raw commands: :mod:`._hot`).
+
 Theory of operation
 -------------------
 * **One thread.** An ESAPI context is not thread-safe and its calls block, so the adapter owns a
@@ -81,23 +86,18 @@ ExgKey; the imported key keeps its public area (same Name) and is stored wrapped
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import logging
 import os
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from tpm2_pytss import ESAPI, TSS2_Exception
 from tpm2_pytss.constants import (
     ESYS_TR,
@@ -105,7 +105,6 @@ from tpm2_pytss.constants import (
     TPM2_CAP,
     TPM2_HC,
     TPM2_NT,
-    TPM2_PT_HR,
     TPM2_PT_NV,
     TPM2_SE,
     TPMA_NV,
@@ -124,10 +123,8 @@ from tpm2_pytss.types import (
     TPM2B_SENSITIVE_DATA,
     TPMS_NV_PUBLIC,
     TPMS_SENSITIVE_CREATE,
-    TPMT_SIGNATURE,
     TPMT_SYM_DEF,
     TPMT_TK_HASHCHECK,
-    TPMT_TK_VERIFIED,
 )
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
@@ -136,22 +133,11 @@ from evidence.tpm2_policy import PolicyApproval
 
 from . import _raw as raw
 from . import ek, keys, policies
-from ._raw import RawTpm, RawTpmError, RawTpmRc
-from ._wire import (
-    SealedBlob,
-    private_from_bytes,
-    public_from_bytes,
-    sym_aes128cfb,
-    unmarshal,
-)
-from .errors import (
-    HostKeysMissing,
-    PlatformStateNotApproved,
-    PolicyNotApproved,
-    TpmCommandError,
-    TpmError,
-    TpmObjectMemoryFull,
-)
+from ._connection import _DEFAULT_OBJECT_SLOTS, Connection
+from ._hot import _KEY_LABEL, _MAX_HASH_BUFFER, HotPath
+from ._raw import RawTpm
+from ._wire import SealedBlob, private_from_bytes, public_from_bytes, sym_aes128cfb, unmarshal
+from .errors import HostKeysMissing, PlatformStateNotApproved, PolicyNotApproved, TpmError
 from .keyfile import HostKeyFile
 from .port import (
     AUTHKEY_PCRS,
@@ -168,64 +154,13 @@ from .port import (
 __all__ = ["Attestation", "Connection", "HostKeysMissing", "PytssHostTpm"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 _NV_OWNER_FIRST, _NV_OWNER_LAST = 0x01800000, 0x01BFFFFF
 _TPM_GENERATED_VALUE = b"\xffTCG"
-_MAX_HASH_BUFFER = 1024
 _MAX_SEAL = 128
-_RC_OBJECT_MEMORY = 0x902
-_RC_TCTI_IO_ERROR = 0x000A000A
-_DEFAULT_OBJECT_SLOTS = 3  # swtpm's; the TPM's TPM_PT_HR_TRANSIENT_MIN replaces it at connect
-_MAX_SAVED_CONTEXTS = 1024
-_MAX_TICKETS = 64
-
-Connection = Literal["persistent", "shared", "per-call"]
 
 
-def _rc_text(err: TSS2_Exception) -> str:
-    return str(err)
-
-
-def _is_stale_handle(rc: int) -> bool:
-    """TPM_RC_REFERENCE_H0..S6, or TPM_RC_HANDLE on a handle: a handle we hold is not loaded
-    (the TPM restarted under us, or someone flushed it)."""
-    if rc >> 16:
-        return False
-    fmt1_handle = (rc & 0xC0) == 0x80 and (rc & 0x3F) == 0x0B  # TPM_RC_HANDLE, P clear
-    return 0x910 <= (rc & 0xFFF) <= 0x91E or fmt1_handle
-
-
-def _is_link_error(rc: int) -> bool:
-    """A TSS return code that means the connection to the TPM broke (not a TPM refusal):
-    an I/O error or no connection, reported by the TCTI or by ESAPI on its behalf."""
-    layer, base = (rc >> 16) & 0xFF, rc & 0xFFFF
-    return layer in (0x07, 0x0A) and base in (0x0A, 0x0F)  # IO_ERROR, NO_CONNECTION
-
-
-def _key_identity(key: WrappedKey) -> bytes:
-    """SHA-256 over a wrapped key's public and private parts and its parents' (memoised: the
-    hot path asks ~14 times per attestation; equal keys have equal identities)."""
-    try:
-        return _key_identity_cached(key)
-    except TypeError:  # a field that is not hashable (a list of PCRs): not memoised
-        return _key_identity_of(key)
-
-
-def _key_identity_of(key: WrappedKey) -> bytes:
-    h = hashlib.sha256()
-    k: WrappedKey | None = key
-    while k is not None:
-        for part in (k.public, k.private):
-            h.update(len(part).to_bytes(4, "big") + part)
-        k = k.parent
-    return h.digest()
-
-
-_key_identity_cached = lru_cache(maxsize=1024)(_key_identity_of)
-
-
-class PytssHostTpm:
+class PytssHostTpm(HotPath):
     """Host TPM over tpm2-pytss ESAPI (see the module docstring).
 
     Args:
@@ -317,298 +252,6 @@ class PytssHostTpm:
         rt = self._raw
         out["kept_connects"] += rt.connects if rt is not None else 0
         return out
-
-    def _call(self, fn: Callable[[], T], *, hot: bool = False, retry: bool = False) -> T:
-        """Run ``fn`` on the TPM thread (connecting first if not connected) and wait.
-
-        ``hot``: ``fn`` uses the hot-path caches (loaded keys, policy sessions); any other call
-        starts from an empty TPM (:meth:`_quiesce`), as before those caches existed. ``retry``:
-        ``fn`` may run twice (it changes nothing in the TPM): after a broken connection it is
-        run again once on a new one.
-        """
-
-        def run() -> T:
-            if self._per_call:
-                with self._tpm_lock():
-                    self._open()
-                    try:
-                        return fn()
-                    finally:
-                        self._quiesce()
-                        self._disconnect()
-            for attempt in (1, 2):
-                if self._mode == "shared" and self._lease_fd is None:
-                    self._take_lease()
-                if self._esys is None:
-                    self._open()
-                try:
-                    if not hot:
-                        self._quiesce()
-                    return fn()
-                except TpmCommandError as err:
-                    stale = hot and _is_stale_handle(err.rc)
-                    if not (_is_link_error(err.rc) or stale):
-                        raise
-                    log.warning(
-                        "host TPM %s (%s): reconnecting",
-                        "lost what we had loaded" if stale else "connection lost",
-                        err,
-                    )
-                    self._stats["reconnects"] += 1
-                    self._disconnect(broken=True)
-                    if not retry or attempt == 2:
-                        raise
-                finally:
-                    if self._lease_fd is not None and self._others_waiting():
-                        self._give_up_lease()
-            raise AssertionError("unreachable")
-
-        with self._lock:
-            if self._closed:
-                raise ValueError("the host TPM is closed")
-            future = self._executor.submit(run)
-        return future.result()
-
-    def _lock_paths(self) -> tuple[Path, Path]:
-        d = self._keyfile.path.parent
-        return d / "tpm.lock", d / "tpm.waiting"
-
-    def _open_lock_file(self, path: Path) -> int:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as err:
-            raise TpmError(f"cannot open the TPM lock {path}: {err}") from err
-
-    def _acquire_tpm_lock(self) -> int:
-        """Take ``tpm.lock`` exclusively; returns its fd (closing it releases the lock).
-
-        A process waiting for the lock holds ``tpm.waiting`` shared meanwhile, so a process in
-        ``shared`` mode, which keeps the lock between calls, sees it and gives the lock up.
-        """
-        lock_path, waiting_path = self._lock_paths()
-        waiting = self._open_lock_file(waiting_path)
-        try:
-            if self._yielded:  # we just gave way: let the waiters in first
-                fcntl.flock(waiting, fcntl.LOCK_EX)
-                self._yielded = False
-            fcntl.flock(waiting, fcntl.LOCK_SH)
-            fd = self._open_lock_file(lock_path)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except BaseException:
-                os.close(fd)
-                raise
-            return fd
-        finally:
-            os.close(waiting)
-
-    @contextmanager
-    def _tpm_lock(self) -> Iterator[None]:
-        """Exclusive use of the TPM across agent processes sharing this state directory.
-
-        swtpm interleaves commands of concurrent connections and has no resource manager, so
-        one process's loads would eat another's object slots: a per-call connection holds an
-        ``flock`` on ``<key_dir>/tpm.lock`` for the whole call.
-        """
-        fd = self._acquire_tpm_lock()
-        try:
-            yield
-        finally:
-            os.close(fd)  # releases the lock
-
-    def _take_lease(self) -> None:
-        """Shared mode: take ``tpm.lock`` and keep it across calls; clean up what another
-        process may have left in the TPM meanwhile."""
-        self._lease_fd = self._acquire_tpm_lock()
-        self._lease_wake.set()
-        if self._esys is not None:
-            try:
-                self._flush_leftovers()
-            except TpmCommandError as err:
-                if not _is_link_error(err.rc):
-                    raise
-                self._disconnect(broken=True)
-
-    def _give_up_lease(self) -> None:
-        """Empty our part of the TPM, close the hot path's kept connection and release
-        ``tpm.lock``. The ESAPI context stays: the swtpm TCTI connects for each command anyway
-        (swtpm serves one connection at a time), and nothing is sent without the lease."""
-        if self._lease_fd is None:
-            return
-        try:
-            self._quiesce()
-        finally:
-            if self._raw is not None:
-                self._raw.release()  # before the lock: the next holder connects to swtpm
-            os.close(self._lease_fd)
-            self._lease_fd = None
-            self._yielded = True
-            self._stats["lease_yields"] += 1
-
-    def _others_waiting(self) -> bool:
-        """Does another process wait for ``tpm.lock`` (holding ``tpm.waiting`` shared)?"""
-        if self._mode != "shared":
-            return False
-        _, waiting_path = self._lock_paths()
-        with self._probe_lock:  # our own two probes (TPM thread, watcher) must not collide
-            try:
-                fd = os.open(waiting_path, os.O_RDWR | os.O_CREAT, 0o600)
-            except OSError:
-                return False
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            finally:
-                os.close(fd)
-            return False
-
-    def _watch_lease(self) -> None:
-        """Shared mode, idle: give the lease up as soon as another process waits for it, and
-        close the kept swtpm connection after a ``lease_poll`` without a hot-path command (a
-        client outside the lease, e.g. tpm2-tools, then gets swtpm within two polls)."""
-        seen = -1
-        while not self._closed:
-            if self._lease_fd is None:
-                self._lease_wake.wait(1.0)
-                self._lease_wake.clear()
-                continue
-            time.sleep(self._lease_poll)
-            if self._lease_fd is not None and self._others_waiting():
-                with self._lock:
-                    if self._closed:
-                        return
-                    self._executor.submit(self._give_up_lease)
-                continue
-            rt = self._raw
-            if rt is not None and rt.holds_connection:
-                n = rt.commands
-                if n == seen:
-                    with self._lock:
-                        if self._closed:
-                            return
-                        self._executor.submit(self._release_idle, rt, n)
-                seen = n
-
-    def _release_idle(self, rt: RawTpm, commands: int) -> None:
-        """On the TPM thread: close the kept connection if no command ran since the watcher
-        looked."""
-        if rt is self._raw and rt.commands == commands:
-            rt.release()
-
-    def _disconnect(self, *, broken: bool = False) -> None:
-        """Close the ESAPI context and the kept connection; the ESYS_TRs, loaded keys and policy
-        sessions tied to them die with them. ``broken``: after a failed connection, where the
-        TPM may have restarted and closing may fail too (ignored then)."""
-        self._resident.clear()
-        self._sessions.clear()
-        if self._raw is not None:
-            self._raw.release()
-            self._stats["kept_connects"] += self._raw.connects
-        esys, self._esys = self._esys, None
-        if esys is not None:
-            try:
-                esys.close()
-            except Exception:
-                if not broken:
-                    raise
-        self._raw = None
-        self._srk_tr = None
-        self._nv_trs.clear()
-
-    def _quiesce(self) -> None:
-        """Flush the hot path's loaded keys and policy sessions (their saved contexts and the
-        approval tickets stay cached): the TPM holds nothing of ours after this."""
-        handles = list(self._resident.values()) + list(self._sessions.values())
-        self._resident.clear()
-        self._sessions.clear()
-        if self._raw is None:
-            return
-        for h in handles:
-            with suppress(RawTpmError, RawTpmRc):
-                self._raw.flush(h)
-
-    def _x(self, command: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run one ESAPI call; wrap a TSS2_Exception once, naming the TPM command."""
-        try:
-            return fn(*args, **kwargs)
-        except TSS2_Exception as err:
-            cls = TpmObjectMemoryFull if (err.rc & 0xFFF) == _RC_OBJECT_MEMORY else TpmCommandError
-            raise cls(int(err.rc), command, _rc_text(err)) from err
-
-    @property
-    def _e(self) -> ESAPI:
-        """The ESAPI context, the hot path's kept swtpm connection closed first (the TCTI
-        connects for each command; swtpm would not accept it while ours is open)."""
-        assert self._esys is not None
-        if self._raw is not None:
-            self._raw.release()
-        return self._esys
-
-    def _open(self) -> None:
-        """Connect and flush what a crashed client (or, per call, a dead process) left behind."""
-        try:
-            self._esys = ESAPI(self._tcti)
-        except TSS2_Exception as err:
-            hint = f"{err}; check tpm.tcti / --tcti / VTPM_TPM_TCTI, or unset it for discovery"
-            raise TpmCommandError(int(err.rc), f"connect to TPM via {self._tcti}", hint) from err
-        self._resident.clear()
-        self._sessions.clear()
-        self._raw = RawTpm(self._esys.tcti, kept=self._kept_address)
-        self._flush_leftovers()
-        self._capacity = self._object_slots()
-
-    def _object_slots(self) -> int:
-        """Transient object slots the TPM guarantees (TPM_PT_HR_TRANSIENT_MIN, at least 3)."""
-        try:
-            _, data = self._x(
-                "TPM2_GetCapability",
-                self._e.get_capability,
-                TPM2_CAP.TPM_PROPERTIES,
-                TPM2_PT_HR.TRANSIENT_MIN,
-                1,
-            )
-        except TpmCommandError:
-            return _DEFAULT_OBJECT_SLOTS
-        for prop in data.data.tpmProperties:
-            if int(prop.property) == int(TPM2_PT_HR.TRANSIENT_MIN):
-                return max(_DEFAULT_OBJECT_SLOTS, min(int(prop.value), 16))
-        return _DEFAULT_OBJECT_SLOTS
-
-    def _handles(self, first: int) -> list[int]:
-        """Handles of one type (TPM_CAP_HANDLES from ``first``); loaded sessions are reported
-        with HMAC (0x02) and policy (0x03) handles alike."""
-        types = {first >> 24}
-        if first >> 24 == 0x02:
-            types.add(0x03)
-        out: list[int] = []
-        more = True
-        prop = first
-        while more:
-            more, data = self._x(
-                "TPM2_GetCapability", self._e.get_capability, TPM2_CAP.HANDLES, prop, 64
-            )
-            hs = [int(h) for h in data.data.handles]
-            out.extend(h for h in hs if (h >> 24) in types)
-            if not hs:
-                break
-            prop = hs[-1] + 1
-        return out
-
-    def _flush_leftovers(self) -> None:
-        """Flush transient objects and sessions a crashed client left in the TPM."""
-        leftovers = self._handles(int(TPM2_HC.TRANSIENT_FIRST))
-        leftovers += self._handles(int(TPM2_HC.LOADED_SESSION_FIRST))
-        for h in leftovers:
-            tr = self._x("ESYS_TR_FromTPMPublic", self._e.tr_from_tpmpublic, TPM2_HANDLE(h))
-            self._x("TPM2_FlushContext", self._e.flush_context, tr)
-        if leftovers:
-            log.warning(
-                "flushed %d leftover TPM handle(s) at open: %s",
-                len(leftovers),
-                ", ".join(f"0x{h:08x}" for h in leftovers),
-            )
 
     def close(self) -> None:
         """Close the ESAPI context on its thread, stop the worker, then run ``on_close``."""
@@ -1292,265 +935,6 @@ class PytssHostTpm:
         assert signed is not None
         return Attestation(cert_authkey, cert_vaik, signed, signature)
 
-    # ------------------------------------------------------------------ hot path
-
-    @staticmethod
-    def _cache_key(key: WrappedKey) -> bytes:
-        """Identity of a wrapped key with its parent chain (what is loaded is exactly this)."""
-        return _key_identity(key)
-
-    @property
-    def _rt(self) -> RawTpm:
-        assert self._raw is not None
-        return self._raw
-
-    def _r(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run one raw command (:mod:`._raw`); errors become this port's errors."""
-        try:
-            return fn(*args)
-        except RawTpmRc as err:
-            cls = TpmObjectMemoryFull if (err.rc & 0xFFF) == _RC_OBJECT_MEMORY else TpmCommandError
-            raise cls(err.rc, err.command) from err
-        except RawTpmError as err:
-            if err.link:
-                raise TpmCommandError(_RC_TCTI_IO_ERROR, err.command, str(err)) from err
-            raise TpmError(f"the TPM's answer to {err.command} is malformed: {err}") from err
-
-    def _make_room(self, slots: int, pinned: Sequence[bytes]) -> None:
-        """Flush least recently used keys (never ``pinned`` ones) until ``slots`` are free."""
-        while len(self._resident) + slots > self._capacity:
-            victim = next((k for k in self._resident if k not in pinned), None)
-            if victim is None:
-                return  # the TPM will say whether it fits
-            h = self._resident.pop(victim)
-            with suppress(TpmError):
-                self._r(self._rt.flush, h)
-
-    def _use(self, key: WrappedKey, pinned: Sequence[bytes] = ()) -> int:
-        """``key`` loaded (its TPM handle), and kept loaded for later calls (until evicted or
-        quiesced).
-
-        A key loaded once is context-saved: later it comes back with TPM2_ContextLoad (no
-        parent, no unwrapping), which needs one object slot where TPM2_Load under the SRK needs
-        two. A saved context that no longer loads (the TPM restarted) is loaded again.
-        """
-        ck = self._cache_key(key)
-        h = self._resident.get(ck)
-        if h is not None:
-            self._resident.move_to_end(ck)
-            return h
-        ctx = self._saved.get(ck)
-        if ctx is not None:
-            self._make_room(1, pinned)
-            try:
-                h = self._r(self._rt.context_load, ctx)
-                self._stats["context_loads"] += 1
-                self._saved.move_to_end(ck)
-            except TpmObjectMemoryFull:
-                raise
-            except TpmCommandError as err:
-                if _is_link_error(err.rc):
-                    raise
-                self._saved.pop(ck, None)
-        if h is None:
-            h = self._load_and_save(key, ck, pinned)
-        self._resident[ck] = h
-        return h
-
-    def _load_and_save(self, key: WrappedKey, ck: bytes, pinned: Sequence[bytes]) -> int:
-        """First use of a key: TPM2_Load (under the SRK raw; under a PCR-bound parent through
-        ESAPI and its policy), then TPM2_ContextSave for the later uses."""
-        if key.parent is None:
-            self._make_room(2, pinned)  # the SRK takes a slot while TPM2_Load runs
-            self._srk()  # exists (created if missing)
-            private = private_from_bytes(key.private).marshal()
-            h = self._r(self._rt.load, keys.SRK_HANDLE, private, key.public)
-        else:
-            self._make_room(self._capacity, pinned)  # parent, its parent, the key
-            tr = self._load(key)
-            try:
-                h = int(self._x("ESYS_TR_GetTpmHandle", self._e.tr_get_tpm_handle, tr))
-                ctx = self._r(self._rt.context_save, h)
-            finally:
-                with suppress(TSS2_Exception):
-                    self._e.flush_context(tr)
-            h = self._r(self._rt.context_load, ctx)
-        self._stats["loads"] += 1
-        try:
-            self._saved[ck] = self._r(self._rt.context_save, h)
-        except TpmError:
-            with suppress(TpmError):
-                self._r(self._rt.flush, h)
-            raise
-        if len(self._saved) > _MAX_SAVED_CONTEXTS:
-            self._saved.popitem(last=False)
-        return h
-
-    def _hot_session(self, name: str) -> int:
-        """A policy session kept open across commands (continueSession: the TPM resets its
-        digest after each command it authorised)."""
-        s = self._sessions.get(name)
-        if s is None:
-            s = self._r(self._rt.start_policy_session)
-            self._sessions[name] = s
-        return s
-
-    def _drop_session(self, name: str) -> None:
-        """After a failed command: the session may hold half a policy, so it goes."""
-        s = self._sessions.pop(name, None)
-        if s is not None and self._raw is not None:
-            with suppress(TpmError):
-                self._r(self._rt.flush, s)
-
-    def _diagnose_pcr_policy(self, label: str, policy: KeyPolicy) -> None:
-        """After a PCR-bound key's command failed: raise PlatformStateNotApproved when the PCRs
-        moved (else the caller re-raises the TPM's own error)."""
-        if not policy.pcrs:
-            return
-        current = self._read_pcrs(policy.pcrs)
-        got = pure.pcr_composite_digest([current[i] for i in sorted(policy.pcrs)])
-        if got != policy.pcr_digest:
-            raise PlatformStateNotApproved(
-                label, policy.pcr_digest or b"", got, tuple(sorted(policy.pcrs))
-            )
-
-    def _certify_hot(self, obj: WrappedKey, signer: WrappedKey, data: bytes) -> Certification:
-        """TPM2_Certify with both keys kept loaded; a PCR-bound signer's policy (PolicyPCR with
-        the current values [+ PolicyLocality]) runs in a kept session."""
-        signer_key, obj_key = self._cache_key(signer), self._cache_key(obj)
-        self._use(signer, (obj_key,))
-        oh = self._use(obj, (signer_key,))
-        sh = self._use(signer, (obj_key,))  # still loaded (pinned above); refreshes its LRU place
-        policy = signer.policy
-        if not policy.pcrs and policy.locality is None:
-            attest, sig = self._r(self._rt.certify, oh, sh, raw.PASSWORD, data)
-            return Certification(attest, sig)
-        s = self._hot_session(signer.kind)
-        try:
-            if policy.pcrs:
-                self._r(self._rt.policy_pcr, s, policy.pcrs)
-            if policy.locality is not None:
-                self._r(self._rt.policy_locality, s, policy.locality)
-            attest, sig = self._r(self._rt.certify, oh, sh, raw.Session(s), data)
-        except TpmCommandError as err:
-            self._drop_session(signer.kind)
-            if not _is_link_error(err.rc):
-                self._diagnose_pcr_policy(_KEY_LABEL[signer.kind], policy)
-            raise
-        return Certification(attest, sig)
-
-    def _ticket_for(
-        self, approval: PolicyApproval, policy: KeyPolicy
-    ) -> tuple[tuple[bytes, ...], bytes, bool]:
-        """The approval's TPMT_TK_VERIFIED, cached: it stays valid until the owner hierarchy's
-        proof changes (TPM2_Clear). Returns (cache key, ticket, whether it came from cache)."""
-        assert policy.fleet_key is not None
-        tkey = (
-            policy.fleet_key,
-            approval.approved_policy,
-            approval.policy_ref,
-            approval.signature,
-        )
-        ticket = self._tickets.get(tkey)
-        if ticket is not None:
-            self._tickets.move_to_end(tkey)
-            return tkey, ticket, True
-        self._make_room(1, ())
-        ticket = bytes(self._approval_ticket(approval, policy).marshal())
-        self._tickets[tkey] = ticket
-        if len(self._tickets) > _MAX_TICKETS:
-            self._tickets.popitem(last=False)
-        return tkey, ticket, False
-
-    def _sign_hot(self, key: WrappedKey, message: bytes, approval: PolicyApproval) -> bytes:
-        """TPM2_Hash + PolicyPCR/CommandCode(Sign)/PolicyAuthorize(cached ticket)/PolicyOR in a
-        kept session + TPM2_Sign, the vAIK kept loaded."""
-        policy = key.policy
-        fleet_name = policy.fleet_key_name
-        assert fleet_name is not None
-        branches = self._vaik_branches(fleet_name, policy.policy_ref)
-        for attempt in (1, 2):
-            tkey, ticket, cached = self._ticket_for(approval, policy)
-            if len(message) <= _MAX_HASH_BUFFER:
-                digest, hash_ticket = self._r(self._rt.hash, message)
-            else:
-                self._make_room(1, ())  # a hash sequence is an object too
-                d, t = self._hash(message)
-                digest, hash_ticket = bytes(d), bytes(t.marshal())
-            h = self._use(key)
-            s = self._hot_session("vaik")
-            try:
-                self._r(self._rt.policy_pcr, s, AUTHKEY_PCRS)
-                self._r(self._rt.policy_command_code, s, pure.TPM_CC_SIGN)
-                self._r(
-                    self._rt.policy_authorize,
-                    s,
-                    approval.approved_policy,
-                    approval.policy_ref,
-                    fleet_name,
-                    ticket,
-                )
-                self._r(self._rt.policy_or, s, branches)
-                return self._r(self._rt.sign, h, raw.Session(s), digest, hash_ticket)
-            except TpmCommandError as err:
-                self._drop_session("vaik")
-                if _is_link_error(err.rc):
-                    raise
-                current = self._read_pcrs(AUTHKEY_PCRS)
-                values = [current[i] for i in AUTHKEY_PCRS]
-                if pure.vaik_sign_policy(values) != approval.approved_policy:
-                    raise PlatformStateNotApproved(
-                        "vAIK",
-                        approval.approved_policy,
-                        pure.pcr_composite_digest(values),
-                        AUTHKEY_PCRS,
-                    ) from err
-                self._tickets.pop(tkey, None)  # a stale ticket (owner proof changed)?
-                if not cached or attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
-
-    def _vaik_branches(self, fleet_name: bytes, policy_ref: bytes) -> tuple[bytes, bytes]:
-        """The vAIK PolicyOR branch digests (trial sessions), cached per fleet key and policyRef."""
-        key = (fleet_name, policy_ref)
-        if key not in self._branch_cache:
-            self._branch_cache[key] = self._x(
-                "TPM2_PolicyAuthorize", policies.vaik_branches, self._e, fleet_name, policy_ref
-            )
-        return self._branch_cache[key]
-
-    def _approval_ticket(self, approval: PolicyApproval, policy: KeyPolicy) -> TPMT_TK_VERIFIED:
-        """LoadExternal the vAIK's fleet key, VerifySignature(aHash) → ticket, flush the key."""
-        assert policy.fleet_key is not None
-        h = self._x(
-            "TPM2_LoadExternal",
-            self._e.load_external,
-            public_from_bytes(policy.fleet_key),
-            None,
-            ESYS_TR.OWNER,
-        )
-        with self._loaded(h):
-            try:
-                r, s = decode_dss_signature(approval.signature)
-            except ValueError as err:
-                raise PolicyNotApproved(f"the approval signature is not DER ECDSA: {err}") from err
-            if r.bit_length() > 256 or s.bit_length() > 256:
-                raise PolicyNotApproved("the approval signature is not a P-256 signature")
-            sig, _ = TPMT_SIGNATURE.unmarshal(
-                bytes.fromhex("0018000b0020")
-                + r.to_bytes(32, "big")
-                + bytes.fromhex("0020")
-                + s.to_bytes(32, "big")
-            )
-            a_hash = pure.approval_digest(approval.approved_policy, approval.policy_ref)
-            try:
-                return self._e.verify_signature(h, a_hash, sig)
-            except TSS2_Exception as err:
-                raise PolicyNotApproved(
-                    "the fleet approval does not verify under the vAIK's fleet key "
-                    f"(approved policy {approval.approved_policy.hex()}): {err}"
-                ) from err
-
     # ------------------------------------------------------------------ migration
 
     def duplicate(self, key: WrappedKey, new_parent_public: bytes) -> DuplicationBlob:
@@ -1641,9 +1025,6 @@ class PytssHostTpm:
             return WrappedKey("vaik", blob.public, priv.marshal(), blob.policy, parent)
 
         return self._call(run)
-
-
-_KEY_LABEL = {"aik": "AIK", "authkey": "AuthKey", "vaik": "vAIK", "exgkey": "ExgKey"}
 
 
 def _load_fleet_key(fleet_key: bytes) -> ec.EllipticCurvePublicKey:
