@@ -321,7 +321,10 @@ class Daemon:
         if attached:
             log.info("took over the running swtpm of %d VM(s): %s", len(attached), attached)
         self.hasher = RamHasher(self.hash_workers).start()
-        self.hooks = HooksServer(self.paths.hooks_socket).start()
+        self.hooks = HooksServer(
+            self.paths.hooks_socket,
+            on_report=lambda r: self.relay_errors.update(r.vm_uuid, r.instance, r.relay_errors),
+        ).start()
         self.sealer = Sealer(
             self.store,
             self.hooks,

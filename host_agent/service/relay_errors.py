@@ -1,14 +1,14 @@
 """The daemon's running totals of its bridges' relay errors, per VM and kind.
 
 Each bridge counts its own relay errors (``BridgeStats.relay_errors``, kinds in
-``host_agent.vtpm.bridge_state.RELAY_ERROR_KINDS``) and reports them in its ``status`` answer on
-the daemon link, with an ``instance`` id that changes when the bridge is restarted. The daemon
-asks its connected bridges (:meth:`host_agent.service.daemon.Daemon.poll_bridges`) and feeds the
-answers here; :class:`RelayErrorTally` turns them into totals that never go down, as a Prometheus
-counter must: a new instance's counts add to what earlier instances of the same VM reported.
-
-Errors a bridge counted after the daemon's last poll are lost when that bridge exits before the
-next one (the daemon polls every few seconds, and whenever status or metrics are asked for).
+``host_agent.vtpm.bridge_state.RELAY_ERROR_KINDS``) with an ``instance`` id that changes when
+the bridge is restarted, and reports them two ways on the daemon link: it pushes a ``report``
+when they changed, when it (re)connects and as it stops (so counts made just before a bridge
+exits are not lost), and answers them in its ``status`` (the daemon also asks every few seconds,
+:meth:`host_agent.service.daemon.Daemon.poll_bridges`, which catches a report sent while the
+daemon was down). Both feed :class:`RelayErrorTally`, which turns them into totals that never
+go down, as a Prometheus counter must: a new instance's counts add to what earlier instances of
+the same VM reported, and the same counts reported twice add nothing.
 """
 
 from __future__ import annotations

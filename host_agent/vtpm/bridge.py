@@ -87,6 +87,7 @@ from host_agent.vtpm.daemon_link import (
     HookCall,
     HookEvent,
     HookReply,
+    Report,
     Result,
     Verdict,
 )
@@ -280,6 +281,8 @@ class Bridge:
                     handler(sock)
                 while self._posted:
                     self._posted.popleft()()
+                if self.stats.relay_errors_unreported and self._daemon is not None:
+                    self._report()
                 if self._hooks or self._injections or self._inject_in_flight():
                     self._expire()
                 if (
@@ -297,6 +300,8 @@ class Bridge:
     def _shutdown(self) -> None:
         if self._session is not None:
             self._end_session("bridge stopping")
+        if self.stats.relay_errors_unreported and self._daemon is not None:
+            self._report()  # the last counts, which no poll of the daemon would see
         for peer in [self._daemon, *self._queries]:
             if peer is not None:
                 peer.close()
@@ -968,8 +973,21 @@ class Bridge:
             " (again)" if self._daemon_ever else "",
         )
         self._daemon_ever = True
+        if self.stats.relay_errors:
+            self._report()  # a restarted daemon learns this instance's counts at once
         for hook in self._hooks.values():
             hook.sent = peer.send(hook.call)
+
+    def _report(self) -> None:
+        """Send the daemon this bridge's relay error counts (cleared as unreported if sent)."""
+        peer = self._daemon
+        if peer is None:
+            return
+        report = Report(self.config.vm_uuid, self.instance, dict(self.stats.relay_errors))
+        if peer.send(report):
+            self.stats.relay_errors_unreported = False
+        else:
+            self._drop_peer(peer, "report not sent")
 
     def _on_accept_query(self, listener: socket.socket) -> None:
         try:

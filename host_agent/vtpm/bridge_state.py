@@ -124,12 +124,15 @@ class BridgeStats:
     hooks: int = 0
     vetoes: list[str] = field(default_factory=list)
     relay_errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Set by :meth:`relay_error`, cleared once the bridge reported the counts to the daemon.
+    relay_errors_unreported: bool = False
 
     def relay_error(self, kind: str) -> None:
         """Count one relay error of ``kind`` (a key of :data:`RELAY_ERROR_KINDS`)."""
         if kind not in RELAY_ERROR_KINDS:
             raise ValueError(f"relay error kind must be one of {sorted(RELAY_ERROR_KINDS)}")
         self.relay_errors[kind] += 1
+        self.relay_errors_unreported = True
 
     def as_dict(self) -> dict[str, Any]:
         return {

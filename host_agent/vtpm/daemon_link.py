@@ -26,6 +26,10 @@ Messages (``type``):
 - ``verdict`` daemon → bridge: ``id``, ``verdict`` (``allow`` | ``veto`` | ``replace``),
   ``reason`` (required for veto), ``state_flags`` (optional, with replace); binary = the
   replacement blob.
+- ``report``  bridge → daemon: ``vm_uuid``, ``instance`` (changes when the bridge restarts),
+  ``relay_errors`` (object: kind → count since this instance started). Sent after the counts
+  changed, on (re)connecting, and as the bridge stops, so counts made just before a bridge
+  exits reach the daemon; no answer.
 - ``call``    → bridge: ``id``, ``op`` (``read_pcrs`` | ``status``), ``args`` (object).
 - ``result``  bridge →: ``id``, ``ok``; ``value`` (object) when ok, else ``error_id`` and
   ``message``.
@@ -54,6 +58,7 @@ __all__ = [
     "HookEvent",
     "HookReply",
     "Message",
+    "Report",
     "Result",
     "Verdict",
     "decode_message",
@@ -215,7 +220,24 @@ class Result:
             raise ValueError("a failed Result needs an error_id")
 
 
-Message: TypeAlias = Hello | HookCall | HookReply | Call | Result
+@dataclass(frozen=True)
+class Report:
+    vm_uuid: str
+    instance: str
+    relay_errors: dict[str, int]
+
+    def __post_init__(self) -> None:
+        _need_str("Report.vm_uuid", self.vm_uuid)
+        _need_str("Report.instance", self.instance)
+        if not isinstance(self.relay_errors, dict):
+            raise TypeError("Report.relay_errors must be a dict")
+        for kind, n in self.relay_errors.items():
+            if not isinstance(kind, str) or not kind:
+                raise ValueError(f"Report.relay_errors kind must be a non-empty str, got {kind!r}")
+            _need_int(f"Report.relay_errors[{kind!r}]", n, 63)
+
+
+Message: TypeAlias = Hello | HookCall | HookReply | Call | Result | Report
 
 _TYPES: dict[type, str] = {
     Hello: "hello",
@@ -223,6 +245,7 @@ _TYPES: dict[type, str] = {
     HookReply: "verdict",
     Call: "call",
     Result: "result",
+    Report: "report",
 }
 _FIELDS: dict[str, tuple[type, tuple[str, ...], tuple[str, ...]]] = {
     # type: (class, required JSON fields, optional JSON fields)
@@ -235,6 +258,7 @@ _FIELDS: dict[str, tuple[type, tuple[str, ...], tuple[str, ...]]] = {
     "verdict": (HookReply, ("id", "verdict"), ("reason", "state_flags")),
     "call": (Call, ("id", "op"), ("args",)),
     "result": (Result, ("id", "ok"), ("value", "error_id", "message")),
+    "report": (Report, ("vm_uuid", "instance", "relay_errors"), ()),
 }
 
 

@@ -42,7 +42,16 @@ from evidence.errors import ParseError
 from host_agent.errors import StateError
 from host_agent.vtpm.bridge_errors import BridgeTransportError, LinkCallError
 from host_agent.vtpm.bridge_link import LinkPeer
-from host_agent.vtpm.daemon_link import Call, Hello, HookCall, HookEvent, HookReply, Result, Verdict
+from host_agent.vtpm.daemon_link import (
+    Call,
+    Hello,
+    HookCall,
+    HookEvent,
+    HookReply,
+    Report,
+    Result,
+    Verdict,
+)
 
 __all__ = [
     "Allow",
@@ -148,10 +157,12 @@ class HooksServer:
         *,
         on_get_stateblob: HookHandler = _allow,
         on_set_stateblob: HookHandler = _allow,
+        on_report: Callable[[Report], None] | None = None,
     ) -> None:
         self.path = path
         self.on_get_stateblob = on_get_stateblob
         self.on_set_stateblob = on_set_stateblob
+        self.on_report = on_report
         self.hook_calls: list[HookCall] = []
         self._sel = selectors.DefaultSelector()
         self._listener: socket.socket | None = None
@@ -339,6 +350,8 @@ class HooksServer:
                 threading.Thread(
                     target=self._run_hook, args=(b, msg), name="hook", daemon=True
                 ).start()
+            elif isinstance(msg, Report):
+                self._on_report(b, msg)
             elif isinstance(msg, Result):
                 fut = b.calls.pop(msg.id, None)
                 if fut is None or fut.done():
@@ -349,6 +362,23 @@ class HooksServer:
                     fut.set_exception(LinkCallError(msg.error_id, msg.message))
             else:
                 log.warning("hooks server: unexpected %s from a bridge", type(msg).__name__)
+
+    def _on_report(self, b: _Bridge, report: Report) -> None:
+        """A bridge's relay error counts, pushed (see ``daemon_link``): only for its own VM."""
+        if b.hello is None or b.hello.vm_uuid != report.vm_uuid:
+            said = "no hello" if b.hello is None else f"hello for {b.hello.vm_uuid}"
+            log.warning(
+                "hooks server: ignoring a report for VM %s from a bridge that sent %s",
+                report.vm_uuid,
+                said,
+            )
+            return
+        if self.on_report is None:
+            return
+        try:
+            self.on_report(report)
+        except Exception:  # a bad handler must not stop the loop; logged
+            log.exception("hooks server: report of bridge %s not taken", report.vm_uuid)
 
     def _run_hook(self, b: _Bridge, call: HookCall) -> None:
         handler = (

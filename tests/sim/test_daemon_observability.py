@@ -12,10 +12,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
+
+import pytest
 
 from host_agent.config import AgentConfig
 from host_agent.service.metrics import MetricsComponent, MetricsConfig
@@ -172,3 +176,62 @@ def test_daemon_command_line_overrides_the_file_and_bad_values_fail_clearly(
     assert "error [config.invalid]" in proc.stderr
     assert "expected a loopback address" in proc.stderr and "'10.1.2.3:9477'" in proc.stderr
     assert not (host.state_dir / "run" / "control.sock").exists(), "nothing was started"
+
+
+def test_relay_errors_reach_the_daemon_without_a_poll_even_when_the_bridge_exits_at_once(
+    host: AgentConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bridge pushes its counts (a ``report`` on the daemon link) when they change and as
+    it stops: errors counted just before a bridge exits are not lost between two polls."""
+    daemon = daemon_of(host).start()
+    polls: list[int] = []
+    monkeypatch.setattr(daemon, "poll_bridges", lambda: polls.append(1) or {})
+    vm = VmBridge(host, "vm-push")
+    q: QemuSide | None = None
+    try:
+        assert daemon.hooks is not None
+        daemon.hooks.wait_for_bridge(vm.uuid, timeout=10)
+        q = QemuSide(vm.bridge.config.listen)
+        q.boot()
+        q.ctrl.sendall(b"\0\0\0\x77")  # no such control command: a malformed request
+        assert q.ctrl.recv(16) == b"\0\0\0\x0a"
+        wait_for(lambda: daemon.relay_errors.counts() == {(vm.uuid, "qemu_malformed"): 1})
+
+        q.ctrl.sendall(b"\0\0\0\x78")  # a second one, and the bridge stops right after it
+        assert q.ctrl.recv(16) == b"\0\0\0\x0a"
+        vm.bridge.close()
+        assert vm.bridge.wait_closed(10)
+        wait_for(lambda: vm.uuid not in daemon.hooks.bridges())  # type: ignore[union-attr]
+        assert daemon.relay_errors.counts() == {(vm.uuid, "qemu_malformed"): 2}
+        assert polls == [], "counted from the bridge's own reports, not from a status poll"
+    finally:
+        if q is not None:
+            q.close()
+        daemon.stop()
+        vm.close()
+
+
+def test_the_hooks_server_takes_a_report_only_for_the_reporting_bridges_own_vm(
+    tmp_path: Path,
+) -> None:
+    from host_agent.vtpm.daemon_link import Hello, Report, encode_message
+    from host_agent.vtpm.hooks_server import HooksServer
+
+    taken: list[Report] = []
+    server = HooksServer(tmp_path / "hooks.sock", on_report=taken.append).start()
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.connect(str(tmp_path / "hooks.sock"))
+        client.sendall(
+            encode_message(Report("vm-a", "i1", {"swtpm_io": 1}))  # before its hello: ignored
+            + encode_message(Hello("vm-a", "a", os.getpid(), "/c", "/q"))
+            + encode_message(Report("vm-b", "i1", {"swtpm_io": 5}))  # another VM's: ignored
+            + encode_message(Report("vm-a", "i1", {"swtpm_io": 2}))
+        )
+        wait_for(lambda: len(taken) == 1)
+        time.sleep(0.2)
+        assert taken == [Report("vm-a", "i1", {"swtpm_io": 2})]
+        assert "vm-a" in server.bridges()  # the link stays up
+    finally:
+        client.close()
+        server.close()

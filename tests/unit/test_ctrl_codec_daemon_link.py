@@ -24,6 +24,7 @@ from host_agent.vtpm.daemon_link import (
     Hello,
     HookCall,
     HookReply,
+    Report,
     Result,
     decode_message,
     encode_message,
@@ -59,6 +60,7 @@ messages = st.one_of(
     st.builds(Call, ids, text, json_values),
     st.builds(Result, ids, st.just(True), json_values),
     st.builds(Result, ids, st.just(False), st.just({}), st.text(min_size=1), text),
+    st.builds(Report, text, text, st.dictionaries(st.text(min_size=1, max_size=20), ids)),
 )
 
 
@@ -107,6 +109,22 @@ def test_named_hostile_frames() -> None:
     }  # fmt: skip
     with pytest.raises(ParseError, match="length"):
         decode_message(_frame(hook, b"abc"))
+
+
+@pytest.mark.parametrize(
+    ("counts", "error"),
+    [
+        ({"swtpm_gone": -1}, "unsigned"),
+        ({"swtpm_gone": True}, "unsigned"),
+        ({"swtpm_gone": 1.5}, "unsigned"),
+        ({"": 1}, "non-empty"),
+        ([1], "dict"),
+    ],
+)
+def test_a_report_with_bad_counts_is_refused_with_what_arrived(counts: object, error: str) -> None:
+    frame = _frame({"type": "report", "vm_uuid": "u", "instance": "i", "relay_errors": counts})
+    with pytest.raises(ParseError, match=error):
+        decode_message(frame)
 
 
 def test_hook_call_carries_digest_and_blob_only_for_set() -> None:
