@@ -49,25 +49,25 @@ Decisions:
 Layout: this module is the public face and holds no code; import from it. The parts, each of
 which imports only the ones above it (never this module):
 
-* :mod:`evidence.ima_model`: the constants, :class:`KernelRule`, :class:`ImaEntry`,
+* :mod:`evidence._ima_model`: the constants, :class:`KernelRule`, :class:`ImaEntry`,
   :class:`RawImaList` and its columns.
-* :mod:`evidence.ima_codec`: the general parser, entry by entry, and the encoders.
-* :mod:`evidence.ima_fastpath`: :func:`parse_ima_list` and its column-wise fast paths.
-* :mod:`evidence.ima_replay`: the PCR 10 replay and the verified list.
+* :mod:`evidence._ima_codec`: the general parser, entry by entry, and the encoders.
+* :mod:`evidence._ima_fastpath`: :func:`parse_ima_list` and its column-wise fast paths.
+* :mod:`evidence._ima_replay`: the PCR 10 replay and the verified list.
 """
 
 from __future__ import annotations
 
 # The "name as name" imports re-export private names that tests reach as ima._name.
-from evidence.ima_codec import _parse_ascii as _parse_ascii
-from evidence.ima_codec import _parse_binary as _parse_binary
-from evidence.ima_codec import encode_ascii, encode_binary
-from evidence.ima_fastpath import _parse_ascii_fast as _parse_ascii_fast
-from evidence.ima_fastpath import _parse_binary_fast as _parse_binary_fast
-from evidence.ima_fastpath import parse_ima_list
-from evidence.ima_model import _BANK_SIZE as _BANK_SIZE
-from evidence.ima_model import BANKS, IMA_PCR, TEMPLATES, ImaEntry, KernelRule, RawImaList
-from evidence.ima_replay import (
+from evidence._ima_codec import _parse_ascii as _parse_ascii
+from evidence._ima_codec import _parse_binary as _parse_binary
+from evidence._ima_codec import encode_ascii, encode_binary
+from evidence._ima_fastpath import _parse_ascii_fast as _parse_ascii_fast
+from evidence._ima_fastpath import _parse_binary_fast as _parse_binary_fast
+from evidence._ima_fastpath import parse_ima_list
+from evidence._ima_model import _BANK_SIZE as _BANK_SIZE
+from evidence._ima_model import BANKS, IMA_PCR, TEMPLATES, ImaEntry, KernelRule, RawImaList
+from evidence._ima_replay import (
     ImaReplay,
     VerifiedImaColumns,
     VerifiedImaEntry,

@@ -1,8 +1,9 @@
 """The host TPM: discovery, the software root, host keys and TPM operations.
 
 The port (:class:`HostTpm`) and its data types speak bytes and our dataclasses; tpm2-pytss is
-imported only by the adapter modules (``adapter``, ``keys``, ``policies``), which callers reach
-through :func:`host_agent.tpm.discovery.open_host_tpm`.
+imported only by the adapter modules (``adapter`` and its bases ``_connection`` and ``_hot``,
+``keys``, ``policies``), which callers reach through
+:func:`host_agent.tpm.discovery.open_host_tpm`.
 """
 
 from __future__ import annotations

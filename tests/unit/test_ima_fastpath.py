@@ -1,6 +1,6 @@
 """The fast (columnar) IMA path against the general one: same values, same errors, same findings.
 
-``parse_ima_list`` on a binary list keeps columns (``evidence/ima.py`` fast path); a
+``parse_ima_list`` on a binary list keeps columns (the fast path, ``evidence/_ima_fastpath.py``); a
 ``RawImaList`` built from entries, and ``ima._parse_binary``, go entry by entry (the general
 path). Each property here runs both on the same random valid or mutated list and compares
 everything they return or raise. ``evidence.policy`` evaluates a columnar ``VerifiedImaList``

@@ -3,7 +3,7 @@
 Part of :mod:`evidence.ima`; import from there. ``_parse_binary`` and ``_parse_ascii`` define the
 result and the error for every input: they read one entry (or line) at a time and check each
 length and field against the kernel's formats. :func:`encode_binary` and :func:`encode_ascii` are
-their inverse. Kept apart from :mod:`evidence.ima_fastpath`, the column-wise parser that
+their inverse. Kept apart from :mod:`evidence._ima_fastpath`, the column-wise parser that
 :func:`~evidence.ima.parse_ima_list` runs: that one is an optimisation which only ever
 reproduces what this module returns or raises, and hands it anything uncommon.
 """
@@ -13,8 +13,7 @@ from __future__ import annotations
 import binascii
 from collections.abc import Iterable
 
-from evidence.errors import ParseError, TruncatedError
-from evidence.ima_model import (
+from evidence._ima_model import (
     _ALGO_RE,
     _FILE_DIGEST_SIZE_B,
     _IMA_NAME_PAD,
@@ -29,6 +28,7 @@ from evidence.ima_model import (
     RawImaList,
     _FieldError,
 )
+from evidence.errors import ParseError, TruncatedError
 
 __all__ = ["encode_ascii", "encode_binary"]
 

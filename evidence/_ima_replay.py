@@ -14,8 +14,7 @@ import hmac
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from evidence.errors import HashAlgorithmNotAllowed, ReplayError, UnsupportedError
-from evidence.ima_model import (
+from evidence._ima_model import (
     _BANK_HASH,
     _BANK_SIZE,
     _TEMPLATE_HASH_SIZE,
@@ -28,6 +27,7 @@ from evidence.ima_model import (
     RawImaList,
     _Columns,
 )
+from evidence.errors import HashAlgorithmNotAllowed, ReplayError, UnsupportedError
 
 __all__ = [
     "ImaReplay",

@@ -3,7 +3,7 @@
 Part of :mod:`evidence.ima`; import from there. The common entries (d-ng templates, a known
 digest algorithm, an empty third field in binary) are matched in bulk by one regular expression
 and kept as columns; any other entry is parsed, or refused, by the general parser of
-:mod:`evidence.ima_codec`, and a column check that fails hands the whole input to it, so
+:mod:`evidence._ima_codec`, and a column check that fails hands the whole input to it, so
 entries and errors are the general parser's. Separate so that the general parser reads as the
 definition and this module as a faster route to the same result, which
 ``tests/unit/test_ima_fastpath.py`` compares.
@@ -19,14 +19,13 @@ import struct
 from collections.abc import Sequence
 from typing import Literal, cast
 
-from evidence.errors import ParseError, TruncatedError
-from evidence.ima_codec import (
+from evidence._ima_codec import (
     _check_ascii_prefix,
     _parse_ascii_line,
     _parse_binary,
     _parse_binary_entry,
 )
-from evidence.ima_model import (
+from evidence._ima_model import (
     _FILE_DIGEST_SIZE,
     _MAX_TEMPLATE_DATA,
     _U32,
@@ -37,6 +36,7 @@ from evidence.ima_model import (
     _Columns,
     _unchecked_entry,
 )
+from evidence.errors import ParseError, TruncatedError
 
 __all__ = ["parse_ima_list"]
 
