@@ -12,7 +12,8 @@ Layout under ``directory`` (the agent's ``<tpm state_dir>/swtpm``)::
 
 swtpm_setup's local CA (/var/lib/swtpm-localca) must stay owned by ``tss``: running swtpm_setup as
 root leaves root-owned files there and later breaks libvirt's own swtpm_setup (platform-notes §3),
-so after provisioning as root the ownership is handed back to ``tss``.
+so after provisioning as root the ownership is handed back (:mod:`host_agent.swtpm_localca`, as
+for every VM's vTPM).
 
 Lifetime: the process that starts the swtpm stops it when its port closes; a process that finds
 it running (pid file names a live swtpm on this state) attaches and leaves it running. So the
@@ -25,7 +26,6 @@ import contextlib
 import enum
 import logging
 import os
-import pwd
 import shutil
 import signal
 import socket
@@ -34,13 +34,13 @@ import subprocess
 import time
 from pathlib import Path
 
+from host_agent.swtpm_localca import LOCALCA_DIR, restore_localca_owner
+
 from .errors import SoftwareRootError
 
 __all__ = ["LOCALCA_DIR", "RunState", "SoftwareRoot"]
 
 log = logging.getLogger(__name__)
-
-LOCALCA_DIR = Path("/var/lib/swtpm-localca")
 
 #: TPM2_Shutdown(TPM_SU_STATE): tag TPM_ST_NO_SESSIONS, size 12, TPM_CC_Shutdown.
 _SHUTDOWN_STATE = struct.pack(">HIIH", 0x8001, 12, 0x0145, 0x0001)
@@ -96,6 +96,7 @@ class SoftwareRoot:
             return False
         self._require("swtpm_setup")
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        localca_existed = LOCALCA_DIR.exists()
         cmd = [
             "swtpm_setup",
             "--tpm2",
@@ -120,24 +121,9 @@ class SoftwareRoot:
             ) from err
         except (OSError, subprocess.TimeoutExpired) as err:
             raise SoftwareRootError(f"swtpm_setup could not run: {err}") from err
-        self._restore_localca_owner()
+        restore_localca_owner(LOCALCA_DIR, created=not localca_existed)
         log.info("software root provisioned in %s", self.directory)
         return True
-
-    @staticmethod
-    def _restore_localca_owner() -> None:
-        if os.geteuid() != 0 or not LOCALCA_DIR.is_dir():
-            return
-        try:
-            tss = pwd.getpwnam("tss")
-        except KeyError:
-            return
-        for root, dirs, files in os.walk(LOCALCA_DIR):
-            for n in [root, *(os.path.join(root, d) for d in dirs)] + [
-                os.path.join(root, f) for f in files
-            ]:
-                with contextlib.suppress(OSError):
-                    os.chown(n, tss.pw_uid, 0)
 
     @staticmethod
     def _require(binary: str) -> None:
