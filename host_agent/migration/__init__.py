@@ -67,16 +67,19 @@ libvirtd: the tenant enrolled on the source attests on the target with the same 
 (same vAIK public key, the target's AuthKey and AIK certificate), and the source refuses the
 VM (``attest.not_enrolled``).
 
+Plain ``virsh migrate`` (:mod:`.hook`): libvirt's qemu hook on the target asks its daemon to
+expect the VM; the daemon *pulls* it from the peer holding its vAIK (``Pull`` on the peer
+channel), and that source runs the protocol above on the same connection, every check included,
+with "wait for the libvirt job someone else started to end" (:mod:`.libvirt_job`) in place of
+starting libvirt. The hook lets libvirt go on once the VM is armed and its vAIK pending here; a
+refusal fails the hook, so libvirt fails the migration before the target's QEMU starts.
+
 Not built yet (issue 8, what is missing and where it goes):
 
 * the root of the migration *stream* (a tee of the stream into ``host_agent.memory``,
   docs/NOTES.md: the source memfd can differ from the stream by a few pages for a busy guest);
   the record carries the source memfd's root at the final stop, which equals the stream for an
   idle guest;
-* plain ``virsh migrate --live`` running the protocol (libvirt's ``migrate`` hook on the target
-  to start it, the source's GET_STATEBLOB to wait for it); today a plain migration of an
-  adopted VM is not armed on the target and fails there (the target's QEMU finds no bridge
-  socket; the VM keeps running on the source with its vAIK: shown by the e2e test);
 * an abort after the target's hooks allowed the VM's state and before the commit (a broken
   channel at that very moment) cancels libvirt's job, but libvirt may have finished already:
   the VM then runs on the target without its vAIK (the vAIK stays on the source, never on

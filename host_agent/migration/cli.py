@@ -7,6 +7,9 @@ target's libvirtd) libvirt live-migrates the running VM within the protocol (the
 component only). DOMAIN is the VM's UUID or the name it was adopted under.
 Exit status 0 when committed, 2 with ``vtpm-host: error [id]`` when refused or aborted.
 
+``hook qemu`` / ``hook script``: libvirt's qemu hook, a plain ``virsh migrate`` of a protected
+VM (:mod:`.hook`).
+
 ``migration serve --listen HOST:PORT [--approvals FILE]`` runs the service standalone in the
 foreground, holding the TPM and the store (use it where no daemon runs; tests do). It prints one
 JSON line ``{"listen": "HOST:PORT", "pid": N}`` once it accepts connections, and stops on
@@ -104,6 +107,10 @@ def register(subparsers: Any) -> None:
     j.add_argument("--vm", metavar="UUID", help="also print this VM's vAIK state")
     _common(j)
     j.set_defaults(func=_cmd_journal)
+
+    from .hook import register as register_hook
+
+    register_hook(subparsers)
 
 
 def _socket(config: AgentConfig) -> Path:

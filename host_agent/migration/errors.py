@@ -21,6 +21,8 @@ the target sent::
         ├── VaikNotMovable             migration.vaik.not_movable (no active vAIK for this VM here)
         ├── VaikRefused                migration.vaik.refused (the target: not a vAIK)
         ├── RecordRefused              migration.record.refused (record.py: VM state vetoed)
+        ├── PullNotHere                migration.pull.not_here (a pulled peer has no such vAIK)
+        ├── PullRefused                migration.pull.refused (the source will not join)
         └── MigrationInDoubt           migration.in_doubt (the outcome is not known yet)
 """
 
@@ -41,6 +43,8 @@ __all__ = [
     "PeerAborted",
     "PeerProtocolError",
     "PeerUnavailable",
+    "PullNotHere",
+    "PullRefused",
     "TargetIdentityMismatch",
     "TargetNotAdmitted",
     "TargetRefused",
@@ -148,6 +152,19 @@ class VaikNotMovable(MigrationError):
     """There is no vAIK this host may move for that VM (none, or already moving/pending)."""
 
     id: ClassVar[str] = "migration.vaik.not_movable"
+
+
+class PullNotHere(MigrationError):
+    """A pulled-from host holds no vAIK of the VM (or no such VM): ask the next peer."""
+
+    id: ClassVar[str] = "migration.pull.not_here"
+
+
+class PullRefused(MigrationError):
+    """A source refused a target's pull (no libvirt migration of the VM under way here, no
+    daemon to move a running VM, the VM being moved already)."""
+
+    id: ClassVar[str] = "migration.pull.refused"
 
 
 class MigrationInDoubt(MigrationError):

@@ -22,6 +22,11 @@ an outcome query is a second, short connection from the target to the source (re
 
     recovery: OutcomeQuery(migration_id) ──► source ──► Outcome(committed | aborted | undecided)
 
+    pull (a plain ``virsh migrate``; the target's libvirt hook asks, :mod:`.hook`): the
+    target connects to the source and sends Pull(vm_uuid, target_address); the source answers
+    on the same connection with the Offer above (then the same exchange, roles unchanged) or
+    with Error (``migration.pull.not_here``: no vAIK of the VM here; anything else: refused).
+
 Any side may send ``Error(id, message)`` instead of the expected message; the other side ends
 the exchange. Field types are strict; binary fields are frame blobs (TPM wire format).
 """
@@ -48,6 +53,7 @@ __all__ = [
     "Offer",
     "Outcome",
     "OutcomeQuery",
+    "Pull",
     "StateRecord",
     "Transfer",
     "Verdict",
@@ -281,6 +287,30 @@ class Outcome:
 
 
 @dataclass(frozen=True)
+class Pull:
+    """Target → source: "libvirt is migrating ``vm_uuid`` to me; run the protocol with me".
+
+    Only a request: the source answers with its own ``Offer`` (nonce, checks, everything as in
+    a migration it starts) or refuses. ``target_address`` is where the target's migration
+    listener takes the source's re-sent decisions (``HOST:PORT``), as ``Offer.source_address``
+    is for the other direction; the target's identity is its mTLS certificate.
+    """
+
+    vm_uuid: uuid.UUID
+    target_address: str
+
+    def to_frame(self) -> Frame:
+        return Frame(
+            "pull",
+            {
+                "version": PROTOCOL_VERSION,
+                "vm_uuid": str(self.vm_uuid),
+                "target_address": self.target_address,
+            },
+        )
+
+
+@dataclass(frozen=True)
 class ErrorMessage:
     """Either side: the exchange ends; ``id`` is the sender's stable error id."""
 
@@ -302,6 +332,7 @@ Message = (
     | Done
     | OutcomeQuery
     | Outcome
+    | Pull
     | ErrorMessage
 )
 
@@ -388,6 +419,10 @@ def parse_message(frame: Frame) -> Message:
         if outcome not in ("committed", "aborted", "undecided"):
             raise _fail("outcome.outcome", "committed, aborted or undecided", outcome)
         return Outcome(_uuid(frame, "migration_id"), outcome)
+    if t == "pull":
+        _exact(frame, {"version", "vm_uuid", "target_address"}, set())
+        _version(frame)
+        return Pull(_uuid(frame, "vm_uuid"), _str(frame, "target_address"))
     if t == "error":
         _exact(frame, {"id", "message"}, set())
         eid = frame.fields["id"]
@@ -397,4 +432,4 @@ def parse_message(frame: Frame) -> Message:
         if not isinstance(message, str) or len(message) > 2000:
             raise _fail("error.message", "a string of at most 2000 characters", message)
         return ErrorMessage(eid, message)
-    raise _fail("type", "offer, exgkey, transfer, imported, decision, done, outcome…", t)
+    raise _fail("type", "offer, exgkey, transfer, imported, decision, done, outcome, pull…", t)

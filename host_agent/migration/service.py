@@ -23,6 +23,7 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,15 +32,17 @@ from evidence.tpm2_policy import PolicyApproval
 from host_agent._jsonline import call_json_line
 from host_agent.errors import StateError
 
-from .channel import MtlsListener, MtlsPeerChannel, TlsIdentity, parse_address
-from .errors import MigrationError
+from .channel import MtlsListener, MtlsPeerChannel, PeerChannel, TlsIdentity, parse_address
+from .errors import MigrationError, PullNotHere, PullRefused
 from .faults import FaultJournal
 from .host import MigrationHost
 from .journal import StoreJournal
+from .libvirt_job import migration_job_active, wait_migration_job
+from .protocol import Pull
 from .recovery import resolve_open_entries
 from .source import MigrationResult, migrate_vaik
-from .state import vaik_state
-from .target import serve_peer
+from .state import VaikState, vaik_state
+from .target import pull_source, run_incoming, serve_peer
 from .vm import VmMoves
 
 __all__ = [
@@ -49,6 +52,7 @@ __all__ = [
     "ServiceRunState",
     "control_call",
     "load_approvals",
+    "load_peers",
 ]
 
 log = logging.getLogger("host_agent.migration.service")
@@ -82,6 +86,38 @@ def load_approvals(path: Path) -> list[PolicyApproval]:
     return out
 
 
+def load_peers(settings_path: Path) -> dict[str, str]:
+    """``"peers"`` of the component's ``settings.json``: host id → ``HOST:PORT`` of each host a
+    pull may ask (a missing file or key is no peer).
+
+    Raises:
+        MigrationError: the file is not JSON, or ``peers`` is not an object of non-empty
+            strings (what was expected and what is there).
+    """
+    try:
+        doc = json.loads(Path(settings_path).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise MigrationError(f"{settings_path}: not readable JSON: {err}") from err
+    peers = doc.get("peers", {}) if isinstance(doc, dict) else {}
+    if not isinstance(peers, dict) or not all(
+        isinstance(k, str) and k and isinstance(v, str) and v for k, v in peers.items()
+    ):
+        raise MigrationError(
+            f'{settings_path}: "peers" must be an object of host id → "HOST:PORT", '
+            f"got {json.dumps(peers)[:200]}"
+        )
+    for host_id, address in peers.items():
+        try:
+            parse_address(address, DEFAULT_PORT)
+        except (ValueError, VtpmError) as err:
+            raise MigrationError(
+                f'{settings_path}: peer {host_id}: "HOST:PORT" expected, got {address!r}'
+            ) from err
+    return dict(peers)
+
+
 class ServiceRunState(enum.Enum):
     CREATED = "created"
     RUNNING = "running"
@@ -99,6 +135,7 @@ class MigrationService:
         moves: the VM side (bridge hooks, arming; :class:`~host_agent.migration.vm.VmMoves`),
             present when the service runs inside the daemon; without it only vAIKs move.
         libvirt_uri: this host's libvirt (the source of a VM migration).
+        peers: the hosts a pull asks (host id → ``HOST:PORT``), read per pull.
     """
 
     def __init__(
@@ -110,8 +147,12 @@ class MigrationService:
         resolve_interval: float = 2.0,
         moves: VmMoves | None = None,
         libvirt_uri: str | None = None,
+        peers: Callable[[], Mapping[str, str]] = dict,
     ) -> None:
         self.host = host
+        self._peers = peers
+        if moves is not None:
+            host.pull_handler = self.on_pull
         self.moves = moves
         self.libvirt_uri = libvirt_uri
         self.listen = listen
@@ -216,18 +257,41 @@ class MigrationService:
         self._require("migrate()", ServiceRunState.RUNNING, ServiceRunState.CREATED)
         if libvirt_dest is None:
             return migrate_vaik(self.host, vm_uuid, to, address, connect=self.connect)
-        if self.moves is None or self.libvirt_uri is None:
-            raise MigrationError(
-                "a VM migration needs the daemon (its bridge hooks): run the migration service "
-                "as the daemon's component, not `migration serve`"
-            )
-        source_uri = self.libvirt_uri
+        source_uri = self._vm_moves_here()
 
         def run_libvirt() -> None:
             from host_agent.lifecycle.libvirt_adapter import Hypervisor
 
             with Hypervisor(source_uri) as hv:
                 hv.migrate(str(vm_uuid), libvirt_dest, migrate_uri=migrate_uri)
+
+        return self._migrate_vm(vm_uuid, to, address, run_libvirt, self.connect)
+
+    def _vm_moves_here(self) -> str:
+        """This host's libvirt URI, if this service moves running VMs (the daemon's component).
+
+        Raises:
+            MigrationError: it does not (``migration serve``: no bridge hooks here).
+        """
+        if self.moves is None or self.libvirt_uri is None:
+            raise MigrationError(
+                "a VM migration needs the daemon (its bridge hooks): run the migration service "
+                "as the daemon's component, not `migration serve`"
+            )
+        return self.libvirt_uri
+
+    def _migrate_vm(
+        self,
+        vm_uuid: uuid.UUID,
+        to: str,
+        address: str,
+        run_libvirt: Callable[[], None],
+        connect: Callable[[str, str], PeerChannel],
+    ) -> MigrationResult:
+        """The source's protocol around a libvirt migration: ``run_libvirt`` starts it (or, for
+        a pull, waits for the one libvirt runs already) once the target's ExgKey passed."""
+        source_uri = self._vm_moves_here()
+        assert self.moves is not None
 
         def cancel_libvirt() -> None:
             from host_agent.lifecycle.libvirt_adapter import Hypervisor
@@ -244,7 +308,7 @@ class MigrationService:
                 vm_uuid,
                 to,
                 address,
-                connect=self.connect,
+                connect=connect,
                 between=lambda _channel, _entry: move.wait(timeout),
                 record_source=moves.record_source,
                 on_verified=move.start,  # pre-copy overlaps the vAIK's duplication and import
@@ -262,6 +326,112 @@ class MigrationService:
                 with contextlib.suppress(MigrationError):
                     move.wait(timeout)
             moves.end_outgoing(vm_uuid)
+
+    # ---------------------------------------------------------------- plain virsh migrate
+
+    def on_pull(self, channel: PeerChannel, pull: Pull) -> None:
+        """Source: a target's libvirt hook asks for ``pull.vm_uuid`` (a plain ``virsh migrate``
+        runs). Joins only a migration libvirt runs here right now, then runs the ordinary
+        source-driven protocol on ``channel`` (every check of a push), with "wait for libvirt's
+        job to end" in place of starting libvirt.
+
+        Raises:
+            PullNotHere: no vAIK, or no such domain, here (the target asks its next peer).
+            PullRefused: no daemon here, or no outgoing libvirt migration of the VM.
+            MigrationError: as :meth:`migrate` (sent to the target as an Error).
+        """
+        vm_uuid = pull.vm_uuid
+        if self.moves is None or self.libvirt_uri is None:
+            raise PullRefused(
+                f"{self.host.host_id}'s migration service runs without the daemon's bridge "
+                "hooks: it cannot move a running VM"
+            )
+        source_uri = self.libvirt_uri
+        if vaik_state(self.host.store, vm_uuid) is VaikState.ABSENT:
+            raise PullNotHere(f"{self.host.host_id} holds no vAIK for VM {vm_uuid}")
+        job = migration_job_active(source_uri, vm_uuid)
+        if job is None:
+            raise PullNotHere(f"{self.host.host_id}'s libvirt has no domain {vm_uuid}")
+        if not job:
+            raise PullRefused(
+                f"{self.host.host_id} does not migrate VM {vm_uuid} now (no outgoing libvirt "
+                "migration job): a pull only joins a migration libvirt runs"
+            )
+        first = [channel]
+
+        def connect(peer: str, address: str) -> PeerChannel:
+            return first.pop() if first else self.connect(peer, address)
+
+        def wait_libvirt() -> None:
+            wait_migration_job(source_uri, vm_uuid, timeout=self.host.timeout * 5)
+
+        log.info("VM %s: %s pulls it (a libvirt migration runs)", vm_uuid, channel.peer_id)
+        self._migrate_vm(vm_uuid, channel.peer_id, pull.target_address, wait_libvirt, connect)
+
+    def peers(self) -> dict[str, str]:
+        """The hosts a pull asks (host id → ``HOST:PORT``), re-read per pull."""
+        return dict(self._peers())
+
+    def expect_incoming(self, vm_uuid: uuid.UUID, tpm_socket: str | None) -> dict[str, Any]:
+        """Target (the libvirt hook): make this host ready for the incoming ``vm_uuid``.
+
+        Returns at once when a migration this host was offered armed it already (``vm
+        migrate``); else pulls it from the peer that holds it (:func:`pull_source`) and returns
+        once the VM is armed and its vAIK imported here as pending, the rest of the exchange
+        (record check, decision) going on on a thread.
+
+        Raises:
+            MigrationError: no daemon here; the domain's TPM socket is not where this host arms
+                it; PullNotHere (no peer holds it), PeerAborted (the source refused, with its
+                reason), or the target's own failure.
+        """
+        self._vm_moves_here()
+        assert self.moves is not None
+        if vm_uuid in self.moves.incoming:
+            return {"vm_uuid": str(vm_uuid), "armed": "offer"}
+        if tpm_socket is not None:
+            from host_agent.lifecycle.adoption import VmLayout
+
+            ours = VmLayout.of(Path(self.moves.daemon.paths.state_dir), str(vm_uuid)).bridge_socket
+            if Path(tpm_socket) != ours:
+                raise MigrationError(
+                    f"VM {vm_uuid}: its TPM socket is {tpm_socket}, but this host arms "
+                    f"{ours} (the state directory differs between the hosts)"
+                )
+        peers = self.peers()
+        if not peers:
+            raise PullNotHere(
+                f'VM {vm_uuid}: no peers configured to pull it from ("peers" in '
+                "<state>/migration/settings.json)"
+            )
+        channel, offer = pull_source(self.host, peers, vm_uuid, self.connect)
+        ready = threading.Event()
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                run_incoming(self.host, channel, offer, on_imported=ready.set)
+            except BaseException as err:  # reported to the hook, or logged after it returned
+                failed.append(err)
+                log.warning("incoming VM %s (pulled): %s", vm_uuid, err)
+            finally:
+                channel.close()
+                ready.set()
+
+        threading.Thread(target=run, name=f"pull-{vm_uuid}", daemon=True).start()
+        if not ready.wait(self.host.timeout * 2):
+            raise MigrationError(f"VM {vm_uuid}: not armed within {self.host.timeout * 2:g} s")
+        if failed:
+            err = failed[0]
+            if isinstance(err, VtpmError):
+                raise err
+            raise MigrationError(f"VM {vm_uuid}: {err}")
+        return {
+            "vm_uuid": str(vm_uuid),
+            "armed": "pull",
+            "source": channel.peer_id,
+            "migration_id": str(offer.migration_id),
+        }
 
     # ---------------------------------------------------------------- control socket
 
@@ -318,6 +488,11 @@ class MigrationService:
             if dest is not None and self.moves is not None:
                 out["vm"] = {"libvirt_dest": dest, **self.moves.last}
             return out
+        if op == "expect":
+            socket_path = req.get("tpm_socket")
+            return self.expect_incoming(
+                uuid.UUID(str(req["vm_uuid"])), None if socket_path is None else str(socket_path)
+            )
         if op == "recover":
             return {"done": self.recover()}
         if op == "journal":
@@ -364,8 +539,10 @@ class MigrationComponent:
     ``vtpm-host daemon --component host_agent.migration.service:MigrationComponent``.
 
     Settings come from ``<state_dir>/migration/settings.json`` when present:
-    ``{"listen": "HOST:PORT", "advertise": "HOST:PORT", "approvals": "PATH"}``; defaults: listen
-    on ``0.0.0.0:7787``, approvals from ``<state_dir>/migration/policy-approvals.json``.
+    ``{"listen": "HOST:PORT", "advertise": "HOST:PORT", "approvals": "PATH", "peers": {HOST_ID:
+    "HOST:PORT", …}}``; defaults: listen on ``0.0.0.0:7787``, approvals from
+    ``<state_dir>/migration/policy-approvals.json``, no peers. ``peers`` are the hosts this one
+    asks for an incoming plain ``virsh migrate`` (:mod:`.hook`), re-read per migration.
     ``"test_tamper": "memory" | "state"`` is a test hook only (:mod:`.vm`): an incoming VM's
     memory or vTPM state is changed before it is checked (re-read per incoming migration);
     ``"test_kill_at": "SIDE:STEP"`` likewise (:mod:`.faults`): SIGKILL after that journal step.
@@ -428,6 +605,7 @@ class MigrationComponent:
             control_socket=state_dir / "run" / "migration.sock",
             moves=moves,
             libvirt_uri=daemon.config.libvirt.uri_for(state_dir),
+            peers=lambda: load_peers(settings_path),
         ).start()
         daemon.migration = self.service
 

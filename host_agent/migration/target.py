@@ -1,9 +1,13 @@
 """The target side: certify an ExgKey, import the vAIK as pending, activate on the commit.
 
 :func:`serve_peer` handles one incoming connection: a migration (``Offer``), a source's
-decision re-sent by its recovery (``Decision``), or an outcome query from a target in recovery
-(``OutcomeQuery``, answered from this host's *source* journal). The target never decides: it
-activates only on the source's commit, and discards on its abort (see :mod:`host_agent.migration`).
+decision re-sent by its recovery (``Decision``), an outcome query from a target in recovery
+(``OutcomeQuery``, answered from this host's *source* journal), or a target's ``Pull`` (this
+host as the source: ``MigrationHost.pull_handler``). :func:`pull_source` is the target's end of
+a pull: it finds the source among its peers and takes the Offer on that connection; then
+:func:`run_incoming` is the same exchange as for an Offer that arrived at the listener. The
+target never decides: it activates only on the source's commit, and discards on its abort (see
+:mod:`host_agent.migration`).
 """
 
 from __future__ import annotations
@@ -11,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from evidence.errors import VtpmError
 from host_agent.tpm.port import DuplicationBlob, WrappedKey
 
 from .channel import PeerChannel
-from .errors import MigrationError, PeerProtocolError
+from .errors import MigrationError, PeerAborted, PeerProtocolError, PullNotHere
 from .host import MigrationHost
 from .journal import JournalEntry, SourceStep, TargetStep
 from .protocol import (
@@ -29,6 +34,7 @@ from .protocol import (
     Offer,
     Outcome,
     OutcomeQuery,
+    Pull,
     StateRecord,
     Transfer,
     Verdict,
@@ -36,7 +42,7 @@ from .protocol import (
 from .record import RecordRefused, verify_record
 from .verify import check_vaik_public
 
-__all__ = ["apply_decision", "outcome_of", "serve_peer"]
+__all__ = ["apply_decision", "outcome_of", "pull_source", "run_incoming", "serve_peer"]
 
 log = logging.getLogger("host_agent.migration.target")
 
@@ -114,6 +120,13 @@ def serve_peer(host: MigrationHost, channel: PeerChannel) -> None:
             channel.send(Done(first.migration_id))
         elif isinstance(first, Offer):
             _incoming(host, channel, first)
+        elif isinstance(first, Pull):
+            if host.pull_handler is None:
+                raise MigrationError(
+                    "this host's migration service runs without the daemon's bridge hooks: it "
+                    "cannot move a running VM (run it as the daemon's component)"
+                )
+            host.pull_handler(channel, first)
         else:
             _refuse(channel, "migration.peer.protocol", f"unexpected {type(first).__name__}")
     except VtpmError as err:
@@ -121,7 +134,80 @@ def serve_peer(host: MigrationHost, channel: PeerChannel) -> None:
         _refuse(channel, err.id, str(err))
 
 
-def _incoming(host: MigrationHost, channel: PeerChannel, offer: Offer) -> None:
+def run_incoming(
+    host: MigrationHost,
+    channel: PeerChannel,
+    offer: Offer,
+    on_imported: Callable[[], None] | None = None,
+) -> None:
+    """The target's exchange for ``offer`` (arm, ExgKey, import, record check, decision);
+    ``on_imported`` is called once the vAIK is imported and journalled PENDING (a pull's hook
+    then lets libvirt go on). A failure is sent to the source as an Error, then raised.
+
+    Raises:
+        VtpmError: the migration failed here (the source aborts; nothing is active here).
+    """
+    try:
+        _incoming(host, channel, offer, on_imported)
+    except VtpmError as err:
+        log.warning("migration peer %s: %s", channel.peer_id, err)
+        _refuse(channel, err.id, str(err))
+        raise
+
+
+def pull_source(
+    host: MigrationHost,
+    peers: Mapping[str, str],
+    vm_uuid: uuid.UUID,
+    connect: Callable[[str, str], PeerChannel],
+) -> tuple[PeerChannel, Offer]:
+    """Ask ``peers`` (host id → ``HOST:PORT``), one after the other, to move ``vm_uuid`` here;
+    the first that holds it answers with its Offer on that connection (returned, open).
+
+    Raises:
+        PullNotHere: no peer holds the VM's vAIK (each peer's answer is in the message).
+        PeerAborted: the peer that holds it refused (its reason: the source's checks).
+        PeerProtocolError: it answered with something but an Offer of this VM with the VM.
+    """
+    tried: list[str] = []
+    for peer, address in peers.items():
+        try:
+            channel = connect(peer, address)
+        except VtpmError as err:
+            tried.append(f"{peer} ({address}): unreachable: {err}")
+            continue
+        try:
+            channel.send(Pull(vm_uuid, host.advertise or "-"))
+            offer = channel.receive(host.timeout)
+        except PeerAborted as err:
+            channel.close()
+            if err.remote_id == PullNotHere.id:
+                tried.append(f"{peer}: {err}")
+                continue
+            raise
+        except VtpmError as err:
+            channel.close()
+            tried.append(f"{peer}: {err}")
+            continue
+        if not isinstance(offer, Offer) or offer.vm_uuid != vm_uuid or not offer.with_vm:
+            channel.close()
+            raise PeerProtocolError(
+                f"{peer} answered the pull of VM {vm_uuid} with {type(offer).__name__}, "
+                "expected an Offer of that VM with the running VM"
+            )
+        return channel, offer
+    raise PullNotHere(
+        f"no peer moves VM {vm_uuid} here; asked: "
+        + ("; ".join(tried) if tried else "nobody (no peers configured)")
+    )
+
+
+def _incoming(
+    host: MigrationHost,
+    channel: PeerChannel,
+    offer: Offer,
+    on_imported: Callable[[], None] | None = None,
+) -> None:
     vm = str(offer.vm_uuid)
     mid = offer.migration_id
     with host.lock:
@@ -184,6 +270,8 @@ def _incoming(host: MigrationHost, channel: PeerChannel, offer: Offer) -> None:
             raise
         _pending(host, entry, imported, transfer)
         channel.send(Imported(mid))
+        if on_imported is not None:
+            on_imported()
         decision = channel.receive(host.timeout)
         checked = False
         if isinstance(decision, StateRecord) and decision.migration_id == mid:
