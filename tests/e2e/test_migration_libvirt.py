@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from evidence.aik_cert import verify_aik_certificate
 from evidence.bundle import parse_bundle
 from host_agent.migration import SourceStep, TargetStep, VaikState
+from host_agent.migration.hook import hook_script
 from host_agent.migration.service import DEFAULT_PORT
 from host_agent.service.enroll import fingerprint
 from tests.helpers.guest_tenant import GUEST_COMMAND
@@ -69,6 +70,12 @@ SSH_PORT = 2222  # the guest's hostfwd, on 127.0.0.1 of the namespace its QEMU r
 IMA = 'ima_policy=tcb ima_hash=sha256 vtpm.ima_policy="measure func=BPRM_CHECK"'
 NAMES = {"a": "migA", "b": "migB", "veth_a": "vmigA", "veth_b": "vmigB"}
 ADDRS = {"addr_a": "10.78.0.1", "addr_b": "10.78.0.2"}
+HOOK_LOG = "/var/log/libvirt/vtpm-hook.log"  # in each host's libvirt root (a bind mount)
+#: /etc/libvirt/hooks/qemu on both hosts: the shipped script (`vtpm-host hook script`), plus one
+#: line that logs every call libvirt makes, so a test can tell the hook ran.
+QEMU_HOOK = hook_script(
+    [sys.executable, "-m", "host_agent.cli", "hook", "qemu", "--state-dir", AGENT_STATE, "--"]
+).replace("#!/bin/sh\n", f'#!/bin/sh\necho "$@" >> {HOOK_LOG}\n', 1)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +97,7 @@ def lab(fleet: Fleet) -> Iterator[tuple[NetnsPair, NsLibvirtd, NsLibvirtd, Path]
     binds_a, binds_b = {AGENT_STATE: agents.a}, {AGENT_STATE: agents.b}
     with (
         two_hosts(**NAMES, **ADDRS) as net,
-        libvirtd_pair(net, root / "lv", binds_a, binds_b) as (a, b),
+        libvirtd_pair(net, root / "lv", binds_a, binds_b, {"qemu": QEMU_HOOK}) as (a, b),
     ):
         yield net, a, b, root
 
@@ -134,9 +141,17 @@ def test_each_namespace_host_has_its_own_libvirtd(
     assert outside != 0
 
 
+def hook_calls(host: NsLibvirtd) -> list[str]:
+    """The calls libvirt made to the host's qemu hook (``DOMAIN OP SUBOP EXTRA`` each)."""
+    log = host.root / HOOK_LOG.lstrip("/")
+    return log.read_text().splitlines() if log.exists() else []
+
+
 def test_plain_live_migration_between_the_two_libvirtds(
     lab: tuple[NetnsPair, NsLibvirtd, NsLibvirtd, Path], image: GuestImage
 ) -> None:
+    """A VM that is not ours migrates untouched by the hook: B's hook runs for it (libvirt
+    calls it) and exits 0 without asking a daemon; none runs yet, so one asked would fail."""
     _net, a, b, root = lab
     vm = str(uuid.uuid4())
     console = root / "plain-console.log"
@@ -158,6 +173,7 @@ def test_plain_live_migration_between_the_two_libvirtds(
         assert b.virsh("qemu-monitor-command", "plain", "--hmp", "info status").stdout.strip() == (
             "VM status: running"
         )
+        assert "plain migrate begin -" in hook_calls(b)
         print(f"\nplain live migration (TCG, 256 MiB): {took:.2f} s")
     finally:
         a.virsh("destroy", "plain", check=False)
@@ -170,8 +186,11 @@ def test_plain_live_migration_between_the_two_libvirtds(
 class Agent:
     """``vtpm-host daemon`` (with the migration component) inside one namespace host."""
 
-    def __init__(self, host: NsLibvirtd, state: Path, approvals: Path) -> None:
+    def __init__(
+        self, host: NsLibvirtd, state: Path, approvals: Path, peers: dict[str, str]
+    ) -> None:
         self.host = host
+        self.peers = peers  # what a pull asks (a plain virsh migrate to this host)
         self.state = state  # the directory as the root namespace sees it
         self.log = state / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -191,9 +210,9 @@ class Agent:
             json.dumps({"format": "vtpm-trust/owners/1", "vms": {}})
         )
 
-    def settings(self, extra: dict[str, str]) -> None:
+    def settings(self, extra: dict[str, Any]) -> None:
         """Write ``settings.json`` (the listen address and ``extra``, e.g. the test hook)."""
-        doc = {"listen": f"{self.host.address}:{DEFAULT_PORT}", **extra}
+        doc = {"listen": f"{self.host.address}:{DEFAULT_PORT}", "peers": self.peers, **extra}
         (self.state / "migration" / "settings.json").write_text(json.dumps(doc))
 
     @property
@@ -265,8 +284,10 @@ def agents(
     lab: tuple[NetnsPair, NsLibvirtd, NsLibvirtd, Path], fleet: Fleet
 ) -> Iterator[tuple[Agent, Agent]]:
     _net, a, b, root = lab
-    pair = (Agent(a, root / "agents" / "a", fleet.approvals).start(),
-            Agent(b, root / "agents" / "b", fleet.approvals).start())  # fmt: skip
+    peers_a = {"host-b": f"{b.address}:{DEFAULT_PORT}"}
+    peers_b = {"host-a": f"{a.address}:{DEFAULT_PORT}"}
+    pair = (Agent(a, root / "agents" / "a", fleet.approvals, peers_a).start(),
+            Agent(b, root / "agents" / "b", fleet.approvals, peers_b).start())  # fmt: skip
     try:
         yield pair
     finally:
@@ -446,8 +467,12 @@ def test_after_the_move_attest_on_b_is_trusted_and_a_cannot_attest(
     now = datetime.now(UTC)
     for bundle in (before, after):  # each host's AIK certificate chains to the fleet CA
         verify_aik_certificate(bundle.aik_certificates_der[0], [fleet_ca], now)
-    # A: the VM's channel socket answered by a stand-in for a QEMU still there (a stale or
-    # replayed copy of the VM); A's daemon connects to it and is asked for a quote.
+    assert_cannot_attest(a)
+
+
+def assert_cannot_attest(a: Agent) -> None:
+    """``a``, asked for the VM through the VM's channel socket (answered by a stand-in for a
+    QEMU still there: a stale or replayed copy of the VM), refuses: it holds no vAIK for it."""
     channel = a.state / "vms" / str(VM) / "attest.sock"
     channel.unlink(missing_ok=True)
     guest = GuestEnd(channel)
@@ -527,26 +552,111 @@ def test_vm_migrates_back_and_forth(agents: tuple[Agent, Agent]) -> None:
     assert a.pcrs()["0"] != "00" * 32  # the vTPM came back with its state
 
 
-def test_plain_virsh_migrate_of_a_protected_vm_fails_and_copies_no_vaik(
+# --------------------------------------------------------------- plain virsh migrate (the hook)
+
+
+def plain_migrate(src: Agent, dst: Agent) -> subprocess.CompletedProcess[str]:
+    """``virsh migrate --live --p2p mig DST_URI tcp://DST`` on the source host: no vtpm CLI."""
+    return src.host.virsh("migrate", "--live", "--p2p", "mig", dst.host.uri,
+                          f"tcp://{dst.host.address}", check=False)  # fmt: skip
+
+
+def _plain_refused(a: Agent, b: Agent, reason: str) -> str:
+    """A plain virsh migrate A → B fails with ``reason`` (B's hook, as libvirt reports it); the
+    VM keeps running on A with its active vAIK; nothing of it is on B."""
+    done = plain_migrate(a, b)
+    print(f"\nrefused plain virsh migrate: rc {done.returncode}: {done.stderr.strip()[-500:]}")
+    assert done.returncode != 0, "libvirt moved the VM although B's hook refused it"
+    assert "Hook script execution failed" in done.stderr and reason in done.stderr, (
+        done.stderr + a.log_tail() + b.log_tail()
+    )
+    assert a.host.domstate("mig") == "running" and b.host.domstate("mig") == "absent"
+    assert a.host.virsh("qemu-monitor-command", "mig", "--hmp", "info status").stdout.strip() == (
+        "VM status: running"
+    )
+    assert b.host.pids("qemu-system") == []
+    state_a, steps_a = inspect_in(a)
+    assert state_a is VaikState.ACTIVE
+    assert not any(step.endswith((":moving", ":started", ":committed")) for step in steps_a)
+    return done.stderr
+
+
+def test_plain_virsh_migrate_to_a_host_whose_daemon_is_down_fails_on_its_hook(
+    agents: tuple[Agent, Agent],
+) -> None:
+    """B's agent is stopped: B's hook cannot get the protected VM ready and says so; libvirt
+    fails the migration before B's QEMU starts. A was never asked (its journal is unchanged)."""
+    a, b = agents
+    assert a.host.domstate("mig") == "running" and inspect_in(a)[0] is VaikState.ACTIVE
+    journal_a = inspect_in(a)
+    b.stop()
+    try:
+        _plain_refused(a, b, "migration service does not answer")
+        assert inspect_in(a) == journal_a
+    finally:
+        b.start()
+
+
+def test_plain_virsh_migrate_to_a_target_the_fleet_has_not_approved_fails(
+    agents: tuple[Agent, Agent], fleet: Fleet
+) -> None:
+    """B's hook pulls the VM from A; A runs the push's checks and refuses B's ExgKey (A's fleet
+    approvals do not cover B's platform state) before anything leaves: the hook fails with A's
+    reason, the source journal says aborted, B discarded nothing but its ExgKey."""
+    a, b = agents
+    aborted, discarded = (
+        f"source:{SourceStep.ABORTED.value}",
+        f"target:{TargetStep.DISCARDED.value}",
+    )
+    before_a, before_b = inspect_in(a)[1], inspect_in(b)[1]
+    approvals = a.state / "migration" / "policy-approvals.json"
+    approvals.write_text(json.dumps({"approvals": []}))
+    try:
+        _plain_refused(a, b, "migration.target.exgkey_policy")
+    finally:
+        shutil.copy(fleet.approvals, approvals)
+    assert inspect_in(a)[1].count(aborted) == before_a.count(aborted) + 1
+    state_b, steps_b = inspect_in(b)
+    assert state_b is VaikState.ABSENT
+    assert steps_b.count(discarded) == before_b.count(discarded) + 1
+
+
+def test_plain_virsh_migrate_moves_the_vm_and_its_vaik(
     agents: tuple[Agent, Agent], protected: Tenant
 ) -> None:
-    """``virsh migrate --live --p2p`` without our CLI: nothing arms B (no swtpm for incoming
-    state, no bridge on the domain's TPM socket), so B's QEMU cannot start and libvirt fails the
-    migration. The VM keeps running on A, no vAIK reaches B, no journal step is written, and the
-    tenant's attestation on A stays trusted (after the VM came back from B, too)."""
+    """Issue 8: ``virsh migrate --live --p2p`` of the protected VM, no vtpm command: B's hook
+    pulls the VM from A, which runs the whole protocol with B (ExgKey checks, duplication, the
+    vAIK-signed record of the final stop checked by B before the VM runs, commit once libvirt's
+    job ended). Then the same vAIK signs on B only: the tenant's attestation on B is trusted
+    with the reference values learnt on A, and A refuses the VM."""
     a, b = agents
-    journal_a, journal_b = inspect_in(a), inspect_in(b)
-    assert journal_a[0] is VaikState.ACTIVE and journal_b[0] is VaikState.ABSENT
-    done = a.host.virsh("migrate", "--live", "--p2p", "mig", b.host.uri,
-                        f"tcp://{b.host.address}", check=False)  # fmt: skip
-    print(f"\nplain virsh migrate of the protected VM: rc {done.returncode}: "
-          f"{done.stderr.strip()[-600:]}")  # fmt: skip
-    assert done.returncode != 0, "libvirt moved the VM with nothing armed on B"
-    assert a.host.domstate("mig") == "running" and b.host.domstate("mig") == "absent"
-    assert b.host.pids("qemu-system") == []
-    assert inspect_in(a) == journal_a and inspect_in(b) == journal_b
-    report = protected.attest(a, "a-after-plain", "--policy", str(protected.dir / "refs.json"))
-    assert report["trusted"] is True, (report, a.log_tail())
-    after = parse_bundle(protected.bundles["a-after-plain"].read_bytes())
-    first = parse_bundle(protected.bundles["a"].read_bytes())
-    assert after.vaik_public.marshal() == first.vaik_public.marshal()
+    active, done_step = f"target:{TargetStep.ACTIVE.value}", f"source:{SourceStep.DONE.value}"
+    state_a, before_a = inspect_in(a)
+    state_b, before_b = inspect_in(b)
+    assert state_a is VaikState.ACTIVE and state_b is VaikState.ABSENT
+    vpcrs = a.pcrs()
+    t0 = time.monotonic()
+    done = plain_migrate(a, b)
+    took = time.monotonic() - t0
+    assert done.returncode == 0, done.stderr + a.log_tail() + b.log_tail()
+    print(f"\nplain virsh migrate of the protected VM: {took:.2f} s")
+    assert b.host.domstate("mig") == "running"
+    # Without --undefinesource libvirt keeps A's (persistent) definition, shut off.
+    assert a.host.domstate("mig") in ("shut off", "absent") and a.host.pids("qemu-system") == []
+    assert any(call.startswith("mig migrate begin") for call in hook_calls(b.host))
+    # The source commits only after libvirt's job ended; the target is told at once.
+    deadline = time.monotonic() + 30
+    while (now_b := inspect_in(b))[1].count(active) != before_b.count(active) + 1:
+        assert time.monotonic() < deadline, (now_b, b.log_tail())
+        time.sleep(0.2)
+    assert now_b[0] is VaikState.ACTIVE
+    state_a, steps_a = inspect_in(a)
+    assert state_a is VaikState.ABSENT and steps_a.count(done_step) == before_a.count(done_step) + 1
+    assert "matches the signed record (memory root" in b.log_tail(20000)
+    assert b.pcrs() == vpcrs
+    report = protected.attest(b, "b-plain", "--policy", str(protected.dir / "refs.json"))
+    assert report["trusted"] is True, (report, b.log_tail())
+    before = parse_bundle(protected.bundles["a"].read_bytes())
+    after = parse_bundle(protected.bundles["b-plain"].read_bytes())
+    assert after.vaik_public.marshal() == before.vaik_public.marshal()
+    assert_cannot_attest(a)

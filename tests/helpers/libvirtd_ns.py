@@ -82,6 +82,7 @@ class NsLibvirtd:
     root: Path
     host_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
     binds: dict[str, Path] = field(default_factory=dict)
+    hooks: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -105,6 +106,11 @@ class NsLibvirtd:
         for d in BIND_DIRS:
             (self.root / d.lstrip("/")).mkdir(parents=True, exist_ok=True)
         etc = self.root / "etc/libvirt"
+        for name, script in self.hooks.items():  # libvirtd reads its hooks when it starts
+            hook = etc / "hooks" / name
+            hook.parent.mkdir(exist_ok=True)
+            hook.write_text(script)
+            hook.chmod(0o755)
         (etc / "qemu.conf").write_text(QEMU_CONF.format(address=self.address))
         (etc / "libvirtd.conf").write_text(
             LIBVIRTD_CONF.format(address=self.address, host_uuid=self.host_uuid, root=self.root)
@@ -221,13 +227,15 @@ def libvirtd_pair(
     root: Path,
     binds_a: dict[str, Path] | None = None,
     binds_b: dict[str, Path] | None = None,
+    hooks: dict[str, str] | None = None,
 ) -> Iterator[tuple[NsLibvirtd, NsLibvirtd]]:
     """A libvirtd in each of ``net``'s namespaces (roots ``root/a``, ``root/b``); both stopped
     afterwards, also when the second failed to start. ``binds_*``: more bind mounts
     (path in the host → directory), e.g. the agent's state directory at the same path on both
-    hosts, as real hosts have it."""
-    a = NsLibvirtd(net, net.a, root / "a", binds=dict(binds_a or {}))
-    b = NsLibvirtd(net, net.b, root / "b", binds=dict(binds_b or {}))
+    hosts, as real hosts have it. ``hooks``: libvirt hook scripts (``qemu`` → its text) written
+    to each host's ``/etc/libvirt/hooks`` before its libvirtd starts."""
+    a = NsLibvirtd(net, net.a, root / "a", binds=dict(binds_a or {}), hooks=dict(hooks or {}))
+    b = NsLibvirtd(net, net.b, root / "b", binds=dict(binds_b or {}), hooks=dict(hooks or {}))
     try:
         a.start()
         b.start()
