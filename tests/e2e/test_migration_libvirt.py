@@ -621,6 +621,40 @@ def test_plain_virsh_migrate_to_a_target_the_fleet_has_not_approved_fails(
     assert steps_b.count(discarded) == before_b.count(discarded) + 1
 
 
+def test_plain_virsh_migrate_with_memory_changed_in_flight_is_vetoed_by_the_target(
+    agents: tuple[Agent, Agent],
+) -> None:
+    """The hook let libvirt go on (the VM armed on B, the vAIK pending there); then B's check of
+    the loaded VM against the record A's vAIK signed finds a changed page (test hook on B):
+    B's QEMU fails before it runs, libvirt fails the migration, A aborts and keeps the VM and
+    its vAIK, B discards its pending copy."""
+    a, b = agents
+    aborted, discarded = (
+        f"source:{SourceStep.ABORTED.value}",
+        f"target:{TargetStep.DISCARDED.value}",
+    )
+    before_a, before_b = inspect_in(a)[1], inspect_in(b)[1]
+    mark = len(b.log_tail(10**9))
+    b.settings({"test_tamper": "memory"})
+    try:
+        done = plain_migrate(a, b)
+    finally:
+        b.settings({})
+    print(f"\nvetoed plain virsh migrate: rc {done.returncode}: {done.stderr.strip()[-300:]}")
+    assert done.returncode != 0, "libvirt moved a VM whose memory B found changed"
+    assert "Hook script execution failed" not in done.stderr  # the hook had let it go on
+    assert a.host.domstate("mig") == "running" and b.host.domstate("mig") == "absent"
+    assert b.host.pids("qemu-system") == []
+    assert "refused: loaded memory root" in b.log_tail(10**9)[mark:], b.log_tail()
+    deadline = time.monotonic() + 30
+    while (now_b := inspect_in(b))[1].count(discarded) != before_b.count(discarded) + 1:
+        assert time.monotonic() < deadline, (now_b, b.log_tail())
+        time.sleep(0.2)
+    state_a, steps_a = inspect_in(a)
+    assert state_a is VaikState.ACTIVE and steps_a.count(aborted) == before_a.count(aborted) + 1
+    assert now_b[0] is VaikState.ABSENT
+
+
 def test_plain_virsh_migrate_moves_the_vm_and_its_vaik(
     agents: tuple[Agent, Agent], protected: Tenant
 ) -> None:
