@@ -9,10 +9,20 @@ side       step        recovery
 source     STARTED     ABORTED (nothing left this host; the vAIK never stopped signing)
 source     MOVING      ABORTED + vAIK ``active`` again, then tell the target (best effort)
 source     COMMITTED   tell the target "commit" until it answers Done, then DONE
-target     EXGKEY      DISCARDED (no vAIK arrived: the source cannot have committed)
+target     EXGKEY      DISCARDED (no vAIK arrived: the source cannot have committed), and
+                       the VM armed for it released (``end_incoming(vm, "abort")``)
 target     PENDING     ask the source: committed → ACTIVE, aborted → DISCARDED,
                        undecided or unreachable → ask again later (signs nowhere meanwhile)
 =========  ==========  ===================================================================
+
+Releasing: a target that crashed in EXGKEY leaves the VM armed (a swtpm waiting for incoming
+state and a bridge on the domain's TPM socket, both outliving the daemon, invariant 6) with no
+QEMU ever coming (libvirt starts only after the source checked the ExgKey); its live session
+would have released it. Recovery settles an EXGKEY entry only while no session of this host is
+live (a new incoming migration of the same VM arms the same swtpm and bridge), else on a later
+pass, and releases nothing when the VM's vAIK is here (the VM arrived since by another
+migration). (After PENDING the incoming QEMU has connected, and the bridge, started ``--once``,
+ends with it.)
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from .host import MigrationHost
 from .journal import JournalEntry, SourceStep, TargetStep
 from .protocol import Outcome, OutcomeQuery
 from .source import abort_source, send_decision
+from .state import VaikState, vaik_state
 from .target import apply_decision
 
 __all__ = ["resolve_open_entries"]
@@ -55,6 +66,13 @@ def _ask_source(host: MigrationHost, entry: JournalEntry, connect: Connect) -> s
     return answer.outcome
 
 
+def _release(host: MigrationHost, entry: JournalEntry) -> None:
+    """Stop what a target armed for ``entry``'s VM, unless the VM's vAIK is here (it arrived
+    since, by another migration: what runs is its). Call with the lock, no session live."""
+    if host.end_incoming is not None and vaik_state(host.store, entry.vm_uuid) is VaikState.ABSENT:
+        host.end_incoming(entry.vm_uuid, "abort")  # never raises
+
+
 def resolve_open_entries(host: MigrationHost, connect: Connect) -> list[str]:
     """One pass over the open journal entries not run by a live session; returns what was done."""
     done: list[str] = []
@@ -72,8 +90,11 @@ def resolve_open_entries(host: MigrationHost, connect: Connect) -> list[str]:
                 done.append(f"{mid}: target acknowledged the commit")
         elif entry.step is TargetStep.EXGKEY:
             with host.lock:
+                if host.live:
+                    continue  # a session may be arming this VM again: settle it on a later pass
+                _release(host, entry)
                 host.j.write(entry.at(TargetStep.DISCARDED, reason="no vAIK arrived"))
-            done.append(f"{mid}: target discarded its ExgKey")
+            done.append(f"{mid}: target discarded its ExgKey and released the VM")
         elif entry.step is TargetStep.PENDING:
             outcome = _ask_source(host, entry, connect)
             if outcome == "committed":
