@@ -1,6 +1,7 @@
 """Two admitted hosts for the migration tests, and the smoke test that they are what they claim.
 
-A *fleet* is built once per run: one registrar (``vtpm-verify registrar init`` + ``serve`` as a
+A *fleet* is built once per run (:func:`scripts.lab.fleet.build_fleet`, shared with
+``make demo-migration``): one registrar (``vtpm-verify registrar init`` + ``serve`` as a
 child process, trusting swtpm-localca), two hosts admitted by ``vtpm-host init`` against it
 (each with its own software-root swtpm, store and mTLS identity), the fleet's approval of the
 hosts' PCR0-8 state, and on host A a VM's vAIK and binding as enrollment writes them. Each test
@@ -12,15 +13,9 @@ SIGKILL is a real crash. Tests look at a host's store read-only (:func:`inspect_
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import json
-import os
-import shutil
 import signal
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,164 +27,38 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from evidence.aik_cert import verify_aik_certificate
-from evidence.tpm2_policy import HOST_PCRS, PolicyApproval, vaik_sign_policy
 from host_agent.config import AgentConfig, with_state_dir
 from host_agent.migration import JournalEntry, VaikState, vaik_state
 from host_agent.migration.journal import StoreJournal
-from host_agent.tpm.port import VAIK_POLICY_REF
+from scripts.lab.fleet import (
+    HOST_CLI,
+    PY,
+    REPO,
+    VM,
+    Fleet,
+    Hosts,
+    build_fleet,
+    copy_hosts,
+    stop_swtpm,
+)
+from scripts.lab.fleet import lab_env as _env
 
-REPO = Path(__file__).resolve().parents[2]
-PY = sys.executable
-HOST_CLI = [PY, "-m", "host_agent.cli"]
-REGISTRAR = [PY, "-m", "verifier.cli", "registrar"]
-VM = uuid.UUID("6f1c3a52-8d0e-4b7a-9c11-2f4e5d6a7b80")
-CERT_USER = b"0\x82tenant-cert-user-der-bytes"
-
-_SETUP = r"""
-import json, sys, base64
-from pathlib import Path
-from host_agent.config import AgentConfig, with_state_dir
-from host_agent.store.provision import ensure_store, open_store
-from host_agent.tpm.discovery import open_host_tpm
-state, fleet_key, vm = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-config = with_state_dir(AgentConfig(), state)
-tpm = open_host_tpm(config.tpm)
-try:
-    ensure_store(tpm, config)
-    if fleet_key != "-":
-        vaik = tpm.create_vaik(base64.b64decode(fleet_key))
-        store = open_store(config, tpm)
-        with store.transaction() as tx:
-            tx.put("vaik", vm, {"generation": 1, "key": vaik.to_bytes().hex()})
-            tx.put("binding", vm, {"vm_uuid": vm, "generation": 1, "cert_user": sys.argv[4],
-                   "fingerprint": "sha256:" + "0" * 64, "vaik_name": vaik.name.hex(),
-                   "boot": {"bridge_pid": 1, "sessions": 1, "inits": 1, "set_stateblobs": 0},
-                   "active": True, "enrolled_at": "2026-01-01T00:00:00+00:00"})
-        store.close()
-        print(vaik.public.hex())
-finally:
-    tpm.close()
-"""
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VTPM_")}
-    return {**env, **extra}
-
-
-def _run(cmd: list[str], **extra: str) -> str:
-    done = subprocess.run(cmd, env=_env(**extra), capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == 0, f"{cmd}: {done.stderr}\n{done.stdout}"
-    return done.stdout
-
-
-def stop_swtpm(state: Path) -> None:
-    """Stop the software-root swtpm a (killed) host process left running on ``state``."""
-    pid_file = state / "tpm" / "swtpm" / "swtpm.pid"
-    with contextlib.suppress(OSError, ValueError):
-        pid = int(pid_file.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        if b"swtpm" in cmdline and str(state).encode() in cmdline:
-            os.kill(pid, signal.SIGTERM)
-            for _ in range(50):
-                if not Path(f"/proc/{pid}").exists():
-                    break
-                time.sleep(0.05)
-
-
-@dataclass(frozen=True)
-class Fleet:
-    """The fleet template (never run directly; tests copy it with :func:`fresh_hosts`)."""
-
-    root: Path
-    a: Path
-    b: Path
-    approvals: Path
-    approval: PolicyApproval
-    vaik_public: bytes
-
-
-@dataclass(frozen=True)
-class Hosts:
-    a: Path
-    b: Path
-    approvals: Path
-    no_approvals: Path
-
-
-def build_fleet(root: Path) -> Fleet:
-    registrar = root / "registrar"
-    init = json.loads(
-        _run([*REGISTRAR, "init", "--state-dir", str(registrar), "--swtpm-localca", "--json"])
-    )
-    ca_doc = json.loads(_run([*REGISTRAR, "ca", "--state-dir", str(registrar), "--json"]))
-    zeros = [bytes(32)] * len(HOST_PCRS)  # a fresh swtpm's PCR0-8: the hosts' platform state
-    approved = json.loads(
-        _run(
-            [
-                *REGISTRAR,
-                "approve",
-                "--state-dir",
-                str(registrar),
-                "--pcr-policy",
-                vaik_sign_policy(zeros).hex(),
-                "--policy-ref",
-                VAIK_POLICY_REF.decode(),
-                "--json",
-            ]
-        )
-    )
-    approval = PolicyApproval(
-        bytes.fromhex(approved["approved_policy"]),
-        bytes.fromhex(approved["policy_ref"]),
-        bytes.fromhex(approved["signature"]),
-    )
-    approvals = root / "policy-approvals.json"
-    approvals.write_text(
-        json.dumps(
-            {
-                "policy_key": ca_doc["policy_key"],
-                "approvals": [
-                    {
-                        "approved_policy": approval.approved_policy.hex(),
-                        "policy_ref": approval.policy_ref.hex(),
-                        "signature": base64.b64encode(approval.signature).decode(),
-                    }
-                ],
-            }
-        )
-    )
-    log = open(root / "registrar.log", "ab")  # noqa: SIM115 - closed below
-    serve = subprocess.Popen(
-        [*REGISTRAR, "serve", "--state-dir", str(registrar), "--listen", "127.0.0.1:0", "--json"],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-        env=_env(),
-        cwd=REPO,
-    )
-    try:
-        assert serve.stdout is not None
-        url = json.loads(serve.stdout.readline())["url"]
-        env = {"VTPM_REGISTRAR_URL": url, "VTPM_REGISTRAR_CA_SHA256": init["ca_sha256"]}
-        for name in ("a", "b"):
-            _run(
-                [*HOST_CLI, "init", "--state-dir", str(root / name)],
-                VTPM_HOST_ID=f"host-{name}",
-                **env,
-            )
-    finally:
-        serve.terminate()
-        serve.wait(10)
-        log.close()
-    spki = ca_doc["policy_key"]["spki_der"]
-    cert_user = base64.b64encode(CERT_USER).decode()
-    out = _run([PY, "-c", _SETUP, str(root / "a"), spki, str(VM), cert_user])
-    _run([PY, "-c", _SETUP, str(root / "b"), "-", str(VM), cert_user])
-    for name in ("a", "b"):
-        stop_swtpm(root / name)
-    return Fleet(root, root / "a", root / "b", approvals, approval, bytes.fromhex(out.strip()))
-
+__all__ = [  # what the other migration tests import from here (the lab lives in scripts/lab)
+    "HOST_CLI",
+    "PY",
+    "REPO",
+    "VM",
+    "Fleet",
+    "HostProcess",
+    "Hosts",
+    "_env",
+    "build_fleet",
+    "copy_hosts",
+    "fresh_hosts",
+    "inspect_host",
+    "session_fleet",
+    "stop_swtpm",
+]
 
 _FLEET: list[Fleet] = []
 
@@ -212,16 +81,6 @@ def fresh_hosts(fleet: Fleet, dest: Path) -> Iterator[Hosts]:
 @pytest.fixture(scope="session")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
     return session_fleet(tmp_path_factory)
-
-
-def copy_hosts(fleet: Fleet, dest: Path) -> Hosts:
-    for name in ("a", "b"):
-        shutil.copytree(getattr(fleet, name), dest / name, symlinks=True)
-        with contextlib.suppress(FileNotFoundError):
-            (dest / name / "tpm" / "swtpm" / "swtpm.pid").unlink()
-    none = dest / "no-approvals.json"
-    none.write_text(json.dumps({"approvals": []}))
-    return Hosts(dest / "a", dest / "b", fleet.approvals, none)
 
 
 @pytest.fixture
