@@ -3,7 +3,11 @@
 - :mod:`scripts.lab.netns`: network namespaces joined by a veth pair;
 - :mod:`scripts.lab.libvirtd_ns`: a real libvirtd inside each namespace host;
 - :mod:`scripts.lab.fleet`: one registrar admitting two hosts (software-root TPM, store, mTLS
-  identity each) and the fleet's approval of their platform state.
+  identity each) and the fleet's approval of their platform state;
+- :mod:`scripts.lab.hosts`: ``vtpm-host daemon`` (migration + attestation) inside a namespace
+  host, and the libvirt qemu hook that makes a plain ``virsh migrate`` move the vAIK;
+- :mod:`scripts.lab.guest`: the guest agent copied into a guest over SSH, and a stand-in for a
+  QEMU asking a host for a quote through the VM's channel.
 
 Product code never imports this package; ``tests/helpers/netns.py``, ``libvirtd_ns.py`` and
 ``tests/sim/test_migration_hosts.py`` re-export it, so the tests and the demo build the same lab.
