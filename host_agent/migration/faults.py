@@ -9,8 +9,10 @@ inside the real daemon, so ``tests/e2e/test_migration_crash_vm.py`` crashes a ho
 of a live migration of a real VM.
 
 The setting is re-read before every journal write (tests switch it on and off without a restart;
-a journal write is a few per migration). A bad value is a :class:`FaultSettingError` raised
-*before* the write, so it changes nothing. No setting (no file, no key, ``null``): no fault.
+a journal write is a few per migration), so a test replaces the file in one step (write a
+temporary file, rename it). A bad value is a :class:`FaultSettingError` raised *before* the
+write, so it changes nothing; a daemon whose setting is bad at start does not start. No setting
+(no file, no key, ``null``): no fault.
 """
 
 from __future__ import annotations

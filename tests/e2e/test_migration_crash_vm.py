@@ -159,9 +159,13 @@ class Agent:
         self.settings({})
 
     def settings(self, extra: dict[str, str]) -> None:
-        """``settings.json``: the listen address and ``extra`` (the test hooks)."""
+        """``settings.json``: the listen address and ``extra`` (the test hooks). Replaced in one
+        step: a running daemon re-reads it before every journal write."""
         doc = {"listen": f"{self.host.address}:{DEFAULT_PORT}", **extra}
-        (self.state / "migration" / "settings.json").write_text(json.dumps(doc))
+        path = self.state / "migration" / "settings.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, path)
 
     @property
     def env(self) -> dict[str, str]:
@@ -425,7 +429,8 @@ def ensure_on_a(lab: Lab) -> str:
 
 def test_a_bad_fault_setting_fails_the_migration_before_anything_changes(lab: Lab) -> None:
     """The daemon re-reads ``test_kill_at`` before each journal write: a bad value is a typed
-    error before the first step is written, so the migration fails and nothing moved."""
+    error before the first step is written, so the migration fails and nothing moved; a daemon
+    whose setting is bad when it starts does not start."""
     ensure_on_a(lab)
     before = views(lab)
     lab.a.settings({"test_kill_at": "source:sideways"})
@@ -439,6 +444,17 @@ def test_a_bad_fault_setting_fails_the_migration_before_anything_changes(lab: La
     assert "got 'sideways'" in done.stderr, done.stderr
     assert _alive(lab.a) and views(lab) == before
     assert placement(lab) == {"a": "running", "b": "absent"}
+    # Bad at start: the daemon does not start (and says why); the guest runs on.
+    lab.a.stop()
+    lab.a.settings({"test_kill_at": "target:moving"})
+    try:
+        with pytest.raises(AssertionError):
+            lab.a.start()
+        assert lab.a.proc is not None and lab.a.proc.wait(30) != 0
+        assert "expected a target step (exgkey, pending" in lab.a.log_tail(), lab.a.log_tail()
+    finally:
+        restart(lab.a)
+    assert views(lab) == before and placement(lab) == {"a": "running", "b": "absent"}
 
 
 @dataclass(frozen=True)
