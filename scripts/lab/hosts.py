@@ -23,7 +23,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from host_agent.migration.hook import hook_script
 from host_agent.migration.service import DEFAULT_PORT
@@ -123,7 +123,7 @@ class NsAgent:
         if check and done.returncode != 0:
             raise RuntimeError(
                 f"vtpm-host {' '.join(args[:3])} on {self.host.ns}: exit {done.returncode}\n"
-                f"{done.stderr[-3000:]}"
+                f"{done.stderr[-3000:]}\n--- daemon log\n{self.log_tail()}"
             )
         return done
 
@@ -148,7 +148,7 @@ class NsAgent:
         steps = sorted(f"{e['side']}:{e['step']}" for e in out["entries"])
         return str(out["vaik_state"]), steps
 
-    def start(self, timeout: float = 60) -> NsAgent:
+    def start(self, timeout: float = 60) -> Self:
         cmd = [*HOST_CLI, "daemon", "--state-dir", self.agent_state, "--runtime-dir",
                self.runtime, *(a for c in self.components for a in ("--component", c))]  # fmt: skip
         with open(self.log, "ab") as out:

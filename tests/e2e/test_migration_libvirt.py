@@ -23,7 +23,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,15 +41,14 @@ from cryptography.hazmat.primitives import serialization
 from evidence.aik_cert import verify_aik_certificate
 from evidence.bundle import parse_bundle
 from host_agent.migration import SourceStep, TargetStep, VaikState
-from host_agent.migration.hook import hook_script
 from host_agent.migration.service import DEFAULT_PORT
 from host_agent.service.enroll import fingerprint
+from scripts.lab.hosts import ATTEST_PORT, NsAgent, qemu_hook
 from tests.helpers.guest_tenant import GUEST_COMMAND
 from tests.helpers.libvirtd_ns import NsLibvirtd, libvirtd_pair
 from tests.helpers.netns import NetnsPair, two_hosts
 from tests.sim.test_attest_service import TENANT, GuestEnd
 from tests.sim.test_migration_hosts import (
-    HOST_CLI,
     REPO,
     VM,
     Fleet,
@@ -63,9 +61,6 @@ from vm_images.build import READY_MARKER, GuestImage, build_image
 BOOT_TIMEOUT = 150.0
 VERIFY_CLI = [sys.executable, "-m", "verifier.cli"]
 AGENT_STATE = "/run/vtpm-mig"
-COMPONENT = "host_agent.migration.service:MigrationComponent"
-ATTEST = "host_agent.service.attest:AttestService"
-ATTEST_PORT = 7788
 SSH_PORT = 2222  # the guest's hostfwd, on 127.0.0.1 of the namespace its QEMU runs in
 IMA = 'ima_policy=tcb ima_hash=sha256 vtpm.ima_policy="measure func=BPRM_CHECK"'
 NAMES = {"a": "migA", "b": "migB", "veth_a": "vmigA", "veth_b": "vmigB"}
@@ -73,9 +68,7 @@ ADDRS = {"addr_a": "10.78.0.1", "addr_b": "10.78.0.2"}
 HOOK_LOG = "/var/log/libvirt/vtpm-hook.log"  # in each host's libvirt root (a bind mount)
 #: /etc/libvirt/hooks/qemu on both hosts: the shipped script (`vtpm-host hook script`), plus one
 #: line that logs every call libvirt makes, so a test can tell the hook ran.
-QEMU_HOOK = hook_script(
-    [sys.executable, "-m", "host_agent.cli", "hook", "qemu", "--state-dir", AGENT_STATE, "--"]
-).replace("#!/bin/sh\n", f'#!/bin/sh\necho "$@" >> {HOOK_LOG}\n', 1)
+QEMU_HOOK = qemu_hook(AGENT_STATE, log=HOOK_LOG)
 
 
 @pytest.fixture(scope="module")
@@ -183,100 +176,24 @@ def test_plain_live_migration_between_the_two_libvirtds(
 # ------------------------------------------------------------------------ protected migration
 
 
-class Agent:
-    """``vtpm-host daemon`` (with the migration component) inside one namespace host."""
+class Agent(NsAgent):
+    """``vtpm-host daemon`` (migration + attestation components) inside one namespace host, at
+    ``AGENT_STATE``, for ``VM`` (the lab's :class:`scripts.lab.hosts.NsAgent`, as the demo)."""
 
     def __init__(
         self, host: NsLibvirtd, state: Path, approvals: Path, peers: dict[str, str]
     ) -> None:
-        self.host = host
-        self.peers = peers  # what a pull asks (a plain virsh migrate to this host)
-        self.state = state  # the directory as the root namespace sees it
-        self.log = state / "daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        mig = state / "migration"
-        mig.mkdir(exist_ok=True)
-        shutil.copy(approvals, mig / "policy-approvals.json")
-        self.settings({})
-        # The attestation component: the fleet policy key the vAIKs bind, the enrollment API on
-        # this host's address, and the operator's owner policy (written by the tests).
-        attest = state / "attest"
-        attest.mkdir(exist_ok=True)
-        key_pem = json.loads(approvals.read_text())["policy_key"]["pem"]
-        (attest / "fleet-policy-key.pem").write_text(key_pem)
-        listen = {"listen": f"{host.address}:{ATTEST_PORT}"}
-        (attest / "settings.json").write_text(json.dumps(listen))
-        (attest / "owners.json").write_text(
-            json.dumps({"format": "vtpm-trust/owners/1", "vms": {}})
-        )
+        super().__init__(host, state, approvals, peers, agent_state=AGENT_STATE)
 
-    def settings(self, extra: dict[str, Any]) -> None:
-        """Write ``settings.json`` (the listen address and ``extra``, e.g. the test hook)."""
-        doc = {"listen": f"{self.host.address}:{DEFAULT_PORT}", "peers": self.peers, **extra}
-        (self.state / "migration" / "settings.json").write_text(json.dumps(doc))
-
-    @property
-    def env(self) -> dict[str, str]:
-        return _env(VTPM_LIBVIRT_URI=self.host.uri)
-
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        cmd = [*HOST_CLI, *args, "--state-dir", AGENT_STATE]
-        done = subprocess.run(
-            self.host.argv(cmd), capture_output=True, text=True, env=self.env, cwd=REPO,
-            timeout=300,
-        )  # fmt: skip
-        if check and done.returncode != 0:
-            raise AssertionError(f"{args}: rc {done.returncode}\n{done.stderr[-3000:]}\n"
-                                 f"{self.log_tail()}")  # fmt: skip
-        return done
-
-    def vm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.cli("vm", *args, "--runtime-dir", RUNTIME, check=check)
-
-    def pcrs(self) -> dict[str, str]:
+    def pcrs(self) -> dict[str, str]:  # type: ignore[override]
         """The VM's sha256 vPCRs, read through its bridge on this host (``vtpm-host vm pcrs``)."""
-        cmd = [*HOST_CLI, "vm", "pcrs", str(VM), "--json", "--runtime-dir", RUNTIME]
-        done = subprocess.run(self.host.argv(cmd), capture_output=True, text=True,
-                              env=self.env, timeout=120)  # fmt: skip
-        assert done.returncode == 0, done.stderr[-2000:]
-        pcrs: dict[str, str] = json.loads(done.stdout)["pcrs"]
-        return pcrs
+        return super().pcrs(VM)
 
     def migrate(self, to: Agent, name: str) -> subprocess.CompletedProcess[str]:
         """``vtpm-host vm migrate DOMAIN --to HOST --libvirt-uri … --json`` from this host."""
         return self.cli("vm", "migrate", str(VM), "--to", name, "--address",
-                        f"{to.host.address}:{DEFAULT_PORT}", "--libvirt-uri", to.host.uri,
+                        to.migration_address, "--libvirt-uri", to.host.uri,
                         "--json", check=False)  # fmt: skip
-
-    def start(self) -> Agent:
-        cmd = [*HOST_CLI, "daemon", "--state-dir", AGENT_STATE, "--runtime-dir", RUNTIME,
-               "--component", COMPONENT, "--component", ATTEST]  # fmt: skip
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                self.host.argv(cmd), stdout=out, stderr=out, env=self.env, cwd=REPO,
-                start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while not (self.state / "run" / "migration.sock").exists():
-            assert self.proc.poll() is None, self.log_tail()
-            assert time.monotonic() < deadline, self.log_tail()
-            time.sleep(0.1)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def log_tail(self, n: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
-
-
-RUNTIME = f"{AGENT_STATE}/run/bridges"
 
 
 @pytest.fixture(scope="module")
