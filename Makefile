@@ -7,7 +7,7 @@ STAMP_DEB  = $(VENV)/.debian-packages.stamp
 STAMP_PY   = $(VENV)/.installed.stamp
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv demo test lint typecheck unit bench clean images
+.PHONY: all deps venv demo demo-migration test lint typecheck unit bench clean images
 
 all: test
 
@@ -47,6 +47,12 @@ disk-image: venv ; $(BIN)/python -m vm_images.disk
 # whatever it started. DEMO_ARGS="--guest initramfs" boots the small test initramfs instead.
 demo: venv disk-image
 	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
+
+# Issue 8's migration demo (scripts/demo_migration.py; root): two hosts on this machine, network
+# namespaces demoA/demoB each with its own libvirtd and daemon, one registrar; the test initramfs
+# guest migrates with its vAIK. Everything it started is stopped and the namespaces deleted.
+demo-migration: venv images
+	$(BIN)/python scripts/demo_migration.py $(DEMO_MIGRATION_ARGS)
 
 bench: venv
 	$(BIN)/python bench/replay.py

@@ -434,7 +434,7 @@ def act_attest_b(demo: MigrationDemo, act: Act) -> str:
     error = answer.get("error") or {}
     act.details["host_a_answer"] = {"ok": answer.get("ok"), "error_id": error.get("id")}
     demo.say.info(f"host-a: ok={answer.get('ok')} [{error.get('id')}] "
-                  f"{str(error.get('message', ''))[:120]}")  # fmt: skip
+                  f"{str(error.get('message', '')).split(':')[0]}")  # fmt: skip
     if answer.get("ok") is not False or error.get("id") != "attest.not_enrolled":
         raise DemoFailure(f"host-a answered {answer!r}, expected attest.not_enrolled")
     act.outcome = f"{verdict}, same vAIK; host-a: not_enrolled"
@@ -460,12 +460,13 @@ def act_tampered_back(demo: MigrationDemo, act: Act) -> str:
                        refusal=refusal[-400:])  # fmt: skip
     lines = done.stderr.strip().splitlines()
     shown = next((ln for ln in lines if "refused" in ln), lines[-1] if lines else "no output")
-    demo.say.info(f"virsh: exit {done.returncode}: {shown.strip()[-200:]}")
+    shown = shown[shown.find("vtpm-trust:") :] if "vtpm-trust:" in shown else shown
+    demo.say.info(f"virsh: exit {done.returncode}: {shown.strip()[:200]}")
     if done.returncode == 0:
         raise DemoFailure("libvirt moved a VM whose memory changed in flight")
     if not refusal:
         raise DemoFailure("host-a logged no refusal of the loaded memory")
-    demo.say.info(f"host-a: {refusal.split('refused: ', 1)[-1][:150]}")
+    demo.say.info(f"host-a's daemon: refused: {refusal.split('refused: ', 1)[-1][:150]}")
     demo.say.step("wait for both journals: target discarded on host-a, source aborted on host-b")
     vaik_a, _ = demo.wait_journal(a, "target:discarded", before_a.count("target:discarded") + 1)
     vaik_b, _ = demo.wait_journal(b, "source:aborted", before_b.count("source:aborted") + 1)
