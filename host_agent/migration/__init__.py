@@ -36,7 +36,9 @@ source answers from its journal: ``committed`` (COMMITTED, DONE), ``aborted`` (A
 record: a source keeps a COMMITTED record until the target acknowledged, so no record never
 hides a commit), ``undecided`` (a live session still runs it; ask again). The source aborts
 instead of waiting whenever it is unsure *before* the commit point: a restart in STARTED or
-MOVING aborts (recovery table in :mod:`.recovery`).
+MOVING aborts (recovery table in :mod:`.recovery`), except a VM migration left MOVING, whose
+recovery first asks this host's libvirt: the VM moved (the target checked the vAIK-signed record
+before its QEMU ran) → commit; still here → abort; libvirt busy or unreachable → ask again.
 
 Exactly one after recovery: a source entry ends ABORTED (vAIK active on the source; the target
 then discards its copy, told or asking) or DONE (the target acknowledged ACTIVE). A target
@@ -61,7 +63,10 @@ state blobs' digests; the vAIK signs that record; the target's hooks, before the
 compare the loaded memory's root and the blobs' digests with it and veto on a difference (the
 incoming QEMU fails, libvirt resumes the source VM, the source aborts and keeps the vAIK). The
 commit waits for libvirt's migration to end; then the target writes the VM's adoption record
-(from the domain XML libvirt brought), so its attestation component serves the VM's channel.
+(from the domain XML libvirt brought), so its attestation component serves the VM's channel
+(a target restarted after ACTIVE writes it at start if missing). The target lets the armed VM
+go only with a decision: a session cut off while PENDING keeps it armed until the source's
+decision arrives (:func:`.target.settle`), since libvirt may run it there already.
 tests/e2e/test_migration_libvirt.py runs it between two namespace hosts, each with its own
 libvirtd: the tenant enrolled on the source attests on the target with the same enrollment
 (same vAIK public key, the target's AuthKey and AIK certificate), and the source refuses the
@@ -83,7 +88,8 @@ Not built yet (issue 8, what is missing and where it goes):
 * an abort after the target's hooks allowed the VM's state and before the commit (a broken
   channel at that very moment) cancels libvirt's job, but libvirt may have finished already:
   the VM then runs on the target without its vAIK (the vAIK stays on the source, never on
-  two hosts); recovery does not move it after the VM yet;
+  two hosts); the live session does not move it after the VM yet (only a source that
+  *restarts* in MOVING asks libvirt, :mod:`.recovery`);
 * the fleet-approved ``PolicyDuplicationSelect(Name(ExgKey))`` of docs/NOTES.md: it changes the
   vAIK policy in ``host_agent/tpm`` and ``evidence.tpm2_policy.vaik_policy`` and needs an
   online registrar approval per migration, so it is not contained in this package; the

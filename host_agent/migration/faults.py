@@ -8,6 +8,10 @@ it precedes). It is the point ``KillAtStep`` of ``tests/sim/test_migration_crash
 inside the real daemon, so ``tests/e2e/test_migration_crash_vm.py`` crashes a host in the middle
 of a live migration of a real VM.
 
+A few crash points are not journal steps (:data:`POINTS`, ``SIDE:NAME``); the service calls
+:meth:`FaultJournal.point` there. ``source:vm-moved``: the source, after the target's Verdict and
+libvirt's end of the VM's migration, before its COMMITTED (no journal write lies between).
+
 The setting is re-read before every journal write (tests switch it on and off without a restart;
 a journal write is a few per migration), so a test replaces the file in one step (write a
 temporary file, rename it). A bad value is a :class:`FaultSettingError` raised *before* the
@@ -29,11 +33,19 @@ from typing import ClassVar
 from .errors import MigrationError
 from .journal import Changes, Journal, JournalEntry, Side, SourceStep, TargetStep, parse_side_step
 
-__all__ = ["FaultJournal", "FaultSettingError", "KillAt", "read_kill_at"]
+__all__ = ["POINTS", "FaultJournal", "FaultSettingError", "KillAt", "read_kill_at"]
 
 log = logging.getLogger("host_agent.migration.faults")
 
 SETTING = "test_kill_at"
+
+#: The crash points that are not journal steps (``SIDE:NAME`` → where the service stops).
+POINTS: dict[str, str] = {
+    "source:vm-moved": (
+        "the source, after the target's Verdict and libvirt's end of the VM's migration, "
+        "before COMMITTED"
+    ),
+}
 
 
 class FaultSettingError(MigrationError):
@@ -54,16 +66,17 @@ class FaultSettingError(MigrationError):
 
 @dataclass(frozen=True)
 class KillAt:
-    """SIGKILL right after ``side``'s journal reached ``step``."""
+    """SIGKILL right after ``side``'s journal reached ``step``, or at the point named ``step``
+    (a name in :data:`POINTS`)."""
 
     side: Side
-    step: SourceStep | TargetStep
+    step: SourceStep | TargetStep | str
 
     def matches(self, entry: JournalEntry) -> bool:
         return entry.side == self.side and entry.step is self.step
 
     def __str__(self) -> str:
-        return f"{self.side}:{self.step.value}"
+        return f"{self.side}:{self.step if isinstance(self.step, str) else self.step.value}"
 
 
 def read_kill_at(settings_path: Path) -> KillAt | None:
@@ -71,7 +84,7 @@ def read_kill_at(settings_path: Path) -> KillAt | None:
 
     Raises:
         FaultSettingError: the file is not a JSON object, or ``test_kill_at`` is neither absent,
-            null nor ``SIDE:STEP``.
+            null, ``SIDE:STEP`` nor one of :data:`POINTS`.
     """
     try:
         text = Path(settings_path).read_text()
@@ -88,11 +101,22 @@ def read_kill_at(settings_path: Path) -> KillAt | None:
     value = doc.get(SETTING)
     if value is None:
         return None
+    if value in POINTS:
+        side, _, name = str(value).partition(":")
+        return KillAt("source" if side == "source" else "target", name)
     try:
         side, step = parse_side_step(value)
     except ValueError as err:
-        raise FaultSettingError(settings_path, "SIDE:STEP", str(err)) from err
+        expected = f"SIDE:STEP or a point ({', '.join(POINTS)})"
+        raise FaultSettingError(settings_path, expected, str(err)) from err
     return KillAt(side, step)
+
+
+def _die(where: str) -> None:
+    log.critical("TEST HOOK %s: SIGKILL of this process (pid %d) %s", SETTING, os.getpid(), where)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class FaultJournal:
@@ -108,17 +132,19 @@ class FaultJournal:
         kill_at = read_kill_at(self.settings_path)  # a bad setting fails before anything changes
         out = self.real.write(entry, changes)
         if kill_at is not None and kill_at.matches(entry):
-            log.critical(
-                "TEST HOOK %s: SIGKILL of this process (pid %d) after migration %s reached %s",
-                SETTING,
-                os.getpid(),
-                entry.migration_id,
-                kill_at,
-            )
-            for handler in logging.getLogger().handlers:
-                handler.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+            _die(f"after migration {entry.migration_id} reached {kill_at}")
         return out
+
+    def point(self, name: str) -> None:
+        """The crash point ``name`` (a key of :data:`POINTS`): SIGKILL if the setting names it.
+
+        Raises:
+            FaultSettingError: the setting is bad (nothing was done).
+        """
+        assert name in POINTS, name
+        kill_at = read_kill_at(self.settings_path)
+        if kill_at is not None and str(kill_at) == name:
+            _die(f"at {name}")
 
     def get(self, migration_id: uuid.UUID, side: Side) -> JournalEntry | None:
         return self.real.get(migration_id, side)

@@ -86,6 +86,9 @@ class MigrationHost:
             bridge), called on the Offer before anything is created; raising refuses it.
         end_incoming: target: ``(vm_uuid, "commit" | "abort")`` when the incoming migration
             ended (release what ``prepare_incoming`` made after an abort); must not raise.
+        vm_placement: source: VM → where this host's libvirt says it is (``"moved"``,
+            ``"here"`` or ``"unknown"``, and why; ``libvirt_job.vm_placement``), asked by
+            recovery about a VM migration left MOVING; None: such an entry is aborted.
         pull_handler: source: ``(channel, Pull)`` runs the migration a target asked for (a
             plain ``virsh migrate``) on that connection, or raises to refuse it; None: every
             pull is refused (only the daemon's component moves running VMs).
@@ -109,6 +112,7 @@ class MigrationHost:
     record_check: Callable[[MigrationRecord], None] | None = None
     prepare_incoming: Callable[[uuid.UUID], None] | None = None
     end_incoming: Callable[[uuid.UUID, str], None] | None = None
+    vm_placement: Callable[[uuid.UUID], tuple[str, str]] | None = None
     pull_handler: Callable[[Any, Any], None] | None = None
 
     def __post_init__(self) -> None:

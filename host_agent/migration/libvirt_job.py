@@ -6,6 +6,9 @@ its own libvirt: while the domain has an outgoing migration job the migration ru
 job is gone, the domain gone or shut off with reason *migrated* is a migration that finished,
 and a domain that runs (or is paused, crashed …) here again is one that failed.
 
+The same reading tells a source's recovery where a VM migration it journalled as MOVING left
+the VM (:func:`vm_placement`): moved (commit), here (abort), or not known yet (ask again).
+
 Only query calls (``virDomainGetJobStats``, ``virDomainGetState``): libvirt allows them while
 its migration job holds the domain, so the poll never waits on the migration it watches.
 """
@@ -15,12 +18,13 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from typing import Literal
 
 import libvirt
 
 from .errors import MigrationError
 
-__all__ = ["LibvirtJobFailed", "migration_job_active", "wait_migration_job"]
+__all__ = ["LibvirtJobFailed", "migration_job_active", "vm_placement", "wait_migration_job"]
 
 
 class LibvirtJobFailed(MigrationError):
@@ -127,5 +131,40 @@ def wait_migration_job(
                     f"libvirt's migration of VM {vm_uuid} did not end within {timeout:g} s"
                 )
             sleep(poll)
+    finally:
+        conn.close()
+
+
+Placement = Literal["moved", "here", "unknown"]
+
+
+def vm_placement(uri: str, vm_uuid: uuid.UUID) -> tuple[Placement, str]:
+    """Where libvirt at ``uri`` (the source's) says ``vm_uuid`` is, and why; never raises.
+
+    ``moved``: libvirt's outgoing migration of it completed (the domain is gone, as a migrated
+    transient or ``--undefinesource`` domain is, or shut off with reason *migrated*); ``here``:
+    no migration job and the domain is still here (running, paused, crashed, shut off for
+    another reason): it did not move; ``unknown``: an outgoing migration job still runs, or
+    libvirt cannot be reached or refused the query (ask again later, never guess).
+    """
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as err:
+        return "unknown", f"libvirt at {uri} cannot be reached: {err}"
+    try:
+        try:
+            dom = conn.lookupByUUIDString(str(vm_uuid))
+            running = bool(dom.isActive()) and _job(dom)[0]
+            state, reason = (0, 0) if running else dom.state()
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return "moved", f"libvirt at {uri} has no domain {vm_uuid} any more"
+            return "unknown", f"libvirt at {uri}: VM {vm_uuid}: {err}"
+        if running:
+            return "unknown", f"libvirt at {uri} still migrates VM {vm_uuid} out"
+        name = _STATE_NAMES.get(state, f"state {state}")
+        if state == libvirt.VIR_DOMAIN_SHUTOFF and reason == libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED:
+            return "moved", f"VM {vm_uuid} is {name} (migrated) at {uri}"
+        return "here", f"VM {vm_uuid} is {name} (reason {reason}) at {uri}, no migration job"
     finally:
         conn.close()

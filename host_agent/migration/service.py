@@ -8,8 +8,9 @@ SIGKILL of it is a real crash). ``vtpm-host vm migrate`` asks it over
 
 Start order: listener (outcome queries are answered from the journal at once: an entry left
 open by a crash reads ``undecided`` until recovery settled it) → one recovery pass
-(:func:`~host_agent.migration.recovery.resolve_open_entries`) → the recovery loop (every
-``resolve_interval`` seconds, for peers that were unreachable) → the control socket.
+(:func:`~host_agent.migration.recovery.resolve_open_entries`) → the arrivals a crash left
+without an adoption record (:meth:`MigrationService.record_arrivals`) → the recovery loop
+(every ``resolve_interval`` seconds, for peers that were unreachable) → the control socket.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from .channel import MtlsListener, MtlsPeerChannel, PeerChannel, TlsIdentity, pa
 from .errors import MigrationError, PullNotHere, PullRefused
 from .faults import FaultJournal
 from .host import MigrationHost
-from .journal import StoreJournal
-from .libvirt_job import migration_job_active, wait_migration_job
+from .journal import StoreJournal, TargetStep
+from .libvirt_job import migration_job_active, vm_placement, wait_migration_job
 from .protocol import Pull
 from .recovery import resolve_open_entries
 from .source import MigrationResult, migrate_vaik
@@ -136,6 +137,8 @@ class MigrationService:
             present when the service runs inside the daemon; without it only vAIKs move.
         libvirt_uri: this host's libvirt (the source of a VM migration).
         peers: the hosts a pull asks (host id → ``HOST:PORT``), read per pull.
+        fault_point: test hook (:meth:`.faults.FaultJournal.point`): called with the name of
+            each crash point of :data:`.faults.POINTS` the service passes.
     """
 
     def __init__(
@@ -148,11 +151,16 @@ class MigrationService:
         moves: VmMoves | None = None,
         libvirt_uri: str | None = None,
         peers: Callable[[], Mapping[str, str]] = dict,
+        fault_point: Callable[[str], None] = lambda _point: None,
     ) -> None:
         self.host = host
         self._peers = peers
+        self.fault_point = fault_point
         if moves is not None:
             host.pull_handler = self.on_pull
+        if moves is not None and libvirt_uri is not None:
+            uri = libvirt_uri
+            host.vm_placement = lambda vm: vm_placement(uri, vm)
         self.moves = moves
         self.libvirt_uri = libvirt_uri
         self.listen = listen
@@ -200,6 +208,7 @@ class MigrationService:
                 lambda: listener.serve(lambda ch: serve_peer(self.host, ch)), "migration-listen"
             )
             self.recover()
+            self.record_arrivals()
             self._thread(self._resolve_loop, "migration-recovery")
             if self.control_socket is not None:
                 self._start_control(self.control_socket)
@@ -228,6 +237,25 @@ class MigrationService:
     def recover(self) -> list[str]:
         """One recovery pass (also run at start)."""
         return resolve_open_entries(self.host, self.connect)
+
+    def record_arrivals(self) -> list[str]:
+        """At start: each VM that arrived here by a migration (target journal ACTIVE, with the
+        VM), whose vAIK is active here, gets its adoption record if it has none and libvirt
+        runs it here (a crash between ACTIVE and the record leaves it without one, and the
+        attestation component serves a VM's channel from that record). Returns the VMs asked."""
+        if self.moves is None:
+            return []
+        vms = {
+            e.vm_uuid
+            for e in self.host.j.entries()
+            if e.side == "target" and e.step is TargetStep.ACTIVE and e.data.get("with_vm")
+        }
+        asked = []
+        for vm in sorted(vms, key=str):
+            if vaik_state(self.host.store, vm) is VaikState.ACTIVE:
+                self.moves.record_arrival(vm)
+                asked.append(str(vm))
+        return asked
 
     def _resolve_loop(self) -> None:
         while not self._stop.wait(self.resolve_interval):
@@ -302,6 +330,11 @@ class MigrationService:
         moves = self.moves
         move = moves.begin_outgoing(vm_uuid, run_libvirt)
         timeout = self.host.timeout * 5
+
+        def libvirt_done(_channel: PeerChannel, _entry: object) -> None:
+            move.wait(timeout)
+            self.fault_point("source:vm-moved")  # test hook: the VM runs on the target now
+
         try:
             return migrate_vaik(
                 self.host,
@@ -309,7 +342,7 @@ class MigrationService:
                 to,
                 address,
                 connect=connect,
-                between=lambda _channel, _entry: move.wait(timeout),
+                between=libvirt_done,
                 record_source=moves.record_source,
                 on_verified=move.start,  # pre-copy overlaps the vAIK's duplication and import
             )
@@ -545,7 +578,8 @@ class MigrationComponent:
     asks for an incoming plain ``virsh migrate`` (:mod:`.hook`), re-read per migration.
     ``"test_tamper": "memory" | "state"`` is a test hook only (:mod:`.vm`): an incoming VM's
     memory or vTPM state is changed before it is checked (re-read per incoming migration);
-    ``"test_kill_at": "SIDE:STEP"`` likewise (:mod:`.faults`): SIGKILL after that journal step.
+    ``"test_kill_at": "SIDE:STEP"`` likewise (:mod:`.faults`): SIGKILL after that journal step
+    (or at one of the crash points ``faults.POINTS``).
 
     Inside the daemon the service also moves running VMs (:mod:`.vm`): the daemon's bridge
     hooks capture the final stop on the source and check the incoming VM on the target.
@@ -568,6 +602,7 @@ class MigrationComponent:
             settings.get("approvals", state_dir / "migration" / "policy-approvals.json")
         )
         fleet_ca, aik_cert = load_identity_certificates(state_dir)
+        journal = FaultJournal(StoreJournal(daemon.store), settings_path)  # test_kill_at
         host = MigrationHost(
             tpm=daemon.tpm,
             store=daemon.store,
@@ -578,7 +613,7 @@ class MigrationComponent:
             approvals=lambda: load_approvals(approvals_path),
             advertise=str(settings.get("advertise", "")),
             now=daemon.now,
-            journal=FaultJournal(StoreJournal(daemon.store), settings_path),  # test_kill_at
+            journal=journal,
         )
 
         def tamper() -> str | None:
@@ -606,6 +641,7 @@ class MigrationComponent:
             moves=moves,
             libvirt_uri=daemon.config.libvirt.uri_for(state_dir),
             peers=lambda: load_peers(settings_path),
+            fault_point=journal.point,
         ).start()
         daemon.migration = self.service
 

@@ -42,6 +42,7 @@ __all__ = [
     "SourceMigration",
     "SourceRunState",
     "abort_source",
+    "commit_source",
     "migrate_vaik",
     "send_decision",
 ]
@@ -124,6 +125,28 @@ def abort_source(host: MigrationHost, entry: JournalEntry, reason: str) -> Journ
 
         log.warning("migration %s of VM %s aborted: %s", entry.migration_id, vm, reason)
         return host.j.write(current.at(SourceStep.ABORTED, reason=reason[:500]), restore)
+
+
+def commit_source(host: MigrationHost, entry: JournalEntry) -> JournalEntry:
+    """The commit point: journal COMMITTED and delete the vAIK and binding here, in one
+    transaction. Only from MOVING (the target imported, or the vAIK never left); idempotent.
+
+    Raises:
+        StateError: the entry is STARTED (nothing was duplicated) or ABORTED.
+    """
+    with host.lock:
+        current = host.j.get(entry.migration_id, "source") or entry
+        if current.step in (SourceStep.COMMITTED, SourceStep.DONE):
+            return current
+        if current.step is not SourceStep.MOVING:
+            raise StateError(current.step.value, ["moving"], "commit a migration")
+        vm = str(current.vm_uuid)
+
+        def forget(tx: Any) -> None:
+            tx.delete("vaik", vm, missing_ok=True)
+            tx.delete("binding", vm, missing_ok=True)
+
+        return host.j.write(current.at(SourceStep.COMMITTED), forget)
 
 
 def send_decision(
@@ -240,7 +263,7 @@ class SourceMigration:
                         self.vm_uuid,
                         self.target,
                         self.address,
-                        {"nonce": nonce.hex()},
+                        {"nonce": nonce.hex(), "with_vm": self.with_vm},
                     )
                 )
             except BaseException:
@@ -368,16 +391,9 @@ class SourceMigration:
                 pass  # the target asks for the outcome itself
 
     def _commit(self, channel: PeerChannel) -> MigrationResult:
-        """The commit point: journal COMMITTED and delete the vAIK here, in one transaction."""
+        """The commit point (:func:`commit_source`), then the Decision to the target."""
         host = self.host
-        vm = str(self.vm_uuid)
-
-        def forget(tx: Any) -> None:
-            tx.delete("vaik", vm, missing_ok=True)
-            tx.delete("binding", vm, missing_ok=True)
-
-        with host.lock:
-            self.entry = host.j.write(self._entry.at(SourceStep.COMMITTED), forget)
+        self.entry = commit_source(host, self._entry)
         self.run_state = SourceRunState.COMMITTED
         acknowledged = send_decision(host, self._entry, channel, self.connect)
         if acknowledged:

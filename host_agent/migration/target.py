@@ -8,6 +8,14 @@ a pull: it finds the source among its peers and takes the Offer on that connecti
 :func:`run_incoming` is the same exchange as for an Offer that arrived at the listener. The
 target never decides: it activates only on the source's commit, and discards on its abort (see
 :mod:`host_agent.migration`).
+
+A VM migration (``Offer.with_vm``, kept as ``with_vm`` in the journal) arms the VM here for its
+incoming QEMU. The VM is let go only with a decision: a live session ends it when its journal
+entry is ACTIVE (``end_incoming(vm, "commit")``: kept, its adoption record written) or was never
+imported or was discarded (``"abort"``: released). A session cut off while the entry is PENDING
+(undecided: the source may have committed, and libvirt may run the VM here already) leaves the
+VM armed; :func:`settle` ends it once the decision arrives (the source's re-sent Decision, or
+recovery's outcome query).
 """
 
 from __future__ import annotations
@@ -40,9 +48,18 @@ from .protocol import (
     Verdict,
 )
 from .record import RecordRefused, verify_record
+from .state import VaikState, vaik_state
 from .verify import check_vaik_public
 
-__all__ = ["apply_decision", "outcome_of", "pull_source", "run_incoming", "serve_peer"]
+__all__ = [
+    "apply_decision",
+    "end_vm",
+    "outcome_of",
+    "pull_source",
+    "run_incoming",
+    "serve_peer",
+    "settle",
+]
 
 log = logging.getLogger("host_agent.migration.target")
 
@@ -104,6 +121,38 @@ def apply_decision(host: MigrationHost, migration_id: uuid.UUID, decision: str) 
         return host.j.write(entry.at(TargetStep.DISCARDED), discard)
 
 
+def end_vm(host: MigrationHost, entry: JournalEntry) -> None:
+    """End what this host armed for ``entry``'s VM, by the entry's step: ACTIVE → kept (its
+    adoption record written), else released, unless the VM's vAIK is here (it arrived since by
+    another migration: what runs is its). Nothing for a migration without the VM, or with no
+    VM side here. Call with ``host.lock`` held and no session of ``entry`` live. Never raises
+    (``end_incoming`` must not; a failure is logged)."""
+    if not entry.data.get("with_vm") or host.end_incoming is None:
+        return
+    outcome = "commit" if entry.step is TargetStep.ACTIVE else "abort"
+    if outcome == "abort" and vaik_state(host.store, entry.vm_uuid) is not VaikState.ABSENT:
+        return
+    try:
+        host.end_incoming(entry.vm_uuid, outcome)
+    except Exception:  # must not hide the decision, which is durable already; logged
+        log.exception("migration %s: ending the incoming VM (%s)", entry.migration_id, outcome)
+
+
+def settle(host: MigrationHost, migration_id: uuid.UUID, decision: str) -> JournalEntry:
+    """:func:`apply_decision`, then, when that settled an open entry no session of this host
+    runs (it was cut off undecided, or this process restarted), :func:`end_vm` with it.
+
+    Raises:
+        MigrationError: as :func:`apply_decision`.
+    """
+    with host.lock:
+        before = host.j.get(migration_id, "target")
+        entry = apply_decision(host, migration_id, decision)
+        if before is not None and not before.terminal and migration_id not in host.live:
+            end_vm(host, entry)
+    return entry
+
+
 def _refuse(channel: PeerChannel, error_id: str, message: str) -> None:
     with contextlib.suppress(VtpmError):
         channel.send(ErrorMessage(error_id, message))
@@ -116,7 +165,7 @@ def serve_peer(host: MigrationHost, channel: PeerChannel) -> None:
         if isinstance(first, OutcomeQuery):
             channel.send(Outcome(first.migration_id, outcome_of(host, first.migration_id)))  # type: ignore[arg-type]
         elif isinstance(first, Decision):
-            apply_decision(host, first.migration_id, first.decision)
+            settle(host, first.migration_id, first.decision)
             channel.send(Done(first.migration_id))
         elif isinstance(first, Offer):
             _incoming(host, channel, first)
@@ -218,7 +267,6 @@ def _incoming(
             _refuse(channel, "migration.duplicate", f"migration {mid} was offered before")
             return
         host.live.add(mid)
-    outcome = "abort"
     try:
         if offer.with_vm:
             if host.prepare_incoming is None or host.record_check is None:
@@ -243,7 +291,7 @@ def _incoming(
                     offer.vm_uuid,
                     channel.peer_id,
                     _reachable(offer.source_address, channel),
-                    {"exgkey_name": exgkey.name.hex()},
+                    {"exgkey_name": exgkey.name.hex(), "with_vm": offer.with_vm},
                 )
             )
         channel.send(
@@ -287,16 +335,32 @@ def _incoming(
                 f"migration {mid}: a commit of a VM migration whose state record was not "
                 "checked here (the vAIK stays pending nowhere: discarded)"
             )
-        applied = apply_decision(host, mid, decision.decision)
-        outcome = "commit" if applied.step is TargetStep.ACTIVE else "abort"
+        apply_decision(host, mid, decision.decision)
         channel.send(Done(mid))
     finally:
-        host.live.discard(mid)
-        if offer.with_vm and host.end_incoming is not None:
-            try:
-                host.end_incoming(offer.vm_uuid, outcome)
-            except Exception:  # must not hide the migration's own outcome; logged
-                log.exception("migration %s: releasing the incoming VM", mid)
+        with host.lock:
+            host.live.discard(mid)
+            _end_session(host, offer)
+
+
+def _end_session(host: MigrationHost, offer: Offer) -> None:
+    """The live session of ``offer`` ended: end the VM armed for it by its journal entry's step
+    (see the module docstring); a PENDING entry (cut off undecided) keeps it armed."""
+    if not offer.with_vm or host.end_incoming is None:
+        return
+    entry = host.j.get(offer.migration_id, "target")
+    if entry is not None and entry.step is TargetStep.PENDING:
+        log.warning(
+            "migration %s: cut off undecided; VM %s stays armed until the source's decision",
+            offer.migration_id,
+            offer.vm_uuid,
+        )
+        return
+    outcome = "commit" if entry is not None and entry.step is TargetStep.ACTIVE else "abort"
+    try:
+        host.end_incoming(offer.vm_uuid, outcome)
+    except Exception:  # must not hide the migration's own outcome; logged
+        log.exception("migration %s: ending the incoming VM (%s)", offer.migration_id, outcome)
 
 
 def _check_record(host: MigrationHost, message: StateRecord, vaik_public: bytes) -> Verdict:

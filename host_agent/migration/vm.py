@@ -457,11 +457,12 @@ class VmMoves:
             raise RecordRefused(f"VM {record.vm_uuid} is not armed for an incoming migration")
         move.check(record)
 
-    def _record_arrival(self, vm_uuid: uuid.UUID) -> None:
+    def record_arrival(self, vm_uuid: uuid.UUID) -> None:
         """Write the arrived VM's adoption record, from the domain definition libvirt brought
-        (its ``vtpm`` metadata names the bridge and channel sockets), unless one is there: the
-        attestation component finds the VM's channel socket in it, so the guest can attest on
-        this host. Never raises (the move is committed already); a failure is logged."""
+        (its ``vtpm`` metadata names the bridge and channel sockets), unless one is there or
+        libvirt does not run the VM here: the attestation component finds the VM's channel
+        socket in it, so the guest can attest on this host. Never raises (the move is
+        committed already); a failure is logged."""
         from datetime import UTC, datetime
 
         from host_agent.lifecycle.adoption import AdoptionRecord, VmLayout
@@ -475,6 +476,9 @@ class VmMoves:
             if layout.record.exists():
                 return
             with Hypervisor(self.daemon.config.libvirt.uri_for(state_dir)) as hv:
+                if not hv.info(vm).active:
+                    log.warning("migration: arrived VM %s does not run here; no record", vm)
+                    return
                 xml = hv.xml(vm)
             described = describe_domain_xml(xml)
             if not described.adopted or not described.channel_socket:
@@ -508,7 +512,7 @@ class VmMoves:
         vm = str(vm_uuid)
         self.daemon.restorer.delegate(vm, None)
         if decision == "commit":
-            self._record_arrival(vm_uuid)
+            self.record_arrival(vm_uuid)
             return
         from host_agent.lifecycle.adoption import VmLayout
         from host_agent.lifecycle.restore import _bridge_pid, _stop_pid

@@ -17,7 +17,7 @@ the point ``KillAtStep`` uses in the sim tier. Per case:
    live host is asked through its control socket);
 4. (b) the dead daemon is restarted without the fault; (c) until both journals are settled,
    every poll checks again that the vAIK signs on at most one host;
-5. (d) at the end it signs on exactly one host, the one ``EXPECTED_OWNER`` says, and nothing is
+5. (d) at the end it signs on exactly one host, the one ``VM_OWNER`` says, and nothing is
    left pending or moving; where the VM ended up (libvirt domstate on both) is recorded: the
    design promises it runs on exactly one host, the vAIK's owner, with a working vTPM there.
 
@@ -26,9 +26,15 @@ here too, and a step without an expected owner fails loudly. The steps only a re
 reaches (source ABORTED, target DISCARDED) are reached with the target's ``test_tamper`` hook:
 it changes one byte of the arrived RAM, the target vetoes before the VM runs.
 
-Whether the VM runs where its vAIK is (and its vTPM answers there) is a test of its own per
-case, fed by the crash case, so a known gap there (``KNOWN_GAPS``, strict xfail) never hides a
-failure of invariant 2.
+One crash point is not a journal step: ``source:vm-moved`` (:data:`host_agent.migration.faults.
+POINTS`), the source dying after the target's Verdict and libvirt's end of the VM's migration but
+before COMMITTED; the VM then runs on B, and A's recovery, asking its own libvirt, commits.
+
+Whether the VM runs where its vAIK is (its vTPM answers there, and that host has the VM's
+adoption record, which its attestation component serves the VM's channel from) is a test of its
+own per case, fed by the crash case, so a known gap there (``KNOWN_GAPS``, strict xfail) never
+hides a failure of invariant 2. B's adoption record, left by an earlier case, is removed before
+each case, so a move that never writes it is seen.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from pathlib import Path
 
 import pytest
 
-from host_agent.migration.faults import FaultSettingError, KillAt, read_kill_at
+from host_agent.migration.faults import POINTS, FaultSettingError, KillAt, read_kill_at
 from host_agent.migration.journal import JournalEntry, SourceStep, TargetStep
 from host_agent.migration.service import DEFAULT_PORT
 from host_agent.migration.state import VaikState
@@ -78,22 +84,23 @@ ADDRS = {"addr_a": "10.79.0.1", "addr_b": "10.79.0.2"}
 DOMAIN = "crash"
 SETTLE_TIMEOUT = 90.0
 
+Step = SourceStep | TargetStep | str  # a journal step, or a fault point's name (POINTS)
+
+#: The fault points that are not journal steps, as (side, name), and where the vAIK must end up
+#: after a crash there: after libvirt moved the VM, the source's recovery commits.
+POINT_CASES = [("source", "vm-moved")]
+VM_OWNER: dict[Step, str] = {"vm-moved": "b", **{k: v for k, v in EXPECTED_OWNER.items()}}
+
 #: Every step of both journals: those a live migration of a running VM passes through, and the
 #: ones only a refused migration reaches (REFUSED_ONLY), reached here with the target's
-#: ``test_tamper: memory`` hook (one byte of the arrived RAM changed: the target vetoes).
-VM_CASES = list(CASES)
+#: ``test_tamper: memory`` hook (one byte of the arrived RAM changed: the target vetoes); then
+#: the fault points.
+VM_CASES: list[tuple[str, Step]] = [*CASES, *POINT_CASES]
 
 #: Crash points where the design's promise for the VM (it runs on exactly one host, the vAIK's
-#: owner, with a working vTPM there) is known not to hold; docs/NOTES.md says why.
-KNOWN_GAPS: dict[SourceStep | TargetStep, str] = {
-    SourceStep.COMMITTED: (
-        "source killed at COMMITTED: libvirt has already resumed the VM on B, but B's live "
-        "session, cut off while PENDING, releases the incoming VM as if aborted "
-        "(target.py _incoming's finally → VmMoves.end_incoming('abort') stops its bridge and "
-        "swtpm); recovery then activates the vAIK on B, where the VM runs without a vTPM "
-        "(docs/NOTES.md, 'real-VM crash test')"
-    ),
-}
+#: owner, with a working vTPM and its adoption record there) is known not to hold; none now
+#: (docs/NOTES.md, "real-VM crash test").
+KNOWN_GAPS: dict[Step, str] = {}
 #: The crash cases in enum order, known gaps last (a gap can leave the guest where it cannot be
 #: migrated back; the next case would have to rebuild both hosts and boot it again).
 CRASH_ORDER = sorted(VM_CASES, key=lambda case: case[1] in KNOWN_GAPS)
@@ -105,7 +112,8 @@ CRASH_ORDER = sorted(VM_CASES, key=lambda case: case[1] in KNOWN_GAPS)
 def test_every_step_has_an_expected_owner_and_a_vm_case() -> None:
     steps = {*SourceStep, *TargetStep}
     assert set(EXPECTED_OWNER) == steps
-    assert {s for _, s in VM_CASES} == steps
+    assert {f"{side}:{name}" for side, name in POINT_CASES} == set(POINTS)
+    assert {s for _, s in VM_CASES} == steps | {name for _, name in POINT_CASES} == set(VM_OWNER)
     assert steps >= REFUSED_ONLY
 
 
@@ -117,8 +125,12 @@ def test_kill_at_setting_parses_and_bad_values_are_typed_errors(tmp_path: Path) 
     path.write_text(json.dumps({"test_kill_at": None}))
     assert read_kill_at(path) is None
     for side, step in CASES:
-        path.write_text(json.dumps({"test_kill_at": f"{side}:{step.value}"}))
+        path.write_text(json.dumps({"test_kill_at": f"{side}:{_name(step)}"}))
         assert read_kill_at(path) == KillAt(side, step)  # type: ignore[arg-type]
+    for point in POINTS:
+        path.write_text(json.dumps({"test_kill_at": point}))
+        side, _, name = point.partition(":")
+        assert read_kill_at(path) == KillAt(side, name)  # type: ignore[arg-type]
     bad = {
         "source:exgkey": "expected a source step (started, moving",
         "target": "expected SIDE:STEP with SIDE source or target, got 'target'",
@@ -466,6 +478,7 @@ class VmOutcome:
     vtpm_answers: dict[str, bool]
     owner: str
     processes: dict[str, list[str]]
+    channel_socket: dict[str, str | None]  # per host: its adoption record's, None without one
 
     @property
     def running(self) -> list[str]:
@@ -477,23 +490,41 @@ class VmOutcome:
 OUTCOMES: dict[str, VmOutcome] = {}
 
 
-def _ids(side: str, step: SourceStep | TargetStep) -> str:
-    return f"{side}-{step.value}"
+def _name(step: Step) -> str:
+    return step if isinstance(step, str) else step.value
+
+
+def _ids(side: str, step: Step) -> str:
+    return f"{side}-{_name(step)}"
+
+
+def adoption_record(agent: Agent) -> Path:
+    return agent.state / "vms" / str(VM) / "adoption.json"
+
+
+def channel_socket(agent: Agent) -> str | None:
+    """The channel socket of the VM's adoption record on ``agent``'s host (None: no record)."""
+    try:
+        return str(json.loads(adoption_record(agent).read_text())["channel_socket"])
+    except FileNotFoundError:
+        return None
 
 
 @pytest.mark.parametrize(
     ("side", "step"), [pytest.param(s, t, id=_ids(s, t)) for s, t in CRASH_ORDER]
 )
-def test_inv2_vm_migration_crash(lab: Lab, side: str, step: SourceStep | TargetStep) -> None:
+def test_inv2_vm_migration_crash(lab: Lab, side: str, step: Step) -> None:
     t0 = time.monotonic()
     how = ensure_on_a(lab)
     a, b = lab.a, lab.b
+    adoption_record(b).unlink(missing_ok=True)  # an earlier case's: B must write its own
     crashing = a if side == "source" else b
     crashing_name = "a" if side == "source" else "b"
     refused = step in REFUSED_ONLY
     tamper = {"test_tamper": "memory"} if refused else {}
     b.settings(tamper)
-    crashing.settings({**(tamper if crashing is b else {}), "test_kill_at": f"{side}:{step.value}"})
+    kill_at = {"test_kill_at": f"{side}:{_name(step)}"}
+    crashing.settings({**(tamper if crashing is b else {}), **kill_at})
     result: list[subprocess.CompletedProcess[str]] = []
     client = threading.Thread(target=lambda: result.append(a.migrate(b, "host-b")))
     client.start()
@@ -502,19 +533,19 @@ def test_inv2_vm_migration_crash(lab: Lab, side: str, step: SourceStep | TargetS
         rc = crashing.proc.wait(180)
     except subprocess.TimeoutExpired:
         rc = None
-    assert rc == -signal.SIGKILL, f"{side} daemon did not die at {step.value}: {rc}\n" + (
+    assert rc == -signal.SIGKILL, f"{side} daemon did not die at {_name(step)}: {rc}\n" + (
         crashing.log_tail()
     )
     # (a) at the crash: the dead host's store as it was left, the live host as it is, while
     # the live host's session reacts (the CLI returns when it is done) and once more after.
     at_crash = views(lab)
-    at_most_one(at_crash, f"right after the SIGKILL at {side} {step.value}")
+    at_most_one(at_crash, f"right after the SIGKILL at {side} {_name(step)}")
     deadline = time.monotonic() + 300
     while client.is_alive():
-        at_most_one(views(lab), f"after the SIGKILL at {side} {step.value}, the peer reacting")
+        at_most_one(views(lab), f"after the SIGKILL at {side} {_name(step)}, the peer reacting")
         assert time.monotonic() < deadline, "vtpm-host vm migrate did not return"
         client.join(0.3)
-    at_most_one(views(lab), f"after the SIGKILL at {side} {step.value}, the peer done")
+    at_most_one(views(lab), f"after the SIGKILL at {side} {_name(step)}, the peer done")
     # (b) restart without the fault; (c) until both journals are settled, at most one signs.
     restart(crashing)
     b.settings({})  # no tamper any more (the restart wrote the crashing side's settings anew)
@@ -523,7 +554,7 @@ def test_inv2_vm_migration_crash(lab: Lab, side: str, step: SourceStep | TargetS
     while True:
         found = views(lab)
         polls += 1
-        at_most_one(found, f"during recovery after {side} {step.value} (poll {polls})")
+        at_most_one(found, f"during recovery after {side} {_name(step)} (poll {polls})")
         if not found["a"].open and not found["b"].open:
             break
         assert time.monotonic() < deadline, (
@@ -532,7 +563,7 @@ def test_inv2_vm_migration_crash(lab: Lab, side: str, step: SourceStep | TargetS
         )  # fmt: skip
         time.sleep(0.5)
     # (d) exactly one owner, the one the commit point says; nothing left pending or moving.
-    owner = EXPECTED_OWNER[step]
+    owner = VM_OWNER[step]
     other = "b" if owner == "a" else "a"
     states = {h: v.state for h, v in found.items()}
     assert states[owner] is VaikState.ACTIVE, (states, crashing.log_tail(3000))
@@ -544,40 +575,41 @@ def test_inv2_vm_migration_crash(lab: Lab, side: str, step: SourceStep | TargetS
         where = placement(lab)
         if all(s in ("running", "absent", "shut off") for s in where.values()):
             break
-        at_most_one(views(lab), f"while libvirt settles after {side} {step.value}")
+        at_most_one(views(lab), f"while libvirt settles after {side} {_name(step)}")
         assert time.monotonic() < deadline, where
         time.sleep(1)
     answers = {h: vtpm_answers(lab.agent(h)) for h, s in where.items() if s == "running"}
     processes = {h: vm_processes(lab.agent(h)) for h in ("a", "b")}
-    outcome = VmOutcome(where, answers, owner, processes)
+    sockets = {h: channel_socket(lab.agent(h)) for h in ("a", "b")}
+    outcome = VmOutcome(where, answers, owner, processes, sockets)
     OUTCOMES[_ids(side, step)] = outcome
     cli = result[0] if result else None
     print(
-        f"\n{side}:{step.value}: start {how}; the daemon of {crashing_name} died; "
+        f"\n{side}:{_name(step)}: start {how}; the daemon of {crashing_name} died; "
         f"at the crash { ({h: v.state.value for h, v in at_crash.items()}) }, open "
         f"{ ({h: v.open for h, v in at_crash.items()}) }; settled after {polls} polls; vAIK on "
         f"{owner}; VM {where}, vTPM answers {outcome.vtpm_answers}, its processes "
-        f"{processes}; CLI rc "
+        f"{processes}; adoption records {sockets}; CLI rc "
         f"{cli.returncode if cli else None}; {time.monotonic() - t0:.1f} s"
     )
 
 
-def _vm_case(side: str, step: SourceStep | TargetStep) -> object:
+def _vm_case(side: str, step: Step) -> object:
     gap = KNOWN_GAPS.get(step)
     marks = [pytest.mark.xfail(strict=True, reason=gap)] if gap else []
     return pytest.param(side, step, id=_ids(side, step), marks=marks)
 
 
 @pytest.mark.parametrize(("side", "step"), [_vm_case(s, t) for s, t in VM_CASES])
-def test_the_vm_runs_where_the_vaik_is_after_the_crash(
-    side: str, step: SourceStep | TargetStep
-) -> None:
+def test_the_vm_runs_where_the_vaik_is_after_the_crash(side: str, step: Step) -> None:
     """The design's promise for the VM (ARCHITECTURE.md §3): after recovery it runs on exactly
-    one host, the vAIK's owner, with a working vTPM there; the other host keeps nothing of it
+    one host, the vAIK's owner, with a working vTPM there and the VM's adoption record (the
+    attestation component serves the VM's channel from it); the other host keeps nothing of it
     running (no swtpm or bridge armed for a migration that was settled)."""
     got = OUTCOMES.get(_ids(side, step))
     assert got is not None, "its crash case did not get as far as the VM's placement"
     assert got.running == [got.owner], f"the VM runs on {got.running}, the vAIK is on {got.owner}"
     assert got.vtpm_answers[got.owner], f"the VM runs on {got.owner}, its vTPM does not answer"
+    assert got.channel_socket[got.owner], f"{got.owner} has no adoption record of the VM"
     other = "b" if got.owner == "a" else "a"
     assert got.processes[other] == [], f"{other} keeps {got.processes[other]} of the VM running"
