@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import paramiko  # type: ignore[import-untyped]
+import paramiko
 
 from evidence.errors import VtpmError
 

@@ -517,10 +517,10 @@ class MigrationService:
                 libvirt_dest=None if dest is None else str(dest),
                 migrate_uri=None if req.get("migrate_uri") is None else str(req["migrate_uri"]),
             )
-            out = result.to_json()
+            moved = result.to_json()
             if dest is not None and self.moves is not None:
-                out["vm"] = {"libvirt_dest": dest, **self.moves.last}
-            return out
+                moved["vm"] = {"libvirt_dest": dest, **self.moves.last}
+            return moved
         if op == "expect":
             socket_path = req.get("tpm_socket")
             return self.expect_incoming(
@@ -529,11 +529,11 @@ class MigrationService:
         if op == "recover":
             return {"done": self.recover()}
         if op == "journal":
-            out: dict[str, Any] = {"entries": [e.to_json() for e in self.host.j.entries()]}
+            journal: dict[str, Any] = {"entries": [e.to_json() for e in self.host.j.entries()]}
             if req.get("vm_uuid") is not None:
                 vm = uuid.UUID(str(req["vm_uuid"]))
-                out["vaik_state"] = vaik_state(self.host.store, vm).value
-            return out
+                journal["vaik_state"] = vaik_state(self.host.store, vm).value
+            return journal
         raise ValueError(f"unknown op {op!r}")
 
 
