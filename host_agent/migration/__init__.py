@@ -38,7 +38,10 @@ hides a commit), ``undecided`` (a live session still runs it; ask again). The so
 instead of waiting whenever it is unsure *before* the commit point: a restart in STARTED or
 MOVING aborts (recovery table in :mod:`.recovery`), except a VM migration left MOVING, whose
 recovery first asks this host's libvirt: the VM moved (the target checked the vAIK-signed record
-before its QEMU ran) → commit; still here → abort; libvirt busy or unreachable → ask again.
+before its QEMU ran) → commit; still here → abort; libvirt busy or unreachable → ask again. A
+live session that fails once the target accepted the VM's state asks libvirt the same way
+before it aborts (``SourceMigration._placement_after``), and leaves an answer libvirt cannot
+give yet to recovery (``MigrationInDoubt``).
 
 Exactly one after recovery: a source entry ends ABORTED (vAIK active on the source; the target
 then discards its copy, told or asking) or DONE (the target acknowledged ACTIVE). A target
@@ -85,11 +88,6 @@ Not built yet (issue 8, what is missing and where it goes):
   docs/NOTES.md: the source memfd can differ from the stream by a few pages for a busy guest);
   the record carries the source memfd's root at the final stop, which equals the stream for an
   idle guest;
-* an abort after the target's hooks allowed the VM's state and before the commit (a broken
-  channel at that very moment) cancels libvirt's job, but libvirt may have finished already:
-  the VM then runs on the target without its vAIK (the vAIK stays on the source, never on
-  two hosts); the live session does not move it after the VM yet (only a source that
-  *restarts* in MOVING asks libvirt, :mod:`.recovery`);
 * the fleet-approved ``PolicyDuplicationSelect(Name(ExgKey))`` of docs/NOTES.md: it changes the
   vAIK policy in ``host_agent/tpm`` and ``evidence.tpm2_policy.vaik_policy`` and needs an
   online registrar approval per migration, so it is not contained in this package; the

@@ -19,7 +19,13 @@ from host_agent.errors import StateError
 from host_agent.tpm.port import WrappedKey
 
 from .channel import PeerChannel
-from .errors import MigrationError, PeerProtocolError, PeerUnavailable, VaikNotMovable
+from .errors import (
+    MigrationError,
+    MigrationInDoubt,
+    PeerProtocolError,
+    PeerUnavailable,
+    VaikNotMovable,
+)
 from .host import MigrationHost, approved_sign_policies
 from .journal import JournalEntry, SourceStep
 from .protocol import (
@@ -222,6 +228,9 @@ class SourceMigration:
         self.run_state = SourceRunState.CREATED
         self.entry: JournalEntry | None = None
         self.exgkey: VerifiedExgKey | None = None
+        #: The target checked the VM's signed record and let its QEMU run (a VM migration):
+        #: from here on libvirt may finish the move whatever happens to this session.
+        self.state_accepted = False
 
     def _require(self, what: str, *states: SourceRunState) -> None:
         if self.run_state not in states:
@@ -236,6 +245,10 @@ class SourceMigration:
             TargetRefused: a check of the target failed (nothing left this host).
             PeerUnavailable, PeerAborted, PeerProtocolError, FrameError: the exchange failed
                 before the commit point (the vAIK is active here again).
+            MigrationInDoubt: a VM migration failed after the target accepted the VM's state
+                and libvirt cannot say yet whether the VM moved: the journal stays MOVING and
+                recovery settles it (``_placement_after``). When libvirt says the VM moved, the
+                move commits and ``run`` returns as for a success.
         """
         self._require("run()", SourceRunState.CREATED)
         host = self.host
@@ -286,10 +299,24 @@ class SourceMigration:
                 self.run_state = SourceRunState.TRANSFERRED
                 if (self.record_source or host.record_source) is not None:
                     self._send_record(channel)
+                    self.state_accepted = True
                 if self.between is not None:
                     assert self.entry is not None
                     self.between(channel, self.entry)
             except BaseException as err:
+                where = self._placement_after(err)
+                if where == "moved":
+                    assert channel is not None  # the target accepted the state over it
+                    return self._commit(channel)
+                if where == "unknown":
+                    if not isinstance(err, Exception):
+                        raise  # being stopped: the journal stays MOVING, recovery decides
+                    raise MigrationInDoubt(
+                        f"VM {self.vm_uuid}: the migration failed after {self.target} accepted "
+                        f"the VM's state ({type(err).__name__}: {err}) and this host's libvirt "
+                        "cannot say yet whether the VM moved; the vAIK signs on neither host "
+                        "until recovery asks libvirt again"
+                    ) from err
                 self._abort(channel, err)
                 raise
             return self._commit(channel)
@@ -373,6 +400,31 @@ class SourceMigration:
         verdict = _expect(channel, Verdict, host.timeout)
         if not verdict.ok:
             raise RecordRefused(f"the target refused the VM's state: {verdict.reason}")
+
+    def _placement_after(self, err: BaseException) -> str:
+        """After a failure: ``"here"`` (abort, the usual case), or, once the target accepted the
+        VM's state, where this host's libvirt says the VM is. libvirt may have finished the
+        move although this session failed (a broken channel, a timeout): the VM then runs on
+        the target, which checked the vAIK-signed record before its QEMU ran, so the move
+        commits (``"moved"``); an answer libvirt cannot give yet (``"unknown"``: its job still
+        runs, or it is unreachable) leaves the journal MOVING for recovery (vAIK ``moving``
+        here, ``pending`` there: it signs nowhere meanwhile). A process being killed
+        (``KeyboardInterrupt``, ``SystemExit``) is no answer either way: recovery decides."""
+        if not (self.with_vm and self.state_accepted):
+            return "here"
+        placement = self.host.vm_placement
+        if placement is None or not isinstance(err, Exception):
+            return "unknown"  # (a source without libvirt: recovery aborts, as it always did)
+        where, why = placement(self.vm_uuid)
+        log.warning(
+            "migration %s failed after the target accepted the VM (%s: %s); libvirt: %s → %s",
+            self._entry.migration_id,
+            type(err).__name__,
+            err,
+            why,
+            where,
+        )
+        return where
 
     def _abort(self, channel: PeerChannel | None, err: BaseException) -> None:
         host = self.host

@@ -159,3 +159,71 @@ def test_source_dead_after_the_verdict_recovery_asks_its_libvirt(
         assert _steps(pair) == ([SourceStep.ABORTED], [TargetStep.DISCARDED])
         assert calls[2:] == [("end", VM, "abort")]  # released
     assert pair.source.recover() == [] and pair.target.recover() == []
+
+
+class _LibvirtLost(Exception):
+    """What ``between`` raises: the session lost track of libvirt's job (a timeout, a broken
+    connection) after the target had accepted the VM's state."""
+
+
+@pytest.mark.parametrize(("where", "owner"), [(None, "b"), ("shut off", "a"), ("running", None)])
+def test_a_live_session_failing_after_the_verdict_asks_libvirt_before_it_aborts(
+    pair_factory: Callable[..., Pair],  # noqa: F811
+    tmp_path: Path,
+    where: str | None,
+    owner: str | None,
+) -> None:
+    """The source's session fails after the target accepted the VM's state (libvirt may have
+    finished the move anyway). The VM gone from the source's libvirt → the move commits and
+    ``migrate_vaik`` returns; the VM still here, no job → abort, as before; libvirt cannot say
+    (here: the test driver cannot report a running VM's job) → ``MigrationInDoubt``, the
+    journal stays MOVING, the vAIK signs on neither host, and recovery settles it later."""
+    from host_agent.migration.errors import MigrationInDoubt
+
+    pair = pair_factory()
+    source, target = pair.source.host, pair.target.host
+    calls: list[tuple[Any, ...]] = []
+    target.prepare_incoming = lambda vm: calls.append(("prepare", vm))
+    target.record_check = lambda record: calls.append(("check", record.vm_uuid))
+    target.end_incoming = lambda vm, outcome: calls.append(("end", vm, outcome))
+    uri = _libvirt_node(tmp_path / "node.xml", where)
+    source.vm_placement = lambda vm: vm_placement(uri, vm)
+
+    def between(_channel: Any, _entry: Any) -> None:
+        raise _LibvirtLost("no answer from libvirt's job within the timeout")
+
+    host, port = pair.target.address
+    run = lambda: migrate_vaik(  # noqa: E731
+        source, VM, target.host_id, f"{host}:{port}", connect=pair.source.connect,
+        record_source=_record, between=between,
+    )  # fmt: skip
+    if owner == "b":
+        result = run()
+        assert result.outcome == "committed"
+    elif owner == "a":
+        with pytest.raises(_LibvirtLost):
+            run()
+    else:
+        with pytest.raises(MigrationInDoubt, match="cannot say yet whether the VM moved"):
+            run()
+    deadline = time.monotonic() + 20
+    while target.live or (owner is not None and target.j.open_entries()):
+        assert time.monotonic() < deadline, "the target did not settle"
+        time.sleep(0.05)
+    if owner is None:
+        assert _steps(pair) == ([SourceStep.MOVING], [TargetStep.PENDING])
+        assert _states(pair) == {"a": VaikState.MOVING, "b": VaikState.PENDING}
+        assert calls == [("prepare", VM), ("check", VM)]  # still armed on the target
+        # libvirt answers later: the VM moved → recovery commits.
+        gone = _libvirt_node(tmp_path / "gone.xml", None)
+        source.vm_placement = lambda vm: vm_placement(gone, vm)
+        assert any("source committed" in line for line in pair.source.recover())
+        owner = "b"
+    other = "a" if owner == "b" else "b"
+    assert _states(pair) == {owner: VaikState.ACTIVE, other: VaikState.ABSENT}
+    if owner == "b":
+        assert _steps(pair) == ([SourceStep.DONE], [TargetStep.ACTIVE])
+        assert calls[2:] == [("end", VM, "commit")]
+    else:
+        assert _steps(pair) == ([SourceStep.ABORTED], [TargetStep.DISCARDED])
+        assert calls[2:] == [("end", VM, "abort")]
