@@ -33,7 +33,14 @@ from typing import ClassVar
 from .errors import MigrationError
 from .journal import Changes, Journal, JournalEntry, Side, SourceStep, TargetStep, parse_side_step
 
-__all__ = ["POINTS", "FaultJournal", "FaultSettingError", "KillAt", "read_kill_at"]
+__all__ = [
+    "POINTS",
+    "FaultJournal",
+    "FaultSettingError",
+    "JournalWrapper",
+    "KillAt",
+    "read_kill_at",
+]
 
 log = logging.getLogger("host_agent.migration.faults")
 
@@ -119,12 +126,32 @@ def _die(where: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-class FaultJournal:
+class JournalWrapper:
+    """The journal port round a real journal, passing every call on to it; a wrapper that
+    injects a fault overrides the call it changes (:class:`FaultJournal`, the tests' crashes)."""
+
+    def __init__(self, real: Journal) -> None:
+        self.real = real
+
+    def write(self, entry: JournalEntry, changes: Changes | None = None) -> JournalEntry:
+        return self.real.write(entry, changes)
+
+    def get(self, migration_id: uuid.UUID, side: Side) -> JournalEntry | None:
+        return self.real.get(migration_id, side)
+
+    def entries(self) -> list[JournalEntry]:
+        return self.real.entries()
+
+    def open_entries(self) -> list[JournalEntry]:
+        return self.real.open_entries()
+
+
+class FaultJournal(JournalWrapper):
     """The journal port round a real journal, killing this process at ``settings.json``'s
     ``test_kill_at`` (see the module docstring)."""
 
     def __init__(self, real: Journal, settings_path: Path) -> None:
-        self.real = real
+        super().__init__(real)
         self.settings_path = Path(settings_path)
         read_kill_at(self.settings_path)  # a bad setting stops the daemon at start, not later
 
@@ -145,12 +172,3 @@ class FaultJournal:
         kill_at = read_kill_at(self.settings_path)
         if kill_at is not None and str(kill_at) == name:
             _die(f"at {name}")
-
-    def get(self, migration_id: uuid.UUID, side: Side) -> JournalEntry | None:
-        return self.real.get(migration_id, side)
-
-    def entries(self) -> list[JournalEntry]:
-        return self.real.entries()
-
-    def open_entries(self) -> list[JournalEntry]:
-        return self.real.open_entries()
