@@ -15,7 +15,6 @@ running) right before it would write COMMITTED, so the source's entry stays MOVI
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,8 @@ from typing import Any
 import pytest
 
 from host_agent.migration import SourceStep, TargetStep, VaikState, vaik_state
-from host_agent.migration.journal import Changes, Journal, JournalEntry, Side
+from host_agent.migration.faults import JournalWrapper
+from host_agent.migration.journal import Changes, Journal, JournalEntry
 from host_agent.migration.libvirt_job import vm_placement
 from host_agent.migration.source import migrate_vaik
 from tests.sim.test_migration_hosts import VM
@@ -40,26 +40,17 @@ class _Crash(BaseException):
     """The source 'dies' here (nothing of it catches a BaseException before the commit)."""
 
 
-class CrashBefore:
+class CrashBefore(JournalWrapper):
     """The real journal, raising :class:`_Crash` instead of writing ``step``."""
 
     def __init__(self, real: Journal, step: SourceStep) -> None:
-        self.real = real
+        super().__init__(real)
         self.step = step
 
     def write(self, entry: JournalEntry, changes: Changes | None = None) -> JournalEntry:
         if entry.step is self.step:
             raise _Crash(f"crash before {self.step.value}")
-        return self.real.write(entry, changes)
-
-    def get(self, migration_id: uuid.UUID, side: Side) -> JournalEntry | None:
-        return self.real.get(migration_id, side)
-
-    def entries(self) -> list[JournalEntry]:
-        return self.real.entries()
-
-    def open_entries(self) -> list[JournalEntry]:
-        return self.real.open_entries()
+        return super().write(entry, changes)
 
 
 def _libvirt_node(path: Path, state: str | None) -> str:
