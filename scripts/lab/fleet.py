@@ -29,6 +29,7 @@ from pathlib import Path
 
 from evidence.tpm2_policy import HOST_PCRS, PolicyApproval, vaik_sign_policy
 from host_agent.tpm.port import VAIK_POLICY_REF
+from scripts.lab.procs import stop_process
 
 __all__ = [
     "CERT_USER",
@@ -200,14 +201,7 @@ def build_fleet(root: Path, vaik_vm: uuid.UUID | None = VM) -> Fleet:
                     **env,
                 )
         finally:
-            serve.terminate()
-            try:
-                serve.wait(10)
-            except subprocess.TimeoutExpired:
-                serve.kill()
-                serve.wait()
-            if serve.stdout is not None:
-                serve.stdout.close()
+            stop_process(serve, 10)
         spki = ca_doc["policy_key"]["spki_der"]
         cert_user = base64.b64encode(CERT_USER).decode()
         vm = str(vaik_vm or VM)

@@ -45,6 +45,7 @@ from pathlib import Path
 
 from host_agent.lifecycle.embedded import QEMU_CONF as EMBEDDED_QEMU_CONF
 from scripts.lab.netns import NetnsPair
+from scripts.lab.procs import stop_process
 
 __all__ = ["BIND_DIRS", "QEMU_CONF", "NsLibvirtd", "libvirtd_pair"]
 
@@ -213,13 +214,8 @@ class NsLibvirtd:
         for pid in self.pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc, 15)
 
 
 @contextlib.contextmanager

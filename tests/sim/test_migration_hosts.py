@@ -14,7 +14,6 @@ SIGKILL is a real crash. Tests look at a host's store read-only (:func:`inspect_
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -42,6 +41,7 @@ from scripts.lab.fleet import (
     stop_swtpm,
 )
 from scripts.lab.fleet import lab_env as _env
+from scripts.lab.procs import stop_process
 
 __all__ = [  # what the other migration tests import from here (the lab lives in scripts/lab)
     "HOST_CLI",
@@ -157,15 +157,8 @@ class HostProcess:
         return self.proc.wait(timeout)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()
+        if self.proc is not None:
+            stop_process(self.proc, 15)
 
 
 @dataclass(frozen=True)
