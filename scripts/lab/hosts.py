@@ -15,22 +15,26 @@ the host's address, the operator's owner policy). Every command runs through
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Self
 
 from host_agent.migration.hook import hook_script
 from host_agent.migration.service import DEFAULT_PORT
-from scripts.lab.fleet import HOST_CLI, REPO, lab_env
-from scripts.lab.libvirtd_ns import NsLibvirtd
+from scripts.lab.fleet import HOST_CLI, REPO, Fleet, Hosts, copy_hosts, lab_env
+from scripts.lab.libvirtd_ns import NsLibvirtd, libvirtd_pair
+from scripts.lab.netns import NetnsPair, two_hosts
+from scripts.lab.procs import stop_process
 
-__all__ = ["ATTEST", "ATTEST_PORT", "MIGRATION", "NsAgent", "qemu_hook"]
+__all__ = ["ATTEST", "ATTEST_PORT", "MIGRATION", "NsAgent", "host_pair", "qemu_hook"]
 
 MIGRATION = "host_agent.migration.service:MigrationComponent"
 ATTEST = "host_agent.service.attest:AttestService"
@@ -46,6 +50,29 @@ def qemu_hook(agent_state: str, *, log: str | None = None) -> str:
     if log is None:
         return script
     return script.replace("#!/bin/sh\n", f'#!/bin/sh\necho "$@" >> {log}\n', 1)
+
+
+@contextlib.contextmanager
+def host_pair(
+    fleet: Fleet,
+    root: Path,
+    agent_state: str,
+    names: dict[str, str],
+    addrs: dict[str, str],
+    hooks: dict[str, str] | None = None,
+) -> Iterator[tuple[NetnsPair, NsLibvirtd, NsLibvirtd, Hosts]]:
+    """Two namespace hosts (:func:`~scripts.lab.netns.two_hosts` ``names``, ``addrs``), each
+    with its libvirtd (roots ``root/lv``, libvirt ``hooks``) and its copy of the fleet's host
+    state (``root/agents``, :func:`~scripts.lab.fleet.copy_hosts`) bound at ``agent_state``;
+    yields the pair, both libvirtds and the copies. The libvirtds (and whatever runs in their
+    hosts) are stopped and the namespaces deleted afterwards; ``root`` stays."""
+    agents = copy_hosts(fleet, root / "agents")
+    binds_a, binds_b = {agent_state: agents.a}, {agent_state: agents.b}
+    with (
+        two_hosts(**names, **addrs) as net,
+        libvirtd_pair(net, root / "lv", binds_a, binds_b, hooks) as (a, b),
+    ):
+        yield net, a, b, agents
 
 
 class NsAgent:
@@ -68,19 +95,26 @@ class NsAgent:
         self.host = host
         self.peers = peers
         self.state = state
+        self.approvals = approvals
         self.agent_state = agent_state
         self.components = components
         self.log = state / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        mig = state / "migration"
+        self.configure()
+
+    def configure(self) -> None:
+        """Write the components' files into the state directory: the fleet's approvals and
+        policy key, the migration settings (no test hook), the attestation listen address and
+        an empty owner policy. Done at construction; again after a test replaced the state."""
+        mig = self.state / "migration"
         mig.mkdir(exist_ok=True)
-        shutil.copy(approvals, mig / "policy-approvals.json")
+        shutil.copy(self.approvals, mig / "policy-approvals.json")
         self.settings({})
-        attest = state / "attest"
+        attest = self.state / "attest"
         attest.mkdir(exist_ok=True)
-        key_pem = json.loads(approvals.read_text())["policy_key"]["pem"]
+        key_pem = json.loads(self.approvals.read_text())["policy_key"]["pem"]
         (attest / "fleet-policy-key.pem").write_text(key_pem)
-        listen = {"listen": f"{host.address}:{ATTEST_PORT}"}
+        listen = {"listen": f"{self.host.address}:{ATTEST_PORT}"}
         (attest / "settings.json").write_text(json.dumps(listen))
         self.owners({})
 
@@ -97,10 +131,14 @@ class NsAgent:
         return f"{self.host.address}:{DEFAULT_PORT}"
 
     def settings(self, extra: dict[str, Any]) -> None:
-        """Write the migration ``settings.json`` (listen address, peers and ``extra``, e.g. the
-        test hook ``test_tamper``); the daemon reads it for each migration."""
+        """Write the migration ``settings.json`` (listen address, peers and ``extra``, the test
+        hooks ``test_tamper``, ``test_kill_at``). Replaced in one step: the daemon reads it for
+        each migration, and ``test_kill_at`` before every journal write."""
         doc = {"listen": self.migration_address, "peers": self.peers, **extra}
-        (self.state / "migration" / "settings.json").write_text(json.dumps(doc))
+        path = self.state / "migration" / "settings.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, path)
 
     def owners(self, vms: dict[str, list[str]]) -> None:
         """The operator's owner policy: VM UUID → the tenant certificate fingerprints."""
@@ -131,6 +169,15 @@ class NsAgent:
         """``vtpm-host vm ARGS --runtime-dir …`` inside this host."""
         return self.cli("vm", *args, "--runtime-dir", self.runtime, check=check)
 
+    def vm_migrate(
+        self, vm: uuid.UUID | str, to: NsAgent, host_id: str
+    ) -> subprocess.CompletedProcess[str]:
+        """``vtpm-host vm migrate VM --to HOST_ID --address … --libvirt-uri … --json`` from this
+        host to ``to`` (not checked: the caller reads the exit and the JSON)."""
+        return self.cli("vm", "migrate", str(vm), "--to", host_id, "--address",
+                        to.migration_address, "--libvirt-uri", to.host.uri,
+                        "--json", check=False)  # fmt: skip
+
     def pcrs(self, vm: uuid.UUID | str) -> dict[str, str]:
         """The VM's sha256 vPCRs, read through its bridge on this host (``vtpm-host vm pcrs``)."""
         cmd = [*HOST_CLI, "vm", "pcrs", str(vm), "--json", "--runtime-dir", self.runtime]
@@ -149,6 +196,15 @@ class NsAgent:
         return str(out["vaik_state"]), steps
 
     def start(self, timeout: float = 60) -> Self:
+        """Start the daemon; return once its control socket is there (a killed daemon's is
+        removed first).
+
+        Raises:
+            RuntimeError: the daemon exited, or did not come up within ``timeout`` seconds
+                (the message carries its log's tail).
+        """
+        sock = self.state / "run" / "migration.sock"
+        sock.unlink(missing_ok=True)
         cmd = [*HOST_CLI, "daemon", "--state-dir", self.agent_state, "--runtime-dir",
                self.runtime, *(a for c in self.components for a in ("--component", c))]  # fmt: skip
         with open(self.log, "ab") as out:
@@ -157,7 +213,7 @@ class NsAgent:
                 env=self.env, cwd=REPO, start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + timeout
-        while not (self.state / "run" / "migration.sock").exists():
+        while not sock.exists():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the daemon on {self.host.ns} exited: {self.log_tail()}")
             if time.monotonic() > deadline:
@@ -167,13 +223,8 @@ class NsAgent:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc, 30)
 
     def log_tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""

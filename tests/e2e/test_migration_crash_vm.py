@@ -57,18 +57,15 @@ import pytest
 
 from host_agent.migration.faults import POINTS, FaultSettingError, KillAt, read_kill_at
 from host_agent.migration.journal import JournalEntry, SourceStep, TargetStep
-from host_agent.migration.service import DEFAULT_PORT
 from host_agent.migration.state import VaikState
-from tests.helpers.libvirtd_ns import NsLibvirtd, libvirtd_pair
-from tests.helpers.netns import NetnsPair, two_hosts
+from scripts.lab.hosts import MIGRATION, NsAgent, host_pair
+from tests.helpers.libvirtd_ns import NsLibvirtd
+from tests.helpers.netns import NetnsPair
 from tests.sim.test_migration_crash import CASES, EXPECTED_OWNER, REFUSED_ONLY
 from tests.sim.test_migration_hosts import (
-    HOST_CLI,
     REPO,
     VM,
     Fleet,
-    _env,
-    copy_hosts,
     session_fleet,
 )
 from vm_images.build import READY_MARKER, GuestImage, build_image
@@ -76,8 +73,6 @@ from vm_images.build import READY_MARKER, GuestImage, build_image
 #: As in test_migration_libvirt.py: one state path on both hosts (a bind mount in each host's
 #: mount namespace), so the domain XML libvirt carries names the same sockets on both.
 AGENT_STATE = "/run/vtpm-mig"
-RUNTIME = f"{AGENT_STATE}/run/bridges"
-COMPONENT = "host_agent.migration.service:MigrationComponent"
 BOOT_TIMEOUT = 150.0
 NAMES = {"a": "crA", "b": "crB", "veth_a": "vcrA", "veth_b": "vcrB"}
 ADDRS = {"addr_a": "10.79.0.1", "addr_b": "10.79.0.2"}
@@ -154,81 +149,12 @@ def test_kill_at_setting_parses_and_bad_values_are_typed_errors(tmp_path: Path) 
 
 
 # ------------------------------------------------------------------------ two hosts, one guest
-# A minimal copy of test_migration_libvirt.py's ``Agent`` (that module is being changed by its
-# owner; this one needs only the migration component, and restarts).
 
 
-class Agent:
-    """``vtpm-host daemon --component …MigrationComponent`` inside one namespace host."""
-
-    def __init__(self, host: NsLibvirtd, state: Path, approvals: Path) -> None:
-        self.host = host
-        self.state = state  # the directory as the root namespace sees it
-        self.log = state / "daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        (state / "migration").mkdir(exist_ok=True)
-        shutil.copy(approvals, state / "migration" / "policy-approvals.json")
-        self.settings({})
-
-    def settings(self, extra: dict[str, str]) -> None:
-        """``settings.json``: the listen address and ``extra`` (the test hooks). Replaced in one
-        step: a running daemon re-reads it before every journal write."""
-        doc = {"listen": f"{self.host.address}:{DEFAULT_PORT}", **extra}
-        path = self.state / "migration" / "settings.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, path)
-
-    @property
-    def env(self) -> dict[str, str]:
-        return _env(VTPM_LIBVIRT_URI=self.host.uri)
-
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        cmd = [*HOST_CLI, *args, "--state-dir", AGENT_STATE]
-        done = subprocess.run(self.host.argv(cmd), capture_output=True, text=True, env=self.env,
-                              cwd=REPO, timeout=300)  # fmt: skip
-        if check and done.returncode != 0:
-            raise AssertionError(f"{args}: rc {done.returncode}\n{done.stderr[-3000:]}\n"
-                                 f"{self.log_tail()}")  # fmt: skip
-        return done
-
-    def vm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.cli("vm", *args, "--runtime-dir", RUNTIME, check=check)
-
-    def migrate(self, to: Agent, name: str) -> subprocess.CompletedProcess[str]:
-        """``vtpm-host vm migrate VM --to NAME --libvirt-uri … --json`` from this host."""
-        return self.cli("vm", "migrate", str(VM), "--to", name, "--address",
-                        f"{to.host.address}:{DEFAULT_PORT}", "--libvirt-uri", to.host.uri,
-                        "--json", check=False)  # fmt: skip
-
-    def start(self) -> Agent:
-        sock = self.state / "run" / "migration.sock"
-        sock.unlink(missing_ok=True)  # a killed daemon's
-        cmd = [*HOST_CLI, "daemon", "--state-dir", AGENT_STATE, "--runtime-dir", RUNTIME,
-               "--component", COMPONENT]  # fmt: skip
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                self.host.argv(cmd), stdout=out, stderr=out, env=self.env, cwd=REPO,
-                start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while not sock.exists():
-            assert self.proc.poll() is None, self.log_tail()
-            assert time.monotonic() < deadline, self.log_tail()
-            time.sleep(0.1)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def log_tail(self, n: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+def _agent(host: NsLibvirtd, state: Path, approvals: Path) -> NsAgent:
+    """The lab's daemon with the migration component only and no peers (each ``vm migrate``
+    names its target's address); its ``settings`` carry the test hooks."""
+    return NsAgent(host, state, approvals, {}, agent_state=AGENT_STATE, components=(MIGRATION,))
 
 
 @pytest.fixture(scope="module")
@@ -251,13 +177,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
 @dataclass
 class Lab:
     net: NetnsPair
-    a: Agent
-    b: Agent
+    a: NsAgent
+    b: NsAgent
     root: Path
     fleet: Fleet
     image: GuestImage
 
-    def agent(self, name: str) -> Agent:
+    def agent(self, name: str) -> NsAgent:
         return self.a if name == "a" else self.b
 
 
@@ -266,14 +192,9 @@ def lab(fleet: Fleet, image: GuestImage) -> Iterator[Lab]:
     if os.geteuid() != 0:
         pytest.fail("the e2e tier needs root for `ip netns` and libvirtd (platform-notes §7, §8)")
     root = Path(tempfile.mkdtemp(prefix="cr-", dir="/tmp"))
-    agents = copy_hosts(fleet, root / "agents")
-    binds_a, binds_b = {AGENT_STATE: agents.a}, {AGENT_STATE: agents.b}
-    with (
-        two_hosts(**NAMES, **ADDRS) as net,
-        libvirtd_pair(net, root / "lv", binds_a, binds_b) as (lv_a, lv_b),
-    ):
-        a = Agent(lv_a, agents.a, fleet.approvals).start()
-        b = Agent(lv_b, agents.b, fleet.approvals).start()
+    with host_pair(fleet, root, AGENT_STATE, NAMES, ADDRS) as (net, lv_a, lv_b, agents):
+        a = _agent(lv_a, agents.a, fleet.approvals).start()
+        b = _agent(lv_b, agents.b, fleet.approvals).start()
         lab = Lab(net, a, b, root, fleet, image)
         try:
             _boot_on_a(lab)
@@ -318,11 +239,11 @@ _READ_STORE = (
 )
 
 
-def _alive(agent: Agent) -> bool:
+def _alive(agent: NsAgent) -> bool:
     return agent.proc is not None and agent.proc.poll() is None
 
 
-def view(agent: Agent) -> View:
+def view(agent: NsAgent) -> View:
     """The vAIK state and journal of ``agent``'s host: asked of its running daemon (no second
     process opens the host TPM while the daemon holds it), or, with the daemon dead, read from
     its store as the crash left it, inside the host's namespaces (where its swtpm's paths are)."""
@@ -353,15 +274,15 @@ def placement(lab: Lab) -> dict[str, str]:
     return {"a": lab.a.host.domstate(DOMAIN), "b": lab.b.host.domstate(DOMAIN)}
 
 
-def vtpm_answers(agent: Agent) -> bool:
+def vtpm_answers(agent: NsAgent) -> bool:
     """Whether the guest's vTPM answers on ``agent``'s host (its vPCRs read through the bridge)."""
-    cmd = [*HOST_CLI, "vm", "pcrs", str(VM), "--json", "--runtime-dir", RUNTIME]
-    done = subprocess.run(agent.host.argv(cmd), capture_output=True, text=True, env=agent.env,
-                          cwd=REPO, timeout=120)  # fmt: skip
-    return done.returncode == 0 and json.loads(done.stdout)["pcrs"]["0"] != "00" * 32
+    try:
+        return agent.pcrs(VM)["0"] != "00" * 32
+    except RuntimeError:  # `vtpm-host vm pcrs` failed
+        return False
 
 
-def vm_processes(agent: Agent) -> list[str]:
+def vm_processes(agent: NsAgent) -> list[str]:
     """The guest's processes on ``agent``'s host (QEMU, its swtpm, its bridge: every process
     whose command line names the VM), by program name."""
     out = []
@@ -376,10 +297,9 @@ def vm_processes(agent: Agent) -> list[str]:
     return sorted(out)
 
 
-def restart(agent: Agent) -> None:
+def restart(agent: NsAgent) -> None:
     """Start ``agent``'s daemon again, without the fault (its recovery runs at start)."""
     agent.settings({})
-    agent.proc = None
     agent.start()
 
 
@@ -416,7 +336,7 @@ def _rebuild(lab: Lab) -> None:
         src = lab.fleet.a if agent is lab.a else lab.fleet.b
         shutil.copytree(src, agent.state, symlinks=True, dirs_exist_ok=True)
         (agent.state / "tpm" / "swtpm" / "swtpm.pid").unlink(missing_ok=True)
-        Agent(agent.host, agent.state, lab.fleet.approvals)  # its migration settings again
+        agent.configure()  # its migration settings and approvals again
         restart(agent)
     _boot_on_a(lab)
 
@@ -428,7 +348,7 @@ def ensure_on_a(lab: Lab) -> str:
     if _clean_on_a(lab):
         return "as left"
     if placement(lab) == {"a": "absent", "b": "running"} and view(lab.b).state is VaikState.ACTIVE:
-        done = lab.b.migrate(lab.a, "host-a")
+        done = lab.b.vm_migrate(VM, lab.a, "host-a")
         if done.returncode == 0 and _clean_on_a(lab):
             return "migrated back"
     _rebuild(lab)
@@ -447,7 +367,7 @@ def test_a_bad_fault_setting_fails_the_migration_before_anything_changes(lab: La
     before = views(lab)
     lab.a.settings({"test_kill_at": "source:sideways"})
     try:
-        done = lab.a.migrate(lab.b, "host-b")
+        done = lab.a.vm_migrate(VM, lab.b, "host-b")
     finally:
         lab.a.settings({})
     assert done.returncode == 2, done.stdout + done.stderr
@@ -460,7 +380,7 @@ def test_a_bad_fault_setting_fails_the_migration_before_anything_changes(lab: La
     lab.a.stop()
     lab.a.settings({"test_kill_at": "target:moving"})
     try:
-        with pytest.raises(AssertionError):
+        with pytest.raises(RuntimeError, match="exited"):
             lab.a.start()
         assert lab.a.proc is not None and lab.a.proc.wait(30) != 0
         assert "expected a target step (exgkey, pending" in lab.a.log_tail(), lab.a.log_tail()
@@ -498,11 +418,11 @@ def _ids(side: str, step: Step) -> str:
     return f"{side}-{_name(step)}"
 
 
-def adoption_record(agent: Agent) -> Path:
+def adoption_record(agent: NsAgent) -> Path:
     return agent.state / "vms" / str(VM) / "adoption.json"
 
 
-def channel_socket(agent: Agent) -> str | None:
+def channel_socket(agent: NsAgent) -> str | None:
     """The channel socket of the VM's adoption record on ``agent``'s host (None: no record)."""
     try:
         return str(json.loads(adoption_record(agent).read_text())["channel_socket"])
@@ -526,7 +446,7 @@ def test_inv2_vm_migration_crash(lab: Lab, side: str, step: Step) -> None:
     kill_at = {"test_kill_at": f"{side}:{_name(step)}"}
     crashing.settings({**(tamper if crashing is b else {}), **kill_at})
     result: list[subprocess.CompletedProcess[str]] = []
-    client = threading.Thread(target=lambda: result.append(a.migrate(b, "host-b")))
+    client = threading.Thread(target=lambda: result.append(a.vm_migrate(VM, b, "host-b")))
     client.start()
     assert crashing.proc is not None
     try:

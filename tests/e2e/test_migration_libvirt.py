@@ -43,17 +43,16 @@ from evidence.bundle import parse_bundle
 from host_agent.migration import SourceStep, TargetStep, VaikState
 from host_agent.migration.service import DEFAULT_PORT
 from host_agent.service.enroll import fingerprint
-from scripts.lab.hosts import ATTEST_PORT, NsAgent, qemu_hook
+from scripts.lab.hosts import ATTEST_PORT, NsAgent, host_pair, qemu_hook
 from tests.helpers.guest_tenant import GUEST_COMMAND
-from tests.helpers.libvirtd_ns import NsLibvirtd, libvirtd_pair
-from tests.helpers.netns import NetnsPair, two_hosts
+from tests.helpers.libvirtd_ns import NsLibvirtd
+from tests.helpers.netns import NetnsPair
 from tests.sim.test_attest_service import TENANT, GuestEnd
 from tests.sim.test_migration_hosts import (
     REPO,
     VM,
     Fleet,
     _env,
-    copy_hosts,
     session_fleet,
 )
 from vm_images.build import READY_MARKER, GuestImage, build_image
@@ -86,12 +85,7 @@ def lab(fleet: Fleet) -> Iterator[tuple[NetnsPair, NsLibvirtd, NsLibvirtd, Path]
     if os.geteuid() != 0:
         pytest.fail("the e2e tier needs root for `ip netns` and libvirtd (platform-notes §7, §8)")
     root = Path(tempfile.mkdtemp(prefix="ml-", dir="/tmp"))
-    agents = copy_hosts(fleet, root / "agents")
-    binds_a, binds_b = {AGENT_STATE: agents.a}, {AGENT_STATE: agents.b}
-    with (
-        two_hosts(**NAMES, **ADDRS) as net,
-        libvirtd_pair(net, root / "lv", binds_a, binds_b, {"qemu": QEMU_HOOK}) as (a, b),
-    ):
+    with host_pair(fleet, root, AGENT_STATE, NAMES, ADDRS, {"qemu": QEMU_HOOK}) as (net, a, b, _):
         yield net, a, b, root
 
 
@@ -191,9 +185,7 @@ class Agent(NsAgent):
 
     def migrate(self, to: Agent, name: str) -> subprocess.CompletedProcess[str]:
         """``vtpm-host vm migrate DOMAIN --to HOST --libvirt-uri … --json`` from this host."""
-        return self.cli("vm", "migrate", str(VM), "--to", name, "--address",
-                        to.migration_address, "--libvirt-uri", to.host.uri,
-                        "--json", check=False)  # fmt: skip
+        return self.vm_migrate(VM, to, name)
 
 
 @pytest.fixture(scope="module")
