@@ -45,15 +45,17 @@ import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
+
+from scripts.lab.procs import processes, stop_process  # noqa: E402
 
 VM_NAME = "demo"
 GUEST_AGENT_DIR = "/tmp/vtpm"
@@ -136,19 +138,8 @@ def free_port() -> int:
 
 
 def _pids_mentioning(text: str, *names: str) -> list[int]:
-    """Live processes whose command line mentions ``text`` and one of ``names``."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and text in argv and any(n in argv for n in names):
-            found.append(int(proc.name))
-    return found
+    """Live processes (not this one) whose command line mentions ``text`` and one of ``names``."""
+    return list(processes([text], names))
 
 
 class Demo:
@@ -315,12 +306,7 @@ class Demo:
                     self.vm("stop", VM_NAME, check=False)
                     done.append(f"VM {VM_NAME}")
         if self.daemon is not None and self.daemon.poll() is None:
-            self.daemon.send_signal(signal.SIGTERM)
-            try:
-                self.daemon.wait(20)
-            except subprocess.TimeoutExpired:
-                self.daemon.kill()
-                self.daemon.wait()
+            stop_process(self.daemon, 20)
             done.append("daemon")
         # Anything of ours still alive (a QEMU, swtpm, bridge or registrar whose parent died):
         # processes are ours when their command line names this run's state directory.
@@ -421,14 +407,7 @@ def _fetch_approvals(demo: Demo, registrar: Path) -> dict[str, Any]:
             approvals: dict[str, Any] = json.loads(resp.read())
         return approvals
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        stop_process(proc, 10)
 
 
 def act_init(demo: Demo, act: Act) -> str:
@@ -665,6 +644,30 @@ def act_enroll(demo: Demo, act: Act) -> str:
     )
 
 
+def trusted_findings(
+    proc: subprocess.CompletedProcess[str], act: Act, say: Narrator
+) -> list[dict[str, Any]]:
+    """The findings of a trusted ``vtpm-verify attest --json`` run (``proc``); the verdict and
+    the findings go into ``act.details``, each finding is said.
+
+    Raises:
+        DemoFailure: no verdict on stdout (not JSON), or the verdict is not trusted.
+    """
+    try:
+        verdict = json.loads(proc.stdout)
+    except ValueError as err:
+        raise DemoFailure(
+            f"attest exited {proc.returncode} without a verdict: {proc.stderr.strip()[-800:]}"
+        ) from err
+    findings: list[dict[str, Any]] = verdict.get("findings", [])
+    act.details.update(trusted=verdict.get("trusted"), findings=findings)
+    for f in findings:
+        say.info(f"[{f['severity']}] {f['id']}: {f['message'][:150]}")
+    if proc.returncode != 0 or verdict.get("trusted") is not True:
+        raise DemoFailure(f"NOT TRUSTED (exit {proc.returncode}), {len(findings)} finding(s)")
+    return findings
+
+
 def _attest(demo: Demo, act: Act, label: str) -> str:
     bundle = demo.state / f"bundle-{label}.json"
     demo.say.step("vtpm-verify attest --ssh root@127.0.0.1:… (paramiko → vtpm-guest quote)")
@@ -676,18 +679,7 @@ def _attest(demo: Demo, act: Act, label: str) -> str:
         "--guest-command", demo.guest_command, "--save-bundle", str(bundle), "--json",
         check=False,
     )  # fmt: skip
-    try:
-        verdict = json.loads(proc.stdout)
-    except ValueError as err:
-        raise DemoFailure(
-            f"attest exited {proc.returncode} without a verdict: {proc.stderr.strip()[-800:]}"
-        ) from err
-    findings = verdict.get("findings", [])
-    act.details.update(trusted=verdict.get("trusted"), findings=findings)
-    for f in findings:
-        demo.say.info(f"[{f['severity']}] {f['id']}: {f['message'][:150]}")
-    if proc.returncode != 0 or verdict.get("trusted") is not True:
-        raise DemoFailure(f"NOT TRUSTED (exit {proc.returncode}), {len(findings)} finding(s)")
+    findings = trusted_findings(proc, act, demo.say)
     summary = _vpcr_summary(bundle)
     act.details["vpcrs"] = summary
     act.outcome = f"TRUSTED, {len(findings)} finding(s)"
@@ -872,6 +864,98 @@ def _signals_raise() -> Iterator[None]:
             signal.signal(s, h)
 
 
+class Stage(Protocol):
+    """What :func:`run_acts` needs of a demo (:class:`Demo`, ``demo_migration.MigrationDemo``)."""
+
+    last_output: str  # of the last command that failed
+
+    def log_tail(self, limit: int = 1500) -> str: ...
+
+    def cleanup(self) -> list[str]: ...
+
+
+S = TypeVar("S", bound=Stage)
+
+
+@dataclass
+class Run:
+    """How :func:`run_acts` ended: interrupted (Ctrl-C, SIGTERM, SIGHUP), what the cleanup
+    stopped, the whole run's seconds."""
+
+    interrupted: bool
+    stopped: list[str]
+    total: float
+
+
+def run_acts(
+    demo: S,
+    steps: Sequence[tuple[Act, Callable[[S, Act], str], bool]],
+    say: Narrator,
+    state: Path,
+    keep: bool,
+) -> Run:
+    """The acts of a demo, one after the other, then its cleanup and the summary table (the
+    runner of ``make demo`` and ``make demo-migration``).
+
+    ``steps``: each act, its function and whether the acts after it need it: once a needed act
+    did not pass, the rest are reported as not run. An act's DemoFailure, Skipped or crash is
+    its result (with the daemon log's tail and the last failed command's output in its
+    details), never a traceback. Ctrl-C, SIGTERM or SIGHUP end the acts; whatever happens,
+    ``demo.cleanup()`` runs (a second Ctrl-C or SIGTERM does not cut it short) and ``state`` is
+    removed unless ``keep``."""
+    started = time.monotonic()
+    blocked: str | None = None
+    interrupted = False
+    stopped: list[str] = []
+    try:
+        with _signals_raise():
+            for act, fn, needed in steps:
+                say.heading(act)
+                if blocked is not None:
+                    act.result, act.outcome = f"not run: {blocked}", "not run"
+                    say.out.write(f"   ---- {act.result}\n")
+                    continue
+                t0 = time.monotonic()
+                try:
+                    act.result = fn(demo, act)
+                    act.status, act.ok = "passed", True
+                except Skipped as err:
+                    act.status, act.result = "skipped", f"SKIPPED: {err}"
+                except DemoFailure as err:
+                    act.status, act.result = "failed", f"FAILED: {err}"
+                except Exception as err:  # a crash of a piece is a failed act, not a traceback
+                    act.status, act.result = "failed", f"FAILED: {type(err).__name__}: {err}"
+                act.seconds = time.monotonic() - t0
+                if act.status != "passed":
+                    act.outcome = act.result.split(":")[0]
+                    act.details["daemon_log_tail"] = demo.log_tail(3000)
+                    act.details["command_output"] = demo.last_output
+                say.result(act)
+                if act.status != "passed" and needed:
+                    blocked = f"act {act.number} ({act.title}) did not succeed"
+    except KeyboardInterrupt:
+        interrupted = True
+        say.out.write("\ninterrupted: cleaning up\n")
+    finally:
+        say.out.write("\n== Cleanup ==\n")
+        # a second Ctrl-C or SIGTERM must not cut the cleanup short
+        old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            stopped = demo.cleanup()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        say.out.write(f"   stopped: {', '.join(stopped) or 'nothing left running'}\n")
+        if keep:
+            say.out.write(f"   kept {state} (--keep)\n")
+        else:
+            shutil.rmtree(state, ignore_errors=True)
+            say.out.write(f"   removed {state}\n")
+    total = time.monotonic() - started
+    _summary_table([act for act, _, _ in steps], total, say)
+    return Run(interrupted, stopped, total)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -904,57 +988,16 @@ def main(argv: list[str] | None = None) -> int:
     demo = Demo(state, say, args.guest)
     acts = [Act(i, title, expected) for i, (title, expected, _, _) in enumerate(ACTS)]
     say.out.write(f"vtpm-trust demo — state in {state}\n")
-    started = time.monotonic()
-    blocked: str | None = None
-    interrupted = False
-    try:
-        with _signals_raise():
-            for act, (_, _, fn, needed) in zip(acts, ACTS, strict=True):
-                say.heading(act)
-                if blocked is not None:
-                    act.result, act.outcome = f"not run: {blocked}", "not run"
-                    say.out.write(f"   ---- {act.result}\n")
-                    continue
-                t0 = time.monotonic()
-                try:
-                    act.result = fn(demo, act)
-                    act.status, act.ok = "passed", True
-                except Skipped as err:
-                    act.status, act.result = "skipped", f"SKIPPED: {err}"
-                except DemoFailure as err:
-                    act.status, act.result = "failed", f"FAILED: {err}"
-                except Exception as err:  # a crash of a piece is a failed act, not a traceback
-                    act.status, act.result = "failed", f"FAILED: {type(err).__name__}: {err}"
-                act.seconds = time.monotonic() - t0
-                if act.status != "passed":
-                    act.outcome = act.result.split(":")[0]
-                    act.details["daemon_log_tail"] = demo.log_tail(3000)
-                    act.details["command_output"] = demo.last_output
-                say.result(act)
-                if act.status != "passed" and needed:
-                    blocked = f"act {act.number} ({act.title}) did not succeed"
-    except KeyboardInterrupt:
-        interrupted = True
-        say.out.write("\ninterrupted: cleaning up\n")
-    finally:
-        say.out.write("\n== Cleanup ==\n")
-        stopped = demo.cleanup()
-        say.out.write(f"   stopped: {', '.join(stopped) or 'nothing left running'}\n")
-        if args.keep:
-            say.out.write(f"   kept {state} (--keep)\n")
-        else:
-            shutil.rmtree(state, ignore_errors=True)
-            say.out.write(f"   removed {state}\n")
-    total = time.monotonic() - started
-    _summary_table(acts, total, say)
-    ok = not interrupted and all(
+    steps = [(act, fn, needed) for act, (_, _, fn, needed) in zip(acts, ACTS, strict=True)]
+    run = run_acts(demo, steps, say, state, args.keep)
+    ok = not run.interrupted and all(
         a.status == "passed" or (a.number == 0 and a.status == "skipped") for a in acts
     )
     if args.json:
         doc = {
             "ok": ok,
             "guest": args.guest,
-            "total_seconds": round(total, 1),
+            "total_seconds": round(run.total, 1),
             "state_dir": str(state),
             "kept": bool(args.keep),
             "acts": [{**asdict(a), "seconds": round(a.seconds, 2)} for a in acts],

@@ -65,6 +65,7 @@ from scripts.lab.guest import GUEST_COMMAND, ask_channel  # noqa: E402
 from scripts.lab.hosts import NsAgent, qemu_hook  # noqa: E402
 from scripts.lab.libvirtd_ns import NsLibvirtd  # noqa: E402
 from scripts.lab.netns import NetnsPair  # noqa: E402
+from scripts.lab.procs import processes  # noqa: E402
 
 NAMES = {"a": "demoA", "b": "demoB", "veth_a": "vdemoA", "veth_b": "vdemoB"}
 ADDRS = {"addr_a": "10.80.0.1", "addr_b": "10.80.0.2"}
@@ -130,18 +131,10 @@ class MigrationDemo:
             "--guest-command", GUEST_COMMAND, "--save-bundle", str(bundle), "--json",
         )  # fmt: skip
         try:
-            verdict = json.loads(proc.stdout)
-        except ValueError as err:
+            findings = one_host.trusted_findings(proc, act, self.say)
+        except DemoFailure:
             self.last_output = proc.stderr[-3000:]
-            raise DemoFailure(
-                f"attest exited {proc.returncode} without a verdict: {proc.stderr.strip()[-500:]}"
-            ) from err
-        findings = verdict.get("findings", [])
-        act.details.update(trusted=verdict.get("trusted"), findings=findings)
-        for f in findings:
-            self.say.info(f"[{f['severity']}] {f['id']}: {f['message'][:150]}")
-        if proc.returncode != 0 or verdict.get("trusted") is not True:
-            raise DemoFailure(f"NOT TRUSTED (exit {proc.returncode}), {len(findings)} finding(s)")
+            raise
         self.bundles[label] = bundle
         return f"TRUSTED, {len(findings)} finding(s)"
 
@@ -218,7 +211,7 @@ class MigrationDemo:
             # Anything else of ours (an init's software root whose parent died, a registrar):
             # its command line names this run's state directory or the agents' bound path.
             for marker in (str(self.state), AGENT_STATE):
-                for pid in _pids_mentioning(marker):
+                for pid in processes([marker]):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                         done.append(f"pid {pid}")
@@ -226,22 +219,6 @@ class MigrationDemo:
                 with contextlib.suppress(OSError):
                     Path(AGENT_STATE).rmdir()
         return done
-
-
-def _pids_mentioning(text: str) -> list[int]:
-    """Live processes (not this one) whose command line mentions ``text``."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and text in argv:
-            found.append(int(proc.name))
-    return found
 
 
 # --------------------------------------------------------------------------------------------
@@ -531,64 +508,19 @@ def main(argv: list[str] | None = None) -> int:
     demo = MigrationDemo(state, say)
     acts = [Act(i + 1, title, expected) for i, (title, expected, _) in enumerate(ACTS)]
     say.out.write(f"vtpm-trust migration demo — state in {state}\n")
-    started = time.monotonic()
-    blocked: str | None = None
-    interrupted = False
-    stopped: list[str] = []
-    try:
-        with one_host._signals_raise():
-            for act, (_, _, fn) in zip(acts, ACTS, strict=True):
-                say.heading(act)
-                if blocked is not None:
-                    act.result, act.outcome = f"not run: {blocked}", "not run"
-                    say.out.write(f"   ---- {act.result}\n")
-                    continue
-                t0 = time.monotonic()
-                try:
-                    act.result = fn(demo, act)
-                    act.status, act.ok = "passed", True
-                except DemoFailure as err:
-                    act.status, act.result = "failed", f"FAILED: {err}"
-                except Exception as err:  # a crash of a piece is a failed act, not a traceback
-                    act.status, act.result = "failed", f"FAILED: {type(err).__name__}: {err}"
-                act.seconds = time.monotonic() - t0
-                if act.status != "passed":
-                    act.outcome = act.result.split(":")[0]
-                    act.details["daemon_log_tail"] = demo.log_tail(3000)
-                    act.details["command_output"] = demo.last_output
-                    blocked = f"act {act.number} ({act.title}) did not succeed"
-                say.result(act)
-    except KeyboardInterrupt:
-        interrupted = True
-        say.out.write("\ninterrupted: cleaning up\n")
-    finally:
-        say.out.write("\n== Cleanup ==\n")
-        # a second Ctrl-C or SIGTERM must not cut the cleanup short
-        old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            stopped = demo.cleanup()
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-        say.out.write(f"   stopped: {', '.join(stopped) or 'nothing left running'}\n")
-        if args.keep:
-            say.out.write(f"   kept {state} (--keep)\n")
-        else:
-            shutil.rmtree(state, ignore_errors=True)
-            say.out.write(f"   removed {state}\n")
-    total = time.monotonic() - started
-    one_host._summary_table(acts, total, say)
-    ok = not interrupted and all(a.status == "passed" for a in acts)
+    steps = [(act, fn, True) for act, (_, _, fn) in zip(acts, ACTS, strict=True)]
+    run = one_host.run_acts(demo, steps, say, state, args.keep)
+    ok = not run.interrupted and all(a.status == "passed" for a in acts)
     if args.json:
         doc = {
             "ok": ok,
             "guest": "initramfs",
-            "total_seconds": round(total, 1),
+            "total_seconds": round(run.total, 1),
             "state_dir": str(state),
             "kept": bool(args.keep),
             "namespaces": [NAMES["a"], NAMES["b"]],
             "agent_state": AGENT_STATE,
-            "stopped": stopped,
+            "stopped": run.stopped,
             "acts": [{**asdict(a), "seconds": round(a.seconds, 2)} for a in acts],
         }
         print(json.dumps(doc, indent=2, default=str))

@@ -18,9 +18,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
+
+from tests.helpers.demo_run import run_demo
+from tests.helpers.procs import ours
 
 pytestmark = pytest.mark.e2e
 
@@ -28,32 +30,9 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO = [sys.executable, str(REPO / "scripts" / "demo.py")]
 
 
-def _ours(state: Path) -> list[str]:
-    """Command lines of live processes that name the demo's state directory."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            status = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if status != "Z" and str(state) in argv:
-            found.append(f"{proc.name}: {argv[:200]}")
-    return found
-
-
 def test_demo_runs_every_act_for_real_and_leaves_nothing_behind() -> None:
-    t0 = time.monotonic()
-    proc = subprocess.run([*DEMO, "--json"], capture_output=True, text=True, timeout=900, cwd=REPO)
-    took = time.monotonic() - t0
-    assert proc.stdout.strip(), proc.stderr[-5000:]
-    doc: dict[str, Any] = json.loads(proc.stdout)
-    acts = {a["number"]: a for a in doc["acts"]}
-    report = "\n".join(f"{n} {a['status']}: {a['result']}" for n, a in acts.items())
-    assert proc.returncode == 0 and doc["ok"] is True, report + "\n" + proc.stderr[-5000:]
-    assert [a["status"] for a in doc["acts"]] == ["passed"] * 8, report
+    run = run_demo("demo.py", acts=8, timeout=900)
+    doc, acts, report, took = run.doc, run.acts, run.report, run.took
 
     assert "DEVELOPMENT ONLY" in acts[1]["details"]["development_only_notice"]
     assert acts[2]["details"]["vm_uuid"] and acts[2]["details"]["image"]["kind"] == "disk"
@@ -84,7 +63,7 @@ def test_demo_runs_every_act_for_real_and_leaves_nothing_behind() -> None:
     assert doc["total_seconds"] <= 300, report
     state = Path(doc["state_dir"])
     assert not state.exists(), "the state directory is removed"
-    assert _ours(state) == [], "every process the demo started is gone"
+    assert ours(state) == [], "every process the demo started is gone"
 
 
 def test_demo_interrupted_while_its_vm_runs_cleans_up() -> None:
@@ -106,7 +85,7 @@ def test_demo_interrupted_while_its_vm_runs_cleans_up() -> None:
             ready, _, _ = select.select([proc.stderr], [], [], 1)
             if ready:
                 seen += proc.stderr.readline()
-        assert any("qemu-system" in p for p in _ours(state)), "the VM runs"
+        assert any("qemu-system" in p for p in ours(state)), "the VM runs"
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
@@ -118,5 +97,5 @@ def test_demo_interrupted_while_its_vm_runs_cleans_up() -> None:
     doc = json.loads(out)
     assert doc["ok"] is False
     assert not state.exists(), "the state directory is removed"
-    assert _ours(state) == [], "every process the demo started is gone"
+    assert ours(state) == [], "every process the demo started is gone"
     shutil.rmtree(state.parent, ignore_errors=True)

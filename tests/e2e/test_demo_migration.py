@@ -9,20 +9,17 @@ nothing it started may outlive it: no namespace of its names, no process of its 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.helpers.demo_run import run_demo
+from tests.helpers.procs import ours
+
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO = [sys.executable, str(REPO / "scripts" / "demo_migration.py")]
 NAMESPACES = {"demoA", "demoB"}
 AGENT_STATE = "/run/vtpm-demo-mig"
 
@@ -32,35 +29,12 @@ def _namespaces() -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
-def _ours(*marks: str) -> list[str]:
-    """Command lines of live processes that name one of ``marks``."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            status = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if status != "Z" and any(m in argv for m in marks):
-            found.append(f"{proc.name}: {argv[:200]}")
-    return found
-
-
 def test_migration_demo_gives_every_outcome_and_leaves_nothing_behind() -> None:
     if os.geteuid() != 0:
         pytest.fail("the e2e tier needs root for `ip netns` and libvirtd (platform-notes §7, §8)")
     assert not NAMESPACES & _namespaces(), "a demo's namespaces exist before the run"
-    t0 = time.monotonic()
-    proc = subprocess.run([*DEMO, "--json"], capture_output=True, text=True, timeout=600, cwd=REPO)
-    took = time.monotonic() - t0
-    assert proc.stdout.strip(), proc.stderr[-5000:]
-    doc: dict[str, Any] = json.loads(proc.stdout)
-    acts = {a["number"]: a for a in doc["acts"]}
-    report = "\n".join(f"{n} {a['status']}: {a['result']}" for n, a in acts.items())
-    assert proc.returncode == 0 and doc["ok"] is True, report + "\n" + proc.stderr[-5000:]
-    assert [a["status"] for a in doc["acts"]] == ["passed"] * 6, report
+    run = run_demo("demo_migration.py", acts=6, timeout=600)
+    doc, acts, report, took = run.doc, run.acts, run.report, run.took
     d = {n: a["details"] for n, a in acts.items()}
 
     # 1. two hosts, each AIK certificate from the fleet CA, in the demo's own namespaces
@@ -99,6 +73,6 @@ def test_migration_demo_gives_every_outcome_and_leaves_nothing_behind() -> None:
     assert not state.exists(), "the state directory is removed"
     assert not NAMESPACES & _namespaces(), "both namespaces are deleted"
     assert not Path(AGENT_STATE).exists(), "the agents' mount point is removed"
-    assert _ours(str(state), AGENT_STATE) == [], "every process the demo started is gone"
+    assert ours(str(state), AGENT_STATE) == [], "every process the demo started is gone"
     veths = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert "vdemoA" not in veths and "vdemoB" not in veths

@@ -1,4 +1,7 @@
-"""Find and kill the processes a test or benchmark started under its state directory."""
+"""Find and kill the processes a test or benchmark started under its state directory.
+
+The scan itself is the lab's (:func:`scripts.lab.procs.processes`, which the demos use too).
+"""
 
 from __future__ import annotations
 
@@ -7,24 +10,22 @@ import os
 import signal
 from pathlib import Path
 
-__all__ = ["kill_leftovers", "pids_under"]
+from scripts.lab.procs import processes
+
+__all__ = ["kill_leftovers", "ours", "pids_under"]
 
 
 def pids_under(state: Path, *names: str) -> list[int]:
     """Pids of live (non-zombie) processes whose command line mentions ``state`` and one of
     ``names`` (e.g. "swtpm", "host_agent.vtpm.bridge", "qemu-system")."""
-    out = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            status = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if status != "Z" and str(state) in argv and any(n in argv for n in names):
-            out.append(int(proc.name))
-    return out
+    return list(processes([str(state)], names)) if names else []
+
+
+def ours(*marks: str | Path) -> list[str]:
+    """``PID: COMMAND LINE`` (its first 200 characters) of each live process whose command line
+    mentions one of ``marks``: what a test that must leave nothing behind reports."""
+    found = processes(str(m) for m in marks)
+    return [f"{pid}: {argv[:200]}" for pid, argv in found.items()]
 
 
 def kill_leftovers(state: Path) -> None:
