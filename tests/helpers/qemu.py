@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -36,6 +35,7 @@ from typing import Any
 
 import paramiko
 
+from scripts.lab.procs import stop_process
 from tests.helpers.ports import free_port
 
 __all__ = [
@@ -71,15 +71,10 @@ atexit.register(_kill_leftovers)
 
 
 def _terminate(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` seconds; always reaps; forgets the pid."""
+    """SIGTERM, then SIGKILL after ``grace`` seconds (the lab's ``stop_process``); always
+    forgets the pid."""
     try:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc, grace)
     finally:
         _LIVE.pop(proc.pid, None)
 

@@ -26,10 +26,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from host_agent.migration.faults import JournalWrapper
 from host_agent.migration.journal import (
     Changes,
     JournalEntry,
@@ -68,11 +68,11 @@ REFUSED_ONLY = {SourceStep.ABORTED, TargetStep.DISCARDED}
 CASES = [("source", s) for s in SourceStep] + [("target", s) for s in TargetStep]
 
 
-class KillAtStep:
+class KillAtStep(JournalWrapper):
     """Fault-injecting wrapper round the real journal: SIGKILL right after ``step`` is durable."""
 
     def __init__(self, real: StoreJournal, side: str, step: str) -> None:
-        self.real = real
+        super().__init__(real)
         self.side = side
         self.step = step
 
@@ -81,15 +81,6 @@ class KillAtStep:
         if entry.side == self.side and entry.step.value == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
         return out
-
-    def get(self, migration_id: Any, side: Any) -> JournalEntry | None:
-        return self.real.get(migration_id, side)
-
-    def entries(self) -> list[JournalEntry]:
-        return self.real.entries()
-
-    def open_entries(self) -> list[JournalEntry]:
-        return self.real.open_entries()
 
 
 @pytest.fixture(scope="module")
