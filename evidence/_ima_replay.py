@@ -163,13 +163,7 @@ def _replay_entries(
     mismatched: list[int] = []
     for index, e in enumerate(raw.entries):
         if not e.supported:
-            raise UnsupportedError(
-                f"IMA entry {index} template",
-                e.location,
-                f"one of {', '.join(TEMPLATES)} (others are not replayed, not guessed)",
-                e.template_name,
-                unit=raw.unit,
-            )
+            raise _unsupported(raw, index, e)
         if e.template_hash == _ZERO_HASH:
             violations += 1
             if e.pcr == IMA_PCR:
@@ -195,17 +189,21 @@ def _replay_entries(
     return replayed, violations, mismatched
 
 
+def _unsupported(raw: RawImaList, index: int, e: ImaEntry) -> UnsupportedError:
+    return UnsupportedError(
+        f"IMA entry {index} template",
+        e.location,
+        f"one of {', '.join(TEMPLATES)} (others are not replayed, not guessed)",
+        e.template_name,
+        unit=raw.unit,
+    )
+
+
 def _first_unsupported(raw: RawImaList, columns: _Columns) -> None:
     for index in sorted(columns.general):
         e = columns.general[index]
         if not e.supported:
-            raise UnsupportedError(
-                f"IMA entry {index} template",
-                e.location,
-                f"one of {', '.join(TEMPLATES)} (others are not replayed, not guessed)",
-                e.template_name,
-                unit=raw.unit,
-            )
+            raise _unsupported(raw, index, e)
 
 
 def _replay_columns(
