@@ -79,6 +79,18 @@ def _pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(p * len(values)))]
 
 
+def _latency(requests: int, lat: list[float]) -> dict[str, float]:
+    """The latency summary both host-side layouts print (milliseconds)."""
+    return {
+        "requests": requests,
+        "p50": _pct(lat, 0.5),
+        "p90": _pct(lat, 0.9),
+        "p99": _pct(lat, 0.99),
+        "mean": statistics.fmean(lat),
+        "min": min(lat),
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # The guests: one process of their own (in production they run inside the VMs)
 
@@ -360,14 +372,7 @@ def bench_host(
         threads = {k: v - threads0.get(k, 0.0) for k, v in _thread_cpu().items()}
         total = sum(done["counts"])
         return {
-            "latency_ms": {
-                "requests": requests,
-                "p50": _pct(lat, 0.5),
-                "p90": _pct(lat, 0.9),
-                "p99": _pct(lat, 0.99),
-                "mean": statistics.fmean(lat),
-                "min": min(lat),
-            },
+            "latency_ms": _latency(requests, lat),
             "breakdown_ms_p50": breakdown,
             "throughput": {
                 "vms": vms,
@@ -443,14 +448,7 @@ def bench_host_in_process(
             t.join()
         elapsed = time.perf_counter() - t0
         return {
-            "latency_ms": {
-                "requests": requests,
-                "p50": _pct(lat, 0.5),
-                "p90": _pct(lat, 0.9),
-                "p99": _pct(lat, 0.99),
-                "mean": statistics.fmean(lat),
-                "min": min(lat),
-            },
+            "latency_ms": _latency(requests, lat),
             "breakdown_ms_p50": breakdown,
             "throughput": {
                 "vms": vms,
