@@ -512,6 +512,7 @@ class VerifiedImaList:
         )
 
     def _key(self) -> tuple[object, ...]:
+        """The constructor's arguments, in order: equality and pickling both use them."""
         return (
             self.entries,
             self.pcr10,
@@ -537,17 +538,7 @@ class VerifiedImaList:
         )
 
     def __reduce__(self) -> tuple[object, ...]:  # copy and pickle, whatever the representation
-        return (
-            VerifiedImaList,
-            (
-                self.entries,
-                self.pcr10,
-                self.rule,
-                self.violations,
-                self.truncated_tail,
-                self.untrusted_other_pcr_entries,
-            ),
-        )
+        return (VerifiedImaList, self._key())  # the constructor's arguments, in order
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"VerifiedImaList is immutable: cannot set {name}")
