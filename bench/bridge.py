@@ -6,12 +6,16 @@ command N times, one at a time, and times each round trip:
 
   * straight to swtpm's control socket (the baseline: what QEMU does without a bridge);
   * through the bridge, run as its own process (``python -m host_agent.vtpm.bridge``), as in
-    production.
+    production;
+  * through a bare relay (the floor): a process that only copies bytes between the two data
+    sockets, with no control channel, framing or injection. Any relay in a separate process pays
+    its two extra wake-ups per round trip; the bridge / floor ratio shows what the bridge adds
+    beyond them.
 
-It prints median and p99 round-trip times per command, and the ratio bridge / direct of the
-medians (goal: <= 1.2). Commands: TPM2_GetRandom(16), TPM2_PCR_Read(sha256, PCR 0-7),
-TPM2_Hash(1 KiB, sha256),
-TPM2_CreatePrimary(ECC P-256 storage key; flushed after each, untimed).
+It prints median and p99 round-trip times per command, the ratio bridge / direct of the
+medians (goal: <= 1.2) and the ratio bridge / bare relay. Commands: TPM2_GetRandom(16),
+TPM2_PCR_Read(sha256, PCR 0-7), TPM2_Hash(1 KiB, sha256), TPM2_CreatePrimary(ECC P-256
+storage key; flushed after each, untimed).
 
 With ``--guest`` it also boots the vm_images test guest twice under QEMU/TCG, once on swtpm
 directly and once through the bridge, and times TPM2_GetRandom(16) on the guest's /dev/tpmrm0:
@@ -81,10 +85,37 @@ def start_swtpm(d: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-class Client:
-    """QEMU's side: control requests and one-at-a-time TPM commands on the data fd."""
+# The floor: copy bytes between two inherited sockets until either side closes.
+BARE_RELAY = r"""
+import selectors, socket, sys
+a, b = (socket.socket(fileno=int(f)) for f in sys.argv[1:3])
+sel = selectors.DefaultSelector()
+sel.register(a, selectors.EVENT_READ, b)
+sel.register(b, selectors.EVENT_READ, a)
+while True:
+    for key, _ in sel.select():
+        data = key.fileobj.recv(65536)
+        if not data:
+            sys.exit()
+        key.data.sendall(data)
+"""
 
-    def __init__(self, ctrl_path: Path) -> None:
+
+def start_bare_relay(guest_end: socket.socket) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """A bare relay between ``guest_end`` and a new socketpair; returns it and the end for swtpm."""
+    relay_end, tpm_end = socket.socketpair()
+    fds = [guest_end.fileno(), relay_end.fileno()]
+    proc = subprocess.Popen([sys.executable, "-c", BARE_RELAY, *map(str, fds)], pass_fds=fds)
+    relay_end.close()
+    return proc, tpm_end
+
+
+class Client:
+    """QEMU's side: control requests and one-at-a-time TPM commands on the data fd.
+
+    With ``relay`` the data fd given to swtpm is a bare relay's (the floor measurement)."""
+
+    def __init__(self, ctrl_path: Path, *, relay: bool = False) -> None:
         self.ctrl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         for _ in range(500):
             try:
@@ -93,6 +124,11 @@ class Client:
             except OSError:
                 time.sleep(0.01)
         ours, theirs = socket.socketpair()
+        self.relay: subprocess.Popen[bytes] | None = None
+        if relay:
+            self.relay, to_tpm = start_bare_relay(theirs)
+            theirs.close()
+            theirs = to_tpm
         socket.send_fds(self.ctrl, [cc.SetDataFd().encode()], [theirs.fileno()])
         theirs.close()
         assert self.ctrl.recv(4) == b"\0\0\0\0"
@@ -119,6 +155,8 @@ class Client:
         self.ctrl.recv(4)
         self.ctrl.close()
         self.data.close()
+        if self.relay is not None:
+            self.relay.wait(5)
 
 
 def measure(client: Client, cmd: bytes, n: int) -> list[float]:
@@ -208,7 +246,8 @@ def main() -> None:
     try:
         direct_tpm = start_swtpm(work / "direct")
         bridged_tpm = start_swtpm(work / "bridged")
-        procs += [direct_tpm, bridged_tpm]
+        floor_tpm = start_swtpm(work / "floor")
+        procs += [direct_tpm, bridged_tpm, floor_tpm]
         bridge = subprocess.Popen(
             [sys.executable, "-m", "host_agent.vtpm.bridge", "--vm-uuid", str(uuid.uuid4()),
              "--listen", str(work / "ctrl.sock"), "--swtpm-ctrl", str(work / "bridged/swtpm.sock"),
@@ -221,15 +260,19 @@ def main() -> None:
             time.sleep(0.01)
         direct = Client(work / "direct/swtpm.sock")
         bridged = Client(work / "ctrl.sock")
+        floor = Client(work / "floor/swtpm.sock", relay=True)
         rows = []
         for name, cmd in COMMANDS.items():
-            # alternate in blocks so drift (CPU frequency, other load) hits both sides alike
+            # alternate in blocks so drift (CPU frequency, other load) hits all sides alike
             d_all: list[float] = []
             b_all: list[float] = []
+            f_all: list[float] = []
             for _ in range(5):
                 d_all += measure(direct, cmd, args.n // 5)
                 b_all += measure(bridged, cmd, args.n // 5)
+                f_all += measure(floor, cmd, args.n // 5)
             d_med, b_med = statistics.median(d_all), statistics.median(b_all)
+            f_med = statistics.median(f_all)
             q = lambda xs: statistics.quantiles(xs, n=100)[98]  # noqa: E731
             rows.append(
                 {
@@ -240,22 +283,28 @@ def main() -> None:
                     "bridge_p99_us": round(q(b_all), 1),
                     "ratio": round(b_med / d_med, 3),
                     "added_us": round(b_med - d_med, 1),
+                    "bare_relay_median_us": round(f_med, 1),
+                    "bare_relay_ratio": round(f_med / d_med, 3),
+                    "bridge_over_bare_relay": round(b_med / f_med, 3),
                 }
             )
         direct.shutdown()
         bridged.shutdown()
+        floor.shutdown()
         guest = guest_rtt(work, min(args.n, 2000), args.spin_us) if args.guest else None
         if args.json:
             print(json.dumps({"n": args.n, "rows": rows, "guest": guest}, indent=1))
             return
         print(f"TPM command round trip, {args.n} each (µs; bridge = separate process)")
         print(f"{'command':24} {'direct med':>10} {'bridge med':>10} {'direct p99':>10} "
-              f"{'bridge p99':>10} {'ratio':>6} {'added':>6}")  # fmt: skip
+              f"{'bridge p99':>10} {'ratio':>6} {'added':>6} {'bare relay':>10} "
+              f"{'ratio':>6} {'bridge/bare':>11}")  # fmt: skip
         for r in rows:
             print(
                 f"{r['command']:24} {r['direct_median_us']:10.1f} {r['bridge_median_us']:10.1f} "
                 f"{r['direct_p99_us']:10.1f} {r['bridge_p99_us']:10.1f} {r['ratio']:6.3f} "
-                f"{r['added_us']:6.1f}"
+                f"{r['added_us']:6.1f} {r['bare_relay_median_us']:10.1f} "
+                f"{r['bare_relay_ratio']:6.3f} {r['bridge_over_bare_relay']:11.3f}"
             )
         if guest is not None:
             print(
@@ -264,7 +313,7 @@ def main() -> None:
                 f"{guest['bridge_p99_us']:10.1f} {guest['ratio']:6.3f} "
                 f"{guest['bridge_median_us'] - guest['direct_median_us']:6.1f}"
             )
-        print("goal: ratio <= 1.2")
+        print("goal: ratio <= 1.2 (bridge / direct); bare relay = the floor of any relay process")
     finally:
         for p in procs:
             if p.poll() is None:
