@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
+import threading
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from evidence.errors import VtpmError
@@ -39,6 +42,7 @@ from .protocol import (
     ErrorMessage,
     ExgKeyOffer,
     Imported,
+    Message,
     Offer,
     Outcome,
     OutcomeQuery,
@@ -210,45 +214,91 @@ def pull_source(
     vm_uuid: uuid.UUID,
     connect: Callable[[str, str], PeerChannel],
 ) -> tuple[PeerChannel, Offer]:
-    """Ask ``peers`` (host id → ``HOST:PORT``), one after the other, to move ``vm_uuid`` here;
-    the first that holds it answers with its Offer on that connection (returned, open).
+    """Ask all ``peers`` (host id → ``HOST:PORT``) at once to move ``vm_uuid`` here; the one
+    that holds it answers with its Offer on that connection (returned, open).
+
+    The first decisive answer wins: an Offer, or a refusal from the peer that holds the VM. A
+    peer that is down or hangs (each connect and answer is bounded by ``host.timeout``) delays
+    only a pull that no peer answers decisively. Connections whose answers come later are
+    closed (a source that offered on one aborts its side).
 
     Raises:
         PullNotHere: no peer holds the VM's vAIK (each peer's answer is in the message).
         PeerAborted: the peer that holds it refused (its reason: the source's checks).
         PeerProtocolError: it answered with something but an Offer of this VM with the VM.
     """
-    tried: list[str] = []
-    for peer, address in peers.items():
+    answers: queue.SimpleQueue[_PullAnswer] = queue.SimpleQueue()
+    lock = threading.Lock()
+    decided = False
+
+    def ask(peer: str, address: str) -> None:
+        channel: PeerChannel | None = None
         try:
             channel = connect(peer, address)
-        except VtpmError as err:
-            tried.append(f"{peer} ({address}): unreachable: {err}")
-            continue
-        try:
             channel.send(Pull(vm_uuid, host.advertise or "-"))
-            offer = channel.receive(host.timeout)
-        except PeerAborted as err:
-            channel.close()
-            if err.remote_id == PullNotHere.id:
-                tried.append(f"{peer}: {err}")
-                continue
-            raise
-        except VtpmError as err:
-            channel.close()
-            tried.append(f"{peer}: {err}")
-            continue
-        if not isinstance(offer, Offer) or offer.vm_uuid != vm_uuid or not offer.with_vm:
-            channel.close()
-            raise PeerProtocolError(
-                f"{peer} answered the pull of VM {vm_uuid} with {type(offer).__name__}, "
-                "expected an Offer of that VM with the running VM"
-            )
-        return channel, offer
+            answer: Message | Exception = channel.receive(host.timeout)
+        except Exception as err:  # judged (or re-raised) on the caller's thread
+            answer = err
+        with lock:
+            if not decided:
+                answers.put(_PullAnswer(peer, address, channel, answer))
+                return
+        if channel is not None:
+            channel.close()  # the pull was decided without this peer
+
+    for peer, address in peers.items():
+        threading.Thread(target=ask, args=(peer, address), name=f"pull-{peer}", daemon=True).start()
+    tried: list[str] = []
+    try:
+        for _ in peers:
+            got = answers.get()
+            if (
+                isinstance(got.answer, Offer)
+                and got.answer.vm_uuid == vm_uuid
+                and got.answer.with_vm
+            ):
+                assert got.channel is not None
+                return got.channel, got.answer
+            if got.channel is not None:
+                got.channel.close()
+            if isinstance(got.answer, PeerAborted):
+                if got.answer.remote_id != PullNotHere.id:
+                    raise got.answer
+                tried.append(f"{got.peer}: {got.answer}")
+            elif isinstance(got.answer, VtpmError):
+                what = "unreachable: " if got.channel is None else ""
+                tried.append(f"{got.peer} ({got.address}): {what}{got.answer}")
+            elif isinstance(got.answer, Exception):
+                raise got.answer
+            else:
+                raise PeerProtocolError(
+                    f"{got.peer} answered the pull of VM {vm_uuid} with "
+                    f"{type(got.answer).__name__}, expected an Offer of that VM with the running VM"
+                )
+    finally:
+        with lock:
+            decided = True
+        while True:
+            try:
+                late = answers.get_nowait()
+            except queue.Empty:
+                break
+            if late.channel is not None:
+                late.channel.close()
     raise PullNotHere(
         f"no peer moves VM {vm_uuid} here; asked: "
         + ("; ".join(tried) if tried else "nobody (no peers configured)")
     )
+
+
+@dataclass(frozen=True)
+class _PullAnswer:
+    """One peer's answer to a pull: its Offer (or other message), or why there is none."""
+
+    peer: str
+    address: str
+    channel: PeerChannel | None  # None: the connect failed
+    answer: Message | Exception
 
 
 def _incoming(

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -42,10 +44,12 @@ from host_agent.migration import (
     signing_allowed,
 )
 from host_agent.migration.channel import MtlsPeerChannel, TlsIdentity
+from host_agent.migration.errors import PullNotHere
 from host_agent.migration.host import MigrationHost, load_identity_certificates
 from host_agent.migration.protocol import OutcomeQuery
 from host_agent.migration.record import MigrationRecord, RecordRefused
 from host_agent.migration.service import MigrationService, load_approvals
+from host_agent.migration.target import pull_source
 from host_agent.store.provision import open_store
 from host_agent.tpm.discovery import open_host_tpm
 from host_agent.tpm.port import Certification, KeyPolicy, WrappedKey
@@ -512,3 +516,53 @@ def test_the_channel_trusts_only_the_fleet_ca_and_checks_the_peer_host_id(
         channel = MtlsPeerChannel.connect(identity, address, "host-b", timeout=10)
         channel.send(OutcomeQuery(uuid.uuid4()))  # TLS 1.3: the server's refusal shows here
         channel.receive(10)
+
+
+# ---------------------------------------------------------------- the target's pull (plain virsh)
+
+
+def test_a_pull_asks_all_peers_at_once_so_a_hung_peer_does_not_hold_up_the_answer(
+    pair_factory: Callable[..., Pair],
+) -> None:
+    """A peer that accepts TCP and never speaks (down behind a firewall that drops, or hung)
+    must not delay the answer of the peer that holds the VM: libvirt's hook waits on the pull.
+    Here that answer is the source's refusal (this in-process source has no daemon to move a
+    running VM); with a bound of an hour per peer, only asking both at once answers in time."""
+    pair = pair_factory()
+    pair.target.host.timeout = 3600
+    hung = socket.create_server(("127.0.0.1", 0))
+    a_host, a_port = pair.source.address
+    peers = {"host-hung": f"127.0.0.1:{hung.getsockname()[1]}", "host-a": f"{a_host}:{a_port}"}
+    outcome: list[BaseException | tuple[object, ...]] = []
+
+    def pull() -> None:
+        try:
+            outcome.append(pull_source(pair.target.host, peers, VM, pair.target.connect))
+        except BaseException as err:
+            outcome.append(err)
+
+    worker = threading.Thread(target=pull, daemon=True)
+    try:
+        worker.start()
+        worker.join(60)
+        assert not worker.is_alive(), "the pull waited for the peer that never answers"
+        [err] = outcome
+        assert isinstance(err, PeerAborted) and err.remote_id != PullNotHere.id, err
+        assert "without the daemon's bridge hooks" in str(err)
+    finally:
+        hung.close()
+
+
+def test_a_pull_nobody_answers_names_each_peer_and_why(
+    pair_factory: Callable[..., Pair],
+) -> None:
+    pair = pair_factory()
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there any more: connection refused
+    peers = {"host-gone": f"127.0.0.1:{port}", "host-c": "127.0.0.1:1"}
+    with pytest.raises(PullNotHere) as caught:
+        pull_source(pair.target.host, peers, VM, pair.target.connect)
+    message = str(caught.value)
+    assert f"host-gone (127.0.0.1:{port}): unreachable" in message
+    assert "host-c (127.0.0.1:1): unreachable" in message
