@@ -4,11 +4,11 @@
 between calls (least recently used flushed first) and their saved contexts, the kept policy
 sessions, the cache of fleet-approval tickets, and the TPM2_Certify / TPM2_Sign sequences sent
 as raw commands (:mod:`._raw`) rather than through ESAPI. It is a base class of the adapter
-(above :class:`~host_agent.tpm._connection.TpmConnection`), not an object of its own:
-``PytssHostTpm.__init__`` sets its state, and the few ESAPI operations it borrows from the
-adapter (SRK, loading a PCR-bound parent, reading PCRs, hashing a long message) are declared
-below for the type checker. Kept apart because it is the one part built for speed, with caches
-whose lifetime ``_quiesce`` and the lease decide; the adapter module docstring tells why.
+(above :class:`~host_agent.tpm._objects.TpmObjects`), not an object of its own:
+``PytssHostTpm.__init__`` sets its state, and the few ESAPI operations it needs (SRK, loading a
+PCR-bound parent, reading PCRs, hashing a long message) come from its base. Kept apart because
+it is the one part built for speed, with caches whose lifetime ``_quiesce`` and the lease
+decide; the adapter module docstring tells why.
 """
 
 from __future__ import annotations
@@ -16,21 +16,22 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, suppress
+from contextlib import suppress
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from tpm2_pytss import TSS2_Exception
 from tpm2_pytss.constants import ESYS_TR
-from tpm2_pytss.types import TPM2B_DIGEST, TPMT_SIGNATURE, TPMT_TK_HASHCHECK, TPMT_TK_VERIFIED
+from tpm2_pytss.types import TPMT_SIGNATURE, TPMT_TK_VERIFIED
 
 from evidence import tpm2_policy as pure
 from evidence.tpm2_policy import PolicyApproval
 
 from . import _raw as raw
 from . import keys, policies
-from ._connection import _RC_OBJECT_MEMORY, TpmConnection, _is_link_error
+from ._connection import _RC_OBJECT_MEMORY, _is_link_error
+from ._objects import _KEY_LABEL, _MAX_HASH_BUFFER, TpmObjects
 from ._raw import RawTpm, RawTpmError, RawTpmRc
 from ._wire import private_from_bytes, public_from_bytes
 from .errors import (
@@ -46,11 +47,9 @@ __all__ = ["HotPath"]
 
 T = TypeVar("T")
 
-_MAX_HASH_BUFFER = 1024
 _RC_TCTI_IO_ERROR = 0x000A000A
 _MAX_SAVED_CONTEXTS = 1024
 _MAX_TICKETS = 64
-_KEY_LABEL = {"aik": "AIK", "authkey": "AuthKey", "vaik": "vAIK", "exgkey": "ExgKey"}
 
 
 def _key_identity(key: WrappedKey) -> bytes:
@@ -75,7 +74,7 @@ def _key_identity_of(key: WrappedKey) -> bytes:
 _key_identity_cached = lru_cache(maxsize=1024)(_key_identity_of)
 
 
-class HotPath(TpmConnection):
+class HotPath(TpmObjects):
     """The attestation hot path of :class:`~host_agent.tpm.adapter.PytssHostTpm` (module
     docstring)."""
 
@@ -83,18 +82,6 @@ class HotPath(TpmConnection):
     _saved: OrderedDict[bytes, bytes]
     _tickets: OrderedDict[tuple[bytes, ...], bytes]
     _branch_cache: dict[tuple[bytes, bytes], tuple[bytes, bytes]]
-
-    if TYPE_CHECKING:  # ESAPI operations of the adapter the hot path uses
-
-        def _srk(self) -> ESYS_TR: ...
-
-        def _load(self, key: WrappedKey) -> ESYS_TR: ...
-
-        def _read_pcrs(self, pcrs: Sequence[int]) -> dict[int, bytes]: ...
-
-        def _hash(self, message: bytes) -> tuple[TPM2B_DIGEST, TPMT_TK_HASHCHECK]: ...
-
-        def _loaded(self, handle: ESYS_TR) -> AbstractContextManager[ESYS_TR]: ...
 
     @staticmethod
     def _cache_key(key: WrappedKey) -> bytes:

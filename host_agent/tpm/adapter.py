@@ -1,9 +1,12 @@
 """``PytssHostTpm``: the one real adapter of the :class:`~host_agent.tpm.port.HostTpm` port.
 
-This module holds the class and its public surface: the TPM operations, in ESAPI. Two concerns
-live in its base classes, each in its own module: how it reaches the TPM (the TPM thread, the
-ESAPI context, the lease and reconnection: :mod:`._connection`) and the attestation hot path
-(kept keys, sessions and tickets, raw commands: :mod:`._hot`).
+This module holds the class and its public surface: the TPM operations, in ESAPI (host keys, per-VM
+keys and their certification and signing, the EK). Other concerns live in its base classes, each
+in its own module: how it reaches the TPM (the TPM thread, the ESAPI context, the lease and
+reconnection: :mod:`._connection`), the ESAPI basics every operation uses (SRK, loading and
+creating objects, PCR policy sessions: :mod:`._objects`), the attestation hot path (kept keys,
+sessions and tickets, raw commands: :mod:`._hot`), sealing and NV counters (:mod:`._storage`)
+and a vAIK's duplication and import (:mod:`._migration`).
 
 Theory of operation
 -------------------
@@ -77,11 +80,7 @@ approved host that is not enough. Binding the target in the TPM needs the fleet 
 drop branch B and let the fleet approve, through branch A, ``PolicyDuplicationSelect(Name(ExgKey))
 + PolicyCommandCode(TPM2_Duplicate)`` for each migration after checking CertExgKey. The policy
 shape above is the one ARCHITECTURE.md §2 and issue 3 specify, so it is kept until that change
-is agreed.
-
-A duplicate uses an inner wrapper (AES-128-CFB, TPM-generated key) and the outer seed to the
-ExgKey; the imported key keeps its public area (same Name) and is stored wrapped under the ExgKey
-(its :class:`WrappedKey` names that parent), so the migrated vAIK signs with the same public key.
+is agreed. How a duplicate is wrapped and imported: :mod:`._migration`.
 """
 
 from __future__ import annotations
@@ -102,31 +101,17 @@ from tpm2_pytss import ESAPI, TSS2_Exception
 from tpm2_pytss.constants import (
     ESYS_TR,
     TPM2_ALG,
-    TPM2_CAP,
     TPM2_HC,
-    TPM2_NT,
-    TPM2_PT_NV,
     TPM2_SE,
-    TPMA_NV,
-    TPMA_OBJECT,
 )
 from tpm2_pytss.types import (
-    TPM2_HANDLE,
-    TPM2B_DATA,
-    TPM2B_DIGEST,
     TPM2B_ENCRYPTED_SECRET,
     TPM2B_ID_OBJECT,
-    TPM2B_NV_PUBLIC,
-    TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
-    TPM2B_SENSITIVE_DATA,
-    TPMS_NV_PUBLIC,
-    TPMS_SENSITIVE_CREATE,
     TPMT_SYM_DEF,
-    TPMT_TK_HASHCHECK,
 )
-from tpm2_pytss.utils import NoSuchIndex, create_ek_template
+from tpm2_pytss.utils import create_ek_template
 
 from evidence import tpm2_policy as pure
 from evidence.tpm2_policy import PolicyApproval
@@ -134,17 +119,18 @@ from evidence.tpm2_policy import PolicyApproval
 from . import _raw as raw
 from . import ek, keys, policies
 from ._connection import _DEFAULT_OBJECT_SLOTS, Connection
-from ._hot import _KEY_LABEL, _MAX_HASH_BUFFER, HotPath
+from ._migration import KeyMigration
+from ._objects import _KEY_LABEL
 from ._raw import RawTpm
-from ._wire import SealedBlob, private_from_bytes, public_from_bytes, sym_aes128cfb, unmarshal
-from .errors import HostKeysMissing, PlatformStateNotApproved, PolicyNotApproved, TpmError
+from ._storage import TpmStorage
+from ._wire import private_from_bytes, public_from_bytes, unmarshal
+from .errors import HostKeysMissing, PolicyNotApproved
 from .keyfile import HostKeyFile
 from .port import (
     AUTHKEY_PCRS,
     VAIK_POLICY_REF,
     Attestation,
     Certification,
-    DuplicationBlob,
     HostKeyReport,
     KeyPolicy,
     KeyRef,
@@ -155,12 +141,10 @@ __all__ = ["Attestation", "Connection", "HostKeysMissing", "PytssHostTpm"]
 
 log = logging.getLogger(__name__)
 
-_NV_OWNER_FIRST, _NV_OWNER_LAST = 0x01800000, 0x01BFFFFF
 _TPM_GENERATED_VALUE = b"\xffTCG"
-_MAX_SEAL = 128
 
 
-class PytssHostTpm(HotPath):
+class PytssHostTpm(KeyMigration, TpmStorage):
     """Host TPM over tpm2-pytss ESAPI (see the module docstring).
 
     Args:
@@ -283,278 +267,13 @@ class PytssHostTpm(HotPath):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextmanager
-    def _loaded(self, handle: ESYS_TR) -> Iterator[ESYS_TR]:
-        try:
-            yield handle
-        finally:
-            with suppress(TSS2_Exception):
-                self._e.flush_context(handle)
-
-    @contextmanager
-    def _session(self, *, trial: bool = False) -> Iterator[ESYS_TR]:
-        s = self._x("TPM2_StartAuthSession", policies.start_session, self._e, trial=trial)
-        try:
-            yield s
-        finally:
-            with suppress(TSS2_Exception):
-                self._e.flush_context(s)
-
-    # ------------------------------------------------------------------ SRK and loading
-
-    def _srk(self) -> ESYS_TR:
-        """ESYS_TR of the persistent SRK, creating and persisting it if missing.
-
-        ESYS_TRs of persistent objects and NV indices are cached for the context's life: each
-        ``tr_from_tpmpublic`` allocates ESAPI metadata that would otherwise pile up in a daemon.
-        """
-        if self._srk_tr is not None:
-            return self._srk_tr
-        if keys.SRK_HANDLE in self._handles(int(TPM2_HC.PERSISTENT_FIRST)):
-            self._srk_tr = self._x(
-                "ESYS_TR_FromTPMPublic", self._e.tr_from_tpmpublic, TPM2_HANDLE(keys.SRK_HANDLE)
-            )
-            return self._srk_tr
-        h = self._x(
-            "TPM2_CreatePrimary",
-            self._e.create_primary,
-            TPM2B_SENSITIVE_CREATE(),
-            keys.srk_template(),
-            ESYS_TR.OWNER,
-        )[0]
-        with self._loaded(h):
-            persistent = self._x(
-                "TPM2_EvictControl", self._e.evict_control, ESYS_TR.OWNER, h, keys.SRK_HANDLE
-            )
-        log.info("created the SRK at persistent handle 0x%08x", keys.SRK_HANDLE)
-        self._srk_tr = persistent
-        return persistent
-
-    def _srk_exists(self) -> bool:
-        return keys.SRK_HANDLE in self._handles(int(TPM2_HC.PERSISTENT_FIRST))
-
-    def _check_pcr_policy(self, key: str, policy: KeyPolicy, session: ESYS_TR) -> None:
-        """After a real PCR policy ran: compare the session digest with the approved one."""
-        expected_session = self._pure_pcr_policy(policy)
-        got = bytes(self._x("TPM2_PolicyGetDigest", self._e.policy_get_digest, session))
-        if got != expected_session:
-            current = self._read_pcrs(policy.pcrs)
-            got_digest = pure.pcr_composite_digest([current[i] for i in sorted(policy.pcrs)])
-            raise PlatformStateNotApproved(
-                key, policy.pcr_digest or b"", got_digest, tuple(sorted(policy.pcrs))
-            )
-
-    @staticmethod
-    def _pure_pcr_policy(policy: KeyPolicy) -> bytes:
-        d = pure.empty_digest()
-        if policy.pcrs:
-            assert policy.pcr_digest is not None
-            d = pure.policy_pcr(d, policy.pcrs, policy.pcr_digest)
-        if policy.locality is not None:
-            d = pure.policy_locality(d, policy.locality)
-        return d
-
-    @contextmanager
-    def _user_auth(self, key: WrappedKey | None) -> Iterator[ESYS_TR]:
-        """A session authorizing the USER role of a PCR-bound key (AuthKey, ExgKey), or PASSWORD."""
-        if key is None or not key.policy.pcrs:
-            yield ESYS_TR.PASSWORD
-            return
-        with self._session() as s:
-            self._x(
-                "TPM2_PolicyPCR", policies.apply_pcr_policy, self._e, s, key.policy, trial=False
-            )
-            self._check_pcr_policy(_KEY_LABEL[key.kind], key.policy, s)
-            yield s
-
-    def _load(self, key: WrappedKey) -> ESYS_TR:
-        """Load ``key`` (and its parent chain, flushed again); the caller flushes the result."""
-        pub = public_from_bytes(key.public)
-        priv = private_from_bytes(key.private)
-        if key.parent is None:
-            return self._x("TPM2_Load", self._e.load, self._srk(), priv, pub)
-        parent = self._load(key.parent)
-        with self._loaded(parent), self._user_auth(key.parent) as auth:
-            return self._x("TPM2_Load", self._e.load, parent, priv, pub, session1=auth)
-
-    def _create(self, template: TPM2B_PUBLIC, data: bytes | None = None) -> tuple[bytes, bytes]:
-        sens = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=TPM2B_SENSITIVE_DATA(data or b"")))
-        priv, pub = self._x("TPM2_Create", self._e.create, self._srk(), sens, template)[:2]
-        return pub.publicArea.marshal(), priv.marshal()
-
     # ------------------------------------------------------------------ PCRs
-
-    def _read_pcrs(self, pcrs: Sequence[int]) -> dict[int, bytes]:
-        out: dict[int, bytes] = {}
-        wanted = sorted(set(pcrs))
-        for start in range(0, len(wanted), 8):
-            chunk = wanted[start : start + 8]
-            _, sel, digests = self._x(
-                "TPM2_PCR_Read", self._e.pcr_read, policies.pcr_selection(chunk)
-            )
-            got = [
-                i
-                for s in sel
-                for i in range(s.sizeofSelect * 8)
-                if s.pcrSelect[i // 8] & (1 << (i % 8))
-            ]
-            for i, d in zip(got, digests, strict=True):
-                out[i] = bytes(d)
-        missing = [i for i in wanted if i not in out]
-        if missing:
-            raise TpmError(f"the TPM has no sha256 value for PCR(s) {missing}")
-        return out
 
     def pcr_values(self, pcrs: Sequence[int] = AUTHKEY_PCRS) -> dict[int, bytes]:
         """Current sha256 PCR values."""
         return self._call(lambda: self._read_pcrs(pcrs), hot=True, retry=True)
 
-    def _current_pcr_policy(self, *, locality: bool) -> KeyPolicy:
-        values = self._read_pcrs(AUTHKEY_PCRS)
-        digest = pure.pcr_composite_digest([values[i] for i in AUTHKEY_PCRS])
-        return KeyPolicy(pcrs=AUTHKEY_PCRS, pcr_digest=digest, locality=0 if locality else None)
-
-    def _trial_pcr_policy(self, policy: KeyPolicy) -> bytes:
-        with self._session(trial=True) as s:
-            self._x("TPM2_PolicyPCR", policies.apply_pcr_policy, self._e, s, policy, trial=True)
-            return bytes(self._x("TPM2_PolicyGetDigest", self._e.policy_get_digest, s))
-
-    # ------------------------------------------------------------------ sealing
-
-    def seal(self, data: bytes, *, pcrs: Sequence[int] | None = None) -> bytes:
-        if not isinstance(data, bytes):
-            raise TypeError("seal() takes bytes")
-        if not 0 < len(data) <= _MAX_SEAL:
-            raise ValueError(f"seal() takes 1..{_MAX_SEAL} bytes, got {len(data)}")
-
-        def run() -> bytes:
-            policy = KeyPolicy()
-            auth_policy = b""
-            if pcrs:
-                values = self._read_pcrs(pcrs)
-                digest = pure.pcr_composite_digest([values[i] for i in sorted(set(pcrs))])
-                policy = KeyPolicy(pcrs=tuple(sorted(set(pcrs))), pcr_digest=digest)
-                auth_policy = self._trial_pcr_policy(policy)
-            pub, priv = self._create(keys.sealed_template(auth_policy or None), data)
-            return SealedBlob(pub, priv, policy).to_bytes()
-
-        return self._call(run)
-
-    def unseal(self, blob: bytes) -> bytes:
-        sealed = SealedBlob.from_bytes(blob)
-        pub, priv = public_from_bytes(sealed.public), private_from_bytes(sealed.private)
-        policy = sealed.policy
-
-        def run() -> bytes:
-            h = self._x("TPM2_Load", self._e.load, self._srk(), priv, pub)
-            with self._loaded(h):
-                if not policy.pcrs:
-                    return bytes(self._x("TPM2_Unseal", self._e.unseal, h))
-                with self._session() as s:
-                    self._x(
-                        "TPM2_PolicyPCR", policies.apply_pcr_policy, self._e, s, policy, trial=False
-                    )
-                    self._check_pcr_policy("sealed data", policy, s)
-                    return bytes(self._x("TPM2_Unseal", self._e.unseal, h, session1=s))
-
-        return self._call(run)
-
-    # ------------------------------------------------------------------ NV counters
-
-    @staticmethod
-    def _check_index(index: int) -> None:
-        if not _NV_OWNER_FIRST <= index <= _NV_OWNER_LAST:
-            raise ValueError(
-                f"NV counter index must be in the owner range 0x{_NV_OWNER_FIRST:08x}.."
-                f"0x{_NV_OWNER_LAST:08x}, got 0x{index:08x}"
-            )
-
-    def _nv_tr(self, index: int) -> ESYS_TR:
-        if index not in self._nv_trs:
-            self._nv_trs[index] = self._x(
-                "ESYS_TR_FromTPMPublic", self._e.tr_from_tpmpublic, TPM2_HANDLE(index)
-            )
-        return self._nv_trs[index]
-
-    def _counter_value(self, index: int) -> int:
-        tr = self._nv_tr(index)
-        data = self._x("TPM2_NV_Read", self._e.nv_read, tr, 8, 0, ESYS_TR.OWNER)
-        return int.from_bytes(bytes(data), "big")
-
-    def counter_define(self, index: int) -> int:
-        """Define (if missing) and initialize an NV counter; returns its current value."""
-        self._check_index(index)
-
-        def run() -> int:
-            if index not in self._handles(int(TPM2_HC.NV_INDEX_FIRST)):
-                attrs = (
-                    TPMA_NV.OWNERWRITE
-                    | TPMA_NV.OWNERREAD
-                    | TPMA_NV.NO_DA
-                    | (TPM2_NT.COUNTER << TPMA_NV.TPM2_NT_SHIFT)
-                )
-                public = TPM2B_NV_PUBLIC(
-                    nvPublic=TPMS_NV_PUBLIC(
-                        nvIndex=index, nameAlg=TPM2_ALG.SHA256, attributes=attrs, dataSize=8
-                    )
-                )
-                tr = self._x("TPM2_NV_DefineSpace", self._e.nv_define_space, None, public)
-                self._nv_trs[index] = tr
-                self._x("TPM2_NV_Increment", self._e.nv_increment, tr, ESYS_TR.OWNER)
-                log.info("defined NV counter 0x%08x", index)
-            else:
-                pub, _ = self._x("TPM2_NV_ReadPublic", self._e.nv_read_public, self._nv_tr(index))
-                nt = (int(pub.nvPublic.attributes) >> 4) & 0xF
-                if nt != int(TPM2_NT.COUNTER):
-                    raise TpmError(f"NV index 0x{index:08x} exists and is not a counter")
-                if not int(pub.nvPublic.attributes) & int(TPMA_NV.WRITTEN):
-                    self._x(
-                        "TPM2_NV_Increment", self._e.nv_increment, self._nv_tr(index), ESYS_TR.OWNER
-                    )
-            return self._counter_value(index)
-
-        return self._call(run)
-
-    def counter_read(self, index: int) -> int:
-        self._check_index(index)
-        return self._call(lambda: self._counter_value(index), hot=True, retry=True)
-
-    def counter_increment(self, index: int) -> int:
-        self._check_index(index)
-
-        def run() -> int:
-            self._x("TPM2_NV_Increment", self._e.nv_increment, self._nv_tr(index), ESYS_TR.OWNER)
-            return self._counter_value(index)
-
-        return self._call(run)
-
     # ------------------------------------------------------------------ EK
-
-    def _nv_max(self) -> int:
-        _, data = self._x(
-            "TPM2_GetCapability",
-            self._e.get_capability,
-            TPM2_CAP.TPM_PROPERTIES,
-            TPM2_PT_NV.BUFFER_MAX,
-            1,
-        )
-        for p in data.data.tpmProperties:
-            if int(p.property) == int(TPM2_PT_NV.BUFFER_MAX):
-                return min(int(p.value), 1024)
-        return 512
-
-    def _nv_read_all(self, index: int) -> bytes:
-        if index not in self._handles(int(TPM2_HC.NV_INDEX_FIRST)):
-            raise NoSuchIndex(index)
-        tr = self._nv_tr(index)
-        pub, _ = self._x("TPM2_NV_ReadPublic", self._e.nv_read_public, tr)
-        size = int(pub.nvPublic.dataSize)
-        chunk = self._nv_max()
-        out = bytearray()
-        while len(out) < size:
-            n = min(chunk, size - len(out))
-            out += bytes(self._x("TPM2_NV_Read", self._e.nv_read, tr, n, len(out), tr))
-        return bytes(out)
 
     def _ek_certs(self) -> list[tuple[int, bytes]]:
         present = set(self._handles(int(TPM2_HC.NV_INDEX_FIRST)))
@@ -827,30 +546,6 @@ class PytssHostTpm(HotPath):
 
         return self._call(run, hot=True, retry=True)
 
-    def _hash(self, message: bytes) -> tuple[TPM2B_DIGEST, TPMT_TK_HASHCHECK]:
-        if len(message) <= _MAX_HASH_BUFFER:
-            digest, ticket = self._x(
-                "TPM2_Hash", self._e.hash, message, TPM2_ALG.SHA256, ESYS_TR.OWNER
-            )
-            return digest, ticket
-        seq = self._x("TPM2_HashSequenceStart", self._e.hash_sequence_start, b"", TPM2_ALG.SHA256)
-        try:
-            rest = message
-            while len(rest) > _MAX_HASH_BUFFER:
-                self._x(
-                    "TPM2_SequenceUpdate", self._e.sequence_update, seq, rest[:_MAX_HASH_BUFFER]
-                )
-                rest = rest[_MAX_HASH_BUFFER:]
-            digest, ticket = self._x(
-                "TPM2_SequenceComplete", self._e.sequence_complete, seq, rest, ESYS_TR.OWNER
-            )
-            seq = None
-            return digest, ticket
-        finally:
-            if seq is not None:
-                with suppress(TSS2_Exception):
-                    self._e.flush_context(seq)
-
     @staticmethod
     def _check_message(message: object) -> bytes:
         if not isinstance(message, bytes):
@@ -934,97 +629,6 @@ class PytssHostTpm(HotPath):
             )
         assert signed is not None
         return Attestation(cert_authkey, cert_vaik, signed, signature)
-
-    # ------------------------------------------------------------------ migration
-
-    def duplicate(self, key: WrappedKey, new_parent_public: bytes) -> DuplicationBlob:
-        """TPM2_Duplicate a vAIK towards an ExgKey public area (inner + outer wrapper).
-
-        Raises:
-            ValueError: ``key`` is not a vAIK, or the new parent is not a restricted decrypt,
-                fixedTPM + fixedParent key (a certified ExgKey).
-        """
-        if key.kind != "vaik" or key.policy.fleet_key_name is None:
-            raise ValueError(f"duplicate() moves vAIKs only, got a {key.kind}")
-        target = public_from_bytes(new_parent_public)
-        attrs = int(target.publicArea.objectAttributes)
-        need = int(
-            TPMA_OBJECT.RESTRICTED
-            | TPMA_OBJECT.DECRYPT
-            | TPMA_OBJECT.FIXEDTPM
-            | TPMA_OBJECT.FIXEDPARENT
-        )
-        if attrs & need != need or attrs & int(TPMA_OBJECT.SIGN_ENCRYPT):
-            raise ValueError(
-                "the new parent must be a restricted decrypt key with fixedTPM and fixedParent "
-                f"(an ExgKey); its attributes are 0x{attrs:08x}"
-            )
-        fleet_name = key.policy.fleet_key_name
-
-        def run() -> DuplicationBlob:
-            # The key is leaving: this call quiesced the TPM, and its saved context goes too, so
-            # nothing of it stays here but the wrapped blob the store holds until the commit.
-            self._saved.pop(self._cache_key(key), None)
-            branches = self._vaik_branches(fleet_name, key.policy.policy_ref)
-            h = self._load(key)
-            with self._loaded(h):
-                parent = self._x(
-                    "TPM2_LoadExternal", self._e.load_external, target, None, ESYS_TR.OWNER
-                )
-                with self._loaded(parent), self._session() as s:
-                    self._x(
-                        "TPM2_PolicyCommandCode",
-                        policies.apply_vaik_branch_duplicate,
-                        self._e,
-                        s,
-                        branches,
-                    )
-                    enc_key, dup, seed = self._x(
-                        "TPM2_Duplicate",
-                        self._e.duplicate,
-                        h,
-                        parent,
-                        TPM2B_DATA(),
-                        sym_aes128cfb(),
-                        session1=s,
-                    )
-            return DuplicationBlob(
-                public=key.public,
-                duplicate=dup.marshal(),
-                encrypted_seed=seed.marshal(),
-                encryption_key=bytes(enc_key),
-                policy=key.policy,
-            )
-
-        return self._call(run)
-
-    def import_key(self, blob: DuplicationBlob, parent: WrappedKey) -> WrappedKey:
-        """TPM2_Import a duplicated vAIK under ``parent`` (this host's ExgKey)."""
-        if parent.kind != "exgkey":
-            raise ValueError(f"import_key() imports under an ExgKey, got a {parent.kind}")
-        pub = public_from_bytes(blob.public)
-        dup = unmarshal(TPM2B_PRIVATE, blob.duplicate, "duplicate (TPM2B_PRIVATE)")
-        seed = unmarshal(
-            TPM2B_ENCRYPTED_SECRET, blob.encrypted_seed, "seed (TPM2B_ENCRYPTED_SECRET)"
-        )
-
-        def run() -> WrappedKey:
-            ph = self._load(parent)
-            with self._loaded(ph), self._user_auth(parent) as auth:
-                priv = self._x(
-                    "TPM2_Import",
-                    self._e.import_,
-                    ph,
-                    TPM2B_DATA(blob.encryption_key),
-                    pub,
-                    dup,
-                    seed,
-                    sym_aes128cfb(),
-                    session1=auth,
-                )
-            return WrappedKey("vaik", blob.public, priv.marshal(), blob.policy, parent)
-
-        return self._call(run)
 
 
 def _load_fleet_key(fleet_key: bytes) -> ec.EllipticCurvePublicKey:
