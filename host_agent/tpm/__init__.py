@@ -1,8 +1,8 @@
 """The host TPM: discovery, the software root, host keys and TPM operations.
 
 The port (:class:`HostTpm`) and its data types speak bytes and our dataclasses; tpm2-pytss is
-imported only by the adapter modules (``adapter`` and its bases ``_connection`` and ``_hot``,
-``keys``, ``policies``), which callers reach through
+imported only by the adapter modules (``adapter`` and its bases ``_migration``, ``_hot``,
+``_storage``, ``_objects`` and ``_connection``; ``keys``, ``policies``), which callers reach through
 :func:`host_agent.tpm.discovery.open_host_tpm`.
 """
 
