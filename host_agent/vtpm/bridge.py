@@ -33,17 +33,25 @@ the next QEMU (a restore or an incoming migration), connecting to swtpm afresh.
 
 Run with ``python -m host_agent.vtpm.bridge --vm-uuid U --listen CTRL --swtpm-ctrl SWTPM_CTRL
 --daemon-sock DAEMON [--runtime-dir DIR]``, or in-process: ``Bridge(config).start()``.
+
+Layout
+------
+This module is the core: lifecycle, sockets, the loop, the QEMU session and its control channel,
+and ``main``. Around it: :mod:`~host_agent.vtpm.bridge_relay` (the data relay and injection
+scheduler, a mixin of :class:`Bridge` because it shares the session state on the hot path),
+:mod:`~host_agent.vtpm.bridge_hooks` (state-blob hooks) and :mod:`~host_agent.vtpm.bridge_peers`
+(daemon link and query server), both helpers with explicit collaborators,
+:mod:`~host_agent.vtpm.bridge_cli` (the argument parser), and the earlier
+``bridge_state``/``bridge_link``/``bridge_pcr``/``bridge_errors``.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import fcntl
 import logging
 import os
-import queue
 import selectors
 import signal
 import socket
@@ -51,27 +59,27 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from evidence.errors import ParseError, UnsupportedError, VtpmError
 from host_agent.errors import StateError
 from host_agent.vtpm import ctrl_codec as cc
+from host_agent.vtpm.bridge_cli import build_parser, config_from_args
 from host_agent.vtpm.bridge_errors import (
     BridgeTransportError,
     InjectionError,
-    InjectionRefused,
     SwtpmCtrlError,
 )
+from host_agent.vtpm.bridge_hooks import DAEMON_UNAVAILABLE, StateBlobHooks
 from host_agent.vtpm.bridge_link import (
     BridgeRecord,
-    LinkPeer,
     query_socket_path,
     remove_registration,
     write_registration,
 )
-from host_agent.vtpm.bridge_pcr import read_pcr_bank, response_code
+from host_agent.vtpm.bridge_peers import LinkPeers
+from host_agent.vtpm.bridge_relay import DataRelay
 from host_agent.vtpm.bridge_state import (
     BridgeConfig,
     BridgeRunState,
@@ -81,26 +89,21 @@ from host_agent.vtpm.bridge_state import (
     Poller,
     Session,
 )
-from host_agent.vtpm.daemon_link import (
-    Call,
-    Hello,
-    HookCall,
-    HookEvent,
-    HookReply,
-    Report,
-    Result,
-    Verdict,
-)
 
-__all__ = ["Bridge", "BridgeConfig", "BridgeRunState", "BridgeStats", "main"]
+__all__ = [
+    "DAEMON_UNAVAILABLE",
+    "Bridge",
+    "BridgeConfig",
+    "BridgeRunState",
+    "BridgeStats",
+    "build_parser",
+    "main",
+]
 
 log = logging.getLogger("host_agent.vtpm.bridge")
 
-#: Reason given when a hook's bound passes with no daemon connected (the issue's wording).
-DAEMON_UNAVAILABLE = "daemon unavailable"
 
-
-class Bridge:
+class Bridge(DataRelay):
     """One VM's bridge. ``start()`` runs it on its own thread; ``serve_forever()`` on this one."""
 
     def __init__(self, config: BridgeConfig, *, clock: Callable[[], float] = time.monotonic):
@@ -115,13 +118,18 @@ class Bridge:
         self._locks: list[tuple[int, Path]] = []
         self._query: socket.socket | None = None
         self._session: Session | None = None
-        self._daemon: LinkPeer | None = None
-        self._daemon_next_try = 0.0
-        self._daemon_ever = False
-        self._queries: list[LinkPeer] = []
         self._injections: collections.deque[Injection] = collections.deque()
-        self._hooks: dict[int, PendingHook] = {}
-        self._next_hook = 0
+        self._blob_hooks = StateBlobHooks(
+            config,
+            self.stats,
+            clock,
+            session=lambda: self._session,
+            answer=self._answer,
+            forward=self._forward,
+            daemon=lambda: self._peers.daemon,
+        )
+        #: The pending hooks' dict itself: the loop and the data relay read it without a call.
+        self._hooks: dict[int, PendingHook] = self._blob_hooks.pending
         self._posted: collections.deque[Callable[[], None]] = collections.deque()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -129,10 +137,17 @@ class Bridge:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._stopped = threading.Event()
-        self._lock = threading.Lock()
-        # link calls that block (read_pcrs) run on reused daemon threads, one per call in flight
-        self._call_work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._call_idle = 0
+        self._peers = LinkPeers(
+            config,
+            self.stats,
+            clock,
+            instance=self.instance,
+            poller=self._sel,
+            post=self._post,
+            hooks=self._blob_hooks,
+            target=self,
+            record=self._record,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -154,7 +169,7 @@ class Bridge:
                 qpath = query_socket_path(cfg.runtime_dir, cfg.vm_uuid)
                 cfg.runtime_dir.mkdir(parents=True, exist_ok=True)
                 self._query = self._bind(qpath, 0o600, None, None)
-                self._sel.register(self._query, selectors.EVENT_READ, self._on_accept_query)
+                self._sel.register(self._query, selectors.EVENT_READ, self._peers.on_accept_query)
                 write_registration(cfg.runtime_dir, self._record())
         except OSError as err:
             for sock in (self._listener, self._query):
@@ -275,14 +290,14 @@ class Bridge:
     def _run(self) -> None:
         try:
             while not self._stop:
-                self._tick_daemon()
+                self._peers.tick()
                 timeout = self._next_timeout()
                 for sock, handler in self._sel.poll(timeout):
                     handler(sock)
                 while self._posted:
                     self._posted.popleft()()
-                if self.stats.relay_errors_unreported and self._daemon is not None:
-                    self._report()
+                if self.stats.relay_errors_unreported and self._peers.daemon is not None:
+                    self._peers.report()
                 if self._hooks or self._injections or self._inject_in_flight():
                     self._expire()
                 if (
@@ -300,13 +315,9 @@ class Bridge:
     def _shutdown(self) -> None:
         if self._session is not None:
             self._end_session("bridge stopping")
-        if self.stats.relay_errors_unreported and self._daemon is not None:
-            self._report()  # the last counts, which no poll of the daemon would see
-        for peer in [self._daemon, *self._queries]:
-            if peer is not None:
-                peer.close()
-        self._daemon = None
-        self._queries.clear()
+        if self.stats.relay_errors_unreported and self._peers.daemon is not None:
+            self._peers.report()  # the last counts, which no poll of the daemon would see
+        self._peers.close()
         self._close_sockets()
         for inj in self._injections:
             self._fail(inj, InjectionError("the bridge stopped"))
@@ -324,7 +335,7 @@ class Bridge:
 
     def _next_timeout(self) -> float:
         if not (self._hooks or self._injections or self._inject_in_flight()) and (
-            self.config.daemon_socket is None or self._daemon is not None
+            self.config.daemon_socket is None or self._peers.daemon is not None
         ):
             return 1.0
         now = self.clock()
@@ -333,23 +344,15 @@ class Bridge:
         s = self._session
         if s is not None and isinstance(s.in_flight, Injection):
             deadlines.append(s.in_flight.deadline)
-        if self.config.daemon_socket is not None and self._daemon is None:
-            deadlines.append(self._daemon_next_try)
+        if self.config.daemon_socket is not None and self._peers.daemon is None:
+            deadlines.append(self._peers.daemon_next_try)
         if not deadlines:
             return 1.0
         return max(0.0, min(min(deadlines) - now, 1.0))
 
     def _expire(self) -> None:
         now = self.clock()
-        for hook in [h for h in self._hooks.values() if h.deadline <= now]:
-            connected = self._daemon is not None
-            reason = (
-                f"daemon did not answer within {self.config.hook_timeout:g} s"
-                if connected and hook.sent
-                else DAEMON_UNAVAILABLE
-            )
-            del self._hooks[hook.call.id]
-            hook.done(HookReply(hook.call.id, Verdict.VETO, reason))
+        self._blob_hooks.expire(now)
         for inj in [i for i in self._injections if i.deadline <= now]:
             self._injections.remove(inj)
             self._fail(inj, InjectionError("injected command found no idle moment in time"))
@@ -430,9 +433,7 @@ class Bridge:
         for inj in self._injections:
             self._fail(inj, InjectionError(f"QEMU session ended: {why}"))
         self._injections.clear()
-        for hook in self._hooks.values():
-            hook.done = lambda _r: None
-        self._hooks.clear()
+        self._blob_hooks.abandon()
         if self.run_state is BridgeRunState.ATTACHED:
             self.run_state = BridgeRunState.LISTENING
         log.info("bridge %s: QEMU session ended (%s)", self.config.vm_uuid, why)
@@ -484,16 +485,9 @@ class Bridge:
             self._set_data_fd(req)
         elif isinstance(req, cc.GetStateBlob):
             s.frozen = True
-            self._forward(req, self._after_get_stateblob)
+            self._forward(req, self._blob_hooks.after_get_stateblob)
         elif isinstance(req, cc.SetStateBlob):
-            self._hook(
-                HookEvent.SET_STATEBLOB,
-                req.blob_type,
-                req.data,
-                req.state_flags,
-                0,
-                lambda verdict: self._after_set_hook(req, verdict),
-            )
+            self._blob_hooks.set_stateblob(req)
         else:
             self._forward(req, lambda _req, reply: self._answer(reply))
 
@@ -594,253 +588,8 @@ class Bridge:
 
         self._forward(req, done, fds=[theirs.fileno()])
 
-    def _on_guest_data(self, sock: socket.socket) -> None:
-        s = self._session
-        if s is None or sock is not s.guest:
-            return  # closed by an earlier event of the same select() round
-        try:
-            data = sock.recv(65536)
-        except OSError as err:
-            self._drop_data_channel(s, f"QEMU data channel read failed: {err}", "qemu_io")
-            return
-        if not data:
-            self._drop_data_channel(s, "QEMU closed the data channel")
-            return
-        if (
-            s.in_flight is None
-            and not s.held
-            and not s.guest_framer.buffered
-            and len(data) >= cc.TPM_HEADER_SIZE
-            and int.from_bytes(data[2:6], "big") == len(data) <= cc.MAX_TPM_PACKET
-            and s.tpm is not None
-        ):
-            # the common case: one whole command, nothing queued: straight on to swtpm
-            s.in_flight = "guest"
-            self.stats.guest_commands += 1
-            if s.frozen and not self._hooks:
-                s.frozen = False
-            try:
-                s.tpm.sendall(data)
-            except OSError:
-                self._drop_data_channel(s, "swtpm data channel write failed", "swtpm_io")
-                return
-            if self.config.response_spin > 0:
-                self._spin_for_response(s)
-            return
-        s.guest_framer.feed(data)
-        now = self.clock()
-        try:
-            while (packet := s.guest_framer.next_packet()) is not None:
-                s.held.append((packet, now))
-        except ParseError as err:
-            # Cannot frame: give up interposing, the stream is QEMU's problem now.
-            self._drop_data_channel(s, f"guest stream unframeable: {err}", "qemu_malformed")
-            return
-        self._pump(s)
-
-    def _spin_for_response(self, s: Session) -> None:
-        """Poll for swtpm's response for up to ``response_spin`` seconds before going back to
-        epoll: most responses take tens of µs, and a sleeping loop pays a wake-up for each."""
-        tpm = s.tpm
-        assert tpm is not None
-        end = time.perf_counter() + self.config.response_spin
-        while time.perf_counter() < end:
-            try:
-                data = tpm.recv(65536, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                continue
-            except OSError:
-                data = b""
-            self._on_tpm_data(tpm, data)
-            return
-
-    def _on_tpm_data(self, sock: socket.socket, data: bytes | None = None) -> None:
-        s = self._session
-        if s is None or sock is not s.tpm:
-            return  # closed by an earlier event of the same select() round
-        if data is None:
-            try:
-                data = sock.recv(65536)
-            except OSError as err:
-                self._drop_data_channel(s, f"swtpm data channel read failed: {err}", "swtpm_io")
-                return
-        if not data:
-            gone = None if s.state.state is cc.RunState.TERMINATED else "swtpm_gone"
-            self._drop_data_channel(s, "swtpm closed the data channel", gone)
-            return
-        if (
-            not s.tpm_framer.buffered
-            and len(data) >= cc.TPM_HEADER_SIZE
-            and int.from_bytes(data[2:6], "big") == len(data)
-        ):
-            packet: bytes | None = data  # the common case: one whole response
-        else:
-            s.tpm_framer.feed(data)
-            try:
-                packet = s.tpm_framer.next_packet()
-            except ParseError as err:
-                self._drop_data_channel(s, f"swtpm stream unframeable: {err}", "swtpm_malformed")
-                return
-        if packet is None:
-            return
-        owner, s.in_flight = s.in_flight, None
-        if owner == "guest":
-            try:
-                s.guest.sendall(packet)  # type: ignore[union-attr]
-            except OSError:
-                self._drop_data_channel(s, "QEMU data channel write failed", "qemu_io")
-                return
-            if s.held or self._injections:
-                self._pump(s)
-            return
-        self._route_response(s, owner, packet)
-
-    def _route_response(self, s: Session, owner: str | Injection | None, packet: bytes) -> None:
-        if isinstance(owner, Injection):
-            self.stats.injected_commands += 1
-            if not owner.future.done():
-                owner.future.set_result(packet)
-        else:
-            self.stats.relay_error("swtpm_malformed")
-            log.error("bridge %s: swtpm answered with nothing in flight", self.config.vm_uuid)
-        self._pump(s)
-
-    def _pump(self, s: Session) -> None:
-        """Send the next command to swtpm if none is in flight: guest first, else an injection
-        when the guest is idle (nothing held, nothing partly received)."""
-        if s.in_flight is not None or s.tpm is None:
-            return
-        now = self.clock()
-        if s.held:
-            packet, arrived = s.held.popleft()
-            hold = now - arrived
-            if hold > 0.0005:
-                self.stats.held_guest_commands += 1
-                self.stats.max_guest_hold = max(self.stats.max_guest_hold, hold)
-            if not self._hooks:
-                s.frozen = False  # the guest runs again: the state transfer is over
-            s.in_flight = "guest"
-            self.stats.guest_commands += 1
-            try:
-                s.tpm.sendall(packet)
-            except OSError:
-                self._drop_data_channel(s, "swtpm data channel write failed", "swtpm_io")
-            return
-        if s.guest_framer.buffered:
-            return
-        while self._injections:
-            inj = self._injections.popleft()
-            if inj.future.done():
-                continue
-            inj.sent_at = now
-            self.stats.max_injection_wait = max(self.stats.max_injection_wait, now - inj.queued_at)
-            s.in_flight = inj
-            try:
-                s.tpm.sendall(inj.packet)
-            except OSError:
-                self._drop_data_channel(s, "swtpm data channel write failed", "swtpm_io")
-            return
-
-    def _drop_data_channel(self, s: Session, why: str, error: str | None = None) -> None:
-        """Close the data channel; ``error`` is the relay error kind to count, if it is one."""
-        if error is not None:
-            self.stats.relay_error(error)
-        s.data_closed = True
-        for sock in (s.guest, s.tpm):
-            if sock is not None:
-                with contextlib.suppress(KeyError, ValueError):
-                    self._sel.unregister(sock)
-                sock.close()
-        s.guest = s.tpm = None
-        if isinstance(s.in_flight, Injection):
-            self._fail(s.in_flight, InjectionError(f"data channel closed: {why}"))
-        s.in_flight = None
-        log.info("bridge %s: data channel closed (%s)", self.config.vm_uuid, why)
-
-    def _fail(self, inj: Injection, err: Exception) -> None:
-        if not inj.future.done():
-            self.stats.injections_failed += 1
-            self.stats.relay_error("injection_failed")
-            inj.future.set_exception(err)
-
-    def _submit(
-        self, packet: bytes, state_changing: bool, timeout: float, fut: Future[bytes]
-    ) -> None:
-        s = self._session
-        if s is None or s.tpm is None:
-            fut.set_exception(
-                StateError(
-                    self.run_state.value,
-                    ["attached"],
-                    f"bridge {self.config.vm_uuid}: inject (no QEMU data channel)",
-                )
-            )
-            return
-        if not s.state.running:
-            fut.set_exception(
-                StateError(
-                    f"tpm {s.state.state.value}",
-                    ["tpm running"],
-                    f"bridge {self.config.vm_uuid}: inject",
-                )
-            )
-            return
-        if state_changing and s.frozen:
-            fut.set_exception(
-                InjectionRefused(
-                    "state-changing injection refused: QEMU is transferring the TPM state "
-                    "(GET_STATEBLOB seen); it would miss the saved state"
-                )
-            )
-            return
-        now = self.clock()
-        self._injections.append(Injection(packet, fut, now, now + timeout))
-        self._pump(s)
-
     # ------------------------------------------------------------------ public, thread-safe
-
-    def transact(
-        self, packet: bytes, *, state_changing: bool = False, timeout: float | None = None
-    ) -> bytes:
-        """Inject one TPM command at an idle moment and return its response packet.
-
-        Args:
-            packet: a complete TPM 2.0 command.
-            state_changing: the command changes TPM state (refused while a state transfer
-                runs, see module docstring).
-            timeout: seconds to wait for an idle moment and the response.
-
-        Raises:
-            StateError: no QEMU attached, no data channel yet, or the TPM is not running.
-            InjectionRefused: a state-changing command during a state transfer.
-            InjectionError: no idle moment or no response in time; the session ended.
-        """
-        if threading.current_thread() is self._thread:
-            raise RuntimeError("transact() blocks; it cannot run on the bridge's loop thread")
-        timeout = self.config.injection_timeout if timeout is None else timeout
-        fut: Future[bytes] = Future()
-        self._post(lambda: self._submit(packet, state_changing, timeout, fut))
-        try:
-            return fut.result(timeout + 1.0)
-        except TimeoutError as err:
-            raise InjectionError("injected command got no response in time") from err
-
-    def read_pcrs(self, bank: str = "sha256", *, timeout: float | None = None) -> dict[int, bytes]:
-        """The 24 PCRs of ``bank``, read by injected TPM2_PCR_Read commands.
-
-        Raises:
-            StateError, InjectionError: see :meth:`transact`; InjectionError (with ``rc``) also
-                when the TPM answers with an error (e.g. 0x100 before the guest's TPM2_Startup).
-        """
-
-        def transact(cmd: bytes) -> bytes:
-            resp = self.transact(cmd, timeout=timeout)
-            rc = response_code(resp)
-            if rc != 0:
-                raise InjectionError(f"TPM2_PCR_Read failed with rc 0x{rc:x}", rc)
-            return resp
-
-        return read_pcr_bank(transact, bank)
+    # (transact and read_pcrs are the data relay's: bridge_relay.DataRelay)
 
     def status(self) -> dict[str, Any]:
         """A snapshot for the status call (approximate when read from another thread)."""
@@ -855,257 +604,9 @@ class Bridge:
             "qemu_pid": None if s is None else s.qemu_pid,
             "locality": None if s is None else s.state.locality,
             "data_channel": s is not None and s.tpm is not None,
-            "daemon_connected": self._daemon is not None,
+            "daemon_connected": self._peers.daemon is not None,
             "stats": self.stats.as_dict(),
         }
-
-    # ------------------------------------------------------------------ hooks
-
-    def _hook(
-        self,
-        event: str,
-        blob_type: int,
-        blob: bytes,
-        state_flags: int,
-        result: int,
-        done: Callable[[HookReply], None],
-    ) -> None:
-        self._next_hook += 1
-        call = HookCall.for_blob(
-            self._next_hook,
-            self.config.vm_uuid,
-            event,
-            blob_type,
-            blob,
-            state_flags=state_flags,
-            result=result,
-            include_blob=True,  # the daemon seals GET blobs and checks SET blobs
-        )
-        self.stats.hooks += 1
-        if self.config.daemon_socket is None:
-            if self.config.allow_unhooked_state_transfer:
-                done(HookReply(call.id, Verdict.ALLOW))
-            else:
-                done(HookReply(call.id, Verdict.VETO, "no daemon configured for this bridge"))
-            return
-        hook = PendingHook(call, self.clock() + self.config.hook_timeout, done)
-        self._hooks[call.id] = hook
-        if self._daemon is not None:
-            hook.sent = self._daemon.send(call)
-
-    def _verdict(self, reply: HookReply) -> None:
-        hook = self._hooks.pop(reply.id, None)
-        if hook is None:
-            log.warning("bridge %s: verdict for unknown hook %d", self.config.vm_uuid, reply.id)
-            return
-        hook.done(reply)
-
-    def _log_veto(self, event: str, blob_type: int, reason: str) -> None:
-        text = f"{event} {_blob_name(blob_type)} vetoed: {reason}"
-        self.stats.vetoes.append(text)
-        log.warning("bridge %s: %s", self.config.vm_uuid, text)
-
-    def _after_get_stateblob(self, req: cc.Request, reply: cc.Reply) -> None:
-        assert isinstance(req, cc.GetStateBlob)
-        if not isinstance(reply, cc.StateBlobReply):
-            self._answer(reply)  # a bare error: nothing was handed out
-            return
-
-        def done(verdict: HookReply) -> None:
-            if self._session is None:
-                return
-            if verdict.verdict == Verdict.ALLOW:
-                self._answer(reply)
-            elif verdict.verdict == Verdict.REPLACE:
-                flags = reply.state_flags if verdict.state_flags is None else verdict.state_flags
-                self._answer(cc.StateBlobReply.of(verdict.blob, flags))
-            else:
-                self._log_veto(HookEvent.GET_STATEBLOB, req.blob_type, verdict.reason)
-                self._answer(cc.fault_reply(req, True, cc.PtmResult.TPM_FAIL))
-
-        self._hook(
-            HookEvent.GET_STATEBLOB,
-            req.blob_type,
-            reply.data,
-            reply.state_flags,
-            reply.result,
-            done,
-        )
-
-    def _after_set_hook(self, req: cc.SetStateBlob, verdict: HookReply) -> None:
-        s = self._session
-        if s is None:
-            return
-        if verdict.verdict == Verdict.VETO:
-            self._log_veto(HookEvent.SET_STATEBLOB, req.blob_type, verdict.reason)
-            self._answer(cc.fault_reply(req, s.state.running, cc.PtmResult.TPM_FAIL))
-            return
-        if verdict.verdict == Verdict.REPLACE:
-            flags = req.state_flags if verdict.state_flags is None else verdict.state_flags
-            req = cc.SetStateBlob(req.blob_type, verdict.blob, flags)
-        self._forward(req, lambda _req, reply: self._answer(reply))
-
-    # ------------------------------------------------------------------ daemon link
-
-    def _tick_daemon(self) -> None:
-        path = self.config.daemon_socket
-        if path is None or self._daemon is not None or self.clock() < self._daemon_next_try:
-            return
-        self._daemon_next_try = self.clock() + self.config.reconnect_interval
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(str(path))
-        except OSError:
-            sock.close()
-            return
-        peer = LinkPeer(sock, "daemon", str(path))
-        rec = self._record()
-        if not peer.send(
-            Hello(rec.vm_uuid, rec.vm_name, rec.pid, rec.ctrl_socket, rec.query_socket)
-        ):
-            return
-        self._daemon = peer
-        self._sel.register(sock, selectors.EVENT_READ, lambda _s: self._on_peer(peer))
-        log.info(
-            "bridge %s: connected to daemon %s%s",
-            self.config.vm_uuid,
-            path,
-            " (again)" if self._daemon_ever else "",
-        )
-        self._daemon_ever = True
-        if self.stats.relay_errors:
-            self._report()  # a restarted daemon learns this instance's counts at once
-        for hook in self._hooks.values():
-            hook.sent = peer.send(hook.call)
-
-    def _report(self) -> None:
-        """Send the daemon this bridge's relay error counts (cleared as unreported if sent)."""
-        peer = self._daemon
-        if peer is None:
-            return
-        report = Report(self.config.vm_uuid, self.instance, dict(self.stats.relay_errors))
-        if peer.send(report):
-            self.stats.relay_errors_unreported = False
-        else:
-            self._drop_peer(peer, "report not sent")
-
-    def _on_accept_query(self, listener: socket.socket) -> None:
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            return
-        peer = LinkPeer(conn, "query", "query client")
-        self._queries.append(peer)
-        self._sel.register(conn, selectors.EVENT_READ, lambda _s: self._on_peer(peer))
-
-    def _drop_peer(self, peer: LinkPeer, why: str) -> None:
-        with contextlib.suppress(KeyError, ValueError, OSError):
-            self._sel.unregister(peer.sock)
-        peer.close()
-        if peer is self._daemon:
-            self._daemon = None
-            self._daemon_next_try = self.clock() + self.config.reconnect_interval
-            for hook in self._hooks.values():
-                hook.sent = False
-            log.warning("bridge %s: daemon link lost (%s)", self.config.vm_uuid, why)
-        elif peer in self._queries:
-            self._queries.remove(peer)
-
-    def _on_peer(self, peer: LinkPeer) -> None:
-        try:
-            msgs = peer.receive()
-        except ParseError as err:
-            if peer is self._daemon:
-                self.stats.relay_error("daemon_malformed")
-            self._drop_peer(peer, f"malformed frame: {err}")
-            return
-        if msgs is None:
-            self._drop_peer(peer, "closed")
-            return
-        for msg in msgs:
-            if isinstance(msg, HookReply) and peer.kind == "daemon":
-                self._verdict(msg)
-            elif isinstance(msg, Call):
-                self._on_call(peer, msg)
-            else:
-                if peer is self._daemon:
-                    self.stats.relay_error("daemon_malformed")
-                self._drop_peer(peer, f"unexpected {type(msg).__name__}")
-                return
-
-    def _on_call(self, peer: LinkPeer, call: Call) -> None:
-        if call.op == "status":
-            peer.send(Result(call.id, True, self.status()))
-            return
-        if call.op != "read_pcrs":
-            peer.send(
-                Result(
-                    call.id,
-                    False,
-                    error_id="vtpm.link.unknown_op",
-                    message=f"unknown op {call.op!r}; known: read_pcrs, status",
-                )
-            )
-            return
-        bank = call.args.get("bank", "sha256")
-        timeout = call.args.get("timeout")
-
-        def work() -> None:
-            try:
-                pcrs = self.read_pcrs(str(bank), timeout=float(timeout) if timeout else None)
-                result = Result(
-                    call.id,
-                    True,
-                    {"bank": bank, "pcrs": {str(i): v.hex() for i, v in sorted(pcrs.items())}},
-                )
-            except VtpmError as err:
-                result = Result(call.id, False, error_id=err.id, message=str(err))
-            except ValueError as err:
-                result = Result(call.id, False, error_id="vtpm.link.bad_args", message=str(err))
-            self._post(lambda: _send_unless_closed(peer, result))
-
-        self._run_call(work)
-
-    def _run_call(self, work: Callable[[], None]) -> None:
-        """Run ``work`` on an idle call thread, or a new one (a thread start costs more CPU
-        than the PCR read it serves: ~0.12 ms of ~0.7)."""
-        with self._lock:
-            idle = self._call_idle > 0
-            if idle:
-                self._call_idle -= 1
-        self._call_work.put(work)
-        if not idle:
-            threading.Thread(target=self._call_thread, name="bridge-call", daemon=True).start()
-
-    def _call_thread(self) -> None:
-        """Serve calls until idle for 10 s (a caller that counted this thread idle finds it)."""
-        while True:
-            try:
-                work = self._call_work.get(timeout=10.0)
-            except queue.Empty:
-                with self._lock:
-                    if self._call_idle > 0:  # nobody counted on this thread: leave
-                        self._call_idle -= 1
-                        return
-                continue  # a call was handed to this thread meanwhile: take it
-            try:
-                work()
-            except Exception:  # one bad call does not take the thread down
-                log.exception("bridge %s: link call failed", self.config.vm_uuid)
-            with self._lock:
-                self._call_idle += 1
-
-
-def _send_unless_closed(peer: LinkPeer, msg: Result) -> None:
-    if not peer.closed:
-        peer.send(msg)
-
-
-def _blob_name(blob_type: int) -> str:
-    try:
-        return cc.BlobType(blob_type).name
-    except ValueError:
-        return f"type {blob_type}"
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -1121,29 +622,6 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 # ---------------------------------------------------------------------- command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m host_agent.vtpm.bridge",
-        description="Per-VM bridge between QEMU's tpm-emulator backend and swtpm.",
-    )
-    p.add_argument("--vm-uuid", required=True)
-    p.add_argument("--vm-name", default="")
-    p.add_argument("--listen", required=True, type=Path, help="the VM's control socket (QEMU)")
-    p.add_argument("--swtpm-ctrl", required=True, type=Path, help="swtpm's --ctrl socket")
-    p.add_argument("--daemon-sock", type=Path, help="the daemon's link socket")
-    p.add_argument("--runtime-dir", type=Path, help="registry + query socket directory")
-    p.add_argument("--hook-timeout", type=float, default=10.0)
-    p.add_argument("--reconnect-interval", type=float, default=0.2)
-    p.add_argument("--response-spin-us", type=float, default=0.0)
-    p.add_argument("--listen-mode", type=lambda v: int(v, 8), default=0o600)
-    p.add_argument("--listen-uid", type=int)
-    p.add_argument("--listen-gid", type=int)
-    p.add_argument("--allow-unhooked-state-transfer", action="store_true")
-    p.add_argument("--once", action="store_true", help="exit when the first QEMU leaves")
-    p.add_argument("--log-level", default="INFO")
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -1157,23 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    config = BridgeConfig(
-        vm_uuid=args.vm_uuid,
-        vm_name=args.vm_name,
-        listen=args.listen,
-        swtpm_ctrl=args.swtpm_ctrl,
-        daemon_socket=args.daemon_sock,
-        runtime_dir=args.runtime_dir,
-        hook_timeout=args.hook_timeout,
-        reconnect_interval=args.reconnect_interval,
-        response_spin=args.response_spin_us / 1e6,
-        listen_mode=args.listen_mode,
-        listen_uid=args.listen_uid,
-        listen_gid=args.listen_gid,
-        allow_unhooked_state_transfer=args.allow_unhooked_state_transfer,
-        exit_when_qemu_leaves=args.once,
-    )
-    bridge = Bridge(config)
+    bridge = Bridge(config_from_args(args))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _n, _f: bridge.close())
     try:
