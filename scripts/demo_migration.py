@@ -58,8 +58,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from host_agent.migration.service import DEFAULT_PORT  # noqa: E402
-from scripts import demo as one_host  # noqa: E402  (the one-host demo's acts, narrator, tenant)
-from scripts.demo import Act, DemoFailure, Narrator  # noqa: E402
+from scripts import demo as one_host  # noqa: E402  (the one-host demo: image build, tenant, verdict)
+from scripts.demo_stage import Act, DemoFailure, Narrator, run_acts  # noqa: E402
 from scripts.lab.fleet import Fleet, build_fleet, lab_env  # noqa: E402
 from scripts.lab.guest import GUEST_COMMAND, ask_channel  # noqa: E402
 from scripts.lab.hosts import NsAgent, qemu_hook  # noqa: E402
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     acts = [Act(i + 1, title, expected) for i, (title, expected, _) in enumerate(ACTS)]
     say.out.write(f"vtpm-trust migration demo — state in {state}\n")
     steps = [(act, fn, True) for act, (_, _, fn) in zip(acts, ACTS, strict=True)]
-    run = one_host.run_acts(demo, steps, say, state, args.keep)
+    run = run_acts(demo, steps, say, state, args.keep)
     ok = not run.interrupted and all(a.status == "passed" for a in acts)
     if args.json:
         doc = {
