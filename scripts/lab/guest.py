@@ -30,30 +30,12 @@ GUEST_COMMAND = f"PYTHONPATH={AGENT_DIR} python3 -m guest_agent.cli"
 def install_guest_agent(port: int, key_path: str, host_key: str, timeout: float = 60.0) -> int:
     """Copy ``guest_agent/*.py`` into the guest at ``127.0.0.1:port`` as root (tar over SSH,
     the guest's host key pinned); return how many files went in."""
-    import paramiko  # type: ignore[import-untyped]
-
     buf = io.BytesIO()
     files = sorted((REPO / "guest_agent").glob("*.py"))
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for path in files:
             tar.add(path, arcname=f"guest_agent/{path.name}")
-    kind, b64 = host_key.split()[:2]
-    client = paramiko.SSHClient()
-    client.get_host_keys().add(
-        f"[127.0.0.1]:{port}", kind, paramiko.PKey.from_type_string(kind, base64.b64decode(b64))
-    )
-    client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            client.connect("127.0.0.1", port=port, username="root", key_filename=key_path,
-                           look_for_keys=False, allow_agent=False, timeout=5,
-                           banner_timeout=10, auth_timeout=10)  # fmt: skip
-            break
-        except (OSError, paramiko.SSHException) as err:
-            if isinstance(err, paramiko.BadHostKeyException) or time.monotonic() > deadline:
-                raise RuntimeError(f"SSH to 127.0.0.1:{port} failed: {err!r}") from err
-            time.sleep(0.5)
+    client = _ssh(port, key_path, host_key, timeout)
     try:
         command = f"mkdir -p {AGENT_DIR} && tar -x -C {AGENT_DIR}"
         chan_in, chan_out, chan_err = client.exec_command(command, timeout=60)
@@ -96,3 +78,43 @@ def ask_channel(path: Path, timeout: float = 30.0) -> dict[str, Any]:
             conn.close()
         listener.close()
         path.unlink(missing_ok=True)
+
+
+def run_in_guest(
+    port: int, key_path: str, host_key: str, command: str, timeout: float = 60.0
+) -> str:
+    """Run ``command`` as root in the guest at ``127.0.0.1:port`` over SSH (its host key
+    pinned); return its stdout. Raises RuntimeError when it exits non-zero."""
+    client = _ssh(port, key_path, host_key, timeout)
+    try:
+        _in, out, err = client.exec_command(command, timeout=timeout)
+        stdout = out.read().decode(errors="replace")
+        if out.channel.recv_exit_status() != 0:
+            raise RuntimeError(f"{command!r} in the guest: {err.read().decode(errors='replace')}")
+        return str(stdout)
+    finally:
+        client.close()
+
+
+def _ssh(port: int, key_path: str, host_key: str, timeout: float) -> Any:
+    """An SSH client logged in as root at ``127.0.0.1:port``, the guest's ``host_key`` pinned;
+    connection attempts are retried until ``timeout`` (the guest may still be booting)."""
+    import paramiko  # type: ignore[import-untyped]
+
+    kind, b64 = host_key.split()[:2]
+    client = paramiko.SSHClient()
+    client.get_host_keys().add(
+        f"[127.0.0.1]:{port}", kind, paramiko.PKey.from_type_string(kind, base64.b64decode(b64))
+    )
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.connect("127.0.0.1", port=port, username="root", key_filename=key_path,
+                           look_for_keys=False, allow_agent=False, timeout=5,
+                           banner_timeout=10, auth_timeout=10)  # fmt: skip
+            return client
+        except (OSError, paramiko.SSHException) as err:
+            if isinstance(err, paramiko.BadHostKeyException) or time.monotonic() > deadline:
+                raise RuntimeError(f"SSH to 127.0.0.1:{port} failed: {err!r}") from err
+            time.sleep(0.5)

@@ -6,6 +6,6 @@ the names the e2e tests import and call by ``"tests.helpers.guest_tenant:…"`` 
 
 from __future__ import annotations
 
-from scripts.lab.guest import AGENT_DIR, GUEST_COMMAND, install_guest_agent
+from scripts.lab.guest import AGENT_DIR, GUEST_COMMAND, install_guest_agent, run_in_guest
 
-__all__ = ["AGENT_DIR", "GUEST_COMMAND", "install_guest_agent"]
+__all__ = ["AGENT_DIR", "GUEST_COMMAND", "install_guest_agent", "run_in_guest"]
