@@ -34,10 +34,11 @@ target (:class:`TargetVmMove`, one per incoming migration)
     attestation component serves the VM's channel here and the guest attests with the moved
     vAIK, chained through this host's AuthKey and AIK.
 
-Memory root: the record carries the root of the source memfd at the final stop. The migration
-stream is the ground truth (docs/NOTES.md: a busy guest's source memfd can differ from the
-stream by a few pages); an idle or lightly loaded guest shows no difference. Hashing the stream
-as it passes needs a tee in the migration transport; not built (see docs/NOTES.md).
+Memory root: the record carries the root of the source memfd at the final stop, the memory of
+the VM that stopped. Under TCG, QEMU's pre-copy now and then never re-sends a page a busy guest
+wrote (docs/NOTES.md: 0-11 pages per run), so the target loads memory the source never had and
+refuses it: such a migration fails whole, and the operator retries. An idle or lightly loaded
+guest shows no difference.
 
 Test hook: ``tamper`` (``"memory"`` or ``"state"``) on the target changes what arrived before it
 is checked: one byte of a guest page in the incoming QEMU's memfd, or one byte of the incoming
