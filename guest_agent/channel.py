@@ -4,7 +4,7 @@ Frame (both directions)::
 
     u32 length (big-endian, 2..MAX_FRAME) | UTF-8 JSON object of that many bytes
 
-The host keeps its own copy of this codec (``host_agent/service/attest.py``: the guest agent
+The host keeps its own copy of this codec (``host_agent/service/attest_wire.py``: the guest agent
 imports nothing of ours); ``tests/unit/test_guest_channel_codec.py`` runs both against the same
 vectors. Requests and answers are documented in ``guest_agent/quote.py``.
 
@@ -38,7 +38,7 @@ class GuestAgentError(Exception):
         self.exit_code = exit_code
 
 
-# -- codec (keep identical in meaning to host_agent/service/attest.py) --------------------
+# -- codec (keep identical in meaning to host_agent/service/attest_wire.py) ---------------
 
 
 def encode_frame(obj: dict[str, Any]) -> bytes:

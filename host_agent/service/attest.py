@@ -26,11 +26,9 @@ selector thread for all VMs' sockets, a small worker pool). This module holds th
 component, :class:`AttestService`, that wires them together, and re-exports the layers' names so
 ``host_agent.service.attest`` stays the one import path.
 
-The refusal ids a guest or tenant can get from these modules (meanings in ``docs/findings.md``;
-``tests/unit/test_verify_findings.py`` reads the quoted ids from this file, so keep the list in
-step): "attest.bad_request", "attest.busy", "attest.config", "attest.internal",
-"attest.no_approval", "attest.refused", "attest.retry", "attest.vpcrs_unavailable"; the
-enrollment side's are in :mod:`host_agent.service.enroll`.
+The refusal ids a guest or tenant can get from these modules are documented in
+``docs/findings.md`` (``tests/unit/test_verify_findings.py`` checks every quoted ``attest.*`` id
+in ``attest*.py`` is); the enrollment side's are in :mod:`host_agent.service.enroll`.
 """
 
 from __future__ import annotations

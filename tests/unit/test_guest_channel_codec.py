@@ -1,8 +1,8 @@
 """The guest channel's frame codec: the guest's copy and the host's, against the same vectors.
 
 The guest agent cannot import host code (standard library only, test_import_direction), so
-``guest_agent/channel.py`` and ``host_agent/service/attest.py`` each hold the codec; these vectors
-pin both to one wire format.
+``guest_agent/channel.py`` and ``host_agent/service/attest_wire.py`` each hold the codec; these
+vectors pin both to one wire format.
 """
 
 from __future__ import annotations

@@ -48,8 +48,12 @@ def _verify_ids() -> set[str]:
 
 
 # The ids a host answers a tenant with (a refusal instead of a signature) are API too.
-_HOST_SOURCES = ("host_agent/service/attest.py", "host_agent/service/enroll.py")
-_HOST_SOURCES += ("verifier/commands/tenant.py",)
+_ATTEST_SOURCES = sorted((REPO / "host_agent/service").glob("attest*.py"))
+_HOST_SOURCES = (
+    *(str(path.relative_to(REPO)) for path in _ATTEST_SOURCES),
+    "host_agent/service/enroll.py",
+    "verifier/commands/tenant.py",
+)
 
 
 def _host_ids() -> set[str]:
