@@ -64,6 +64,7 @@ SSH_PORT = 2222  # the guest's hostfwd, on 127.0.0.1 of the namespace its QEMU r
 IMA = 'ima_policy=tcb ima_hash=sha256 vtpm.ima_policy="measure func=BPRM_CHECK"'
 NAMES = {"a": "migA", "b": "migB", "veth_a": "vmigA", "veth_b": "vmigB"}
 ADDRS = {"addr_a": "10.78.0.1", "addr_b": "10.78.0.2"}
+DOWN_PEER = "10.78.0.99"  # in the hosts' subnet, nobody there
 HOOK_LOG = "/var/log/libvirt/vtpm-hook.log"  # in each host's libvirt root (a bind mount)
 #: /etc/libvirt/hooks/qemu on both hosts: the shipped script (`vtpm-host hook script`), plus one
 #: line that logs every call libvirt makes, so a test can tell the hook ran.
@@ -194,7 +195,9 @@ def agents(
 ) -> Iterator[tuple[Agent, Agent]]:
     _net, a, b, root = lab
     peers_a = {"host-b": f"{b.address}:{DEFAULT_PORT}"}
-    peers_b = {"host-a": f"{a.address}:{DEFAULT_PORT}"}
+    # B also lists a peer that is down (no host answers at that address): a pull asks all
+    # peers at once, so the plain virsh migrations below go on without waiting for it.
+    peers_b = {"host-down": f"{DOWN_PEER}:{DEFAULT_PORT}", "host-a": f"{a.address}:{DEFAULT_PORT}"}
     pair = (Agent(a, root / "agents" / "a", fleet.approvals, peers_a).start(),
             Agent(b, root / "agents" / "b", fleet.approvals, peers_b).start())  # fmt: skip
     try:
