@@ -55,11 +55,15 @@ demo-migration: venv images
 	$(BIN)/python scripts/demo_migration.py $(DEMO_MIGRATION_ARGS)
 
 # Every benchmark in bench/, each beside its baseline in the same run (none asserts a time).
-# BENCH picks some, e.g. `make bench BENCH="bridge replay"`; the VM ones (bridge --guest is not
-# run here, save_restore, migrate) need root, QEMU and the cached guest image. ~15 min for all.
+# BENCH picks some, e.g. `make bench BENCH="bridge replay"`; the VM ones (bridge, which also
+# times a guest's TPM through QEMU, save_restore, migrate) need root, QEMU and the cached guest
+# image. ~15 min for all.
 BENCH ?= replay memhash tpm_ops bridge attest save_restore migrate
 bench: venv images
-	set -e; for b in $(BENCH); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py; done
+	set -e; for b in $(BENCH); do \
+	  case $$b in bridge) args=--guest ;; *) args= ;; esac; \
+	  echo "== bench/$$b.py $$args"; $(BIN)/python bench/$$b.py $$args; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
