@@ -26,8 +26,8 @@ from evidence._tpm2_marshal import (
     _check_tpm2b,
     _check_uint,
     _exact,
+    _exact_sized,
     _read_alg,
-    _read_tpm2b,
     _read_tpm2b_bytes,
     _st_name,
     _tpm2b,
@@ -229,14 +229,7 @@ def unmarshal_tpm2b_attest(data: bytes) -> TpmsAttest:
         ParseError: as :meth:`TpmsAttest.unmarshal`; also when ``size`` disagrees with the
             TPMS_ATTEST inside it or bytes follow it.
     """
-
-    def read(r: Reader) -> TpmsAttest:
-        inner = _read_tpm2b(r, "TPM2B_ATTEST", "TPM2B_ATTEST")
-        attest = TpmsAttest._read(inner)
-        inner.expect_end("TPM2B_ATTEST.attestationData")
-        return attest
-
-    return _exact(data, "TPM2B_ATTEST", read)
+    return _exact_sized(data, "TPM2B_ATTEST", "attestationData", TpmsAttest._read)
 
 
 def marshal_tpm2b_attest(attest: TpmsAttest) -> bytes:

@@ -106,6 +106,19 @@ def _exact(data: bytes, what: str, read: Callable[[Reader], _T]) -> _T:
     return value
 
 
+def _exact_sized(data: bytes, kind: str, field: str, read: Callable[[Reader], _T]) -> _T:
+    """``data`` as the TPM2B ``kind`` that wraps one structure (its ``field``): ``size``, then
+    the structure ``read`` parses, which must fill ``size`` exactly; nothing may follow."""
+
+    def sized(r: Reader) -> _T:
+        inner = _read_tpm2b(r, kind, kind)
+        value = read(inner)
+        inner.expect_end(f"{kind}.{field}")
+        return value
+
+    return _exact(data, kind, sized)
+
+
 # --------------------------------------------------------------------------------------------
 # TPM2B_* wrappers
 

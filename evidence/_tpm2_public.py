@@ -28,8 +28,8 @@ from evidence._tpm2_marshal import (
     _check_tpm2b,
     _check_uint,
     _exact,
+    _exact_sized,
     _read_alg,
-    _read_tpm2b,
     _read_tpm2b_bytes,
     _tpm2b,
     _u16,
@@ -318,14 +318,7 @@ def unmarshal_tpm2b_public(data: bytes) -> TpmtPublic:
         ParseError: as :meth:`TpmtPublic.unmarshal`; also when ``size`` disagrees with the
             TPMT_PUBLIC inside it or bytes follow it.
     """
-
-    def read(r: Reader) -> TpmtPublic:
-        inner = _read_tpm2b(r, "TPM2B_PUBLIC", "TPM2B_PUBLIC")
-        public = TpmtPublic._read(inner)
-        inner.expect_end("TPM2B_PUBLIC.publicArea")
-        return public
-
-    return _exact(data, "TPM2B_PUBLIC", read)
+    return _exact_sized(data, "TPM2B_PUBLIC", "publicArea", TpmtPublic._read)
 
 
 def marshal_tpm2b_public(public: TpmtPublic) -> bytes:
