@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -608,30 +609,67 @@ def test_plain_virsh_migrate_moves_the_vm_and_its_vaik(
     assert_cannot_attest(a)
 
 
-def test_a_vm_writing_its_memory_throughout_moves_whole_or_not_at_all(
+#: In the guest: TPM2_GetRandom(16) on /dev/tpmrm0 without pause; the count of answers goes to
+#: /tmp/tpm.count every 50, and the first error or wrong answer to /tmp/tpm.err (then it stops).
+TPM_LOOP = r"""
+import os, struct
+fd = os.open("/dev/tpmrm0", os.O_RDWR)
+cmd = struct.pack(">HIIH", 0x8001, 12, 0x17B, 16)
+n = 0
+while True:
+    try:
+        os.write(fd, cmd)
+        r = os.read(fd, 4096)
+        ok = r[6:10] == bytes(4) and len(r) == 12 + 16
+    except OSError as err:
+        r, ok = repr(err).encode(), False
+    if not ok:
+        open("/tmp/tpm.err", "w").write(r.hex())
+        break
+    n += 1
+    if n % 50 == 0:
+        open("/tmp/tpm.count.tmp", "w").write(str(n))
+        os.rename("/tmp/tpm.count.tmp", "/tmp/tpm.count")
+"""
+
+
+def test_a_vm_busy_with_memory_and_its_tpm_moves_whole_or_not_at_all(
     agents: tuple[Agent, Agent],
     protected: Tenant,
     image: GuestImage,
     lab: tuple[NetnsPair, Any, Any, Path],
 ) -> None:
-    """A guest rewrites 64 pages every 2 ms during the live migration (``vm migrate``). Under
-    TCG, QEMU 7.2 now and then delivers a page older than the source's at the final stop
-    (docs/NOTES.md): the target's loaded memory is then not the memory the source signed, and
-    it refuses. Either way the move is whole or nothing: one host holds the vAIK and the VM
-    runs there with its vTPM. Last in the module: the writer's binary lands in the IMA list,
-    which the reference values learnt earlier do not allow."""
+    """A guest rewrites 64 pages every 2 ms and sends TPM commands without pause during the live
+    migration (``vm migrate``). Under TCG, QEMU 7.2 now and then delivers a page older than the
+    source's at the final stop (docs/NOTES.md): the target's loaded memory is then not the memory
+    the source signed, and it refuses. Either way the move is whole or nothing: one host holds
+    the vAIK, the VM runs there, and the guest's TPM loop never got an error or a wrong answer
+    and goes on. Last in the module: the guest's new programs land in the IMA list, which the
+    reference values learnt earlier do not allow."""
     a, b = agents
     net = lab[0]
     src, dst, dst_id = (a, b, "host-b") if a.host.domstate("mig") == "running" else (b, a, "host-a")
 
-    def in_guest(agent: Agent, command: str) -> None:
+    def in_guest(agent: Agent, command: str) -> str:
         key = str(image.ssh_private_key)
         where = net.a if agent is a else net.b
-        net.call_function(where, "tests.helpers.guest_tenant:run_in_guest", SSH_PORT, key,
-                          image.ssh_host_public_key, command)  # fmt: skip
+        out = net.call_function(where, "tests.helpers.guest_tenant:run_in_guest", SSH_PORT, key,
+                                image.ssh_host_public_key, command)  # fmt: skip
+        return str(out)
+
+    def tpm_answers(agent: Agent) -> int:
+        """The guest loop's count; fails if it reported an error."""
+        out = in_guest(agent, "cat /tmp/tpm.err 2>/dev/null; echo; cat /tmp/tpm.count")
+        err, count = out.split("\n", 1)
+        assert err == "", f"the guest's TPM loop failed: {err}"
+        return int(count)
 
     in_guest(src, "(memwriter -m 64 -r 1000000 -n 64 -i 2 </dev/null >/dev/null 2>&1 &)")
-    time.sleep(1.0)
+    loop = "python3 /tmp/tpmloop.py </dev/null >/dev/null 2>&1"
+    in_guest(src, f"printf %s {shlex.quote(TPM_LOOP)} > /tmp/tpmloop.py && "
+                  f"({loop} & echo $! > /tmp/tpmloop.pid)")  # fmt: skip
+    time.sleep(2.0)
+    before = tpm_answers(src)
     done = src.migrate(dst, dst_id)
     if done.returncode == 0:
         assert json.loads(done.stdout)["outcome"] == "committed"
@@ -646,4 +684,9 @@ def test_a_vm_writing_its_memory_throughout_moves_whole_or_not_at_all(
     assert other.host.domstate("mig") in ("shut off", "absent")
     assert inspect_in(runs)[0] is VaikState.ACTIVE and inspect_in(other)[0] is VaikState.ABSENT
     assert runs.pcrs()["0"] != "00" * 32  # the vTPM answers where the VM runs
-    in_guest(runs, "killall memwriter")
+    after = tpm_answers(runs)
+    time.sleep(1.0)
+    later = tpm_answers(runs)
+    print(f"guest TPM commands answered: {before} before the move, {after} after, {later} 1 s on")
+    assert before < after < later, "the guest's TPM loop stopped"
+    in_guest(runs, "killall memwriter; kill $(cat /tmp/tpmloop.pid)")
