@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shlex
 import shutil
 import subprocess
 import sys
@@ -45,6 +44,13 @@ from host_agent.migration import SourceStep, TargetStep, VaikState
 from host_agent.migration.service import DEFAULT_PORT
 from host_agent.service.enroll import fingerprint
 from scripts.lab.hosts import ATTEST_PORT, NsAgent, host_pair, qemu_hook
+from tests.helpers.guest_load import (
+    READ_TPM_LOOP,
+    START_MEMWRITER,
+    STOP_BUSY,
+    start_tpm_loop,
+    tpm_answers,
+)
 from tests.helpers.guest_tenant import GUEST_COMMAND
 from tests.helpers.libvirtd_ns import NsLibvirtd
 from tests.helpers.netns import NetnsPair
@@ -609,30 +615,6 @@ def test_plain_virsh_migrate_moves_the_vm_and_its_vaik(
     assert_cannot_attest(a)
 
 
-#: In the guest: TPM2_GetRandom(16) on /dev/tpmrm0 without pause; the count of answers goes to
-#: /tmp/tpm.count every 50, and the first error or wrong answer to /tmp/tpm.err (then it stops).
-TPM_LOOP = r"""
-import os, struct
-fd = os.open("/dev/tpmrm0", os.O_RDWR)
-cmd = struct.pack(">HIIH", 0x8001, 12, 0x17B, 16)
-n = 0
-while True:
-    try:
-        os.write(fd, cmd)
-        r = os.read(fd, 4096)
-        ok = r[6:10] == bytes(4) and len(r) == 12 + 16
-    except OSError as err:
-        r, ok = repr(err).encode(), False
-    if not ok:
-        open("/tmp/tpm.err", "w").write(r.hex())
-        break
-    n += 1
-    if n % 50 == 0:
-        open("/tmp/tpm.count.tmp", "w").write(str(n))
-        os.rename("/tmp/tpm.count.tmp", "/tmp/tpm.count")
-"""
-
-
 def test_a_vm_busy_with_memory_and_its_tpm_moves_whole_or_not_at_all(
     agents: tuple[Agent, Agent],
     protected: Tenant,
@@ -657,19 +639,13 @@ def test_a_vm_busy_with_memory_and_its_tpm_moves_whole_or_not_at_all(
                                 image.ssh_host_public_key, command)  # fmt: skip
         return str(out)
 
-    def tpm_answers(agent: Agent) -> int:
-        """The guest loop's count; fails if it reported an error."""
-        out = in_guest(agent, "cat /tmp/tpm.err 2>/dev/null; echo; cat /tmp/tpm.count")
-        err, count = out.split("\n", 1)
-        assert err == "", f"the guest's TPM loop failed: {err}"
-        return int(count)
+    def answers(agent: Agent) -> int:
+        return tpm_answers(in_guest(agent, READ_TPM_LOOP))
 
-    in_guest(src, "(memwriter -m 64 -r 1000000 -n 64 -i 2 </dev/null >/dev/null 2>&1 &)")
-    loop = "python3 /tmp/tpmloop.py </dev/null >/dev/null 2>&1"
-    in_guest(src, f"printf %s {shlex.quote(TPM_LOOP)} > /tmp/tpmloop.py && "
-                  f"({loop} & echo $! > /tmp/tpmloop.pid)")  # fmt: skip
+    in_guest(src, START_MEMWRITER)
+    in_guest(src, start_tpm_loop())
     time.sleep(2.0)
-    before = tpm_answers(src)
+    before = answers(src)
     done = src.migrate(dst, dst_id)
     if done.returncode == 0:
         assert json.loads(done.stdout)["outcome"] == "committed"
@@ -684,9 +660,9 @@ def test_a_vm_busy_with_memory_and_its_tpm_moves_whole_or_not_at_all(
     assert other.host.domstate("mig") in ("shut off", "absent")
     assert inspect_in(runs)[0] is VaikState.ACTIVE and inspect_in(other)[0] is VaikState.ABSENT
     assert runs.pcrs()["0"] != "00" * 32  # the vTPM answers where the VM runs
-    after = tpm_answers(runs)
+    after = answers(runs)
     time.sleep(1.0)
-    later = tpm_answers(runs)
+    later = answers(runs)
     print(f"guest TPM commands answered: {before} before the move, {after} after, {later} 1 s on")
     assert before < after < later, "the guest's TPM loop stopped"
-    in_guest(runs, "killall memwriter; kill $(cat /tmp/tpmloop.pid)")
+    in_guest(runs, STOP_BUSY)

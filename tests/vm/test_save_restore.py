@@ -38,6 +38,13 @@ from host_agent.store.provision import ensure_store, open_store
 from host_agent.tpm.adapter import PytssHostTpm
 from host_agent.vtpm.bridge import Bridge, BridgeConfig
 from host_agent.vtpm.swtpm import SwtpmInstance, SwtpmOptions, vtpm_dir_of
+from tests.helpers.guest_load import (
+    READ_TPM_LOOP,
+    START_MEMWRITER,
+    STOP_BUSY,
+    start_tpm_loop,
+    tpm_answers,
+)
 from tests.helpers.qemu import Guest, GuestFactory
 from tests.helpers.swtpm import Swtpm, start_swtpm
 
@@ -493,3 +500,28 @@ def test_inv6_guest_keeps_tpm_while_daemon_restarts(host: Host, vm: Vm) -> None:
         time.sleep(0.1)
     assert vms[vm.uuid]["swtpm"] == "running", "the restarted daemon took the swtpm over"
     assert vm.bridge.read_pcrs() == sysfs_pcrs(vm.guest)
+
+
+def test_a_guest_busy_with_memory_and_its_tpm_is_saved_and_restored_unharmed(
+    host: Host, vm: Vm, module_boot_guest: GuestFactory, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The guest rewrites 64 pages every 2 ms and sends TPM commands without pause while it is
+    saved and restored: the restore matches the sealed record (memory and vTPM state), and the
+    guest's TPM loop goes on without an error or a wrong answer."""
+    image = tmp_path_factory.mktemp("busy") / "busy.img"
+    vm.guest.check(START_MEMWRITER)
+    vm.guest.check(start_tpm_loop())
+    time.sleep(2.0)
+    before = tpm_answers(vm.guest.check(READ_TPM_LOOP).decode())
+    matched = host.log_text().count("matches sealed record")
+    save(vm, image)
+    g = resumed(vm, module_boot_guest, image)
+    assert host.log_text().count("matches sealed record") == matched + 1
+    time.sleep(1.0)
+    after = tpm_answers(g.check(READ_TPM_LOOP).decode())
+    time.sleep(1.0)
+    later = tpm_answers(g.check(READ_TPM_LOOP).decode())
+    print(f"\nguest TPM commands answered: {before} at the save, {after} and {later} after")
+    assert before < after < later, "the guest's TPM loop stopped"
+    g.check(STOP_BUSY)
+    assert vm.bridge.read_pcrs() == sysfs_pcrs(g)
