@@ -9,6 +9,7 @@ wrapper round the real adapter, never a fake TPM).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import secrets
@@ -42,6 +43,7 @@ from host_agent.migration import (
     TargetStep,
     VaikState,
     signing_allowed,
+    vaik_state,
 )
 from host_agent.migration.channel import MtlsPeerChannel, TlsIdentity
 from host_agent.migration.errors import PullNotHere
@@ -566,3 +568,57 @@ def test_a_pull_nobody_answers_names_each_peer_and_why(
     message = str(caught.value)
     assert f"host-gone (127.0.0.1:{port}): unreachable" in message
     assert "host-c (127.0.0.1:1): unreachable" in message
+
+
+# ---------------------------------------------------------------- several VMs at once
+
+
+def _give_vaik(pair: Pair, vm: uuid.UUID) -> None:
+    """Host A gets a vAIK and binding for ``vm``, as enrollment writes them."""
+    doc = json.loads(pair.hosts.approvals.read_text())
+    fleet_key = base64.b64decode(doc["policy_key"]["spki_der"])
+    host = pair.source.host
+    vaik = host.tpm.create_vaik(fleet_key)
+    with host.store.transaction() as tx:
+        tx.put("vaik", str(vm), {"generation": 1, "key": vaik.to_bytes().hex()})
+        tx.put("binding", str(vm), {
+            "vm_uuid": str(vm), "generation": 1, "cert_user": "", "active": True,
+            "fingerprint": "sha256:" + "0" * 64, "vaik_name": vaik.name.hex(),
+            "boot": {"bridge_pid": 1, "sessions": 1, "inits": 1, "set_stateblobs": 0},
+            "enrolled_at": "2026-01-01T00:00:00+00:00",
+        })  # fmt: skip
+
+
+def test_several_vms_move_to_the_same_target_at_once(pair_factory: Callable[..., Pair]) -> None:
+    """An operator evacuating a host moves its VMs in parallel: four key moves A → B at once,
+    sharing both hosts' TPMs, stores and journals, each commit on its own; afterwards every
+    vAIK is on B only and signs there, and both journals hold one finished entry per VM."""
+    pair = pair_factory()
+    vms = [VM, *(uuid.uuid4() for _ in range(3))]
+    for vm in vms[1:]:
+        _give_vaik(pair, vm)
+    host, port = pair.target.address
+    results: dict[uuid.UUID, Any] = {}
+
+    def move(vm: uuid.UUID) -> None:
+        try:
+            results[vm] = pair.source.migrate(vm, pair.target.host.host_id, f"{host}:{port}")
+        except BaseException as err:
+            results[vm] = err
+
+    threads = [threading.Thread(target=move, args=(vm,)) for vm in vms]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not any(t.is_alive() for t in threads), "a migration did not finish"
+    for vm in vms:
+        result = results[vm]
+        assert not isinstance(result, BaseException), f"{vm}: {result!r}"
+        assert result.outcome == "committed" and result.acknowledged, (vm, result)
+        assert vaik_state(pair.source.host.store, vm) is VaikState.ABSENT
+        assert signing_allowed(pair.target.host.store, vm)
+    source_steps = {e.vm_uuid: e.step for e in pair.source.host.j.entries()}
+    target_steps = {e.vm_uuid: e.step for e in pair.target.host.j.entries()}
+    assert source_steps == {vm: SourceStep.DONE for vm in vms}
+    assert target_steps == {vm: TargetStep.ACTIVE for vm in vms}
