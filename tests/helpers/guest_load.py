@@ -8,14 +8,29 @@ guest (``Guest.check`` on its serial console, or SSH through ``tests.helpers.gue
   checked; every 50 answers the count goes to ``/tmp/tpm.count``, and the first error or wrong
   answer to ``/tmp/tpm.err`` (then the loop stops);
 - :data:`READ_TPM_LOOP` and :func:`tpm_answers`: the count so far, failing on a reported error;
-- :data:`STOP_BUSY`: both stopped.
+- :data:`STOP_BUSY`: both stopped;
+- :data:`GUEST_LOAD` with :func:`run_py`: a TPM load for a given time, in the foreground;
+- :data:`GUEST_EXTEND` with :func:`run_py`: extends PCR 23 with SHA-256 of its argument.
 """
 
 from __future__ import annotations
 
 import shlex
+from typing import TYPE_CHECKING
 
-__all__ = ["READ_TPM_LOOP", "START_MEMWRITER", "STOP_BUSY", "start_tpm_loop", "tpm_answers"]
+if TYPE_CHECKING:
+    from tests.helpers.qemu import Guest
+
+__all__ = [
+    "GUEST_EXTEND",
+    "GUEST_LOAD",
+    "READ_TPM_LOOP",
+    "START_MEMWRITER",
+    "STOP_BUSY",
+    "run_py",
+    "start_tpm_loop",
+    "tpm_answers",
+]
 
 TPM_LOOP = r"""
 import os, struct
@@ -56,3 +71,49 @@ def tpm_answers(output: str) -> int:
     err, count = output.split("\n", 1)
     assert err == "", f"the guest's TPM loop failed: {err}"
     return int(count.strip())
+
+
+#: For :func:`run_py` with a duration in seconds: GetRandom(n) and PCR_Read(23) on /dev/tpmrm0,
+#: every response checked; prints ``BAD i HEX`` per wrong answer, then ``DONE count errors``.
+GUEST_LOAD = r"""
+import os, struct, sys, time
+fd = os.open("/dev/tpmrm0", os.O_RDWR)
+end = time.time() + float(sys.argv[1])
+i = errors = 0
+while time.time() < end:
+    i += 1
+    n = 1 + i % 32
+    if i % 4:
+        os.write(fd, struct.pack(">HIIH", 0x8001, 12, 0x17B, n))
+        want = 12 + n
+    else:
+        os.write(fd, struct.pack(">HIIIHB3s", 0x8001, 20, 0x17E, 1, 0xB, 3, b"\0\0\x80"))
+        want = 10 + 4 + 4 + 2 + 1 + 3 + 4 + 2 + 32
+    r = os.read(fd, 4096)
+    tag, size, rc = struct.unpack(">HII", r[:10])
+    if rc or size != len(r) or len(r) != want:
+        errors += 1
+        print("BAD", i, r.hex(), flush=True)
+print("DONE", i, errors, flush=True)
+"""
+
+#: For :func:`run_py` with one argument: TPM2_PCR_Extend of PCR 23 (sha256) with SHA-256 of the
+#: argument; prints ``EXTENDED``.
+GUEST_EXTEND = r"""
+import os, struct, hashlib, sys
+fd = os.open("/dev/tpmrm0", os.O_RDWR)
+auth = struct.pack(">IHBH", 0x40000009, 0, 0, 0)
+body = struct.pack(">II", 23, len(auth)) + auth + struct.pack(">IH", 1, 0xB)
+body += hashlib.sha256(sys.argv[1].encode()).digest()
+os.write(fd, struct.pack(">HII", 0x8002, 10 + len(body), 0x182) + body)
+r = os.read(fd, 4096)
+assert struct.unpack(">I", r[6:10])[0] == 0, r.hex()
+print("EXTENDED")
+"""
+
+
+def run_py(guest: Guest, script: str, *args: str, timeout: float = 120) -> str:
+    """Run the Python ``script`` in ``guest`` (serial console) with ``args``; its stdout."""
+    return guest.check(
+        f"python3 - {' '.join(args)}", stdin=script.encode(), timeout=timeout
+    ).decode()

@@ -27,46 +27,11 @@ from evidence.eventlog import parse_tcg2_log, replay_pcrs
 from host_agent.vtpm.bridge import Bridge, BridgeConfig
 from host_agent.vtpm.bridge_link import LinkClient, find_bridge
 from host_agent.vtpm.hooks_server import HooksServer, Veto
+from tests.helpers.guest_load import GUEST_EXTEND, GUEST_LOAD, run_py
 from tests.helpers.qemu import Guest, GuestFactory, QemuError, SwtpmUnix, start_swtpm_unix
 
 REPO = Path(__file__).resolve().parents[2]
 EVENT_LOG = "/sys/kernel/security/tpm0/binary_bios_measurements"
-
-# Guest-side TPM load: GetRandom(n) and PCR_Read(23) on /dev/tpmrm0, every response checked.
-GUEST_LOAD = r"""
-import os, struct, sys, time
-fd = os.open("/dev/tpmrm0", os.O_RDWR)
-end = time.time() + float(sys.argv[1])
-i = errors = 0
-while time.time() < end:
-    i += 1
-    n = 1 + i % 32
-    if i % 4:
-        os.write(fd, struct.pack(">HIIH", 0x8001, 12, 0x17B, n))
-        want = 12 + n
-    else:
-        os.write(fd, struct.pack(">HIIIHB3s", 0x8001, 20, 0x17E, 1, 0xB, 3, b"\0\0\x80"))
-        want = 10 + 4 + 4 + 2 + 1 + 3 + 4 + 2 + 32
-    r = os.read(fd, 4096)
-    tag, size, rc = struct.unpack(">HII", r[:10])
-    if rc or size != len(r) or len(r) != want:
-        errors += 1
-        print("BAD", i, r.hex(), flush=True)
-print("DONE", i, errors, flush=True)
-"""
-
-# Extend PCR 23 from inside the guest (a state QEMU's save must carry).
-GUEST_EXTEND = r"""
-import os, struct, hashlib
-fd = os.open("/dev/tpmrm0", os.O_RDWR)
-auth = struct.pack(">IHBH", 0x40000009, 0, 0, 0)
-body = struct.pack(">II", 23, len(auth)) + auth + struct.pack(">IH", 1, 0xB)
-body += hashlib.sha256(b"vtpm-trust bridge").digest()
-os.write(fd, struct.pack(">HII", 0x8002, 10 + len(body), 0x182) + body)
-r = os.read(fd, 4096)
-assert struct.unpack(">I", r[6:10])[0] == 0, r.hex()
-print("EXTENDED")
-"""
 
 
 def sysfs_pcrs(guest: Guest) -> dict[int, bytes]:
@@ -74,12 +39,6 @@ def sysfs_pcrs(guest: Guest) -> dict[int, bytes]:
         "for i in $(seq 0 23); do echo $i $(cat /sys/class/tpm/tpm0/pcr-sha256/$i); done"
     )
     return {int(a): bytes.fromhex(b) for a, b in (ln.split() for ln in out.decode().splitlines())}
-
-
-def run_py(guest: Guest, script: str, *args: str, timeout: float = 120) -> str:
-    return guest.check(
-        f"python3 - {' '.join(args)}", stdin=script.encode(), timeout=timeout
-    ).decode()
 
 
 @dataclass
@@ -189,7 +148,7 @@ def test_save_and_restore_through_qemu_carry_the_vtpm_state(
     boot_guest: GuestFactory, rig: Rig, tmp_path: Path
 ) -> None:
     guest = boot(boot_guest, rig)
-    assert "EXTENDED" in run_py(guest, GUEST_EXTEND)
+    assert "EXTENDED" in run_py(guest, GUEST_EXTEND, "vtpm-trust bridge")
     before = rig.bridge.read_pcrs()
     assert before[23] != bytes(32)
     image = tmp_path / "save.img"

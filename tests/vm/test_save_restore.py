@@ -39,9 +39,12 @@ from host_agent.tpm.adapter import PytssHostTpm
 from host_agent.vtpm.bridge import Bridge, BridgeConfig
 from host_agent.vtpm.swtpm import SwtpmInstance, SwtpmOptions, vtpm_dir_of
 from tests.helpers.guest_load import (
+    GUEST_EXTEND,
+    GUEST_LOAD,
     READ_TPM_LOOP,
     START_MEMWRITER,
     STOP_BUSY,
+    run_py,
     start_tpm_loop,
     tpm_answers,
 )
@@ -50,33 +53,6 @@ from tests.helpers.swtpm import Swtpm, start_swtpm
 
 REPO = Path(__file__).resolve().parents[2]
 
-GUEST_EXTEND = r"""
-import os, struct, hashlib, sys
-fd = os.open("/dev/tpmrm0", os.O_RDWR)
-auth = struct.pack(">IHBH", 0x40000009, 0, 0, 0)
-body = struct.pack(">II", 23, len(auth)) + auth + struct.pack(">IH", 1, 0xB)
-body += hashlib.sha256(sys.argv[1].encode()).digest()
-os.write(fd, struct.pack(">HII", 0x8002, 10 + len(body), 0x182) + body)
-r = os.read(fd, 4096)
-assert struct.unpack(">I", r[6:10])[0] == 0, r.hex()
-print("EXTENDED")
-"""
-
-GUEST_LOAD = r"""
-import os, struct, sys, time
-fd = os.open("/dev/tpmrm0", os.O_RDWR)
-end = time.time() + float(sys.argv[1])
-i = errors = 0
-while time.time() < end:
-    i += 1
-    n = 1 + i % 32
-    os.write(fd, struct.pack(">HIIH", 0x8001, 12, 0x17B, n))
-    r = os.read(fd, 4096)
-    tag, size, rc = struct.unpack(">HII", r[:10])
-    if rc or size != len(r) or len(r) != 12 + n:
-        errors += 1
-print("DONE", i, errors, flush=True)
-"""
 
 MARK = b"VTPM-TRUST-MARK!" * 256  # one page
 
@@ -90,12 +66,6 @@ def sysfs_pcrs(guest: Guest) -> dict[int, bytes]:
 
 def uptime(guest: Guest) -> float:
     return float(guest.check("cat /proc/uptime").split()[0])
-
-
-def run_py(guest: Guest, script: str, *args: str, timeout: float = 120) -> str:
-    return guest.check(
-        f"python3 - {' '.join(args)}", stdin=script.encode(), timeout=timeout
-    ).decode()
 
 
 def replace_tpm_blobs(image: bytes, permanent: bytes, volatile: bytes, savestate: bytes) -> bytes:
